@@ -1,0 +1,18 @@
+"""Entry point of the broker role (``mlx-stack broker``)."""
+
+from __future__ import annotations
+
+import signal
+
+from broker.server import Broker
+from common import logs
+from common.config import Settings
+
+
+def main(settings: Settings) -> None:
+    """Run a broker in the foreground until SIGINT/SIGTERM."""
+    logs.setup("broker", settings.log_level)
+    broker = Broker(settings)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: broker.stop())
+    broker.run()

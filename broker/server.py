@@ -1,0 +1,406 @@
+"""The broker: one ROUTER socket, workers and gateways on it, jobs between them.
+
+The loop (zguide's Majordomo broker, with the gaps closed):
+
+    poll the ROUTER for up to one heartbeat interval
+    handle each message by protocol tag (gateway or worker) and command
+    every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
+
+A worker is purged when nothing has come from it for ``liveness`` intervals, busy or not
+(its I/O thread heartbeats during inference). Its jobs that have produced no token yet go
+back to the head of their queue; jobs that have streamed tokens are failed as retryable
+so that the gateway, which knows what the client has seen, resumes them elsewhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+import uuid
+from typing import Any
+
+import zmq
+
+from broker.routing import Chooser
+from broker.state import JobState, WorkerState
+from common import protocol as p
+from common.config import Settings
+from common.logs import log_event
+from common.transport import configure
+
+log = logging.getLogger("broker")
+
+ROUTE_HISTORY = 1000
+
+
+class Broker:
+    """Routes jobs from gateways to workers. Single-threaded; call :meth:`run`."""
+
+    def __init__(self, settings: Settings, ctx: zmq.Context | None = None) -> None:
+        self.settings = settings
+        self.ctx = ctx or zmq.Context.instance()
+        self.epoch = 1
+        self.workers: dict[bytes, WorkerState] = {}
+        self.gateways: dict[bytes, float] = {}
+        self.jobs: dict[str, JobState] = {}
+        self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
+            collections.deque
+        )
+        self.known_models: set[str] = set()
+        self.routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUTE_HISTORY)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.chooser = Chooser()
+        self.started = time.time()
+        self.session = uuid.uuid4().hex
+        self.socket = configure(self.ctx.socket(zmq.ROUTER), settings)
+        self.endpoint = f"tcp://{settings.broker_host}:{settings.broker_port}"
+        self.socket.bind(self.endpoint)
+        self._stopping = False
+
+    # ----------------------------------------------------------------- main loop
+
+    def run(self) -> None:
+        """Serve until :meth:`stop` is called (from a signal handler)."""
+        log_event(log, "broker_started", endpoint=self.endpoint, node=self.settings.node_id)
+        interval = self.settings.heartbeat_interval
+        next_tick = time.monotonic() + interval
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self._stopping:
+            timeout = max(0.0, next_tick - time.monotonic())
+            if poller.poll(timeout * 1000):
+                # Drain what is there, bounded so the timers still run under load.
+                for _ in range(1000):
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_frames(frames)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._tick(now)
+                next_tick = now + interval
+        for identity in [*self.workers, *self.gateways]:
+            self._send(identity, self._protocol_of(identity), p.Disconnect())
+        self.socket.close(linger=100)
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            self.counters["dropped"] += 1
+            return
+        identity = frames[0]
+        try:
+            protocol, msg = p.decode(frames[1:], p.TO_BROKER)
+        except p.ProtocolError as exc:
+            self.counters["dropped"] += 1
+            log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
+            return
+        if protocol == p.WORKER:
+            self._on_worker(identity, msg)
+        else:
+            self._on_gateway(identity, msg)
+
+    # ----------------------------------------------------------------- workers
+
+    def _on_worker(self, identity: bytes, msg: p.Message) -> None:
+        now = time.monotonic()
+        if isinstance(msg, p.Ready):
+            self._register(identity, msg, now)
+            return
+        worker = self.workers.get(identity)
+        if worker is None:
+            # Not registered (purged, or the broker restarted): ask it to register again.
+            self._send(identity, p.WORKER, p.Disconnect())
+            return
+        worker.expires = now + self.settings.peer_timeout
+        worker.last_seen = now
+        match msg:
+            case p.Heartbeat():
+                worker.mem_free, worker.active = msg.mem_free, msg.active
+                worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
+            case p.Partial():
+                job = self._job_of(worker, msg.job_id)
+                if job is not None:
+                    job.tokens += len(msg.token_ids)
+                    self._to_gateway(job, msg)
+            case p.Final():
+                job = self._job_of(worker, msg.job_id)
+                if job is not None:
+                    self._finish(job, msg, "ok")
+            case p.Fail():
+                job = self._job_of(worker, msg.job_id)
+                if job is not None:
+                    self._release(job)
+                    if msg.retryable and self._retry(job, msg.error):
+                        self._dispatch()
+                    else:
+                        self._finish(job, msg, "failed")
+            case p.Disconnect():
+                self._purge_worker(worker, "disconnected")
+
+    def _register(self, identity: bytes, ready: p.Ready, now: float) -> None:
+        for other in list(self.workers.values()):
+            if other.info.worker_id == ready.worker_id and other.identity != identity:
+                self._purge_worker(other, "reconnected")
+        old = self.workers.get(identity)
+        worker = WorkerState(
+            identity=identity, info=ready, expires=now + self.settings.peer_timeout,
+            in_flight=old.in_flight if old else set(), mem_free=ready.mem_free, last_seen=now,
+        )
+        self.workers[identity] = worker
+        self.known_models |= worker.names
+        log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
+                  model=ready.model_id, slots=ready.slots, engine=ready.engine)
+        self._dispatch()
+
+    def _job_of(self, worker: WorkerState, job_id: str) -> JobState | None:
+        """The job if it is really this worker's; stale or foreign ids are ignored."""
+        job = self.jobs.get(job_id)
+        if job is None or job.worker != worker.identity:
+            return None
+        return job
+
+    def _purge_worker(self, worker: WorkerState, reason: str) -> None:
+        del self.workers[worker.identity]
+        self.counters["workers_purged"] += 1
+        level = logging.INFO if reason == "disconnected" else logging.WARNING
+        log_event(log, "worker_purged", level, worker=worker.info.worker_id,
+                  node=worker.info.node_id, reason=reason, jobs=len(worker.in_flight))
+        for job_id in list(worker.in_flight):
+            job = self.jobs[job_id]
+            job.worker = None
+            if not self._retry(job, f"worker {worker.info.worker_id} lost ({reason})"):
+                self._finish(job, p.Fail(job_id=job_id, error=(
+                    f"worker {worker.info.worker_id} was lost after streaming {job.tokens} "
+                    "tokens; resubmit with resume tokens"), code=p.ErrorCode.WORKER_LOST,
+                    retryable=True), "worker_lost")
+        self._dispatch()
+
+    # ----------------------------------------------------------------- gateways
+
+    def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
+        self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
+        match msg:
+            case p.Submit():
+                self._submit(identity, msg)
+            case p.Cancel():
+                self._cancel(identity, msg.job_id)
+            case p.Control():
+                self._send(identity, p.GATEWAY, self._control(msg))
+            case p.Disconnect():
+                self._purge_gateway(identity)
+
+    def _submit(self, gateway: bytes, submit: p.Submit) -> None:
+        def refuse(code: p.ErrorCode, error: str, retryable: bool = False) -> None:
+            self.counters[f"rejected_{code}"] += 1
+            self._send(gateway, p.GATEWAY, p.Fail(
+                job_id=submit.job_id, error=error, code=code, retryable=retryable))
+
+        try:
+            p.from_dict(p.GenerationRequest, submit.request)
+        except p.ProtocolError as exc:
+            return refuse(p.ErrorCode.INVALID_REQUEST, str(exc))
+        if submit.job_id in self.jobs:
+            return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
+        if submit.model not in self.known_models:
+            return refuse(p.ErrorCode.MODEL_NOT_FOUND,
+                          f"The model '{submit.model}' does not exist in this mesh. "
+                          f"Available: {', '.join(sorted(self.known_models)) or 'none yet'}.")
+        queue = self.queues[submit.model]
+        if len(queue) >= self.settings.queue_size:
+            return refuse(p.ErrorCode.QUEUE_FULL,
+                          f"{len(queue)} requests already wait for '{submit.model}'; "
+                          "retry later", retryable=True)
+        now = time.monotonic()
+        self.jobs[submit.job_id] = JobState(
+            submit=submit, gateway=gateway, enqueued=now,
+            deadline=now + max(0.0, min(submit.deadline, self.settings.request_timeout)),
+        )
+        queue.append(submit.job_id)
+        self._dispatch()
+
+    def _cancel(self, gateway: bytes, job_id: str) -> None:
+        job = self.jobs.get(job_id)
+        if job is None or job.gateway != gateway:
+            return
+        self.counters["cancelled"] += 1
+        job.gateway = None
+        if job.worker is None:
+            self._forget(job, "cancelled")
+        else:
+            worker = self.workers[job.worker]
+            self._send(worker.identity, p.WORKER, p.Cancel(job_id=job_id))
+
+    def _purge_gateway(self, gateway: bytes) -> None:
+        self.gateways.pop(gateway, None)
+        for job in [j for j in self.jobs.values() if j.gateway == gateway]:
+            self._cancel(gateway, job.submit.job_id)
+
+    # ----------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        """Give waiting jobs to free workers, oldest queue heads first, until none fits."""
+        progress = True
+        while progress:
+            progress = False
+            for model, queue in self.queues.items():
+                if not queue:
+                    continue
+                job = self.jobs[queue[0]]
+                candidates = [w for w in self.workers.values() if model in w.names]
+                worker, scored = self.chooser.choose(candidates, job.submit.node_id)
+                if worker is None:
+                    continue
+                queue.popleft()
+                self._start(job, worker, scored)
+                progress = True
+
+    def _start(self, job: JobState, worker: WorkerState,
+               scored: list[tuple[WorkerState, float]]) -> None:
+        submit = job.submit
+        job.worker = worker.identity
+        worker.in_flight.add(submit.job_id)
+        if job.route:
+            job.route["retries"] = job.retries
+        else:
+            job.route = {"job_id": submit.job_id, "model": submit.model, "outcome": "running",
+                         "retries": 0, "time": time.time()}
+            self.routes.append(job.route)
+        job.route.update(
+            candidates=[{"worker_id": w.info.worker_id, "node_id": w.info.node_id,
+                         "score": round(s, 4)} for w, s in scored],
+            worker_id=worker.info.worker_id, node_id=worker.info.node_id,
+            queue_wait_ms=round((time.monotonic() - job.enqueued) * 1000, 2),
+        )
+        self._send(worker.identity, p.WORKER, p.Job(
+            job_id=submit.job_id, request=submit.request, epoch=self.epoch,
+            resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
+        if job.gateway is not None:
+            self._send(job.gateway, p.GATEWAY, p.Accepted(
+                job_id=submit.job_id, node_id=worker.info.node_id,
+                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
+
+    def _retry(self, job: JobState, reason: str) -> bool:
+        """Re-queue a job that produced no token yet (at the head: it waited longest)."""
+        if job.tokens or job.retries >= self.settings.max_retries or job.gateway is None:
+            return False
+        job.retries += 1
+        job.worker = None
+        self.counters["redispatched"] += 1
+        log_event(log, "job_redispatched", job=job.submit.job_id, reason=reason)
+        self.queues[job.submit.model].appendleft(job.submit.job_id)
+        return True
+
+    def _release(self, job: JobState) -> None:
+        if job.worker is not None and job.worker in self.workers:
+            self.workers[job.worker].in_flight.discard(job.submit.job_id)
+        job.worker = None
+
+    def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
+        """End a job: tell its gateway, free its slot, record the outcome."""
+        self._release(job)
+        if job.gateway is not None:
+            self._send(job.gateway, p.GATEWAY, msg)
+        self._forget(job, outcome if job.gateway is not None else "cancelled")
+        self._dispatch()
+
+    def _forget(self, job: JobState, outcome: str) -> None:
+        self.jobs.pop(job.submit.job_id, None)
+        queue = self.queues.get(job.submit.model)
+        if queue and job.submit.job_id in queue:
+            queue.remove(job.submit.job_id)
+        if job.route:
+            job.route["outcome"] = outcome
+
+    def _to_gateway(self, job: JobState, msg: p.Message) -> None:
+        if job.gateway is not None:
+            self._send(job.gateway, p.GATEWAY, msg)
+
+    # ----------------------------------------------------------------- timers
+
+    def _tick(self, now: float) -> None:
+        for worker in [w for w in self.workers.values() if w.expires < now]:
+            self._purge_worker(worker, "heartbeat timeout")
+        for gateway in [g for g, expires in self.gateways.items() if expires < now]:
+            self._purge_gateway(gateway)
+        self._expire_waiting(now)
+        beat = p.Heartbeat(session=self.session)
+        for identity in list(self.workers):
+            self._send(identity, p.WORKER, beat)
+        for identity in list(self.gateways):
+            self._send(identity, p.GATEWAY, beat)
+
+    def _expire_waiting(self, now: float) -> None:
+        """Fail queued jobs past their deadline, or waiting longer than the grace period
+        for a model that has no live worker at all."""
+        live = set().union(*(w.names for w in self.workers.values()))
+        for model, queue in list(self.queues.items()):
+            for job_id in list(queue):
+                job = self.jobs[job_id]
+                if now > job.deadline:
+                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.DEADLINE,
+                                  error="the request's deadline passed while it waited")
+                elif model not in live and now - job.enqueued > self.settings.grace:
+                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.NO_WORKER, retryable=True,
+                                  error=f"no worker for '{model}' is up; it may be restarting")
+                else:
+                    continue
+                self._finish(job, fail, fail.code)
+
+    # ----------------------------------------------------------------- control
+
+    def _control(self, msg: p.Control) -> p.ControlReply:
+        if msg.op in ("status", "nodes"):
+            result: Any = self.status()
+        elif msg.op == "models":
+            result = self.models()
+        elif msg.op == "routes":
+            last = msg.args.get("last", 20)
+            last = last if isinstance(last, int) and last > 0 else 20
+            result = list(self.routes)[-last:]
+        else:
+            return p.ControlReply(request_id=msg.request_id, ok=False, epoch=self.epoch,
+                                  error=f"unknown op {msg.op!r}; use status|nodes|models|routes")
+        return p.ControlReply(request_id=msg.request_id, ok=True, result=result, epoch=self.epoch)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "node_id": self.settings.node_id,
+            "endpoint": self.endpoint,
+            "role": "active",
+            "epoch": self.epoch,
+            "uptime_s": round(time.time() - self.started, 1),
+            "workers": [w.summary(now) for w in self.workers.values()],
+            "queues": {m: len(q) for m, q in self.queues.items() if q},
+            "jobs": len(self.jobs),
+            "gateways": len(self.gateways),
+            "counters": dict(self.counters),
+        }
+
+    def models(self) -> list[dict[str, Any]]:
+        """Every name a request may use, with the model it resolves to."""
+        names: dict[str, dict[str, Any]] = {}
+        for w in self.workers.values():
+            for name in sorted(w.names):
+                entry = names.setdefault(name, {"id": name, "model_id": w.info.model_id,
+                                                "engine": w.info.engine, "workers": 0})
+                entry["workers"] += 1
+        return sorted(names.values(), key=lambda e: e["id"])
+
+    # ----------------------------------------------------------------- sending
+
+    def _protocol_of(self, identity: bytes) -> bytes:
+        return p.WORKER if identity in self.workers else p.GATEWAY
+
+    def _send(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+        msg.epoch = self.epoch
+        try:
+            self.socket.send_multipart([identity, *p.encode(protocol, msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not keeping up
+            self.counters["send_failed"] += 1
+            log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)

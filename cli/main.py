@@ -1,0 +1,167 @@
+"""The ``mlx-stack`` command line: start this node's roles, alone or all together.
+
+Every option also reads an environment variable ``MLX_STACK_<NAME>`` and the file
+``$MLX_STACK_HOME/config.toml``; a flag wins over both.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from common.config import Settings
+
+app = typer.Typer(
+    name="mlx-stack",
+    help="Pool Macs running mlx-lm into one OpenAI-compatible endpoint.\n\n"
+    "Start here: `mlx-stack up` serves the default model at http://localhost:4000/v1.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+err = Console(stderr=True)
+
+Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
+                                            show_default=False)]
+NodeId = Annotated[str | None, typer.Option(help="This node's name in the mesh [hostname].",
+                                            show_default=False)]
+LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or error [warning].",
+                                              show_default=False)]
+Broker = Annotated[str | None, typer.Option(
+    "--broker", help="Broker endpoint to connect to [tcp://127.0.0.1:4100].",
+    show_default=False)]
+
+
+def settings(**overrides: object) -> Settings:
+    """Settings from flags (None = not given), or exit with the configuration error."""
+    try:
+        return Settings.load(**overrides)
+    except ValueError as exc:
+        err.print(f"[red]configuration error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def up(
+    port: Annotated[int | None, typer.Option(help="Gateway HTTP port [4000].",
+                                             show_default=False)] = None,
+    host: Annotated[str | None, typer.Option(help="Gateway bind address [127.0.0.1].",
+                                             show_default=False)] = None,
+    model: Annotated[list[str] | None, typer.Option(
+        help="Model to serve: a local mlx-lm directory or a cached Hugging Face id; "
+        "repeat for several (one worker each). [the default SmolLM2-135M-Instruct]",
+        show_default=False)] = None,
+    broker_port: Annotated[int | None, typer.Option(help="Broker port [4100].",
+                                                    show_default=False)] = None,
+    home: Home = None, node_id: NodeId = None, log_level: LogLevel = None,
+) -> None:
+    """Run this node in the foreground: broker, gateway and one worker per model.
+
+    A child that dies is restarted; Ctrl-C or SIGTERM stops everything.
+    """
+    from cli.supervisor import Child, Supervisor, child_env, role_argv
+    from worker.models import resolve_model
+
+    cfg = settings(home=home, node_id=node_id, log_level=log_level, gateway_port=port,
+                   gateway_host=host, broker_port=broker_port)
+    served = []
+    for spec in model or [None]:
+        try:  # pull/convert here, once, with progress on this terminal
+            _, model_id, aliases = resolve_model(spec, cfg.models_path)
+        except (ValueError, RuntimeError) as exc:
+            err.print(f"[red]cannot serve {spec or 'the default model'}:[/red] {exc}")
+            raise typer.Exit(1) from None
+        served.append((spec, model_id, aliases))
+    children = [Child("broker", role_argv("broker"))]
+    children += [Child(f"worker {model_id}", role_argv("worker", *(["--model", spec] if spec
+                                                                   else [])))
+                 for spec, model_id, _ in served]
+    children.append(Child("gateway", role_argv("gateway")))
+    env = child_env({"home": cfg.home, "node_id": cfg.node_id, "log_level": cfg.log_level,
+                     "gateway_port": cfg.gateway_port, "gateway_host": cfg.gateway_host,
+                     "broker_port": cfg.broker_port})
+    shown = "localhost" if cfg.gateway_host in ("127.0.0.1", "0.0.0.0") else cfg.gateway_host
+    base = f"http://{shown}:{cfg.gateway_port}/v1"
+    names = "\n".join(f"  {mid}" + (f" (aliases: {', '.join(al)})" if al else "")
+                      for _, mid, al in served)
+    banner = (f"[green]mlx-stack is serving[/green] on node {cfg.node_id}:\n{names}\n"
+              f"  export OPENAI_API_BASE={base}\nCtrl-C stops everything.")
+    health = f"http://127.0.0.1:{cfg.gateway_port}/health"
+    sys.exit(Supervisor(children, env, err).run(health, banner))
+
+
+@app.command()
+def broker(
+    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].",
+                                             show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="ROUTER port [4100].",
+                                             show_default=False)] = None,
+    home: Home = None, node_id: NodeId = None, log_level: LogLevel = None,
+) -> None:
+    """Run the broker: routes jobs from gateways to workers."""
+    from broker.main import main
+
+    main(settings(broker_host=host, broker_port=port, home=home, node_id=node_id,
+                  log_level=log_level))
+
+
+@app.command()
+def worker(
+    model: Annotated[str | None, typer.Option(
+        help="Local mlx-lm directory or cached Hugging Face id [default model]; with "
+        "--engine synthetic, the name to serve under.", show_default=False)] = None,
+    alias: Annotated[list[str] | None, typer.Option(
+        help="Name this model also answers to (repeatable) [fast, standard for the "
+        "default model].", show_default=False)] = None,
+    engine: Annotated[str, typer.Option(
+        help="mlx (real inference) or synthetic (fake tokens for routing/load tests).")
+    ] = "mlx",
+    slots: Annotated[int, typer.Option(help="Synthetic engine: jobs at once.")] = 4,
+    rate: Annotated[float, typer.Option(help="Synthetic engine: tokens/s per job.")] = 200.0,
+    ttft: Annotated[float, typer.Option(help="Synthetic engine: seconds to first token.")
+                    ] = 0.0,
+    broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run one worker: load a model and serve it to the broker."""
+    from worker.main import SyntheticOptions, main
+
+    if engine not in ("mlx", "synthetic"):
+        err.print(f"[red]unknown engine {engine!r}[/red]: use mlx or synthetic")
+        raise typer.Exit(2)
+    cfg = settings(broker_endpoint=broker_endpoint, home=home, node_id=node_id,
+                   log_level=log_level)
+    options = SyntheticOptions(slots, rate, ttft) if engine == "synthetic" else None
+    try:
+        main(cfg, model, alias, options)
+    except ValueError as exc:
+        err.print(f"[red]cannot serve {model or 'the default model'}:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def gateway(
+    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].",
+                                             show_default=False)] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [4000].",
+                                             show_default=False)] = None,
+    broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
+    log_level: LogLevel = None,
+) -> None:
+    """Run the gateway: the OpenAI-compatible HTTP endpoint."""
+    from gateway.main import main
+
+    main(settings(gateway_host=host, gateway_port=port, broker_endpoint=broker_endpoint,
+                  home=home, node_id=node_id, log_level=log_level))
+
+
+@app.command()
+def pull(home: Home = None) -> None:
+    """Fetch and convert the default model now (otherwise done on first `up`)."""
+    from worker.default_model import ensure_default_model
+
+    path = ensure_default_model(settings(home=home).models_path, err)
+    err.print(f"default model ready in {path}")

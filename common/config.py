@@ -1,0 +1,110 @@
+"""Configuration: one dataclass, four layers.
+
+Every value comes from, in rising precedence: the default below, ``config.toml`` in the
+home directory (``~/.mlx-stack``, or ``$MLX_STACK_HOME``), an environment variable
+``MLX_STACK_<NAME>`` (``MLX_STACK_GATEWAY_PORT=4001``), and a command-line flag. The CLI
+passes its flags as ``overrides``; roles only ever see a finished :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "MLX_STACK_"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(f"{ENV_PREFIX}HOME") or Path.home() / ".mlx-stack")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a role needs to know, with the defaults a single Mac wants."""
+
+    home: Path = dataclasses.field(default_factory=default_home)
+    models_dir: Path | None = None
+    """Where pulled/converted models live; defaults to ``<home>/models``."""
+    node_id: str = dataclasses.field(default_factory=lambda: socket.gethostname().split(".")[0])
+
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 4000
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 4100
+    broker_endpoint: str = ""
+    """Where workers and gateways connect; defaults to this node's broker."""
+
+    heartbeat_interval: float = 0.5
+    heartbeat_liveness: int = 3
+    queue_size: int = 64
+    """Jobs that may wait per model when every worker is busy; more get HTTP 429."""
+    grace: float = 10.0
+    """Seconds a job for a known model waits for a worker to come back before HTTP 503."""
+    request_timeout: float = 600.0
+    max_retries: int = 3
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 32768
+    default_max_tokens: int = 512
+    log_level: str = "warning"
+
+    @property
+    def models_path(self) -> Path:
+        return self.models_dir or self.home / "models"
+
+    @property
+    def broker_connect(self) -> str:
+        if self.broker_endpoint:
+            return self.broker_endpoint
+        host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
+        return f"tcp://{host}:{self.broker_port}"
+
+    @property
+    def peer_timeout(self) -> float:
+        """Seconds of silence after which a peer is dead."""
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+    @classmethod
+    def load(cls, **overrides: Any) -> Settings:
+        """Defaults < config.toml < MLX_STACK_* environment < ``overrides`` (None = unset)."""
+        home = Path(overrides.get("home") or default_home()).expanduser()
+        values: dict[str, Any] = {"home": home}
+        config_file = home / "config.toml"
+        if config_file.is_file():
+            with config_file.open("rb") as f:
+                values.update(tomllib.load(f))
+        for f in dataclasses.fields(cls):
+            env = os.environ.get(ENV_PREFIX + f.name.upper())
+            if env is not None and f.name != "home":
+                values[f.name] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = values.keys() - known.keys()
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {sorted(unknown)} in {config_file} or overrides; "
+                f"known: {sorted(known)}"
+            )
+        return cls(**{k: _coerce(k, v, known[k].type) for k, v in values.items()})
+
+
+def _coerce(name: str, value: Any, type_name: Any) -> Any:
+    """Turn a string from the environment or TOML into the field's type, or explain."""
+    kind = str(type_name)
+    try:
+        if "Path" in kind:
+            return Path(value).expanduser() if value not in (None, "") else None
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"setting {name}={value!r} is not a valid {kind}; "
+            f"fix {ENV_PREFIX}{name.upper()} or {name} in config.toml"
+        ) from None

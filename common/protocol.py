@@ -1,0 +1,365 @@
+"""The mesh wire protocol, described once.
+
+Every message on a mesh socket is the ZeroMQ routing envelope followed by exactly three
+frames: ``[protocol, command, body]``.
+
+* ``protocol`` names the kind of peer and the protocol version (one tag for gateways, one
+  for workers, one for broker peers), so a single broker ROUTER can tell them apart and a
+  peer speaking another version is rejected instead of misread.
+* ``command`` is one byte (see :class:`Command`).
+* ``body`` is one msgpack map whose keys are the fields of the command's dataclass.
+
+The design follows Majordomo (MDP/0.2, streaming PARTIAL/FINAL) and Paranoid Pirate
+heartbeats, plus what those lack: job ids, sequence numbers, load reports, cancellation
+and epochs. Every message carries ``epoch``: brokers stamp theirs, and a peer ignores a
+broker message with an epoch lower than the highest it has seen (stale-coordinator fence).
+
+Nothing received is trusted: :func:`decode` checks the tag, the command, the size, the
+msgpack type and every field's type, and raises :class:`ProtocolError`, which callers
+count and drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import msgpack
+
+GATEWAY = b"MLXS-G1"
+"""Protocol tag of gateway <-> broker traffic."""
+WORKER = b"MLXS-W1"
+"""Protocol tag of worker <-> broker traffic."""
+PEER = b"MLXS-B1"
+"""Protocol tag of broker <-> broker traffic."""
+PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+"""Largest body accepted; also set as the sockets' ZMQ_MAXMSGSIZE so oversize is cut early."""
+
+VERSION = "0.1.0"
+
+T = TypeVar("T")
+
+
+class Command(enum.IntEnum):
+    """One-byte command codes. Names are normative (MESH.md), values are ours."""
+
+    READY = 0x01
+    HEARTBEAT = 0x02
+    PARTIAL = 0x03
+    FINAL = 0x04
+    FAIL = 0x05
+    DISCONNECT = 0x06
+    JOB = 0x07
+    CANCEL = 0x08
+    SUBMIT = 0x09
+    ACCEPTED = 0x0A
+    CONTROL = 0x0B
+    CONTROL_REPLY = 0x0C
+    REDIRECT = 0x0D
+
+
+class ProtocolError(ValueError):
+    """A message that must be dropped (and counted): never trusted, never fatal."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Message:
+    """Base of every message; ``epoch`` is the sending broker's epoch (0 from non-brokers)."""
+
+    COMMAND: ClassVar[Command]
+    epoch: int = 0
+
+
+@dataclass(kw_only=True, slots=True)
+class Ready(Message):
+    """worker -> broker: I serve ``model_id`` (also under ``aliases``) with ``slots`` seats."""
+
+    COMMAND: ClassVar[Command] = Command.READY
+    worker_id: str
+    node_id: str
+    model_id: str
+    aliases: list[str] = field(default_factory=list)
+    slots: int = 1
+    mem_total: int = 0
+    mem_free: int = 0
+    model_bytes: int = 0
+    engine: str = "mlx"
+    version: str = VERSION
+
+
+@dataclass(kw_only=True, slots=True)
+class Heartbeat(Message):
+    """Any direction. Workers add their load report; gateways and brokers send it empty."""
+
+    COMMAND: ClassVar[Command] = Command.HEARTBEAT
+    session: str = ""
+    """A broker's random id for its process lifetime: a change means a broker restarted or
+    another took over, and whatever was open with the old one is lost."""
+    active: int = 0
+    mem_free: int = 0
+    tokens_per_s: float = 0.0
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class Partial(Message):
+    """worker -> broker -> gateway: more of a job's output. ``seq`` counts from 0 per job."""
+
+    COMMAND: ClassVar[Command] = Command.PARTIAL
+    job_id: str
+    seq: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Final(Message):
+    """worker -> broker -> gateway: the job ended normally. Frees the worker's slot."""
+
+    COMMAND: ClassVar[Command] = Command.FINAL
+    job_id: str
+    finish_reason: str
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class Fail(Message):
+    """The job failed. ``retryable`` says whether another attempt may succeed; ``code`` is an
+    error code from :class:`ErrorCode` the gateway maps to an HTTP status."""
+
+    COMMAND: ClassVar[Command] = Command.FAIL
+    job_id: str
+    error: str
+    code: str = "internal_error"
+    retryable: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class Disconnect(Message):
+    """Either direction: I am leaving (or: you are not known here, register again)."""
+
+    COMMAND: ClassVar[Command] = Command.DISCONNECT
+
+
+@dataclass(kw_only=True, slots=True)
+class Job(Message):
+    """broker -> worker: run ``request``. With resume tokens, continue a stream that another
+    worker started: the tokens are appended to the prompt, ``resume_text`` is what the
+    client has already seen of them."""
+
+    COMMAND: ClassVar[Command] = Command.JOB
+    job_id: str
+    request: dict[str, Any]
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Cancel(Message):
+    """gateway -> broker -> worker: stop the job, nobody is listening."""
+
+    COMMAND: ClassVar[Command] = Command.CANCEL
+    job_id: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Submit(Message):
+    """gateway -> broker: run ``request`` on a worker of ``model`` (id or alias).
+
+    ``deadline`` is the seconds left at send time, relative because the clocks of two Macs
+    need not agree. ``node_id`` is the gateway's node, for the remote tie-breaker."""
+
+    COMMAND: ClassVar[Command] = Command.SUBMIT
+    job_id: str
+    model: str
+    request: dict[str, Any]
+    node_id: str = ""
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_text: str = ""
+    deadline: float = 600.0
+
+
+@dataclass(kw_only=True, slots=True)
+class Accepted(Message):
+    """broker -> gateway: the job was dispatched to this worker."""
+
+    COMMAND: ClassVar[Command] = Command.ACCEPTED
+    job_id: str
+    node_id: str
+    worker_id: str
+    model_id: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Control(Message):
+    """gateway/CLI -> broker: a read-only query (``op`` in status|nodes|models|routes)."""
+
+    COMMAND: ClassVar[Command] = Command.CONTROL
+    request_id: str
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class ControlReply(Message):
+    """broker -> asker: the answer to a :class:`Control` with the same ``request_id``."""
+
+    COMMAND: ClassVar[Command] = Command.CONTROL_REPLY
+    request_id: str
+    ok: bool
+    result: Any = None
+    error: str = ""
+
+
+@dataclass(kw_only=True, slots=True)
+class Redirect(Message):
+    """standby broker -> peer: the active broker is at ``endpoint``."""
+
+    COMMAND: ClassVar[Command] = Command.REDIRECT
+    endpoint: str
+
+
+@dataclass(kw_only=True, slots=True)
+class GenerationRequest:
+    """What a worker generates: the body of ``Job.request`` / ``Submit.request``.
+
+    The gateway turns an OpenAI request into this (validated, defaults filled in), so a
+    worker never parses HTTP-level JSON and every engine reads the same fields.
+    """
+
+    kind: str  # "chat" (messages) or "completion" (prompt)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    prompt: str = ""
+    tools: list[dict[str, Any]] | None = None
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ErrorCode(enum.StrEnum):
+    """Error codes carried by :class:`Fail`; the gateway maps each to an HTTP status."""
+
+    MODEL_NOT_FOUND = "model_not_found"
+    QUEUE_FULL = "queue_full"
+    NO_WORKER = "no_worker"
+    DEADLINE = "deadline_exceeded"
+    WORKER_LOST = "worker_lost"
+    INVALID_REQUEST = "invalid_request"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal_error"
+
+
+MESSAGES: dict[Command, type[Message]] = {
+    cls.COMMAND: cls
+    for cls in (Ready, Heartbeat, Partial, Final, Fail, Disconnect, Job, Cancel, Submit,
+                Accepted, Control, ControlReply, Redirect)
+}
+
+# Which commands each side may send on each protocol. Anything else is a ProtocolError.
+TO_BROKER: dict[bytes, frozenset[Command]] = {
+    WORKER: frozenset({Command.READY, Command.HEARTBEAT, Command.PARTIAL, Command.FINAL,
+                       Command.FAIL, Command.DISCONNECT}),
+    GATEWAY: frozenset({Command.SUBMIT, Command.CANCEL, Command.HEARTBEAT, Command.CONTROL,
+                        Command.DISCONNECT}),
+}
+FROM_BROKER: dict[bytes, frozenset[Command]] = {
+    WORKER: frozenset({Command.JOB, Command.CANCEL, Command.HEARTBEAT, Command.DISCONNECT,
+                       Command.REDIRECT}),
+    GATEWAY: frozenset({Command.ACCEPTED, Command.PARTIAL, Command.FINAL, Command.FAIL,
+                        Command.HEARTBEAT, Command.CONTROL_REPLY, Command.DISCONNECT,
+                        Command.REDIRECT}),
+}
+
+
+def encode(protocol: bytes, message: Message) -> list[bytes]:
+    """The three frames of ``message`` (without routing envelope)."""
+    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
+    return [protocol, bytes((message.COMMAND,)), msgpack.packb(body, use_bin_type=True)]
+
+
+def decode(frames: list[bytes], allowed: dict[bytes, frozenset[Command]]) -> tuple[bytes, Message]:
+    """Parse and validate three frames; ``allowed`` maps protocol tag -> permitted commands.
+
+    Raises :class:`ProtocolError` for anything malformed: wrong frame count, unknown tag or
+    command, oversize or undecodable body, missing, unknown or mistyped fields.
+    """
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+    protocol, command, body = frames
+    commands = allowed.get(protocol)
+    if commands is None:
+        raise ProtocolError(f"unknown protocol tag {protocol[:16]!r}")
+    if len(command) != 1 or command[0] not in Command._value2member_map_:
+        raise ProtocolError(f"unknown command {command[:4]!r}")
+    cmd = Command(command[0])
+    if cmd not in commands:
+        raise ProtocolError(f"command {cmd.name} not allowed on {protocol.decode()}")
+    if len(body) > MAX_BODY_BYTES:
+        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("body is not a map")
+    return protocol, from_dict(MESSAGES[cmd], data)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from untrusted ``data``, checking every field's type."""
+    hints = _hints(cls)
+    unknown = data.keys() - hints.keys()
+    if unknown:
+        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
+    for name, value in data.items():
+        if not _conforms(value, hints[name]):
+            raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}")
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a required field is missing
+        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        all_hints = typing.get_type_hints(cls)
+        _HINTS[cls] = {f.name: all_hints[f.name] for f in dataclasses.fields(cls)}
+    return _HINTS[cls]
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (decoded msgpack) matches a field annotation."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(hint)
+        return isinstance(value, dict) and all(
+            _conforms(k, key) and _conforms(v, item) for k, v in value.items()
+        )
+    return isinstance(value, hint)

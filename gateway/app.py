@@ -1,0 +1,219 @@
+"""The OpenAI-compatible HTTP surface: FastAPI in front of :class:`BrokerClient`.
+
+Each HTTP request becomes one broker job. The handler waits for the job's ACCEPTED
+before it answers, so that errors known up front (unknown model, full queue, no worker)
+get their real HTTP status and every response names the node and worker that served it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from common import protocol as p
+from common.config import Settings
+from gateway import errors
+from gateway.client import BrokerClient, JobError
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected; its job has been cancelled."""
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (which cancels
+    the broker job) and raise :class:`ClientGone`."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientGone
+    return task.result()
+
+
+class Completion:
+    """Shapes chunks and bodies of one chat or text completion, OpenAI style."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        obj = f"{kind}.chunk" if chunk and self.chat else kind
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None,
+                      "finish_reason": finish_reason}
+        return {**self._envelope(chunk=True), "choices": [choice]}
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._envelope(chunk=True), "choices": [], "usage": usage}
+
+    def body(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0, "logprobs": None, "finish_reason": finish_reason,
+                "message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None,
+                      "finish_reason": finish_reason}
+        return {**self._envelope(chunk=False), "choices": [choice], "usage": usage}
+
+
+def served_by(accepted: p.Accepted) -> dict[str, str]:
+    """Response headers naming where a request ran."""
+    return {"x-mlx-stack-node": accepted.node_id, "x-mlx-stack-worker": accepted.worker_id}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The gateway application for ``settings`` (the broker client starts with it)."""
+    client = BrokerClient(settings)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await client.start()
+        yield
+        await client.close()
+
+    app = FastAPI(title="mlx-stack gateway", version=p.VERSION, lifespan=lifespan,
+                  summary="OpenAI-compatible endpoint of an mlx-stack mesh.")
+    app.state.client = client
+    errors.install(app)
+    app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+
+    async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
+                       chat: bool) -> Any:
+        generation = body.to_generation(settings.default_max_tokens)
+        if generation.max_tokens > settings.max_tokens_limit:
+            return errors.error_response(
+                400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
+                f"{settings.max_tokens_limit}", code="invalid_value", param="max_tokens")
+        events = client.run(body.model, generation)
+        try:
+            accepted = await until_disconnect(request, anext(events))
+        except ClientGone:
+            return Response(status_code=499)  # nobody is left to read it
+        assert isinstance(accepted, p.Accepted)
+        shape = Completion(chat, accepted.model_id)
+        if body.stream:
+            return EventSourceResponse(
+                stream(events, shape, body.include_usage), headers=served_by(accepted))
+        try:
+            text, final = await until_disconnect(request, collect(events))
+        except ClientGone:
+            return Response(status_code=499)  # nobody is left to read it
+        return JSONResponse(shape.body(text, final.finish_reason, final.usage),
+                            headers=served_by(accepted))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+        """Create a chat completion (streamed with ``stream: true``)."""
+        return await complete(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request, body: CompletionRequest) -> Any:
+        """Create a text completion (streamed with ``stream: true``)."""
+        return await complete(request, body, chat=False)
+
+    def model_card(entry: dict[str, Any]) -> dict[str, Any]:
+        owner = "mlx-stack (synthetic engine)" if entry["engine"] == "synthetic" else "mlx-stack"
+        return {"id": entry["id"], "object": "model", "created": started, "owned_by": owner,
+                "root": entry["model_id"]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """Every model id and alias a request may name, across the mesh."""
+        return {"object": "list",
+                "data": [model_card(e) for e in await client.control("models")]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> Any:
+        for entry in await client.control("models"):
+            if entry["id"] == model:
+                return model_card(entry)
+        return errors.error_response(404, f"The model '{model}' does not exist",
+                                     code="model_not_found", param="model")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """200 when the broker answers and some model is served, 503 otherwise."""
+        try:
+            served = await client.control("models", timeout=1.0)
+        except JobError as exc:
+            return JSONResponse({"status": "unavailable", "error": exc.message},
+                                status_code=503)
+        status = "ok" if served else "no_models"
+        return JSONResponse({"status": status, "models": [e["id"] for e in served]},
+                            status_code=200 if served else 503)
+
+    return app
+
+
+async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
+    """Join a job's PARTIALs into the whole text."""
+    parts: list[str] = []
+    async for msg in events:
+        if isinstance(msg, p.Partial):
+            parts.append(msg.text)
+        elif isinstance(msg, p.Final):
+            return "".join(parts), msg
+    raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
+
+
+async def stream(events: AsyncIterator[p.Message], shape: Completion,
+                 include_usage: bool) -> AsyncIterator[dict[str, str]]:
+    """SSE events of a streamed completion; a late failure becomes an error event."""
+
+    def data(obj: dict[str, Any]) -> dict[str, str]:
+        return {"data": json.dumps(obj, separators=(",", ":"))}
+
+    if shape.chat:
+        yield data(shape.chunk("", role=True))
+    try:
+        async for msg in events:
+            if isinstance(msg, p.Partial) and msg.text:
+                yield data(shape.chunk(msg.text))
+            elif isinstance(msg, p.Final):
+                yield data(shape.chunk(None if shape.chat else "", msg.finish_reason))
+                if include_usage:
+                    yield data(shape.usage_chunk(msg.usage))
+    except JobError as exc:
+        yield data(errors.job_error_body(exc)[1])
+        return
+    yield {"data": "[DONE]"}
+

@@ -1,0 +1,226 @@
+"""The gateway's side of the broker protocol: a Lazy Pirate client that owns each request.
+
+One DEALER socket per gateway process, read by one task that polls, then receives (never
+a receive wrapped in a cancellable timeout: pyzmq can lose the message). Replies are
+routed by job id to per-job queues and by request id to CONTROL futures.
+
+The gateway, not the broker, owns a request: it remembers the token ids and text already
+streamed to the HTTP client, and when a job is lost (its worker died mid-stream, or the
+broker went silent or restarted) it submits it again with those as resume tokens, under a
+new job id so late frames of the old attempt are ignored, until the retries or the
+deadline run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from common import protocol as p
+from common.config import Settings
+from common.logs import log_event
+from common.transport import configure
+
+log = logging.getLogger("gateway")
+
+RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST, p.ErrorCode.INTERNAL})
+
+
+class JobError(Exception):
+    """A request that cannot complete; ``code`` is a :class:`common.protocol.ErrorCode`."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class _BrokerLost:
+    """Queued to every open job when the broker is lost: resubmit."""
+
+
+class BrokerClient:
+    """Submits jobs and control queries to the broker; see the module docstring."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ctx = zmq.asyncio.Context.instance()
+        self.sock: zmq.asyncio.Socket | None = None
+        self.streams: dict[str, asyncio.Queue[p.Message | _BrokerLost]] = {}
+        self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
+        self.heard = 0.0
+        self.session = ""
+        self.max_epoch = 0
+        self.counters: dict[str, int] = {"resubmits": 0, "broker_lost": 0}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def connected(self) -> bool:
+        return time.monotonic() - self.heard < self.settings.peer_timeout
+
+    async def start(self) -> None:
+        self._connect()
+        self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.sock is not None:
+            self._send(p.Disconnect())
+            self.sock.close(linger=100)
+
+    def _connect(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=0)
+        self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        self.sock.connect(self.settings.broker_connect)
+
+    def _send(self, msg: p.Message) -> None:
+        assert self.sock is not None
+        self.sock.send_multipart(p.encode(p.GATEWAY, msg), zmq.NOBLOCK)
+
+    # ----------------------------------------------------------------- background
+
+    async def _reader(self) -> None:
+        while True:
+            sock = self.sock
+            assert sock is not None
+            if not await sock.poll(100):
+                continue
+            try:
+                frames = await sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            try:
+                _, msg = p.decode(frames, p.FROM_BROKER)
+            except p.ProtocolError as exc:
+                log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
+                continue
+            if msg.epoch < self.max_epoch:
+                continue
+            self.max_epoch = msg.epoch
+            self.heard = time.monotonic()
+            self._on_message(msg)
+
+    def _on_message(self, msg: p.Message) -> None:
+        match msg:
+            case p.ControlReply():
+                future = self.controls.pop(msg.request_id, None)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+            case p.Heartbeat():
+                if msg.session != self.session:
+                    if self.session:
+                        self._lose_broker("broker restarted")
+                    self.session = msg.session
+            case p.Disconnect():
+                self._lose_broker("broker disconnected")
+            case p.Accepted() | p.Partial() | p.Final() | p.Fail():
+                stream = self.streams.get(msg.job_id)
+                if stream is not None:
+                    stream.put_nowait(msg)
+
+    async def _beat(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            if self.heard and not self.connected:
+                self._lose_broker("broker silent")
+                self._connect()
+                self.heard = 0.0
+            self._send(p.Heartbeat())
+
+    def _lose_broker(self, reason: str) -> None:
+        self.counters["broker_lost"] += 1
+        log_event(log, "broker_lost", logging.WARNING, reason=reason, open_jobs=len(self.streams))
+        for stream in self.streams.values():
+            stream.put_nowait(_BrokerLost())
+
+    # ----------------------------------------------------------------- public
+
+    async def control(self, op: str, args: dict[str, Any] | None = None,
+                      timeout: float = 3.0) -> Any:
+        """Ask the broker a read-only question (status|nodes|models|routes)."""
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[p.ControlReply] = asyncio.get_running_loop().create_future()
+        self.controls[request_id] = future
+        self._send(p.Control(request_id=request_id, op=op, args=args or {}))
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise JobError(p.ErrorCode.NO_WORKER,
+                           f"the broker at {self.settings.broker_connect} did not answer "
+                           f"within {timeout:g} s; is `mlx-stack broker` running?") from None
+        finally:
+            self.controls.pop(request_id, None)
+        if not reply.ok:
+            raise JobError(p.ErrorCode.INVALID_REQUEST, reply.error)
+        return reply.result
+
+    async def run(self, model: str, request: p.GenerationRequest) -> AsyncIterator[p.Message]:
+        """Run one request to its end, yielding ACCEPTED, PARTIAL... and FINAL messages.
+
+        Resubmits lost jobs with resume tokens (see module docstring); the PARTIALs
+        yielded join into one unbroken stream. Raises :class:`JobError` when the request
+        cannot complete. Closing the iterator early cancels the job.
+        """
+        deadline = time.monotonic() + self.settings.request_timeout
+        token_ids: list[int] = []
+        text: list[str] = []
+        attempts = 0
+        while True:
+            job_id = uuid.uuid4().hex
+            stream: asyncio.Queue[p.Message | _BrokerLost] = asyncio.Queue()
+            self.streams[job_id] = stream
+            self._send(p.Submit(
+                job_id=job_id, model=model, request=request.to_dict(),
+                node_id=self.settings.node_id, resume_token_ids=token_ids,
+                resume_text="".join(text), deadline=deadline - time.monotonic()))
+            done = False
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    try:
+                        msg = await asyncio.wait_for(stream.get(), max(remaining, 0.0))
+                    except TimeoutError:
+                        raise JobError(p.ErrorCode.DEADLINE, (
+                            f"the request did not complete within "
+                            f"{self.settings.request_timeout:g} s")) from None
+                    if isinstance(msg, _BrokerLost) or (
+                        isinstance(msg, p.Fail) and msg.retryable and msg.code in RESUBMIT_CODES
+                    ):
+                        reason = msg.error if isinstance(msg, p.Fail) else "broker lost"
+                        break
+                    if isinstance(msg, p.Fail):
+                        done = True
+                        raise JobError(msg.code, msg.error)
+                    if isinstance(msg, p.Partial):
+                        token_ids.extend(msg.token_ids)
+                        text.append(msg.text)
+                    done = isinstance(msg, p.Final)
+                    yield msg
+                    if done:
+                        return
+            finally:
+                del self.streams[job_id]
+                if not done:
+                    with contextlib.suppress(zmq.ZMQError):
+                        self._send(p.Cancel(job_id=job_id))
+            attempts += 1
+            if attempts > self.settings.max_retries:
+                raise JobError(p.ErrorCode.WORKER_LOST,
+                               f"gave up after {attempts} attempts; last error: {reason}")
+            self.counters["resubmits"] += 1
+            log_event(log, "job_resubmitted", job=job_id, attempt=attempts,
+                      resume_tokens=len(token_ids), reason=reason)

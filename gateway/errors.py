@@ -1,0 +1,121 @@
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, for
+every failure the gateway can answer with, and the body-size guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common.protocol import ErrorCode
+from gateway.client import JobError
+from gateway.schemas import Unsupported
+
+# ErrorCode -> (HTTP status, OpenAI error type)
+STATUS: dict[str, tuple[int, str]] = {
+    ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),
+    ErrorCode.NO_WORKER: (503, "server_error"),
+    ErrorCode.WORKER_LOST: (503, "server_error"),
+    ErrorCode.DEADLINE: (504, "timeout_error"),
+    ErrorCode.INTERNAL: (500, "server_error"),
+}
+RETRY_AFTER_S = 1
+
+
+def error_body(message: str, type_: str, code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   code: str | None = None, param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, code, param), status_code=status,
+                        headers=headers)
+
+
+def job_error_body(exc: JobError) -> tuple[int, dict[str, Any]]:
+    status, type_ = STATUS.get(exc.code, (500, "server_error"))
+    param = "model" if exc.code == ErrorCode.MODEL_NOT_FOUND else None
+    return status, error_body(exc.message, type_, exc.code, param)
+
+
+def job_error_response(exc: JobError) -> JSONResponse:
+    status, body = job_error_body(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Make every error the app can raise answer in OpenAI's shape."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"Malformed JSON body: {first.get('msg', '')}; send "
+                                  "a JSON object with Content-Type: application/json.",
+                                  code="invalid_json")
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        where = f"'{param}'" if param else "the body"
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'] if x != 'body') or 'body'}: {e['msg']}"
+            for e in exc.errors()[:5]
+        )
+        return error_response(400, f"Invalid value for {where}: {problems}",
+                              code="invalid_value", param=param)
+
+    @app.exception_handler(Unsupported)
+    async def _unsupported(_: Request, exc: Unsupported) -> JSONResponse:
+        return error_response(400, str(exc), code="unsupported_parameter", param=exc.param)
+
+    @app.exception_handler(JobError)
+    async def _job(_: Request, exc: JobError) -> JSONResponse:
+        return job_error_response(exc)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        code = "body_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, str(exc.detail), type_, code)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes gets 413 before it is parsed, whether it
+    declares its length (refused at once) or streams in chunks (refused when the count
+    passes the limit; FastAPI re-raises an HTTPException from the body read as it is)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _message(self) -> str:
+        return (f"Request body exceeds {self.limit} bytes; send a smaller request or raise "
+                "MLX_STACK_MAX_BODY_BYTES.")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            response = error_response(413, self._message(), code="body_too_large")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise HTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counting_receive, send)

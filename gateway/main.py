@@ -1,0 +1,17 @@
+"""Entry point of the gateway role (``mlx-stack gateway``)."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from common import logs
+from common.config import Settings
+from gateway.app import create_app
+
+
+def main(settings: Settings) -> None:
+    """Serve the OpenAI API on ``gateway_host:gateway_port`` until SIGINT/SIGTERM."""
+    logs.setup("gateway", settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=2,
+                log_config=None)

@@ -1,0 +1,130 @@
+"""OpenAI request bodies, validated, and their translation into a GenerationRequest.
+
+Unknown fields are ignored (clients send many), but a field we cannot honour with a
+non-default value (``n > 1``, ``logprobs``, ``echo``, image content) is refused with a
+clear 400 rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from common.protocol import GenerationRequest
+
+
+class Unsupported(ValueError):
+    """A valid OpenAI field with a value this server does not implement."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self, index: int) -> dict[str, Any]:
+        """The message as a chat template expects it: content as one string."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, TextPart):
+                    kind = part.get("type", "?")
+                    raise Unsupported(f"messages.{index}.content",
+                                      f"content parts of type '{kind}' are not supported; "
+                                      "send text")
+                texts.append(part.text)
+            content = "".join(texts)
+        role = "system" if self.role == "developer" else self.role
+        out: dict[str, Any] = {"role": role, "content": content or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by chat and text completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1)
+    logprobs: Any = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _check(self) -> None:
+        if self.n != 1:
+            raise Unsupported("n", "only n=1 is supported; send several requests instead")
+        if self.logprobs not in (None, False, 0):
+            raise Unsupported("logprobs", "logprobs are not supported")
+
+    def _params(self, max_tokens: int) -> dict[str, Any]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return {"max_tokens": max_tokens, "temperature": self.temperature,
+                "top_p": self.top_p, "stop": stops, "seed": self.seed}
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict[str, Any]] | None = None
+
+    def to_generation(self, default_max: int) -> GenerationRequest:
+        self._check()
+        max_tokens = self.max_completion_tokens or self.max_tokens or default_max
+        return GenerationRequest(
+            kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
+            tools=self.tools, **self._params(max_tokens))
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+
+    def to_generation(self, default_max: int) -> GenerationRequest:
+        self._check()
+        if self.echo:
+            raise Unsupported("echo", "echo is not supported")
+        prompt = self.prompt
+        if isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise Unsupported("prompt", "send one prompt per request")
+            prompt = prompt[0]
+        return GenerationRequest(kind="completion", prompt=prompt,
+                                 **self._params(self.max_tokens or default_max))

@@ -1,0 +1,43 @@
+"""Entry point of the worker role (``mlx-stack worker``)."""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from common import logs
+from common.config import Settings
+from worker.engine import Engine
+from worker.server import Worker
+from worker.synthetic import SyntheticEngine
+
+
+@dataclass(frozen=True)
+class SyntheticOptions:
+    """How a synthetic worker behaves (``mlx-stack worker --engine synthetic``)."""
+
+    slots: int = 4
+    rate: float = 200.0
+    ttft: float = 0.0
+
+
+def main(settings: Settings, model: str | None, aliases: list[str] | None,
+         synthetic: SyntheticOptions | None = None) -> None:
+    """Load ``model`` (or start a synthetic engine under that name) and serve it to the
+    broker until SIGINT/SIGTERM."""
+    logs.setup("worker", settings.log_level)
+    engine: Engine
+    if synthetic is not None:
+        engine = SyntheticEngine(model or "synthetic", synthetic.slots, synthetic.rate,
+                                 synthetic.ttft)
+        default_aliases: list[str] = []
+    else:
+        from worker.mlx_engine import MlxEngine
+        from worker.models import resolve_model
+
+        path, model_id, default_aliases = resolve_model(model, settings.models_path)
+        engine = MlxEngine(path, model_id)
+    worker = Worker(engine, settings, default_aliases if aliases is None else aliases)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()

@@ -1,0 +1,203 @@
+"""The worker process: a DEALER to the broker on the main thread, the engine beside it.
+
+The zguide's Paranoid Pirate worker, with one change: inference runs in ``slots`` engine
+threads, never on the I/O thread, so heartbeats keep flowing during a long prefill and a
+busy worker is as alive (or as dead) to the broker as an idle one.
+
+    main thread:    poll DEALER + inproc PULL; JOB -> job queue; CANCEL -> cancelled set;
+                    frames from engine threads -> broker; heartbeat; reconnect on silence
+    engine threads: take a job, run it, push PARTIAL/FINAL frames to the main thread
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+
+import psutil
+import zmq
+
+from common import protocol as p
+from common.config import Settings
+from common.logs import log_event
+from common.transport import configure
+from worker.engine import Engine
+from worker.runner import run_job
+
+log = logging.getLogger("worker")
+
+MAX_BACKOFF = 8.0
+
+
+class Worker:
+    """Registers ``engine`` with the broker and serves its jobs until :meth:`stop`."""
+
+    def __init__(self, engine: Engine, settings: Settings, aliases: list[str],
+                 ctx: zmq.Context | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.aliases = aliases
+        self.ctx = ctx or zmq.Context.instance()
+        self.worker_id = f"{settings.node_id}-{engine.model_id}-{uuid.uuid4().hex[:6]}"
+        self.jobs: queue.Queue[p.Job | None] = queue.Queue()
+        self.active: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.counters: Counter[str] = Counter()
+        self.max_epoch = 0
+        self._outbox = f"inproc://worker-outbox-{id(self)}"
+        self._stopping = threading.Event()
+        self.dealer: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+
+    # ----------------------------------------------------------------- engine side
+
+    def _engine_thread(self) -> None:
+        push = self.ctx.socket(zmq.PUSH)
+        push.connect(self._outbox)
+        try:
+            while (job := self.jobs.get()) is not None:
+                self._run(job, push)
+        finally:
+            push.close(linger=1000)
+
+    def _run(self, job: p.Job, push: zmq.Socket) -> None:
+        def send(msg: p.Message) -> None:
+            msg.epoch = job.epoch
+            push.send_multipart(p.encode(p.WORKER, msg))
+
+        self.counters["jobs_started"] += 1
+        try:
+            outcome = run_job(self.engine, job, lambda: job.job_id in self.cancelled, send)
+        except Exception as exc:  # an engine error must fail the job, not the worker
+            log_event(log, "job_failed", logging.ERROR, job=job.job_id, error=repr(exc))
+            self.counters["jobs_failed"] += 1
+            send(p.Fail(job_id=job.job_id, error=f"engine error: {exc}",
+                        code=p.ErrorCode.INTERNAL, retryable=True))
+            return
+        self.counters["tokens_generated"] += outcome.new_tokens
+        cancelled = outcome.finish_reason == "cancelled"
+        self.counters["jobs_cancelled" if cancelled else "jobs_done"] += 1
+
+    # ----------------------------------------------------------------- I/O side
+
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+        self.dealer = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        self.dealer.connect(self.settings.broker_connect)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self._send(self._ready())
+
+    def _ready(self) -> p.Ready:
+        mem = psutil.virtual_memory()
+        return p.Ready(
+            worker_id=self.worker_id, node_id=self.settings.node_id,
+            model_id=self.engine.model_id, aliases=self.aliases, slots=self.engine.slots,
+            mem_total=mem.total, mem_free=mem.available, model_bytes=self.engine.model_bytes,
+            engine=self.engine.kind,
+        )
+
+    def _send(self, msg: p.Message) -> None:
+        self._send_frames(p.encode(p.WORKER, msg))
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        """Send without ever blocking the I/O thread; with no broker the frame is dropped
+        (the job it belongs to is resubmitted by its gateway)."""
+        assert self.dealer is not None
+        try:
+            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.counters["frames_unsent"] += 1
+
+    def run(self) -> None:
+        """Serve until :meth:`stop`; reconnects with capped backoff when the broker is
+        silent for the heartbeat liveness."""
+        pull = self.ctx.socket(zmq.PULL)
+        pull.bind(self._outbox)
+        threads = [threading.Thread(target=self._engine_thread, daemon=True,
+                                    name=f"engine-{i}") for i in range(self.engine.slots)]
+        for t in threads:
+            t.start()
+        self.poller.register(pull, zmq.POLLIN)
+        self._connect()
+        log_event(log, "worker_started", worker=self.worker_id, model=self.engine.model_id,
+                  broker=self.settings.broker_connect, engine=self.engine.kind)
+        interval = self.settings.heartbeat_interval
+        now = time.monotonic()
+        next_beat, last_beat, last_tokens = now + interval, now, 0
+        broker_deadline, backoff = now + self.settings.peer_timeout, interval
+        while not self._stopping.is_set():
+            events = dict(self.poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
+            if events.get(self.dealer):
+                while self.dealer.poll(0):
+                    broker_deadline = time.monotonic() + self.settings.peer_timeout
+                    backoff = interval
+                    self._on_broker(self.dealer.recv_multipart())
+            if events.get(pull):
+                while pull.poll(0):
+                    self._forward(pull.recv_multipart())
+            now = time.monotonic()
+            if now > broker_deadline:
+                # Paranoid Pirate: a silent broker gets a fresh socket, with capped backoff.
+                log_event(log, "broker_lost", logging.WARNING, retry_in_s=backoff)
+                self._abandon_jobs()
+                self._connect()
+                broker_deadline = now + self.settings.peer_timeout + backoff
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            if now >= next_beat:
+                tokens = self.counters["tokens_generated"]
+                self._send(p.Heartbeat(
+                    active=len(self.active), mem_free=psutil.virtual_memory().available,
+                    tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
+                    counters=dict(self.counters)))
+                last_tokens, last_beat, next_beat = tokens, now, now + interval
+        self._send(p.Disconnect())
+        for _ in threads:
+            self.jobs.put(None)
+        self._abandon_jobs()
+        pull.close(linger=0)
+        self.dealer.close(linger=200)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _on_broker(self, frames: list[bytes]) -> None:
+        try:
+            _, msg = p.decode(frames, p.FROM_BROKER)
+        except p.ProtocolError as exc:
+            self.counters["frames_dropped"] += 1
+            log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
+            return
+        if msg.epoch < self.max_epoch:
+            self.counters["stale_epoch"] += 1
+            return
+        self.max_epoch = msg.epoch
+        match msg:
+            case p.Job():
+                self.active.add(msg.job_id)
+                self.jobs.put(msg)
+            case p.Cancel():
+                if msg.job_id in self.active:
+                    self.cancelled.add(msg.job_id)
+            case p.Disconnect():
+                # The broker does not know us (it restarted, or purged us): register again.
+                self._abandon_jobs()
+                self._send(self._ready())
+
+    def _forward(self, frames: list[bytes]) -> None:
+        """Pass an engine thread's frame to the broker; a FINAL/FAIL ends the job here."""
+        command = frames[1][0]
+        if command in (p.Command.FINAL, p.Command.FAIL):
+            _, msg = p.decode(frames, {p.WORKER: frozenset(p.Command)})
+            self.active.discard(msg.job_id)
+            self.cancelled.discard(msg.job_id)
+        self._send_frames(frames)
+
+    def _abandon_jobs(self) -> None:
+        """Stop every job: the broker that owned them is gone, their gateways resubmit."""
+        self.cancelled |= self.active
