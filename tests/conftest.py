@@ -1,0 +1,67 @@
+"""Shared fixtures: a fresh broker per test, and one real-model node per module."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings
+from tests.harness import Cluster
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Keep each phase's report on the item, so fixtures can print logs on failure."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def _close(cluster: Cluster, node: pytest.Item) -> None:
+    failed = any(getattr(node, f"rep_{w}", None) and getattr(node, f"rep_{w}").failed
+                 for w in ("setup", "call"))
+    cluster.close()
+    if failed:
+        print(cluster.logs())
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The model cache the tests share (pulled once, like a user's first `up`)."""
+    from worker.default_model import ensure_default_model
+
+    path = Settings.load().models_path
+    ensure_default_model(path)
+    return path
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A running broker (fast heartbeats: 200 ms x 3) and nothing else yet."""
+    c = Cluster(tmp_path)
+    try:
+        c.broker()
+        yield c
+    finally:
+        _close(c, request.node)
+
+
+@pytest.fixture(scope="module")
+def model_node(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+               request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, str]]:
+    """Broker + one real SmolLM2 worker + gateway; yields (cluster, gateway URL)."""
+    c = Cluster(tmp_path_factory.mktemp("model-node"),
+                env={"MLX_STACK_MODELS_DIR": str(models_dir)})
+    try:
+        c.broker()
+        c.worker()
+        yield c, c.gateway()
+    finally:
+        _close(c, request.node)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

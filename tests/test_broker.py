@@ -1,0 +1,149 @@
+"""The broker with real processes and sockets (synthetic workers: these test routing)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+import zmq
+
+from common import protocol as p
+from tests.harness import Cluster, wait_for
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=30)
+
+
+def chat(url: str, model: str = "syn", max_tokens: int = 5, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+        "model": model, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "hi"}], **kw})
+
+
+def test_idle_worker_killed_is_purged_and_next_request_goes_to_a_live_one(
+        cluster: Cluster) -> None:
+    doomed = cluster.worker("--engine", "synthetic", "--model", "syn")
+    survivor = cluster.worker("--engine", "synthetic", "--model", "syn")
+    url = cluster.gateway()
+    ids = {w["worker_id"] for w in cluster.workers()}
+    assert len(ids) == 2
+    doomed.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for("the killed worker to be purged", lambda: len(cluster.workers()) == 1, timeout=5)
+    purge_s = time.monotonic() - killed
+    liveness = 0.2 * 3
+    assert purge_s < liveness + 0.2 * 2 + 0.5, purge_s  # liveness + one tick + poll slack
+    (alive,) = cluster.workers()
+    for _ in range(4):
+        response = chat(url)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-mlx-stack-worker"] == alive["worker_id"]
+    assert survivor.alive()
+
+
+def test_job_waits_for_a_free_slot_then_completes(cluster: Cluster) -> None:
+    cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "1", "--rate", "50")
+    url = cluster.gateway()
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(chat, url, max_tokens=10) for _ in range(3)]
+        results = [f.result(timeout=60) for f in futures]
+    assert [r.status_code for r in results] == [200, 200, 200]
+    waits = sorted(r["queue_wait_ms"] for r in cluster.control("routes", last=3))
+    assert waits[-1] > 100, waits  # one job waited for two others of ~200 ms each
+
+
+def test_full_queue_answers_429_with_retry_after(tmp_path) -> None:
+    c = Cluster(tmp_path, env={"MLX_STACK_QUEUE_SIZE": "1"})
+    try:
+        c.broker()
+        c.worker("--engine", "synthetic", "--model", "syn", "--slots", "1", "--rate", "20")
+        url = c.gateway()
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(chat, url, max_tokens=20) for _ in range(4)]
+            results = [f.result(timeout=60) for f in futures]
+        codes = sorted(r.status_code for r in results)
+        assert codes == [200, 200, 429, 429], codes
+        rejected = next(r for r in results if r.status_code == 429)
+        assert rejected.headers["retry-after"] == "1"
+        assert rejected.json()["error"]["code"] == "queue_full"
+        assert rejected.json()["error"]["type"] == "rate_limit_error"
+    finally:
+        c.close()
+
+
+def test_known_model_without_worker_waits_the_grace_then_503(tmp_path) -> None:
+    c = Cluster(tmp_path, env={"MLX_STACK_GRACE": "1.0"})
+    try:
+        c.broker()
+        worker = c.worker("--engine", "synthetic", "--model", "syn")
+        url = c.gateway()
+        worker.kill()
+        wait_for("the worker to be purged", lambda: not c.workers())
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as info:
+            client(url).chat.completions.create(
+                model="syn", messages=[{"role": "user", "content": "hi"}])
+        assert info.value.status_code == 503
+        assert time.monotonic() - started >= 1.0
+        assert info.value.body["code"] == "no_worker"
+    finally:
+        c.close()
+
+
+def test_known_model_whose_worker_returns_within_grace_is_served(cluster: Cluster) -> None:
+    worker = cluster.worker("--engine", "synthetic", "--model", "syn")
+    url = cluster.gateway()
+    worker.kill()
+    wait_for("the worker to be purged", lambda: not cluster.workers())
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(chat, url)
+        cluster.worker("--engine", "synthetic", "--model", "syn")
+        assert pending.result(timeout=30).status_code == 200
+
+
+def test_unknown_model_is_404_at_once_listing_models(cluster: Cluster) -> None:
+    cluster.worker("--engine", "synthetic", "--model", "syn")
+    url = cluster.gateway()
+    with pytest.raises(openai.NotFoundError) as info:
+        client(url).chat.completions.create(
+            model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+    error = info.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert "syn" in error["message"]
+
+
+def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Cluster) -> None:
+    cluster.worker("--engine", "synthetic", "--model", "syn")
+    url = cluster.gateway()
+    rng = random.Random(7)
+    sock = cluster.ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    garbage = [
+        [b""], [b"x"] * 7, [p.WORKER, b"\x01", b"\xc1"], [p.GATEWAY, b"\x09", b"\x80"],
+        [p.WORKER, bytes((p.Command.PARTIAL,)), b"\x81\xa6job_id\x01"],
+        *([rng.randbytes(rng.randrange(1, 64)) for _ in range(3)] for _ in range(50)),
+    ]
+    for frames in garbage:
+        sock.send_multipart(frames)
+    raw = cluster.ctx.socket(zmq.STREAM)  # not even ZMTP: plain bytes on the port
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(cluster.endpoint)
+    ident = raw.getsockopt(zmq.ROUTING_ID)
+    raw.send_multipart([ident, b"GET / HTTP/1.0\r\n\r\n" + rng.randbytes(512)])
+    wait_for("the broker to count the garbage", lambda: cluster.control("status")[
+        "counters"].get("dropped", 0) >= len(garbage) - 1)
+    assert chat(url).status_code == 200
+    sock.close()
+    raw.close()

@@ -1,0 +1,93 @@
+"""The command line as a user runs it: `mlx-stack up` serves, heals and stops cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import psutil
+import pytest
+
+from tests.harness import ROOT, Proc, free_port, wait_for
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def roles(pid: int) -> dict[int, str]:
+    """The live role children of process ``pid``: {pid: "broker"|"worker"|"gateway"}."""
+    found = {}
+    for child in psutil.Process(pid).children():
+        try:
+            found[child.pid] = child.cmdline()[3]  # python -m cli <role> ...
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, IndexError):
+            continue
+    return found
+
+
+def test_help_explains_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("up", "broker", "worker", "gateway", "pull"):
+        assert command in result.stdout
+    up = run_cli("up", "--help").stdout
+    assert "--port" in up and "--model" in up and "localhost:4000" in run_cli("--help").stdout
+
+
+def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("gateway", env={"MLX_STACK_HOME": str(tmp_path),
+                                     "MLX_STACK_GATEWAY_PORT": "four"})
+    assert result.returncode == 2
+    assert "MLX_STACK_GATEWAY_PORT" in result.stderr
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
+    result = run_cli("worker", "--model", "no-such-org/no-such-model",
+                     env={"MLX_STACK_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 1
+    assert "downloads nothing from a model hub" in " ".join(result.stderr.split())
+
+
+@pytest.mark.model
+def test_up_serves_restarts_a_dead_child_and_stops_everything(
+        tmp_path: Path, models_dir: Path) -> None:
+    port = free_port()
+    up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
+                     "--broker-port", str(free_port()), "--node-id", "solo"],
+              {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
+               "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"},
+              tmp_path / "up.log")
+    try:
+        wait_for("the banner", lambda: f"OPENAI_API_BASE=http://localhost:{port}/v1"
+                 in up.output() or (not up.alive() and pytest.fail(up.output())), timeout=120)
+        client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
+                               max_retries=0, timeout=60)
+
+        def ask() -> str:
+            return client.chat.completions.create(
+                model="standard", temperature=0, messages=[
+                    {"role": "user", "content": "What is the capital of France?"}],
+            ).choices[0].message.content
+
+        assert "Paris" in ask()
+        first = roles(up.pid)
+        assert sorted(first.values()) == ["broker", "gateway", "worker"]
+        worker = next(pid for pid, role in first.items() if role == "worker")
+        os.kill(worker, signal.SIGKILL)
+        wait_for("a new worker", lambda: any(
+            role == "worker" and pid != worker for pid, role in roles(up.pid).items()),
+            timeout=30)
+        assert "Paris" in ask()  # waits within the grace period for the new worker
+        assert "worker" in up.output() and "restarting" in up.output()
+        children = [psutil.Process(pid) for pid in roles(up.pid)]
+        assert up.stop(timeout=15) == 0
+        for child in children:
+            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        up.stop()

@@ -1,0 +1,115 @@
+"""Bad input gets a clear OpenAI-format error, and nothing else breaks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import Cluster
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    c = Cluster(tmp_path_factory.mktemp("errors"), env={
+        "MLX_STACK_MAX_BODY_BYTES": str(LIMIT), "MLX_STACK_MAX_TOKENS_LIMIT": "1000"})
+    try:
+        c.broker()
+        c.worker("--engine", "synthetic", "--model", "syn")
+        yield c.gateway()
+    finally:
+        c.close()
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None,
+                        param: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and error["type"]
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+GOOD = {"model": "syn", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({**GOOD, "messages": "hi"}, "messages"),
+    ({**GOOD, "messages": []}, "messages"),
+    ({**GOOD, "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({**GOOD, "max_tokens": "ten"}, "max_tokens"),
+    ({**GOOD, "max_tokens": 0}, "max_tokens"),
+    ({**GOOD, "temperature": 9}, "temperature"),
+    ({**GOOD, "stream": "yes"}, "stream"),
+    ({**GOOD, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({k: v for k, v in GOOD.items() if k != "model"}, "model"),
+    ({k: v for k, v in GOOD.items() if k != "messages"}, "messages"),
+])
+def test_wrong_types_and_missing_fields_are_400(url: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    error = assert_openai_error(response, 400, "invalid_value", param)
+    assert param.split(".")[-1] in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"model": "syn",}', b"\xff\xfe"])
+def test_malformed_json_is_400(url: str, raw: bytes) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", content=raw,
+                          headers={"content-type": "application/json"})
+    assert "JSON" in assert_openai_error(response, 400, "invalid_json")["message"]
+
+
+def test_json_that_is_not_an_object_is_400(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", json=[1, 2])
+    assert_openai_error(response, 400)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({**GOOD, "n": 2}, "n"),
+    ({**GOOD, "logprobs": True}, "logprobs"),
+    ({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
+])
+def test_unsupported_parameters_are_400(url: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", json=body)
+    assert_openai_error(response, 400, "unsupported_parameter", param)
+
+
+def test_max_tokens_over_the_limit_is_400(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "max_tokens": 5000})
+    assert_openai_error(response, 400, "invalid_value", "max_tokens")
+
+
+def test_oversize_body_is_413_declared_or_chunked(url: str) -> None:
+    big = {**GOOD, "messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}
+    assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=big), 413,
+                        "body_too_large")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        yield b'{"model": "syn", "messages": [{"role": "user", "content": "'
+        for _ in range(LIMIT // 1024 + 2):
+            yield b"y" * 1024
+        yield b'"}]}'
+
+    response = httpx.post(f"{url}/v1/chat/completions", content=chunks(),
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 413, "body_too_large")
+
+
+def test_unknown_route_is_404_in_openai_shape(url: str) -> None:
+    assert_openai_error(httpx.get(f"{url}/v1/nothing"), 404)
+
+
+def test_service_still_serves_after_all_that(url: str) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", json=GOOD)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"]
+
+
