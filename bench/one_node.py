@@ -1,0 +1,155 @@
+"""What the mesh path costs on one node: the real model through gateway + broker + worker
+vs the same engine called in-process, at concurrency 1. Prints JSON.
+
+    .venv/bin/python bench/one_node.py [--runs 7] [--max-tokens 64]
+
+Both sides run the same greedy request and are timed the same way: time to first token
+(request sent -> first text received) and generation tokens/s (tokens after the first /
+time from first text to the end). Runs alternate between the two paths so that drift of
+the machine hits both alike; medians are reported with the mesh/direct ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from common import protocol as p
+from common.config import Settings
+from worker.blas import preload_openblas
+from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
+
+MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed_direct(engine, max_tokens: int) -> tuple[float, float, int]:
+    from worker.runner import run_job
+
+    request = p.GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens,
+                                  temperature=0.0)
+    job = p.Job(job_id="bench", request=request.to_dict())
+    stamps: list[float] = []
+    final: list[p.Final] = []
+
+    def send(msg: p.Message) -> None:
+        if isinstance(msg, p.Partial) and msg.text:
+            stamps.append(time.perf_counter())
+        elif isinstance(msg, p.Final):
+            stamps.append(time.perf_counter())
+            final.append(msg)
+
+    start = time.perf_counter()
+    run_job(engine, job, lambda: False, send)
+    tokens = final[0].usage["completion_tokens"]
+    return stamps[0] - start, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def timed_mesh(client: httpx.Client, max_tokens: int) -> tuple[float, float, int]:
+    body = {"model": "standard", "messages": MESSAGES, "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    stamps: list[float] = []
+    tokens = 0
+    start = time.perf_counter()
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+                continue
+            choice = chunk["choices"][0]
+            if choice["delta"].get("content") or choice["finish_reason"]:
+                stamps.append(time.perf_counter())
+    return stamps[0] - start, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"mlx-stack up exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the mesh did not become healthy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+
+    blas = preload_openblas()
+    models_dir = Settings.load().models_path
+    model_path = ensure_default_model(models_dir)
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="mlxs-bench-")
+    env = {**os.environ, "MLX_STACK_HOME": home, "MLX_STACK_MODELS_DIR": str(models_dir)}
+    up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port),
+                           "--broker-port", str(free_port())], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, up)
+        from worker.mlx_engine import MlxEngine
+
+        engine = MlxEngine(model_path, DEFAULT_MODEL_ID)
+        client = httpx.Client(base_url=url, timeout=300)
+        timed_direct(engine, 8)  # warm both paths
+        timed_mesh(client, 8)
+        direct, mesh = [], []
+        for _ in range(args.runs):
+            mesh.append(timed_mesh(client, args.max_tokens))
+            direct.append(timed_direct(engine, args.max_tokens))
+    finally:
+        os.killpg(up.pid, signal.SIGTERM)
+        up.wait(20)
+
+    def summary(runs: list[tuple[float, float, int]]) -> dict[str, float]:
+        return {"ttft_ms_p50": round(statistics.median(r[0] for r in runs) * 1000, 1),
+                "gen_tokens_per_s_p50": round(statistics.median(r[1] for r in runs), 2),
+                "completion_tokens": runs[0][2]}
+
+    d, m = summary(direct), summary(mesh)
+    print(json.dumps({
+        "benchmark": "one_node",
+        "model": DEFAULT_MODEL_ID,
+        "runs": args.runs,
+        "max_tokens": args.max_tokens,
+        "concurrency": 1,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "blas": blas},
+        "direct": d,
+        "mesh": m,
+        "mesh_over_direct": {
+            "ttft": round(m["ttft_ms_p50"] / d["ttft_ms_p50"], 4),
+            "gen_tokens_per_s": round(m["gen_tokens_per_s_p50"] / d["gen_tokens_per_s_p50"], 4),
+        },
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
