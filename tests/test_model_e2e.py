@@ -138,3 +138,19 @@ def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> 
     after = wait_for("the worker to cancel the job", cancelled, timeout=30)
     generated = after["tokens_generated"] - before.get("tokens_generated", 0)
     assert 3 <= generated < max_tokens / 4, generated
+
+
+def test_worker_stops_cleanly_after_serving(tmp_path, models_dir) -> None:
+    """SIGTERM after inference exits 0 (MLX's thread-local destructors once raced with
+    interpreter finalization and aborted the process)."""
+    c = Cluster(tmp_path, env={"MLX_STACK_MODELS_DIR": str(models_dir)})
+    try:
+        c.broker()
+        worker = c.worker()
+        url = c.gateway()
+        response = httpx.post(f"{url}/v1/completions", timeout=60, json={
+            "model": "fast", "prompt": "Hello", "max_tokens": 3})
+        assert response.status_code == 200
+        assert worker.stop() == 0, worker.output()
+    finally:
+        c.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
 from dataclasses import dataclass
 
@@ -41,3 +43,8 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
+    # Exit without interpreter finalization: a thread that ran MLX inference runs MLX's
+    # thread-local destructors at its exit, and they take the GIL; if that races with
+    # finalization, libstdc++ aborts the process (SIGABRT). Everything is closed by now.
+    logging.shutdown()
+    os._exit(0)

@@ -31,6 +31,7 @@ from worker.runner import run_job
 log = logging.getLogger("worker")
 
 MAX_BACKOFF = 8.0
+STOP_TIMEOUT = 5.0
 
 
 class Worker:
@@ -157,9 +158,11 @@ class Worker:
                     counters=dict(self.counters)))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         self._send(p.Disconnect())
+        self._abandon_jobs()
         for _ in threads:
             self.jobs.put(None)
-        self._abandon_jobs()
+        for t in threads:
+            t.join(STOP_TIMEOUT)
         pull.close(linger=0)
         self.dealer.close(linger=200)
 
