@@ -7,9 +7,12 @@ The loop (zguide's Majordomo broker, with the gaps closed):
     every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
 
 A worker is purged when nothing has come from it for ``liveness`` intervals, busy or not
-(its I/O thread heartbeats during inference). Its jobs that have produced no token yet go
-back to the head of their queue; jobs that have streamed tokens are failed as retryable
-so that the gateway, which knows what the client has seen, resumes them elsewhere.
+(its I/O thread heartbeats during inference). Its jobs that have sent nothing yet go back
+to the head of their queue; jobs that have streamed output are failed as retryable so
+that the gateway, which knows what the client has seen, resumes them elsewhere.
+
+Each dispatch of a job to a worker has its own id, ``<job id>/<attempt>``: frames of an
+earlier attempt (a worker that was purged but was only slow) never pass for the current.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from common.transport import configure
 log = logging.getLogger("broker")
 
 ROUTE_HISTORY = 1000
+MAX_SLOTS = 1024
 
 
 class Broker:
@@ -43,6 +47,7 @@ class Broker:
         self.epoch = 1
         self.workers: dict[bytes, WorkerState] = {}
         self.gateways: dict[bytes, float] = {}
+        self.purged_gateways: set[bytes] = set()
         self.jobs: dict[str, JobState] = {}
         self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
             collections.deque
@@ -114,7 +119,8 @@ class Broker:
         worker = self.workers.get(identity)
         if worker is None:
             # Not registered (purged, or the broker restarted): ask it to register again.
-            self._send(identity, p.WORKER, p.Disconnect())
+            if not isinstance(msg, p.Disconnect):
+                self._send(identity, p.WORKER, p.Disconnect())
             return
         worker.expires = now + self.settings.peer_timeout
         worker.last_seen = now
@@ -125,31 +131,40 @@ class Broker:
             case p.Partial():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
+                    job.streamed = True
                     job.tokens += len(msg.token_ids)
-                    self._to_gateway(job, msg)
+                    if job.gateway is not None:
+                        msg.job_id = job.submit.job_id
+                        self._send(job.gateway, p.GATEWAY, msg)
             case p.Final():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
                     self._finish(job, msg, "ok")
             case p.Fail():
                 job = self._job_of(worker, msg.job_id)
-                if job is not None:
-                    self._release(job)
-                    if msg.retryable and self._retry(job, msg.error):
-                        self._dispatch()
-                    else:
-                        self._finish(job, msg, "failed")
+                if job is None:
+                    pass
+                elif msg.retryable:
+                    self._lose(job, msg.error)
+                    self._dispatch()
+                else:
+                    self._finish(job, msg, "failed")
             case p.Disconnect():
                 self._purge_worker(worker, "disconnected")
 
     def _register(self, identity: bytes, ready: p.Ready, now: float) -> None:
+        if not (ready.model_id and 1 <= ready.slots <= MAX_SLOTS):
+            self.counters["dropped"] += 1
+            log_event(log, "ready_refused", logging.WARNING, worker=ready.worker_id,
+                      model=ready.model_id, slots=ready.slots)
+            return
+        # A worker that registers again has abandoned whatever it was running.
         for other in list(self.workers.values()):
-            if other.info.worker_id == ready.worker_id and other.identity != identity:
-                self._purge_worker(other, "reconnected")
-        old = self.workers.get(identity)
+            if other.info.worker_id == ready.worker_id or other.identity == identity:
+                self._purge_worker(other, "registered again")
         worker = WorkerState(
             identity=identity, info=ready, expires=now + self.settings.peer_timeout,
-            in_flight=old.in_flight if old else set(), mem_free=ready.mem_free, last_seen=now,
+            mem_free=ready.mem_free, last_seen=now,
         )
         self.workers[identity] = worker
         self.known_models |= worker.names
@@ -157,10 +172,12 @@ class Broker:
                   model=ready.model_id, slots=ready.slots, engine=ready.engine)
         self._dispatch()
 
-    def _job_of(self, worker: WorkerState, job_id: str) -> JobState | None:
-        """The job if it is really this worker's; stale or foreign ids are ignored."""
+    def _job_of(self, worker: WorkerState, dispatch_id: str) -> JobState | None:
+        """The job of a dispatch id if it is this worker's current attempt; anything stale
+        or foreign is ignored."""
+        job_id = dispatch_id.rpartition("/")[0]
         job = self.jobs.get(job_id)
-        if job is None or job.worker != worker.identity:
+        if job is None or job.worker != worker.identity or job.dispatch_id != dispatch_id:
             return None
         return job
 
@@ -171,18 +188,31 @@ class Broker:
         log_event(log, "worker_purged", level, worker=worker.info.worker_id,
                   node=worker.info.node_id, reason=reason, jobs=len(worker.in_flight))
         for job_id in list(worker.in_flight):
-            job = self.jobs[job_id]
-            job.worker = None
-            if not self._retry(job, f"worker {worker.info.worker_id} lost ({reason})"):
-                self._finish(job, p.Fail(job_id=job_id, error=(
-                    f"worker {worker.info.worker_id} was lost after streaming {job.tokens} "
-                    "tokens; resubmit with resume tokens"), code=p.ErrorCode.WORKER_LOST,
-                    retryable=True), "worker_lost")
+            self._lose(self.jobs[job_id], f"worker {worker.info.worker_id} lost ({reason})")
         self._dispatch()
+
+    def _lose(self, job: JobState, reason: str) -> None:
+        """A job's worker is gone (or gave it up): run it again if nothing reached the
+        client yet, else tell the gateway to resume it with what the client has seen."""
+        self._release(job)
+        if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
+            self._finish(job, p.Fail(
+                job_id=job.submit.job_id, code=p.ErrorCode.WORKER_LOST, retryable=True,
+                error=f"{reason} after {job.tokens} tokens; resubmit with resume tokens"),
+                "worker_lost")
+            return
+        job.retries += 1
+        self.counters["redispatched"] += 1
+        log_event(log, "job_redispatched", job=job.submit.job_id, reason=reason)
+        self.queues[job.submit.model].appendleft(job.submit.job_id)
 
     # ----------------------------------------------------------------- gateways
 
     def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
+        if identity in self.purged_gateways:
+            # Its jobs were dropped while it was silent: make it resubmit them.
+            self.purged_gateways.discard(identity)
+            self._send(identity, p.GATEWAY, p.Disconnect())
         self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
         match msg:
             case p.Submit():
@@ -192,7 +222,7 @@ class Broker:
             case p.Control():
                 self._send(identity, p.GATEWAY, self._control(msg))
             case p.Disconnect():
-                self._purge_gateway(identity)
+                self._purge_gateway(identity, silent=False)
 
     def _submit(self, gateway: bytes, submit: p.Submit) -> None:
         def refuse(code: p.ErrorCode, error: str, retryable: bool = False) -> None:
@@ -232,13 +262,18 @@ class Broker:
         if job.worker is None:
             self._forget(job, "cancelled")
         else:
-            worker = self.workers[job.worker]
-            self._send(worker.identity, p.WORKER, p.Cancel(job_id=job_id))
+            self._send(job.worker, p.WORKER, p.Cancel(job_id=job.dispatch_id))
 
-    def _purge_gateway(self, gateway: bytes) -> None:
+    def _purge_gateway(self, gateway: bytes, silent: bool = True) -> None:
         self.gateways.pop(gateway, None)
-        for job in [j for j in self.jobs.values() if j.gateway == gateway]:
+        jobs = [j for j in self.jobs.values() if j.gateway == gateway]
+        for job in jobs:
             self._cancel(gateway, job.submit.job_id)
+        if silent and jobs:
+            self._send(gateway, p.GATEWAY, p.Disconnect())
+            if len(self.purged_gateways) > 10_000:
+                self.purged_gateways.clear()
+            self.purged_gateways.add(gateway)
 
     # ----------------------------------------------------------------- dispatch
 
@@ -263,6 +298,7 @@ class Broker:
                scored: list[tuple[WorkerState, float]]) -> None:
         submit = job.submit
         job.worker = worker.identity
+        job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.in_flight.add(submit.job_id)
         if job.route:
             job.route["retries"] = job.retries
@@ -277,23 +313,12 @@ class Broker:
             queue_wait_ms=round((time.monotonic() - job.enqueued) * 1000, 2),
         )
         self._send(worker.identity, p.WORKER, p.Job(
-            job_id=submit.job_id, request=submit.request, epoch=self.epoch,
+            job_id=job.dispatch_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
         if job.gateway is not None:
             self._send(job.gateway, p.GATEWAY, p.Accepted(
                 job_id=submit.job_id, node_id=worker.info.node_id,
                 worker_id=worker.info.worker_id, model_id=worker.info.model_id))
-
-    def _retry(self, job: JobState, reason: str) -> bool:
-        """Re-queue a job that produced no token yet (at the head: it waited longest)."""
-        if job.tokens or job.retries >= self.settings.max_retries or job.gateway is None:
-            return False
-        job.retries += 1
-        job.worker = None
-        self.counters["redispatched"] += 1
-        log_event(log, "job_redispatched", job=job.submit.job_id, reason=reason)
-        self.queues[job.submit.model].appendleft(job.submit.job_id)
-        return True
 
     def _release(self, job: JobState) -> None:
         if job.worker is not None and job.worker in self.workers:
@@ -304,6 +329,7 @@ class Broker:
         """End a job: tell its gateway, free its slot, record the outcome."""
         self._release(job)
         if job.gateway is not None:
+            msg.job_id = job.submit.job_id
             self._send(job.gateway, p.GATEWAY, msg)
         self._forget(job, outcome if job.gateway is not None else "cancelled")
         self._dispatch()
@@ -315,10 +341,6 @@ class Broker:
             queue.remove(job.submit.job_id)
         if job.route:
             job.route["outcome"] = outcome
-
-    def _to_gateway(self, job: JobState, msg: p.Message) -> None:
-        if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, msg)
 
     # ----------------------------------------------------------------- timers
 
@@ -335,8 +357,14 @@ class Broker:
             self._send(identity, p.GATEWAY, beat)
 
     def _expire_waiting(self, now: float) -> None:
-        """Fail queued jobs past their deadline, or waiting longer than the grace period
-        for a model that has no live worker at all."""
+        """Fail jobs past their deadline (cancelling any that run), and queued jobs that
+        waited longer than the grace period for a model with no live worker at all."""
+        for job in [j for j in self.jobs.values() if j.worker and j.gateway and now > j.deadline]:
+            gateway = job.gateway
+            self._cancel(gateway, job.submit.job_id)  # the worker confirms, freeing the slot
+            self._send(gateway, p.GATEWAY, p.Fail(
+                job_id=job.submit.job_id, code=p.ErrorCode.DEADLINE,
+                error="the request's deadline passed while it ran"))
         live = set().union(*(w.names for w in self.workers.values()))
         for model, queue in list(self.queues.items()):
             for job_id in list(queue):

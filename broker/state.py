@@ -64,6 +64,9 @@ class JobState:
     deadline: float
     enqueued: float
     worker: bytes | None = None
+    dispatch_id: str = ""
+    streamed: bool = False
+    """Whether any output reached the gateway: then only the gateway may resume it."""
     tokens: int = 0
     retries: int = 0
     route: dict[str, Any] = field(default_factory=dict)

@@ -1,8 +1,9 @@
 """The gateway's side of the broker protocol: a Lazy Pirate client that owns each request.
 
-One DEALER socket per gateway process, read by one task that polls, then receives (never
-a receive wrapped in a cancellable timeout: pyzmq can lose the message). Replies are
-routed by job id to per-job queues and by request id to CONTROL futures.
+One DEALER socket per gateway process, owned by one reader task that polls, then
+receives (never a receive wrapped in a cancellable timeout: pyzmq can lose the message),
+and that alone replaces the socket when the broker falls silent. Replies are routed by
+job id to per-job queues and by request id to CONTROL futures.
 
 The gateway, not the broker, owns a request: it remembers the token ids and text already
 streamed to the HTTP client, and when a job is lost (its worker died mid-stream, or the
@@ -31,7 +32,8 @@ from common.transport import configure
 
 log = logging.getLogger("gateway")
 
-RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST, p.ErrorCode.INTERNAL})
+DRAIN = 1000
+RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
 
 
 class JobError(Exception):
@@ -57,10 +59,13 @@ class BrokerClient:
         self.streams: dict[str, asyncio.Queue[p.Message | _BrokerLost]] = {}
         self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
         self.heard = 0.0
+        self.up = asyncio.Event()
+        """Set while the broker answers; requests wait on it (up to the grace period)."""
         self.session = ""
         self.max_epoch = 0
         self.counters: dict[str, int] = {"resubmits": 0, "broker_lost": 0}
         self._tasks: list[asyncio.Task[None]] = []
+        self._reconnect = False
 
     @property
     def connected(self) -> bool:
@@ -85,33 +90,57 @@ class BrokerClient:
             self.sock.close(linger=0)
         self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
         self.sock.connect(self.settings.broker_connect)
+        # The same socket, synchronous: drains ready frames without a future per frame.
+        self._drain = zmq.Socket.shadow(self.sock.underlying)
 
     def _send(self, msg: p.Message) -> None:
+        """Send without blocking; with no broker connected the frame is dropped (jobs are
+        resubmitted when the broker is back)."""
         assert self.sock is not None
-        self.sock.send_multipart(p.encode(p.GATEWAY, msg), zmq.NOBLOCK)
+        with contextlib.suppress(zmq.Again):
+            self.sock.send_multipart(p.encode(p.GATEWAY, msg), zmq.NOBLOCK)
+
+    async def _await_broker(self, deadline: float) -> None:
+        """Wait (up to the grace period, within the deadline) for the broker to answer."""
+        if self.up.is_set():
+            return
+        wait = min(self.settings.grace, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
+        except TimeoutError:
+            raise JobError(p.ErrorCode.NO_WORKER, (
+                f"no broker answers at {self.settings.broker_connect}; start one with "
+                "`mlx-stack up` or `mlx-stack broker`")) from None
 
     # ----------------------------------------------------------------- background
 
     async def _reader(self) -> None:
         while True:
-            sock = self.sock
-            assert sock is not None
-            if not await sock.poll(100):
+            if self._reconnect:
+                self._reconnect = False
+                self._connect()
+            assert self.sock is not None
+            if not await self.sock.poll(100):
                 continue
-            try:
-                frames = await sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            try:
-                _, msg = p.decode(frames, p.FROM_BROKER)
-            except p.ProtocolError as exc:
-                log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
-                continue
-            if msg.epoch < self.max_epoch:
-                continue
-            self.max_epoch = msg.epoch
-            self.heard = time.monotonic()
-            self._on_message(msg)
+            for _ in range(DRAIN):  # drain without awaiting: one wake-up, many frames
+                try:
+                    frames = self._drain.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_frames(frames)
+
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            _, msg = p.decode(frames, p.FROM_BROKER)
+        except p.ProtocolError as exc:
+            log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
+            return
+        if msg.epoch < self.max_epoch:
+            return
+        self.max_epoch = msg.epoch
+        self.heard = time.monotonic()
+        self.up.set()
+        self._on_message(msg)
 
     def _on_message(self, msg: p.Message) -> None:
         match msg:
@@ -135,13 +164,13 @@ class BrokerClient:
         interval = self.settings.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            if self.heard and not self.connected:
+            if self.up.is_set() and not self.connected:
                 self._lose_broker("broker silent")
-                self._connect()
-                self.heard = 0.0
+                self._reconnect = True  # done by the reader, which owns the socket
             self._send(p.Heartbeat())
 
     def _lose_broker(self, reason: str) -> None:
+        self.up.clear()
         self.counters["broker_lost"] += 1
         log_event(log, "broker_lost", logging.WARNING, reason=reason, open_jobs=len(self.streams))
         for stream in self.streams.values():
@@ -180,15 +209,17 @@ class BrokerClient:
         text: list[str] = []
         attempts = 0
         while True:
+            await self._await_broker(deadline)
             job_id = uuid.uuid4().hex
             stream: asyncio.Queue[p.Message | _BrokerLost] = asyncio.Queue()
             self.streams[job_id] = stream
-            self._send(p.Submit(
-                job_id=job_id, model=model, request=request.to_dict(),
-                node_id=self.settings.node_id, resume_token_ids=token_ids,
-                resume_text="".join(text), deadline=deadline - time.monotonic()))
             done = False
+            seq = 0
             try:
+                self._send(p.Submit(
+                    job_id=job_id, model=model, request=request.to_dict(),
+                    node_id=self.settings.node_id, resume_token_ids=token_ids,
+                    resume_text="".join(text), deadline=deadline - time.monotonic()))
                 while True:
                     remaining = deadline - time.monotonic()
                     try:
@@ -206,6 +237,10 @@ class BrokerClient:
                         done = True
                         raise JobError(msg.code, msg.error)
                     if isinstance(msg, p.Partial):
+                        if msg.seq != seq:  # a frame was lost: resume from what we have
+                            reason = f"expected PARTIAL {seq}, got {msg.seq}"
+                            break
+                        seq += 1
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)
                     done = isinstance(msg, p.Final)
@@ -215,8 +250,7 @@ class BrokerClient:
             finally:
                 del self.streams[job_id]
                 if not done:
-                    with contextlib.suppress(zmq.ZMQError):
-                        self._send(p.Cancel(job_id=job_id))
+                    self._send(p.Cancel(job_id=job_id))
             attempts += 1
             if attempts > self.settings.max_retries:
                 raise JobError(p.ErrorCode.WORKER_LOST,

@@ -75,7 +75,7 @@ def test_resume_continues_exactly(engine: SyntheticEngine, cut: int) -> None:
     sent, _, _ = run(engine, cancel_after=cut)
     seen_tokens = [t for m in sent if isinstance(m, p.Partial) for t in m.token_ids]
     seen_text = "".join(m.text for m in sent if isinstance(m, p.Partial))
-    assert sent[-1].finish_reason == "cancelled"
+    assert isinstance(sent[-1], p.Fail) and sent[-1].code == p.ErrorCode.CANCELLED
     resumed, more_tokens, more_text = run(engine, resume=seen_tokens, resume_text=seen_text)
     assert seen_tokens + more_tokens == all_tokens
     assert seen_text + more_text == all_text

@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common.protocol import Final, GenerationRequest, Job, Message, Partial, from_dict
+from common.protocol import (
+    ErrorCode,
+    Fail,
+    Final,
+    GenerationRequest,
+    Job,
+    Message,
+    Partial,
+    from_dict,
+)
 from worker.engine import Engine
 
 
@@ -45,10 +54,21 @@ class _StopScanner:
         return piece, stopped
 
 
+def _cancelled(job: Job) -> Fail:
+    """Not a normal end: a FAIL, so that a job the broker still expects (given up here
+    because the broker seemed lost) is run again rather than reported complete."""
+    return Fail(job_id=job.job_id, error="cancelled", code=ErrorCode.CANCELLED,
+                retryable=True)
+
+
 def run_job(
     engine: Engine, job: Job, cancelled: Callable[[], bool], send: Callable[[Message], None]
 ) -> Outcome:
-    """Generate ``job`` on ``engine``, sending PARTIALs then one FINAL through ``send``."""
+    """Generate ``job`` on ``engine``, sending PARTIALs then one FINAL through ``send``
+    (a retryable FAIL instead if ``cancelled()`` turns true)."""
+    if cancelled():  # cancelled while it waited for this engine thread
+        send(_cancelled(job))
+        return Outcome("cancelled", 0)
     request = from_dict(GenerationRequest, job.request)
     prompt = engine.encode_prompt(request)
     resume = list(job.resume_token_ids)
@@ -90,6 +110,9 @@ def run_job(
             detok.finalize()
             if flush(final=True):
                 finish = "stop"
+    if finish == "cancelled":
+        send(_cancelled(job))
+        return Outcome(finish, new_tokens)
     send(Final(job_id=job.job_id, finish_reason=finish, usage={
         "prompt_tokens": len(prompt),
         "completion_tokens": len(resume) + new_tokens,

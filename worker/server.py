@@ -32,6 +32,8 @@ log = logging.getLogger("worker")
 
 MAX_BACKOFF = 8.0
 STOP_TIMEOUT = 5.0
+DRAIN = 1000
+"""Messages handled per wake-up and socket, so heartbeats go out under any load."""
 
 
 class Worker:
@@ -48,6 +50,7 @@ class Worker:
         self.active: set[str] = set()
         self.cancelled: set[str] = set()
         self.counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()
         self.max_epoch = 0
         self._outbox = f"inproc://worker-outbox-{id(self)}"
         self._stopping = threading.Event()
@@ -68,20 +71,25 @@ class Worker:
     def _run(self, job: p.Job, push: zmq.Socket) -> None:
         def send(msg: p.Message) -> None:
             msg.epoch = job.epoch
+            if isinstance(msg, p.Partial):
+                self._count("tokens_generated", len(msg.token_ids))
             push.send_multipart(p.encode(p.WORKER, msg))
 
-        self.counters["jobs_started"] += 1
+        self._count("jobs_started")
         try:
             outcome = run_job(self.engine, job, lambda: job.job_id in self.cancelled, send)
         except Exception as exc:  # an engine error must fail the job, not the worker
             log_event(log, "job_failed", logging.ERROR, job=job.job_id, error=repr(exc))
-            self.counters["jobs_failed"] += 1
+            self._count("jobs_failed")
             send(p.Fail(job_id=job.job_id, error=f"engine error: {exc}",
-                        code=p.ErrorCode.INTERNAL, retryable=True))
+                        code=p.ErrorCode.INTERNAL))
             return
-        self.counters["tokens_generated"] += outcome.new_tokens
         cancelled = outcome.finish_reason == "cancelled"
-        self.counters["jobs_cancelled" if cancelled else "jobs_done"] += 1
+        self._count("jobs_cancelled" if cancelled else "jobs_done")
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counters_lock:
+            self.counters[key] += n
 
     # ----------------------------------------------------------------- I/O side
 
@@ -135,12 +143,16 @@ class Worker:
         while not self._stopping.is_set():
             events = dict(self.poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
             if events.get(self.dealer):
-                while self.dealer.poll(0):
+                for _ in range(DRAIN):
+                    if not self.dealer.poll(0):
+                        break
                     broker_deadline = time.monotonic() + self.settings.peer_timeout
                     backoff = interval
                     self._on_broker(self.dealer.recv_multipart())
             if events.get(pull):
-                while pull.poll(0):
+                for _ in range(DRAIN):
+                    if not pull.poll(0):
+                        break
                     self._forward(pull.recv_multipart())
             now = time.monotonic()
             if now > broker_deadline:
@@ -151,11 +163,13 @@ class Worker:
                 broker_deadline = now + self.settings.peer_timeout + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
             if now >= next_beat:
-                tokens = self.counters["tokens_generated"]
+                with self._counters_lock:
+                    counters = dict(self.counters)
+                tokens = counters.get("tokens_generated", 0)
                 self._send(p.Heartbeat(
                     active=len(self.active), mem_free=psutil.virtual_memory().available,
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
-                    counters=dict(self.counters)))
+                    counters=counters))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         self._send(p.Disconnect())
         self._abandon_jobs()

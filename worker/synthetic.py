@@ -15,6 +15,9 @@ from common.protocol import GenerationRequest
 
 VOCAB = 50_000
 BYTE_TOKENS = 256
+FAULT = "[[synthetic-engine-error]]"
+"""A prompt containing this makes the synthetic engine raise: the fault switch for tests
+of how engine errors reach the client."""
 
 
 def next_token(sequence: list[int]) -> int:
@@ -62,6 +65,8 @@ class SyntheticEngine:
 
     def generate(self, prompt: list[int], request: GenerationRequest,
                  max_tokens: int) -> Iterator[int]:
+        if FAULT.encode() in bytes(t for t in prompt if t < BYTE_TOKENS):
+            raise RuntimeError("synthetic engine error (fault switch in the prompt)")
         sequence = list(prompt)
         due = time.monotonic() + self.ttft
         for _ in range(max_tokens):

@@ -1,0 +1,164 @@
+"""No request is lost to a dead or stalled worker, or to a broker restart (real processes,
+SIGKILL/SIGSTOP; synthetic workers, so the exact expected stream is known)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import Cluster, Proc, free_port, wait_for
+from worker.synthetic import FAULT, next_token, word
+
+
+def expected_text(content: str, n: int) -> str:
+    seq = list(content.encode())
+    for _ in range(n):
+        seq.append(next_token(seq))
+    return "".join(word(t) for t in seq[len(content.encode()):])
+
+
+@dataclass
+class Stream:
+    """A streamed chat completion read on a thread, with what arrived so far."""
+
+    url: str
+    content: str
+    max_tokens: int
+    headers: dict[str, str] = field(default_factory=dict)
+    chunks: list[dict] = field(default_factory=list)
+    done: bool = False
+    error: BaseException | None = None
+    first: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Stream:
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        body = {"model": "syn", "max_tokens": self.max_tokens, "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": self.content}]}
+        try:
+            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body,
+                              timeout=60) as response:
+                self.headers = dict(response.headers)
+                self.first.set()
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        self.done = True
+                    elif line.startswith("data: "):
+                        self.chunks.append(json.loads(line[6:]))
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.first.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(c["choices"][0]["delta"].get("content") or ""
+                       for c in self.chunks if c.get("choices"))
+
+    def wait(self, timeout: float = 60) -> None:
+        wait_for("the stream to end", lambda: self.done or self.error, timeout=timeout)
+        assert self.error is None, self.error
+        errors = [c for c in self.chunks if "error" in c]
+        assert not errors, errors
+
+
+def nodes(cluster: Cluster, *names: str, rate: float = 40, ttft: float = 0.0
+          ) -> dict[str, Proc]:
+    return {n: cluster.worker("--engine", "synthetic", "--model", "syn", "--rate", str(rate),
+                              "--ttft", str(ttft), "--slots", "2", node=n) for n in names}
+
+
+def test_worker_killed_mid_stream_the_stream_continues_exactly(cluster: Cluster) -> None:
+    workers = nodes(cluster, "node-a", "node-b")
+    url = cluster.gateway()
+    stream = Stream(url, "tell me a story", 60).start()
+    wait_for("some tokens", lambda: len(stream.text.split()) >= 10)
+    workers[stream.headers["x-mlx-stack-node"]].kill(signal.SIGKILL)
+    stream.wait()
+    assert stream.text == expected_text("tell me a story", 60)
+    usage = stream.chunks[-1]["usage"]
+    assert usage["completion_tokens"] == 60
+    assert usage["prompt_tokens"] == len(b"tell me a story")
+    assert [c["choices"][0]["finish_reason"] for c in stream.chunks if c.get("choices")
+            ][-1] == "length"
+
+
+def test_stalled_worker_is_purged_and_the_job_runs_elsewhere(cluster: Cluster) -> None:
+    """A worker frozen before its first token (SIGSTOP) is purged and the job re-dispatched;
+    when it thaws, its late output for the old attempt is ignored."""
+    workers = nodes(cluster, "node-a", "node-b", ttft=1.5)
+    url = cluster.gateway()
+    stream = Stream(url, "frozen", 20).start()
+    assert stream.first.wait(30)
+    frozen = workers[stream.headers["x-mlx-stack-node"]]
+    frozen.kill(signal.SIGSTOP)
+    try:
+        wait_for("the frozen worker to be purged", lambda: len(cluster.workers()) == 1)
+    finally:
+        frozen.kill(signal.SIGCONT)
+    stream.wait()
+    assert stream.text == expected_text("frozen", 20)
+    wait_for("the thawed worker to register again", lambda: len(cluster.workers()) == 2)
+
+
+def test_broker_restart_mid_stream_resumes_every_stream(cluster: Cluster) -> None:
+    nodes(cluster, "node-a", "node-b", rate=30)
+    url = cluster.gateway()
+    streams = [Stream(url, f"stream {i}", 45).start() for i in range(4)]
+    wait_for("tokens on every stream", lambda: all(len(s.text.split()) >= 5 for s in streams))
+    cluster.procs[0].kill(signal.SIGKILL)  # the broker
+    cluster.broker()
+    for i, s in enumerate(streams):
+        s.wait()
+        assert s.text == expected_text(f"stream {i}", 45)
+
+
+def test_engine_error_is_a_500_at_once_not_retried(cluster: Cluster) -> None:
+    nodes(cluster, "node-a", "node-b")
+    url = cluster.gateway()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.chat.completions.create(model="syn", messages=[
+            {"role": "user", "content": f"please {FAULT}"}])
+    assert info.value.status_code == 500
+    assert "synthetic engine error" in info.value.body["message"]
+    (route,) = cluster.control("routes", last=1)
+    assert route["retries"] == 0 and route["outcome"] == "failed"
+
+
+def test_no_broker_is_a_503_after_the_grace_period(tmp_path) -> None:
+    c = Cluster(tmp_path, env={"MLX_STACK_GRACE": "1",
+                               "MLX_STACK_BROKER_ENDPOINT": f"tcp://127.0.0.1:{free_port()}"})
+    try:
+        port = free_port()
+        c.start("gateway", "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+
+        def answering() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 503
+            except httpx.TransportError:
+                return False
+
+        wait_for("the gateway to answer", answering)
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": "syn", "messages": [{"role": "user", "content": "hi"}]})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "no_worker"
+        assert "no broker answers" in response.json()["error"]["message"]
+        assert 1.0 <= time.monotonic() - started < 10
+    finally:
+        c.close()
+
+
