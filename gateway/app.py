@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -21,11 +22,13 @@ from sse_starlette import EventSourceResponse
 
 from common import protocol as p
 from common.config import Settings
+from common.logs import log_event
 from gateway import errors
 from gateway.client import BrokerClient, JobError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 T = TypeVar("T")
+log = logging.getLogger("gateway")
 
 
 class ClientGone(Exception):
@@ -55,8 +58,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 class Completion:
     """Shapes chunks and bodies of one chat or text completion, OpenAI style."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
         self.chat = chat
+        self.include_usage = include_usage
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
@@ -78,7 +82,8 @@ class Completion:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None,
                       "finish_reason": finish_reason}
-        return {**self._envelope(chunk=True), "choices": [choice]}
+        usage = {"usage": None} if self.include_usage else {}
+        return {**self._envelope(chunk=True), "choices": [choice], **usage}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage}
@@ -126,14 +131,11 @@ def create_app(settings: Settings) -> FastAPI:
         events = client.run(body.model, generation)
         try:
             accepted = await until_disconnect(request, anext(events))
-        except ClientGone:
-            return Response(status_code=499)  # nobody is left to read it
-        assert isinstance(accepted, p.Accepted)
-        shape = Completion(chat, accepted.model_id)
-        if body.stream:
-            return EventSourceResponse(
-                stream(events, shape, body.include_usage), headers=served_by(accepted))
-        try:
+            assert isinstance(accepted, p.Accepted)
+            shape = Completion(chat, accepted.model_id, body.include_usage)
+            if body.stream:
+                return EventSourceResponse(stream(events, shape), sep="\n",
+                                           headers=served_by(accepted))
             text, final = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
@@ -195,8 +197,8 @@ async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
     raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
-async def stream(events: AsyncIterator[p.Message], shape: Completion,
-                 include_usage: bool) -> AsyncIterator[dict[str, str]]:
+async def stream(events: AsyncIterator[p.Message],
+                 shape: Completion) -> AsyncIterator[dict[str, str]]:
     """SSE events of a streamed completion; a late failure becomes an error event."""
 
     def data(obj: dict[str, Any]) -> dict[str, str]:
@@ -210,10 +212,15 @@ async def stream(events: AsyncIterator[p.Message], shape: Completion,
                 yield data(shape.chunk(msg.text))
             elif isinstance(msg, p.Final):
                 yield data(shape.chunk(None if shape.chat else "", msg.finish_reason))
-                if include_usage:
+                if shape.include_usage:
                     yield data(shape.usage_chunk(msg.usage))
     except JobError as exc:
         yield data(errors.job_error_body(exc)[1])
+        return
+    except Exception as exc:  # the headers are sent: an error event is all that is left
+        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
+        yield data(errors.error_body("internal error while streaming; see the gateway log",
+                                     "server_error", p.ErrorCode.INTERNAL))
         return
     yield {"data": "[DONE]"}
 

@@ -75,7 +75,10 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -93,24 +96,36 @@ class _Common(BaseModel):
             raise Unsupported("n", "only n=1 is supported; send several requests instead")
         if self.logprobs not in (None, False, 0):
             raise Unsupported("logprobs", "logprobs are not supported")
+        if self.logit_bias:
+            raise Unsupported("logit_bias", "logit_bias is not supported")
 
     def _params(self, max_tokens: int) -> dict[str, Any]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return {"max_tokens": max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": stops, "seed": self.seed}
+                "top_p": self.top_p, "stop": stops, "seed": self.seed,
+                "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty}
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
+        if self.tool_choice not in (None, "auto", "none"):
+            raise Unsupported("tool_choice", "only tool_choice 'auto' or 'none' is supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise Unsupported("response_format", "only response_format type 'text' is "
+                              "supported")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
+        tools = None if self.tool_choice == "none" else self.tools
         return GenerationRequest(
             kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
-            tools=self.tools, **self._params(max_tokens))
+            tools=tools, **self._params(max_tokens))
 
 
 class CompletionRequest(_Common):

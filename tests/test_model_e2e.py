@@ -46,6 +46,7 @@ def test_chat_streamed_answers_paris_with_usage(client: openai.OpenAI) -> None:
     assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
     usage = chunks[-1].usage
     assert chunks[-1].choices == [] and usage.prompt_tokens > 10
+    assert all(c.usage is None for c in chunks[:-1])
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert usage.completion_tokens >= len(content_chunks) > 0
 
@@ -83,6 +84,16 @@ def test_stop_sequence_and_max_tokens(client: openai.OpenAI) -> None:
                                            max_tokens=2)
     assert short.choices[0].finish_reason == "length"
     assert short.usage.completion_tokens == 2
+
+
+def test_penalties_are_applied(client: openai.OpenAI) -> None:
+    def ask(**kw) -> str:
+        return client.chat.completions.create(
+            model="fast", temperature=0, max_tokens=48, **kw, messages=[
+                {"role": "user", "content": "Repeat the word 'cat' many times."}],
+        ).choices[0].message.content
+
+    assert ask(frequency_penalty=2.0) != ask()
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:

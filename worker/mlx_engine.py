@@ -14,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load
 from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
 from common.protocol import GenerationRequest
 from worker.engine import Detokenizer
@@ -52,8 +52,12 @@ class MlxEngine:
         sampler = make_sampler(
             temp=request.temperature, top_p=request.top_p if request.top_p < 1.0 else 0.0
         )
+        processors = make_logits_processors(
+            presence_penalty=request.presence_penalty or None,
+            frequency_penalty=request.frequency_penalty or None,
+        )
         steps = generate_step(mx.array(prompt), self.model, max_tokens=max_tokens,
-                              sampler=sampler)
+                              sampler=sampler, logits_processors=processors)
         for token, _ in steps:
             token = int(token)
             if token in self.eos:
