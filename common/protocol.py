@@ -109,13 +109,14 @@ class Heartbeat(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Partial(Message):
-    """worker -> broker -> gateway: more of a job's output. ``seq`` counts from 0 per job."""
+    """worker -> broker -> gateway: more of a job's output. ``seq`` counts from 0 per job
+    (numbered by the worker as it sends; a gap tells the gateway a frame was lost)."""
 
     COMMAND: ClassVar[Command] = Command.PARTIAL
     job_id: str
-    seq: int
     token_ids: list[int]
     text: str
+    seq: int = 0
 
 
 @dataclass(kw_only=True, slots=True)

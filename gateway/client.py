@@ -45,8 +45,49 @@ class JobError(Exception):
         self.message = message
 
 
-class _BrokerLost:
-    """Queued to every open job when the broker is lost: resubmit."""
+class _Lost:
+    """Stands for a job attempt that cannot go on (broker lost, frame lost): resubmit."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _Inbox:
+    """The messages of one job attempt, as the reader task delivers them."""
+
+    def __init__(self, deadline: float) -> None:
+        self.queue: asyncio.Queue[p.Message | _Lost] = asyncio.Queue()
+        self.deadline = deadline  # loop time
+        self.seq = 0
+        self._held: p.Message | _Lost | None = None
+
+    def put(self, msg: p.Message | _Lost) -> None:
+        self.queue.put_nowait(msg)
+
+    async def next(self) -> p.Message | _Lost:
+        """The next message. PARTIALs already queued behind it come merged into it (one
+        SSE event for what arrived together), and a PARTIAL out of sequence is a loss."""
+        msg, self._held = self._held, None
+        if msg is None:
+            if self.queue.empty():
+                async with asyncio.timeout_at(self.deadline):
+                    msg = await self.queue.get()
+            else:
+                msg = self.queue.get_nowait()
+        if not isinstance(msg, p.Partial):
+            return msg
+        if msg.seq != self.seq:
+            return _Lost(f"expected PARTIAL {self.seq}, got {msg.seq}")
+        self.seq += 1
+        while not self.queue.empty():
+            more = self.queue.get_nowait()
+            if not (isinstance(more, p.Partial) and more.seq == self.seq):
+                self._held = more
+                break
+            msg.token_ids = msg.token_ids + more.token_ids
+            msg.text += more.text
+            self.seq += 1
+        return msg
 
 
 class BrokerClient:
@@ -56,7 +97,7 @@ class BrokerClient:
         self.settings = settings
         self.ctx = zmq.asyncio.Context.instance()
         self.sock: zmq.asyncio.Socket | None = None
-        self.streams: dict[str, asyncio.Queue[p.Message | _BrokerLost]] = {}
+        self.streams: dict[str, _Inbox] = {}
         self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
         self.heard = 0.0
         self.up = asyncio.Event()
@@ -156,9 +197,9 @@ class BrokerClient:
             case p.Disconnect():
                 self._lose_broker("broker disconnected")
             case p.Accepted() | p.Partial() | p.Final() | p.Fail():
-                stream = self.streams.get(msg.job_id)
-                if stream is not None:
-                    stream.put_nowait(msg)
+                inbox = self.streams.get(msg.job_id)
+                if inbox is not None:
+                    inbox.put(msg)
 
     async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval
@@ -173,8 +214,8 @@ class BrokerClient:
         self.up.clear()
         self.counters["broker_lost"] += 1
         log_event(log, "broker_lost", logging.WARNING, reason=reason, open_jobs=len(self.streams))
-        for stream in self.streams.values():
-            stream.put_nowait(_BrokerLost())
+        for inbox in self.streams.values():
+            inbox.put(_Lost(reason))
 
     # ----------------------------------------------------------------- public
 
@@ -205,42 +246,37 @@ class BrokerClient:
         cannot complete. Closing the iterator early cancels the job.
         """
         deadline = time.monotonic() + self.settings.request_timeout
+        loop_deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         token_ids: list[int] = []
         text: list[str] = []
         attempts = 0
         while True:
             await self._await_broker(deadline)
             job_id = uuid.uuid4().hex
-            stream: asyncio.Queue[p.Message | _BrokerLost] = asyncio.Queue()
-            self.streams[job_id] = stream
+            inbox = self.streams[job_id] = _Inbox(loop_deadline)
             done = False
-            seq = 0
             try:
                 self._send(p.Submit(
                     job_id=job_id, model=model, request=request.to_dict(),
                     node_id=self.settings.node_id, resume_token_ids=token_ids,
                     resume_text="".join(text), deadline=deadline - time.monotonic()))
                 while True:
-                    remaining = deadline - time.monotonic()
                     try:
-                        msg = await asyncio.wait_for(stream.get(), max(remaining, 0.0))
+                        msg = await inbox.next()
                     except TimeoutError:
                         raise JobError(p.ErrorCode.DEADLINE, (
                             f"the request did not complete within "
                             f"{self.settings.request_timeout:g} s")) from None
-                    if isinstance(msg, _BrokerLost) or (
-                        isinstance(msg, p.Fail) and msg.retryable and msg.code in RESUBMIT_CODES
-                    ):
-                        reason = msg.error if isinstance(msg, p.Fail) else "broker lost"
+                    if isinstance(msg, _Lost):
+                        reason = msg.reason
                         break
                     if isinstance(msg, p.Fail):
+                        if msg.retryable and msg.code in RESUBMIT_CODES:
+                            reason = msg.error
+                            break
                         done = True
                         raise JobError(msg.code, msg.error)
                     if isinstance(msg, p.Partial):
-                        if msg.seq != seq:  # a frame was lost: resume from what we have
-                            reason = f"expected PARTIAL {seq}, got {msg.seq}"
-                            break
-                        seq += 1
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)
                     done = isinstance(msg, p.Final)

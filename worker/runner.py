@@ -76,17 +76,14 @@ def run_job(
     for token in resume:
         detok.add_token(token)
     scanner = _StopScanner(request.stop, sent=len(job.resume_text))
-    seq = 0
     finish = "length"
     pending: list[int] = []
     new_tokens = 0
 
     def flush(final: bool) -> bool:
-        nonlocal seq
         text, stopped = scanner.release(detok.text, final)
         if text or pending:
-            send(Partial(job_id=job.job_id, seq=seq, token_ids=list(pending), text=text))
-            seq += 1
+            send(Partial(job_id=job.job_id, token_ids=list(pending), text=text))
             pending.clear()
         return stopped
 

@@ -4,9 +4,10 @@ The zguide's Paranoid Pirate worker, with one change: inference runs in ``slots`
 threads, never on the I/O thread, so heartbeats keep flowing during a long prefill and a
 busy worker is as alive (or as dead) to the broker as an idle one.
 
-    main thread:    poll DEALER + inproc PULL; JOB -> job queue; CANCEL -> cancelled set;
-                    frames from engine threads -> broker; heartbeat; reconnect on silence
-    engine threads: take a job, run it, push PARTIAL/FINAL frames to the main thread
+    main thread:    poll DEALER + outbox; JOB -> job queue; CANCEL -> cancelled set;
+                    outbox messages (merged PARTIALs, FINAL) -> broker; heartbeat;
+                    reconnect on silence
+    engine threads: take a job, run it, put PARTIAL/FINAL into the outbox
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from common.config import Settings
 from common.logs import log_event
 from common.transport import configure
 from worker.engine import Engine
+from worker.outbox import Outbox
 from worker.runner import run_job
 
 log = logging.getLogger("worker")
@@ -52,7 +54,7 @@ class Worker:
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
         self.max_epoch = 0
-        self._outbox = f"inproc://worker-outbox-{id(self)}"
+        self.outbox = Outbox()
         self._stopping = threading.Event()
         self.dealer: zmq.Socket | None = None
         self.poller = zmq.Poller()
@@ -60,20 +62,13 @@ class Worker:
     # ----------------------------------------------------------------- engine side
 
     def _engine_thread(self) -> None:
-        push = self.ctx.socket(zmq.PUSH)
-        push.connect(self._outbox)
-        try:
-            while (job := self.jobs.get()) is not None:
-                self._run(job, push)
-        finally:
-            push.close(linger=1000)
+        while (job := self.jobs.get()) is not None:
+            self._run(job)
 
-    def _run(self, job: p.Job, push: zmq.Socket) -> None:
+    def _run(self, job: p.Job) -> None:
         def send(msg: p.Message) -> None:
             msg.epoch = job.epoch
-            if isinstance(msg, p.Partial):
-                self._count("tokens_generated", len(msg.token_ids))
-            push.send_multipart(p.encode(p.WORKER, msg))
+            self.outbox.put(msg)
 
         self._count("jobs_started")
         try:
@@ -112,27 +107,22 @@ class Worker:
         )
 
     def _send(self, msg: p.Message) -> None:
-        self._send_frames(p.encode(p.WORKER, msg))
-
-    def _send_frames(self, frames: list[bytes]) -> None:
         """Send without ever blocking the I/O thread; with no broker the frame is dropped
         (the job it belongs to is resubmitted by its gateway)."""
         assert self.dealer is not None
         try:
-            self.dealer.send_multipart(frames, zmq.NOBLOCK)
+            self.dealer.send_multipart(p.encode(p.WORKER, msg), zmq.NOBLOCK)
         except zmq.Again:
             self.counters["frames_unsent"] += 1
 
     def run(self) -> None:
         """Serve until :meth:`stop`; reconnects with capped backoff when the broker is
         silent for the heartbeat liveness."""
-        pull = self.ctx.socket(zmq.PULL)
-        pull.bind(self._outbox)
         threads = [threading.Thread(target=self._engine_thread, daemon=True,
                                     name=f"engine-{i}") for i in range(self.engine.slots)]
         for t in threads:
             t.start()
-        self.poller.register(pull, zmq.POLLIN)
+        self.poller.register(self.outbox.fd, zmq.POLLIN)
         self._connect()
         log_event(log, "worker_started", worker=self.worker_id, model=self.engine.model_id,
                   broker=self.settings.broker_connect, engine=self.engine.kind)
@@ -149,11 +139,8 @@ class Worker:
                     broker_deadline = time.monotonic() + self.settings.peer_timeout
                     backoff = interval
                     self._on_broker(self.dealer.recv_multipart())
-            if events.get(pull):
-                for _ in range(DRAIN):
-                    if not pull.poll(0):
-                        break
-                    self._forward(pull.recv_multipart())
+            if events.get(self.outbox.fd):
+                self._forward(self.outbox.take())
             now = time.monotonic()
             if now > broker_deadline:
                 # Paranoid Pirate: a silent broker gets a fresh socket, with capped backoff.
@@ -177,7 +164,8 @@ class Worker:
             self.jobs.put(None)
         for t in threads:
             t.join(STOP_TIMEOUT)
-        pull.close(linger=0)
+        self._forward(self.outbox.take())
+        self.outbox.close()
         self.dealer.close(linger=200)
 
     def stop(self) -> None:
@@ -206,14 +194,18 @@ class Worker:
                 self._abandon_jobs()
                 self._send(self._ready())
 
-    def _forward(self, frames: list[bytes]) -> None:
-        """Pass an engine thread's frame to the broker; a FINAL/FAIL ends the job here."""
-        command = frames[1][0]
-        if command in (p.Command.FINAL, p.Command.FAIL):
-            _, msg = p.decode(frames, {p.WORKER: frozenset(p.Command)})
-            self.active.discard(msg.job_id)
-            self.cancelled.discard(msg.job_id)
-        self._send_frames(frames)
+    def _forward(self, messages: list[p.Message]) -> None:
+        """Send the engine threads' messages to the broker; a FINAL/FAIL ends a job here."""
+        tokens = 0
+        for msg in messages:
+            if isinstance(msg, p.Partial):
+                tokens += len(msg.token_ids)
+            elif isinstance(msg, p.Final | p.Fail):
+                self.active.discard(msg.job_id)
+                self.cancelled.discard(msg.job_id)
+            self._send(msg)
+        if tokens:
+            self._count("tokens_generated", tokens)
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""
