@@ -25,6 +25,7 @@ import dataclasses
 import enum
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -268,31 +269,52 @@ MESSAGES: dict[Command, type[Message]] = {
     for cls in (Ready, Heartbeat, Partial, Final, Fail, Disconnect, Job, Cancel, Submit,
                 Accepted, Control, ControlReply, Redirect)
 }
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
 
-# Which commands each side may send on each protocol. Anything else is a ProtocolError.
-TO_BROKER: dict[bytes, frozenset[Command]] = {
+
+class Allowed:
+    """Which commands one side may receive on each protocol tag, as a lookup table:
+    ``(tag, command byte) -> message class``. Anything else is a ProtocolError."""
+
+    def __init__(self, by_protocol: dict[bytes, frozenset[Command]]) -> None:
+        self.by_protocol = by_protocol
+        self.table = {(tag, bytes((cmd,))): MESSAGES[cmd]
+                      for tag, cmds in by_protocol.items() for cmd in cmds}
+
+    def reject(self, protocol: bytes, command: bytes) -> ProtocolError:
+        """Why ``(protocol, command)`` is not in the table."""
+        if protocol not in self.by_protocol:
+            return ProtocolError(f"unknown protocol tag {protocol[:16]!r}")
+        if len(command) != 1 or command[0] not in Command._value2member_map_:
+            return ProtocolError(f"unknown command {command[:4]!r}")
+        return ProtocolError(f"command {Command(command[0]).name} not allowed on "
+                             f"{protocol.decode()}")
+
+
+TO_BROKER = Allowed({
     WORKER: frozenset({Command.READY, Command.HEARTBEAT, Command.PARTIAL, Command.FINAL,
                        Command.FAIL, Command.DISCONNECT}),
     GATEWAY: frozenset({Command.SUBMIT, Command.CANCEL, Command.HEARTBEAT, Command.CONTROL,
                         Command.DISCONNECT}),
-}
-FROM_BROKER: dict[bytes, frozenset[Command]] = {
+})
+FROM_BROKER = Allowed({
     WORKER: frozenset({Command.JOB, Command.CANCEL, Command.HEARTBEAT, Command.DISCONNECT,
                        Command.REDIRECT}),
     GATEWAY: frozenset({Command.ACCEPTED, Command.PARTIAL, Command.FINAL, Command.FAIL,
                         Command.HEARTBEAT, Command.CONTROL_REPLY, Command.DISCONNECT,
                         Command.REDIRECT}),
-}
+})
+_COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
 
 
 def encode(protocol: bytes, message: Message) -> list[bytes]:
     """The three frames of ``message`` (without routing envelope)."""
-    body = {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}
-    return [protocol, bytes((message.COMMAND,)), msgpack.packb(body, use_bin_type=True)]
+    body = {name: getattr(message, name) for name in _FIELDS[type(message)]}
+    return [protocol, _COMMAND_BYTES[message.COMMAND], msgpack.packb(body, use_bin_type=True)]
 
 
-def decode(frames: list[bytes], allowed: dict[bytes, frozenset[Command]]) -> tuple[bytes, Message]:
-    """Parse and validate three frames; ``allowed`` maps protocol tag -> permitted commands.
+def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
+    """Parse and validate three frames that ``allowed`` permits.
 
     Raises :class:`ProtocolError` for anything malformed: wrong frame count, unknown tag or
     command, oversize or undecodable body, missing, unknown or mistyped fields.
@@ -300,33 +322,28 @@ def decode(frames: list[bytes], allowed: dict[bytes, frozenset[Command]]) -> tup
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames, got {len(frames)}")
     protocol, command, body = frames
-    commands = allowed.get(protocol)
-    if commands is None:
-        raise ProtocolError(f"unknown protocol tag {protocol[:16]!r}")
-    if len(command) != 1 or command[0] not in Command._value2member_map_:
-        raise ProtocolError(f"unknown command {command[:4]!r}")
-    cmd = Command(command[0])
-    if cmd not in commands:
-        raise ProtocolError(f"command {cmd.name} not allowed on {protocol.decode()}")
+    cls = allowed.table.get((protocol, command))
+    if cls is None:
+        raise allowed.reject(protocol, command)
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"undecodable body: {exc}") from None
-    if not isinstance(data, dict):
+    if type(data) is not dict:
         raise ProtocolError("body is not a map")
-    return protocol, from_dict(MESSAGES[cmd], data)
+    return protocol, from_dict(cls, data)
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     """Build dataclass ``cls`` from untrusted ``data``, checking every field's type."""
-    hints = _hints(cls)
-    unknown = data.keys() - hints.keys()
-    if unknown:
-        raise ProtocolError(f"{cls.__name__}: unknown fields {sorted(map(str, unknown))}")
+    checks = _checks(cls)
     for name, value in data.items():
-        if not _conforms(value, hints[name]):
+        check = checks.get(name)
+        if check is None:
+            raise ProtocolError(f"{cls.__name__}: unknown field {str(name)[:40]!r}")
+        if not check(value):
             raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}")
     try:
         return cls(**data)
@@ -334,35 +351,42 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         raise ProtocolError(f"{cls.__name__}: {exc}") from None
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+Check = Callable[[Any], bool]
+_CHECKS: dict[type, dict[str, Check]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        all_hints = typing.get_type_hints(cls)
-        _HINTS[cls] = {f.name: all_hints[f.name] for f in dataclasses.fields(cls)}
-    return _HINTS[cls]
+def _checks(cls: type) -> dict[str, Check]:
+    """Per-field type checks of a dataclass, built once from its annotations: validation
+    runs on every frame, so it must not walk ``typing`` objects each time."""
+    if cls not in _CHECKS:
+        hints = typing.get_type_hints(cls)
+        _CHECKS[cls] = {f.name: _checker(hints[f.name]) for f in dataclasses.fields(cls)}
+    return _CHECKS[cls]
 
 
-def _conforms(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (decoded msgpack) matches a field annotation."""
+_EXACT = {int: (int,), float: (int, float), str: (str,), bool: (bool,), bytes: (bytes,),
+          type(None): (type(None),)}
+
+
+def _checker(hint: Any) -> Check:
+    """A check that a decoded msgpack value matches ``hint``. msgpack yields exact builtin
+    types, so ``type(v) in ...`` is right and keeps True out of an int field."""
     if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
+        return lambda v: True
+    if hint in _EXACT:
+        exact = _EXACT[hint]
+        return lambda v: type(v) in exact
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        options = [_checker(a) for a in args]
+        return lambda v: any(check(v) for check in options)
     if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, item) for v in value)
+        if args[0] in _EXACT:
+            exact = _EXACT[args[0]]
+            return lambda v: type(v) is list and all(type(x) in exact for x in v)
+        item = _checker(args[0])
+        return lambda v: type(v) is list and all(item(x) for x in v)
     if origin is dict:
-        key, item = typing.get_args(hint)
-        return isinstance(value, dict) and all(
-            _conforms(k, key) and _conforms(v, item) for k, v in value.items()
-        )
-    return isinstance(value, hint)
+        key, item = _checker(args[0]), _checker(args[1])
+        return lambda v: type(v) is dict and all(key(k) and item(x) for k, x in v.items())
+    raise TypeError(f"no wire check for {hint!r}")

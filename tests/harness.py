@@ -89,6 +89,7 @@ class Cluster:
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.broker_port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.broker_port}"
         self.env = {**os.environ, **FAST_HEARTBEAT, "MLX_STACK_HOME": str(tmp / "home"),

@@ -40,7 +40,7 @@ def test_round_trip_every_message() -> None:
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 1)], "exceeds"),
     (frames(p.WORKER, p.Command.HEARTBEAT, {"active": "1"}), "bad type"),
     (frames(p.WORKER, p.Command.HEARTBEAT, {"active": True}), "bad type"),
-    (frames(p.WORKER, p.Command.HEARTBEAT, {"bogus": 1}), "unknown fields"),
+    (frames(p.WORKER, p.Command.HEARTBEAT, {"bogus": 1}), "unknown field"),
     (frames(p.WORKER, p.Command.PARTIAL, {"job_id": "j", "seq": 0, "token_ids": ["a"],
                                           "text": ""}), "bad type"),
     (frames(p.WORKER, p.Command.PARTIAL, {"job_id": "j"}), "missing"),
