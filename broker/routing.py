@@ -16,7 +16,9 @@ from broker.state import WorkerState
 
 W_MEM = 0.25
 W_REMOTE = 0.01
-TIE = 1e-9
+TIE = 0.002
+"""Scores this close are equal: free memory jitters between heartbeats by ~0.1% of the
+total, which must not decide between equally loaded workers (nor outweigh W_REMOTE)."""
 
 
 def score(worker: WorkerState, origin_node: str) -> float:

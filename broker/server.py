@@ -241,7 +241,7 @@ class Broker:
                           f"The model '{submit.model}' does not exist in this mesh. "
                           f"Available: {', '.join(sorted(self.known_models)) or 'none yet'}.")
         queue = self.queues[submit.model]
-        if len(queue) >= self.settings.queue_size:
+        if len(queue) >= self.settings.queue_size and not submit.attempt:
             return refuse(p.ErrorCode.QUEUE_FULL,
                           f"{len(queue)} requests already wait for '{submit.model}'; "
                           "retry later", retryable=True)
@@ -250,7 +250,10 @@ class Broker:
             submit=submit, gateway=gateway, enqueued=now,
             deadline=now + max(0.0, min(submit.deadline, self.settings.request_timeout)),
         )
-        queue.append(submit.job_id)
+        if submit.attempt:
+            queue.appendleft(submit.job_id)
+        else:
+            queue.append(submit.job_id)
         self._dispatch()
 
     def _cancel(self, gateway: bytes, job_id: str) -> None:

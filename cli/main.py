@@ -123,6 +123,10 @@ def worker(
     rate: Annotated[float, typer.Option(help="Synthetic engine: tokens/s per job.")] = 200.0,
     ttft: Annotated[float, typer.Option(help="Synthetic engine: seconds to first token.")
                     ] = 0.0,
+    mem_total_gb: Annotated[float, typer.Option(
+        help="Synthetic engine: report this much memory instead of the machine's.")] = 0.0,
+    mem_free_gb: Annotated[float, typer.Option(
+        help="Synthetic engine: report this much free memory (with --mem-total-gb).")] = 0.0,
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -134,7 +138,9 @@ def worker(
         raise typer.Exit(2)
     cfg = settings(broker_endpoint=broker_endpoint, home=home, node_id=node_id,
                    log_level=log_level)
-    options = SyntheticOptions(slots, rate, ttft) if engine == "synthetic" else None
+    gib = 1024**3
+    options = SyntheticOptions(slots, rate, ttft, int(mem_total_gb * gib),
+                               int(mem_free_gb * gib)) if engine == "synthetic" else None
     try:
         main(cfg, model, alias, options)
     except ValueError as exc:

@@ -175,7 +175,9 @@ class Submit(Message):
     """gateway -> broker: run ``request`` on a worker of ``model`` (id or alias).
 
     ``deadline`` is the seconds left at send time, relative because the clocks of two Macs
-    need not agree. ``node_id`` is the gateway's node, for the remote tie-breaker."""
+    need not agree. ``node_id`` is the gateway's node, for the remote tie-breaker.
+    ``attempt`` > 0 marks a resubmission of a request that was admitted before: it skips
+    the queue bound and waits at the head of the queue."""
 
     COMMAND: ClassVar[Command] = Command.SUBMIT
     job_id: str
@@ -185,6 +187,7 @@ class Submit(Message):
     resume_token_ids: list[int] = field(default_factory=list)
     resume_text: str = ""
     deadline: float = 600.0
+    attempt: int = 0
 
 
 @dataclass(kw_only=True, slots=True)

@@ -259,7 +259,8 @@ class BrokerClient:
                 self._send(p.Submit(
                     job_id=job_id, model=model, request=request.to_dict(),
                     node_id=self.settings.node_id, resume_token_ids=token_ids,
-                    resume_text="".join(text), deadline=deadline - time.monotonic()))
+                    resume_text="".join(text), deadline=deadline - time.monotonic(),
+                    attempt=attempts))
                 while True:
                     try:
                         msg = await inbox.next()

@@ -21,6 +21,10 @@ class SyntheticOptions:
     slots: int = 4
     rate: float = 200.0
     ttft: float = 0.0
+    mem_total: int = 0
+    """Memory to report instead of the machine's (bytes; 0 = the real figures), so that
+    routing by memory headroom can be tested on one machine."""
+    mem_free: int = 0
 
 
 def main(settings: Settings, model: str | None, aliases: list[str] | None,
@@ -29,17 +33,21 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
     broker until SIGINT/SIGTERM."""
     logs.setup("worker", settings.log_level)
     engine: Engine
+    memory = None
     if synthetic is not None:
         engine = SyntheticEngine(model or "synthetic", synthetic.slots, synthetic.rate,
                                  synthetic.ttft)
         default_aliases: list[str] = []
+        if synthetic.mem_total:
+            fixed = (synthetic.mem_total, synthetic.mem_free)
+            memory = lambda: fixed  # noqa: E731
     else:
         from worker.mlx_engine import MlxEngine
         from worker.models import resolve_model
 
         path, model_id, default_aliases = resolve_model(model, settings.models_path)
         engine = MlxEngine(path, model_id)
-    worker = Worker(engine, settings, default_aliases if aliases is None else aliases)
+    worker = Worker(engine, settings, default_aliases if aliases is None else aliases, memory)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()

@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 import psutil
 import zmq
@@ -38,12 +39,21 @@ DRAIN = 1000
 """Messages handled per wake-up and socket, so heartbeats go out under any load."""
 
 
+def system_memory() -> tuple[int, int]:
+    """This machine's (total, available) memory in bytes."""
+    mem = psutil.virtual_memory()
+    return mem.total, mem.available
+
+
 class Worker:
     """Registers ``engine`` with the broker and serves its jobs until :meth:`stop`."""
 
     def __init__(self, engine: Engine, settings: Settings, aliases: list[str],
+                 memory: Callable[[], tuple[int, int]] | None = None,
                  ctx: zmq.Context | None = None) -> None:
         self.engine = engine
+        self.memory = memory or system_memory
+        """(total, free) bytes as reported to the broker; the synthetic engine may fake it."""
         self.settings = settings
         self.aliases = aliases
         self.ctx = ctx or zmq.Context.instance()
@@ -98,11 +108,11 @@ class Worker:
         self._send(self._ready())
 
     def _ready(self) -> p.Ready:
-        mem = psutil.virtual_memory()
+        total, free = self.memory()
         return p.Ready(
             worker_id=self.worker_id, node_id=self.settings.node_id,
             model_id=self.engine.model_id, aliases=self.aliases, slots=self.engine.slots,
-            mem_total=mem.total, mem_free=mem.available, model_bytes=self.engine.model_bytes,
+            mem_total=total, mem_free=free, model_bytes=self.engine.model_bytes,
             engine=self.engine.kind,
         )
 
@@ -154,7 +164,7 @@ class Worker:
                     counters = dict(self.counters)
                 tokens = counters.get("tokens_generated", 0)
                 self._send(p.Heartbeat(
-                    active=len(self.active), mem_free=psutil.virtual_memory().available,
+                    active=len(self.active), mem_free=self.memory()[1],
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
                     counters=counters))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval

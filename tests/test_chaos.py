@@ -1,0 +1,93 @@
+"""300 concurrent streams over 3 nodes x 2 synthetic workers while 3 workers are
+SIGKILLed at random moments: every stream completes, exactly as an unbroken run."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import signal
+import time
+
+import httpx
+
+from tests.harness import Cluster
+from tests.test_failover import expected_text
+
+STREAMS = 300
+TOKENS = 40
+
+
+async def one(client: httpx.AsyncClient, url: str, i: int) -> tuple[str, list[str], dict]:
+    """(text, finish reasons, usage) of stream ``i``; raises on any error."""
+    content = f"chaos stream {i}"
+    text: list[str] = []
+    finishes: list[str] = []
+    usage: dict = {}
+    done = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json={
+            "model": "syn", "max_tokens": TOKENS, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": content}]}) as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line == "data: [DONE]":
+                done += 1
+            elif line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                assert "error" not in chunk, chunk
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk["choices"]:
+                    text.append(choice["delta"].get("content") or "")
+                    if choice["finish_reason"]:
+                        finishes.append(choice["finish_reason"])
+    assert done == 1
+    return "".join(text), finishes, usage
+
+
+async def run_all(urls: list[str], kill: asyncio.Future) -> list:
+    limits = httpx.Limits(max_connections=STREAMS + 10)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks = [asyncio.create_task(one(client, urls[i % len(urls)], i))
+                 for i in range(STREAMS)]
+        results = await asyncio.wait_for(asyncio.gather(*tasks, kill), timeout=150)
+    return results[:-1]
+
+
+def test_300_streams_survive_3_random_worker_kills(cluster: Cluster) -> None:
+    rng = random.Random(20261127)
+    workers = {}
+    for node in ("node-a", "node-b", "node-c"):
+        for k in range(2):
+            workers[f"{node}/{k}"] = cluster.worker(
+                "--engine", "synthetic", "--model", "syn", "--slots", "64", "--rate", "25",
+                node=node)
+    urls = [cluster.gateway(node=node) for node in ("node-a", "node-b", "node-c")]
+    victims = rng.sample(sorted(workers), 3)
+    moments = sorted(rng.uniform(0.3, 1.5) for _ in victims)
+
+    async def killer() -> list[float]:
+        start = time.monotonic()
+        for name, at in zip(victims, moments, strict=True):
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            workers[name].kill(signal.SIGKILL)
+        return moments
+
+    async def main() -> list:
+        return await run_all(urls, asyncio.ensure_future(killer()))
+
+    results = asyncio.run(main())
+    assert len(results) == STREAMS
+    for i, (text, finishes, usage) in enumerate(results):
+        assert text == expected_text(f"chaos stream {i}", TOKENS), i
+        assert finishes == ["length"], (i, finishes)
+        assert usage["completion_tokens"] == TOKENS, (i, usage)
+    outcomes = collections.Counter(r["outcome"] for r in cluster.control("routes", last=1000))
+    print("route outcomes:", dict(outcomes))
+    assert outcomes["worker_lost"] >= 3, outcomes  # streams really failed over mid-flight
+    status = cluster.control("status")
+    assert len(status["workers"]) == 3
+    assert status["counters"].get("workers_purged", 0) == 3
+    assert sum(1 for w in workers.values() if not w.alive()) == 3

@@ -1,0 +1,78 @@
+"""Routing across a fleet (real processes, synthetic workers): balance, memory headroom,
+the remote tie-breaker, and the routing history."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+
+import httpx
+
+from tests.harness import Cluster
+
+GIB = 1024**3
+
+
+def synthetic(cluster: Cluster, node: str, slots: int, rate: float = 10.0,
+              *extra: str) -> None:
+    cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", str(slots),
+                   "--rate", str(rate), *extra, node=node)
+
+
+async def burst(url: str, n: int, max_tokens: int) -> list[httpx.Response]:
+    """``n`` requests at once (non-streamed), each ``max_tokens`` long."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n)) as c:
+        return await asyncio.gather(*(c.post(f"{url}/v1/chat/completions", json={
+            "model": "syn", "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": f"burst {i}"}]}) for i in range(n)))
+
+
+def served_by(responses: list[httpx.Response]) -> collections.Counter[str]:
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+    return collections.Counter(r.headers["x-mlx-stack-node"] for r in responses)
+
+
+def test_a_burst_of_60_splits_evenly_over_3_equal_workers(cluster: Cluster) -> None:
+    for node in ("node-a", "node-b", "node-c"):
+        synthetic(cluster, node, slots=30)
+    url = cluster.gateway(node="node-a")
+    counts = served_by(asyncio.run(burst(url, 60, 20)))
+    assert set(counts) == {"node-a", "node-b", "node-c"}
+    assert max(counts.values()) - min(counts.values()) <= 2, counts  # each 20 +- 1
+    routes = cluster.control("routes", last=60)
+    assert len(routes) == 60 and all(len(r["candidates"]) == 3 for r in routes)
+    assert all(r["outcome"] == "ok" for r in routes)
+
+
+def test_less_free_memory_gets_less_work(cluster: Cluster) -> None:
+    synthetic(cluster, "roomy", 10, 10.0, "--mem-total-gb", "16", "--mem-free-gb", "14")
+    synthetic(cluster, "tight", 10, 10.0, "--mem-total-gb", "16", "--mem-free-gb", "2")
+    url = cluster.gateway(node="elsewhere")  # both workers equally remote
+    counts = served_by(asyncio.run(burst(url, 16, 20)))
+    assert counts["tight"] < counts["roomy"], counts
+    assert counts["tight"] >= 5, counts  # memory weighs ~2 jobs here, not a veto
+
+
+def test_the_remote_penalty_only_breaks_ties(cluster: Cluster) -> None:
+    synthetic(cluster, "node-a", slots=1, rate=20.0)
+    synthetic(cluster, "node-b", slots=1, rate=20.0)
+    url = cluster.gateway(node="node-a")
+    # One at a time, the two workers tie on load and memory: the local one wins.
+    for _ in range(4):
+        assert served_by(asyncio.run(burst(url, 1, 2))) == {"node-a": 1}
+    # Two at once: the local worker is busy, so the remote one is used, not avoided.
+    assert served_by(asyncio.run(burst(url, 2, 20))) == {"node-a": 1, "node-b": 1}
+
+
+def test_routing_history_has_scores_choice_and_wait(cluster: Cluster) -> None:
+    synthetic(cluster, "node-a", slots=2)
+    url = cluster.gateway(node="node-a")
+    asyncio.run(burst(url, 3, 5))
+    routes = cluster.control("routes", last=5)
+    assert len(routes) == 3
+    for route in routes:
+        assert {"job_id", "model", "candidates", "worker_id", "node_id", "queue_wait_ms",
+                "retries", "outcome"} <= route.keys()
+        assert route["model"] == "syn" and route["outcome"] == "ok"
+        assert route["candidates"][0]["score"] >= 0
+    assert max(r["queue_wait_ms"] for r in routes) > 100  # the third waited for a slot
