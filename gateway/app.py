@@ -198,11 +198,15 @@ async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
 
 
 async def stream(events: AsyncIterator[p.Message],
-                 shape: Completion) -> AsyncIterator[dict[str, str]]:
-    """SSE events of a streamed completion; a late failure becomes an error event."""
+                 shape: Completion) -> AsyncIterator[bytes]:
+    """SSE events of a streamed completion; a late failure becomes an error event.
 
-    def data(obj: dict[str, Any]) -> dict[str, str]:
-        return {"data": json.dumps(obj, separators=(",", ":"))}
+    Events are yielded as encoded bytes (sse-starlette passes bytes through untouched),
+    and the last chunk, the usage chunk and ``[DONE]`` leave in one write.
+    """
+
+    def data(obj: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
     if shape.chat:
         yield data(shape.chunk("", role=True))
@@ -211,16 +215,16 @@ async def stream(events: AsyncIterator[p.Message],
             if isinstance(msg, p.Partial) and msg.text:
                 yield data(shape.chunk(msg.text))
             elif isinstance(msg, p.Final):
-                yield data(shape.chunk(None if shape.chat else "", msg.finish_reason))
+                last = data(shape.chunk(None if shape.chat else "", msg.finish_reason))
                 if shape.include_usage:
-                    yield data(shape.usage_chunk(msg.usage))
+                    last += data(shape.usage_chunk(msg.usage))
+                yield last + DONE
     except JobError as exc:
         yield data(errors.job_error_body(exc)[1])
-        return
     except Exception as exc:  # the headers are sent: an error event is all that is left
         log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
         yield data(errors.error_body("internal error while streaming; see the gateway log",
                                      "server_error", p.ErrorCode.INTERNAL))
-        return
-    yield {"data": "[DONE]"}
 
+
+DONE = b"data: [DONE]\n\n"
