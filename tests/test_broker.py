@@ -147,3 +147,38 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     assert chat(url).status_code == 200
     sock.close()
     raw.close()
+
+
+def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
+    """A request admitted once (attempt > 0: its worker died) is never refused with 429."""
+    c = Cluster(tmp_path, env={"MLX_STACK_QUEUE_SIZE": "1"})
+    try:
+        c.broker()
+        c.worker("--engine", "synthetic", "--model", "syn", "--slots", "1", "--rate", "50")
+        sock = c.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(c.endpoint)
+        request = p.GenerationRequest(kind="completion", prompt="x", max_tokens=10).to_dict()
+
+        def submit(job_id: str, attempt: int) -> None:
+            sock.send_multipart(p.encode(p.GATEWAY, p.Submit(
+                job_id=job_id, model="syn", request=request, attempt=attempt)))
+
+        submit("running", 0)
+        submit("queued", 0)
+        submit("refused", 0)
+        submit("resumed", 1)
+        outcomes: dict[str, str] = {}
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 4 and time.monotonic() < deadline:
+            if sock.poll(1000):
+                _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
+                if isinstance(msg, p.Final | p.Fail):
+                    outcomes[msg.job_id] = getattr(msg, "code", "ok")
+        assert outcomes == {"running": "ok", "queued": "ok", "refused": "queue_full",
+                            "resumed": "ok"}
+        order = [r["job_id"] for r in c.control("routes", last=3)]
+        assert order == ["running", "resumed", "queued"]  # resumes wait at the head
+        sock.close()
+    finally:
+        c.close()
