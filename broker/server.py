@@ -13,6 +13,12 @@ that the gateway, which knows what the client has seen, resumes them elsewhere.
 
 Each dispatch of a job to a worker has its own id, ``<job id>/<attempt>``: frames of an
 earlier attempt (a worker that was purged but was only slow) never pass for the current.
+
+Several brokers (one per node) elect one coordinator (:mod:`broker.election`) from the
+ANNOUNCEs they send each other every interval. A standby broker serves nobody: it answers
+every worker and gateway with REDIRECT to the coordinator (or, while none is known,
+with a heartbeat, and with DISCONNECT once it becomes the coordinator itself, so that
+they register and resubmit here). A coordinator that steps down redirects everyone.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from broker.election import BrokerInfo, Election
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
@@ -44,7 +51,6 @@ class Broker:
     def __init__(self, settings: Settings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.epoch = 1
         self.workers: dict[bytes, WorkerState] = {}
         self.gateways: dict[bytes, float] = {}
         self.purged_gateways: set[bytes] = set()
@@ -61,7 +67,33 @@ class Broker:
         self.socket = configure(self.ctx.socket(zmq.ROUTER), settings)
         self.endpoint = f"tcp://{settings.broker_host}:{settings.broker_port}"
         self.socket.bind(self.endpoint)
+        peers = [e for e in settings.peer_list if e != settings.advertise]
+        self.election = Election(
+            BrokerInfo(node_id=settings.node_id, endpoint=settings.advertise,
+                       priority=settings.priority, started=self.started),
+            timeout=settings.peer_timeout, hold_down=settings.hold_down,
+            # Alone, there is nobody to listen for: coordinate at once.
+            now=time.monotonic() - (0 if peers else settings.peer_timeout))
+        self.peer_sockets = [self._peer_socket(e) for e in peers]
+        self.leader = ""
+        self.followers: dict[bytes, bytes] = {}
+        """Workers and gateways heard while standby (identity -> protocol tag)."""
         self._stopping = False
+        self.election.decide(time.monotonic())
+
+    def _peer_socket(self, endpoint: str) -> zmq.Socket:
+        sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
+        sock.connect(endpoint)
+        return sock
+
+    @property
+    def epoch(self) -> int:
+        return self.election.max_epoch
+
+    @property
+    def active(self) -> bool:
+        return self.election.me.active
 
     # ----------------------------------------------------------------- main loop
 
@@ -88,6 +120,8 @@ class Broker:
                 next_tick = now + interval
         for identity in [*self.workers, *self.gateways]:
             self._send(identity, self._protocol_of(identity), p.Disconnect())
+        for sock in self.peer_sockets:
+            sock.close(linger=0)
         self.socket.close(linger=100)
 
     def stop(self) -> None:
@@ -104,10 +138,27 @@ class Broker:
             self.counters["dropped"] += 1
             log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
             return
-        if protocol == p.WORKER:
+        if isinstance(msg, p.Announce):
+            self.election.heard(BrokerInfo(
+                node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
+                started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
+        elif not self.active:
+            self._on_standby(identity, protocol, msg)
+        elif protocol == p.WORKER:
             self._on_worker(identity, msg)
         else:
             self._on_gateway(identity, msg)
+
+    def _on_standby(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+        """Serve nobody: point the sender at the coordinator, or ask it to wait."""
+        if isinstance(msg, p.Control):
+            self._send(identity, protocol, self._control(msg))
+            return
+        self.followers[identity] = protocol
+        if self.leader:
+            self._send(identity, protocol, p.Redirect(endpoint=self.leader))
+        else:
+            self._send(identity, protocol, p.Heartbeat(session=self.session))
 
     # ----------------------------------------------------------------- workers
 
@@ -209,6 +260,8 @@ class Broker:
     # ----------------------------------------------------------------- gateways
 
     def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
+        if identity not in self.gateways:  # let a new gateway know at once we are here
+            self._send(identity, p.GATEWAY, p.Heartbeat(session=self.session))
         if identity in self.purged_gateways:
             # Its jobs were dropped while it was silent: make it resubmit them.
             self.purged_gateways.discard(identity)
@@ -236,6 +289,9 @@ class Broker:
             return refuse(p.ErrorCode.INVALID_REQUEST, str(exc))
         if submit.job_id in self.jobs:
             return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
+        if submit.attempt and submit.model not in self.known_models:
+            # Admitted before under another coordinator: its workers are on their way.
+            self.known_models.add(submit.model)
         if submit.model not in self.known_models:
             return refuse(p.ErrorCode.MODEL_NOT_FOUND,
                           f"The model '{submit.model}' does not exist in this mesh. "
@@ -348,6 +404,7 @@ class Broker:
     # ----------------------------------------------------------------- timers
 
     def _tick(self, now: float) -> None:
+        self._elect(now)
         for worker in [w for w in self.workers.values() if w.expires < now]:
             self._purge_worker(worker, "heartbeat timeout")
         for gateway in [g for g, expires in self.gateways.items() if expires < now]:
@@ -358,6 +415,50 @@ class Broker:
             self._send(identity, p.WORKER, beat)
         for identity in list(self.gateways):
             self._send(identity, p.GATEWAY, beat)
+
+    def _elect(self, now: float) -> None:
+        """Announce ourselves, then act on the election's verdict."""
+        me = self.election.me
+        announce = p.encode(p.PEER, p.Announce(
+            node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
+            started=me.started, active=me.active, epoch=me.epoch))
+        for sock in self.peer_sockets:
+            try:
+                sock.send_multipart(announce, zmq.NOBLOCK)
+            except zmq.Again:
+                self.counters["announce_unsent"] += 1
+        decision = self.election.decide(now)
+        leader = decision.leader.endpoint if decision.leader else ""
+        if decision.changed:
+            log_event(log, "role_changed", logging.WARNING,
+                      role="active" if decision.active else "standby", epoch=self.epoch,
+                      leader=leader or self.endpoint)
+        if decision.changed and decision.active:
+            # Those that waited on us as standby register and resubmit here now.
+            for identity, protocol in self.followers.items():
+                self._send(identity, protocol, p.Disconnect())
+            self.followers.clear()
+        elif decision.changed:
+            self._hand_over(leader)
+        elif leader and leader != self.leader:
+            for identity, protocol in self.followers.items():
+                self._send(identity, protocol, p.Redirect(endpoint=leader))
+        self.leader = leader
+
+    def _hand_over(self, leader: str) -> None:
+        """Step down: send every worker and gateway to the new coordinator. Gateways
+        resubmit their open jobs there with what their clients have seen."""
+        reply = p.Redirect(endpoint=leader) if leader else p.Disconnect()
+        for identity in list(self.workers):
+            self._send(identity, p.WORKER, reply)
+            self.followers[identity] = p.WORKER
+        for identity in list(self.gateways):
+            self._send(identity, p.GATEWAY, reply)
+            self.followers[identity] = p.GATEWAY
+        self.workers.clear()
+        self.gateways.clear()
+        self.jobs.clear()
+        self.queues.clear()
 
     def _expire_waiting(self, now: float) -> None:
         """Fail jobs past their deadline (cancelling any that run), and queued jobs that
@@ -402,9 +503,15 @@ class Broker:
         now = time.monotonic()
         return {
             "node_id": self.settings.node_id,
-            "endpoint": self.endpoint,
-            "role": "active",
+            "endpoint": self.settings.advertise,
+            "role": "active" if self.active else "standby",
+            "leader": self.settings.advertise if self.active else self.leader,
             "epoch": self.epoch,
+            "priority": self.settings.priority,
+            "peers": [{"node_id": b.node_id, "endpoint": b.endpoint, "active": b.active,
+                       "epoch": b.epoch, "priority": b.priority,
+                       "last_seen_s": round(now - b.last_seen, 3)}
+                      for b in self.election.live(now)],
             "uptime_s": round(time.time() - self.started, 1),
             "workers": [w.summary(now) for w in self.workers.values()],
             "queues": {m: len(q) for m, q in self.queues.items() if q},

@@ -37,7 +37,16 @@ class Settings:
     broker_host: str = "127.0.0.1"
     broker_port: int = 4100
     broker_endpoint: str = ""
-    """Where workers and gateways connect; defaults to this node's broker."""
+    """Where workers and gateways connect first; defaults to this node's broker."""
+    broker_advertise: str = ""
+    """How other nodes reach this broker; defaults to tcp://<broker_host>:<broker_port>."""
+    peers: str = ""
+    """Other brokers' endpoints, comma-separated (static peers, for networks without
+    multicast); workers and gateways fall back to them when their broker is silent."""
+    priority: int = 0
+    """Coordinator preference: the highest priority live broker coordinates."""
+    hold_down: float = 5.0
+    """Seconds a returning better-ranked broker waits before taking over (no flapping)."""
 
     heartbeat_interval: float = 0.5
     heartbeat_liveness: int = 3
@@ -62,6 +71,20 @@ class Settings:
             return self.broker_endpoint
         host = "127.0.0.1" if self.broker_host in ("0.0.0.0", "*", "") else self.broker_host
         return f"tcp://{host}:{self.broker_port}"
+
+    @property
+    def advertise(self) -> str:
+        return self.broker_advertise or f"tcp://{self.broker_host}:{self.broker_port}"
+
+    @property
+    def peer_list(self) -> list[str]:
+        return [p.strip() for p in self.peers.split(",") if p.strip()]
+
+    @property
+    def broker_candidates(self) -> list[str]:
+        """Where a worker or gateway looks for the coordinator, in order: its own node's
+        broker first (it knows whom to redirect to), then the static peers."""
+        return list(dict.fromkeys([self.broker_connect, *self.peer_list]))
 
     @property
     def peer_timeout(self) -> float:

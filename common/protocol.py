@@ -63,6 +63,7 @@ class Command(enum.IntEnum):
     CONTROL = 0x0B
     CONTROL_REPLY = 0x0C
     REDIRECT = 0x0D
+    ANNOUNCE = 0x0E
 
 
 class ProtocolError(ValueError):
@@ -224,10 +225,24 @@ class ControlReply(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Redirect(Message):
-    """standby broker -> peer: the active broker is at ``endpoint``."""
+    """standby broker -> worker/gateway: the active broker is at ``endpoint``; connect
+    there (a gateway resubmits its open jobs, a worker registers again)."""
 
     COMMAND: ClassVar[Command] = Command.REDIRECT
     endpoint: str
+
+
+@dataclass(kw_only=True, slots=True)
+class Announce(Message):
+    """broker -> broker, every heartbeat interval: who I am and whether I coordinate.
+    Peer liveness comes from these, never from mDNS records."""
+
+    COMMAND: ClassVar[Command] = Command.ANNOUNCE
+    node_id: str
+    endpoint: str
+    priority: int = 0
+    started: float = 0.0
+    active: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -270,7 +285,7 @@ class ErrorCode(enum.StrEnum):
 MESSAGES: dict[Command, type[Message]] = {
     cls.COMMAND: cls
     for cls in (Ready, Heartbeat, Partial, Final, Fail, Disconnect, Job, Cancel, Submit,
-                Accepted, Control, ControlReply, Redirect)
+                Accepted, Control, ControlReply, Redirect, Announce)
 }
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
 
@@ -299,6 +314,7 @@ TO_BROKER = Allowed({
                        Command.FAIL, Command.DISCONNECT}),
     GATEWAY: frozenset({Command.SUBMIT, Command.CANCEL, Command.HEARTBEAT, Command.CONTROL,
                         Command.DISCONNECT}),
+    PEER: frozenset({Command.ANNOUNCE}),
 })
 FROM_BROKER = Allowed({
     WORKER: frozenset({Command.JOB, Command.CANCEL, Command.HEARTBEAT, Command.DISCONNECT,

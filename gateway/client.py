@@ -10,6 +10,9 @@ streamed to the HTTP client, and when a job is lost (its worker died mid-stream,
 broker went silent or restarted) it submits it again with those as resume tokens, under a
 new job id so late frames of the old attempt are ignored, until the retries or the
 deadline run out.
+
+Which broker: this node's own first; a REDIRECT names the coordinator; when the broker
+in use falls silent, the next candidate (this node's broker, then the static peers).
 """
 
 from __future__ import annotations
@@ -107,10 +110,9 @@ class BrokerClient:
         self.counters: dict[str, int] = {"resubmits": 0, "broker_lost": 0}
         self._tasks: list[asyncio.Task[None]] = []
         self._reconnect = False
-
-    @property
-    def connected(self) -> bool:
-        return time.monotonic() - self.heard < self.settings.peer_timeout
+        self.candidates = settings.broker_candidates
+        self.target = self.candidates[0]
+        self.connected_at = 0.0
 
     async def start(self) -> None:
         self._connect()
@@ -130,7 +132,11 @@ class BrokerClient:
         if self.sock is not None:
             self.sock.close(linger=0)
         self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
-        self.sock.connect(self.settings.broker_connect)
+        self.sock.connect(self.target)
+        self.session = ""  # a new broker's first heartbeat is not a restart
+        self.max_epoch = 0  # fencing holds per connection: a restarted lone broker counts
+        # from 1 again, and its clients must not ignore it for ever
+        self.connected_at = time.monotonic()
         # The same socket, synchronous: drains ready frames without a future per frame.
         self._drain = zmq.Socket.shadow(self.sock.underlying)
 
@@ -150,7 +156,7 @@ class BrokerClient:
             await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_WORKER, (
-                f"no broker answers at {self.settings.broker_connect}; start one with "
+                f"no broker answers at {', '.join(self.candidates)}; start one with "
                 "`mlx-stack up` or `mlx-stack broker`")) from None
 
     # ----------------------------------------------------------------- background
@@ -196,6 +202,9 @@ class BrokerClient:
                     self.session = msg.session
             case p.Disconnect():
                 self._lose_broker("broker disconnected")
+            case p.Redirect():
+                if msg.endpoint != self.target:
+                    self._move(msg.endpoint, f"redirected to {msg.endpoint}")
             case p.Accepted() | p.Partial() | p.Final() | p.Fail():
                 inbox = self.streams.get(msg.job_id)
                 if inbox is not None:
@@ -205,10 +214,24 @@ class BrokerClient:
         interval = self.settings.heartbeat_interval
         while True:
             await asyncio.sleep(interval)
-            if self.up.is_set() and not self.connected:
-                self._lose_broker("broker silent")
-                self._reconnect = True  # done by the reader, which owns the socket
+            last_word = max(self.heard, self.connected_at)
+            if time.monotonic() - last_word > self.settings.peer_timeout:
+                home = self.candidates[0]
+                following = self.candidates.index(self.target) + 1 \
+                    if self.target in self.candidates else 0
+                nxt = home if self.target != home else \
+                    self.candidates[following % len(self.candidates)]
+                self._move(nxt, f"{self.target} silent")
             self._send(p.Heartbeat())
+
+    def _move(self, target: str, reason: str) -> None:
+        """Use the broker at ``target`` from now on; open jobs are resubmitted there."""
+        if self.up.is_set() or self.streams:
+            self._lose_broker(reason)
+        self.up.clear()
+        self.target = target
+        self.connected_at = time.monotonic()
+        self._reconnect = True  # done by the reader, which owns the socket
 
     def _lose_broker(self, reason: str) -> None:
         self.up.clear()
@@ -230,7 +253,7 @@ class BrokerClient:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_WORKER,
-                           f"the broker at {self.settings.broker_connect} did not answer "
+                           f"the broker at {self.target} did not answer "
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:
             self.controls.pop(request_id, None)

@@ -187,3 +187,66 @@ class Cluster:
         return "\n".join(f"===== {p.name} (pid {p.pid})\n{p.output()[-4000:]}"
                          for p in self.procs)
 
+
+
+class Mesh(Cluster):
+    """Several nodes on loopback, each with its own broker; the brokers know each other
+    as static peers and elect a coordinator. ``priorities`` maps node -> priority."""
+
+    def __init__(self, tmp: Path, priorities: dict[str, int],
+                 env: dict[str, str] | None = None) -> None:
+        super().__init__(tmp, env)
+        self.ports = {node: free_port() for node in priorities}
+        self.priorities = priorities
+        self.env["MLX_STACK_PEERS"] = ",".join(self.broker_endpoint(n) for n in priorities)
+        self.brokers: dict[str, Proc] = {}
+        self._sockets: dict[str, zmq.Socket] = {}
+
+    def broker_endpoint(self, node: str) -> str:
+        return f"tcp://127.0.0.1:{self.ports[node]}"
+
+    def node_env(self, node: str) -> dict[str, str]:
+        return {"MLX_STACK_BROKER_PORT": str(self.ports[node]),
+                "MLX_STACK_BROKER_ENDPOINT": self.broker_endpoint(node),
+                "MLX_STACK_PRIORITY": str(self.priorities[node])}
+
+    def start(self, role: str, *args: str, node: str = "node-a",
+              env: dict[str, str] | None = None) -> Proc:
+        return super().start(role, *args, node=node, env={**self.node_env(node), **(env or {})})
+
+    def start_broker(self, node: str) -> Proc:
+        self.brokers[node] = self.start("broker", node=node)
+        wait_for(f"broker {node}", lambda: self.status(node))
+        return self.brokers[node]
+
+    def status(self, node: str, timeout: float = 1.0) -> dict[str, Any] | None:
+        """CONTROL status of one node's broker (None if it does not answer)."""
+        sock = self._sockets.get(node)
+        if sock is None:
+            sock = self._sockets[node] = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.broker_endpoint(node))
+        request_id = uuid.uuid4().hex
+        sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id=request_id, op="status")))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
+            _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
+            if isinstance(msg, p.ControlReply) and msg.request_id == request_id:
+                return msg.result
+        return None
+
+    def coordinator(self) -> dict[str, Any] | None:
+        """The one active broker's status, if exactly one live broker says it is active
+        and every other live broker follows it."""
+        statuses = [s for n, proc in self.brokers.items()
+                    if proc.alive() and (s := self.status(n))]
+        active = [s for s in statuses if s["role"] == "active"]
+        if len(active) != 1:
+            return None
+        leader = active[0]["endpoint"]
+        return active[0] if all(s["leader"] == leader for s in statuses) else None
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(0)
+        super().close()

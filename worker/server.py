@@ -67,6 +67,9 @@ class Worker:
         self.outbox = Outbox()
         self._stopping = threading.Event()
         self.dealer: zmq.Socket | None = None
+        self.candidates = settings.broker_candidates
+        self.target = self.candidates[0]
+        """The broker in use: this node's first, a REDIRECT's, or the next candidate."""
         self.poller = zmq.Poller()
 
     # ----------------------------------------------------------------- engine side
@@ -103,7 +106,8 @@ class Worker:
             self.poller.unregister(self.dealer)
             self.dealer.close(linger=0)
         self.dealer = configure(self.ctx.socket(zmq.DEALER), self.settings)
-        self.dealer.connect(self.settings.broker_connect)
+        self.dealer.connect(self.target)
+        self.max_epoch = 0  # fencing holds per connection (see gateway/client.py)
         self.poller.register(self.dealer, zmq.POLLIN)
         self._send(self._ready())
 
@@ -135,7 +139,7 @@ class Worker:
         self.poller.register(self.outbox.fd, zmq.POLLIN)
         self._connect()
         log_event(log, "worker_started", worker=self.worker_id, model=self.engine.model_id,
-                  broker=self.settings.broker_connect, engine=self.engine.kind)
+                  broker=self.target, engine=self.engine.kind)
         interval = self.settings.heartbeat_interval
         now = time.monotonic()
         next_beat, last_beat, last_tokens = now + interval, now, 0
@@ -154,8 +158,12 @@ class Worker:
             now = time.monotonic()
             if now > broker_deadline:
                 # Paranoid Pirate: a silent broker gets a fresh socket, with capped backoff.
-                log_event(log, "broker_lost", logging.WARNING, retry_in_s=backoff)
+                log_event(log, "broker_lost", logging.WARNING, broker=self.target,
+                          retry_in_s=backoff)
                 self._abandon_jobs()
+                home = self.candidates[0]
+                self.target = home if self.target != home else self.candidates[
+                    (self.candidates.index(home) + 1) % len(self.candidates)]
                 self._connect()
                 broker_deadline = now + self.settings.peer_timeout + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -199,6 +207,10 @@ class Worker:
             case p.Cancel():
                 if msg.job_id in self.active:
                     self.cancelled.add(msg.job_id)
+            case p.Redirect() if msg.endpoint != self.target:
+                self.target = msg.endpoint
+                self._abandon_jobs()
+                self._connect()
             case p.Disconnect():
                 # The broker does not know us (it restarted, or purged us): register again.
                 self._abandon_jobs()
