@@ -68,6 +68,10 @@ class Election:
         self.peers[info.endpoint] = info
         self.max_epoch = max(self.max_epoch, info.epoch)
 
+    def lost(self, endpoint: str) -> None:
+        """A peer's connection closed (its process died): it is no longer live."""
+        self.peers.pop(endpoint, None)
+
     def live(self, now: float) -> list[BrokerInfo]:
         return [p for p in self.peers.values() if now - p.last_seen <= self.timeout]
 

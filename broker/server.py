@@ -37,7 +37,7 @@ from broker.state import JobState, WorkerState
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from common.transport import configure
+from common.transport import close_watched, configure, disconnected, watch_disconnects
 
 log = logging.getLogger("broker")
 
@@ -74,7 +74,8 @@ class Broker:
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
             now=time.monotonic() - (0 if peers else settings.peer_timeout))
-        self.peer_sockets = [self._peer_socket(e) for e in peers]
+        self.peer_sockets = {e: self._peer_socket(e) for e in peers}
+        self.peer_monitors = {watch_disconnects(s): e for e, s in self.peer_sockets.items()}
         self.leader = ""
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
@@ -104,9 +105,12 @@ class Broker:
         next_tick = time.monotonic() + interval
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
+        for monitor in self.peer_monitors:
+            poller.register(monitor, zmq.POLLIN)
         while not self._stopping:
             timeout = max(0.0, next_tick - time.monotonic())
-            if poller.poll(timeout * 1000):
+            ready = dict(poller.poll(timeout * 1000))
+            if self.socket in ready:
                 # Drain what is there, bounded so the timers still run under load.
                 for _ in range(1000):
                     try:
@@ -114,14 +118,19 @@ class Broker:
                     except zmq.Again:
                         break
                     self._on_frames(frames)
+            lost = [e for m, e in self.peer_monitors.items() if m in ready and disconnected(m)]
+            for endpoint in lost:  # its process died: re-elect now, not after the timeout
+                self.election.lost(endpoint)
             now = time.monotonic()
+            if lost:
+                self._elect(now)
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
         for identity in [*self.workers, *self.gateways]:
             self._send(identity, self._protocol_of(identity), p.Disconnect())
-        for sock in self.peer_sockets:
-            sock.close(linger=0)
+        for monitor, endpoint in self.peer_monitors.items():
+            close_watched(self.peer_sockets[endpoint], monitor)
         self.socket.close(linger=100)
 
     def stop(self) -> None:
@@ -422,7 +431,7 @@ class Broker:
         announce = p.encode(p.PEER, p.Announce(
             node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
             started=me.started, active=me.active, epoch=me.epoch))
-        for sock in self.peer_sockets:
+        for sock in self.peer_sockets.values():
             try:
                 sock.send_multipart(announce, zmq.NOBLOCK)
             except zmq.Again:

@@ -14,7 +14,11 @@ Why each option:
 
 from __future__ import annotations
 
+import uuid
+
 import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from common.config import Settings
 from common.protocol import MAX_BODY_BYTES
@@ -37,3 +41,59 @@ def configure(sock: zmq.Socket, settings: Settings) -> zmq.Socket:
     if sock.socket_type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     return sock
+
+
+def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
+    """A PAIR socket that becomes readable when ``sock`` loses an established connection:
+    its peer process died (the kernel closed the TCP connection) or ZMTP heartbeats timed
+    out. A killed process is then known in milliseconds instead of after the heartbeat
+    liveness; our own heartbeats remain the judge for peers that hang without dying."""
+    # A unique address: pyzmq's default derives it from the socket's file descriptor,
+    # which the socket this one replaces may just have freed.
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://monitor-{uuid.uuid4().hex}")
+
+
+def disconnected(monitor: zmq.Socket) -> bool:
+    """Drain a :func:`watch_disconnects` socket; whether a disconnection was reported."""
+    seen = False
+    sync = monitor if not isinstance(monitor, zmq.asyncio.Socket) else zmq.Socket.shadow(
+        monitor.underlying)
+    while True:
+        try:
+            frames = sync.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return seen
+        seen = seen or parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
+
+
+def close_watched(sock: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> None:
+    """Close a socket and its disconnect monitor."""
+    sock.disable_monitor()
+    monitor.close(linger=0)
+    sock.close(linger=linger)
+
+
+class BrokerChoice:
+    """Which broker a worker or gateway talks to.
+
+    It starts at this node's broker, follows REDIRECTs to the coordinator, and when the
+    broker in use falls silent goes back to this node's broker (which knows whom to
+    redirect to); when that one is the silent one, it tries the static peers in turn.
+    """
+
+    def __init__(self, candidates: list[str]) -> None:
+        self.candidates = candidates
+        self.current = candidates[0]
+        self._turn = 0
+
+    def redirect(self, endpoint: str) -> None:
+        self.current = endpoint
+
+    def advance(self) -> str:
+        home, others = self.candidates[0], self.candidates[1:]
+        if self.current != home or not others:
+            self.current = home
+        else:
+            self.current = others[self._turn % len(others)]
+            self._turn += 1
+        return self.current

@@ -31,7 +31,7 @@ import zmq.asyncio
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from common.transport import configure
+from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
 
 log = logging.getLogger("gateway")
 
@@ -110,8 +110,8 @@ class BrokerClient:
         self.counters: dict[str, int] = {"resubmits": 0, "broker_lost": 0}
         self._tasks: list[asyncio.Task[None]] = []
         self._reconnect = False
-        self.candidates = settings.broker_candidates
-        self.target = self.candidates[0]
+        self.broker = BrokerChoice(settings.broker_candidates)
+        self.monitor: zmq.asyncio.Socket | None = None
         self.connected_at = 0.0
 
     async def start(self) -> None:
@@ -124,21 +124,26 @@ class BrokerClient:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.sock is not None:
+        if self.sock is not None and self.monitor is not None:
             self._send(p.Disconnect())
-            self.sock.close(linger=100)
+            close_watched(self.sock, self.monitor, linger=100)
 
     def _connect(self) -> None:
-        if self.sock is not None:
-            self.sock.close(linger=0)
+        if self.sock is not None and self.monitor is not None:
+            close_watched(self.sock, self.monitor)
         self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
-        self.sock.connect(self.target)
+        self.monitor = watch_disconnects(self.sock)
+        self.sock.connect(self.broker.current)
+        self.poller = zmq.asyncio.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.session = ""  # a new broker's first heartbeat is not a restart
         self.max_epoch = 0  # fencing holds per connection: a restarted lone broker counts
         # from 1 again, and its clients must not ignore it for ever
         self.connected_at = time.monotonic()
         # The same socket, synchronous: drains ready frames without a future per frame.
         self._drain = zmq.Socket.shadow(self.sock.underlying)
+        self._send(p.Heartbeat())  # so the broker answers (and we know it) at once
 
     def _send(self, msg: p.Message) -> None:
         """Send without blocking; with no broker connected the frame is dropped (jobs are
@@ -156,7 +161,7 @@ class BrokerClient:
             await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_WORKER, (
-                f"no broker answers at {', '.join(self.candidates)}; start one with "
+                f"no broker answers at {', '.join(self.broker.candidates)}; start one with "
                 "`mlx-stack up` or `mlx-stack broker`")) from None
 
     # ----------------------------------------------------------------- background
@@ -166,8 +171,11 @@ class BrokerClient:
             if self._reconnect:
                 self._reconnect = False
                 self._connect()
-            assert self.sock is not None
-            if not await self.sock.poll(100):
+            ready = dict(await self.poller.poll(100))
+            if self.monitor in ready and disconnected(self.monitor):
+                self._advance(f"{self.broker.current} closed the connection")
+                continue
+            if self.sock not in ready:
                 continue
             for _ in range(DRAIN):  # drain without awaiting: one wake-up, many frames
                 try:
@@ -203,8 +211,9 @@ class BrokerClient:
             case p.Disconnect():
                 self._lose_broker("broker disconnected")
             case p.Redirect():
-                if msg.endpoint != self.target:
-                    self._move(msg.endpoint, f"redirected to {msg.endpoint}")
+                if msg.endpoint != self.broker.current:
+                    self.broker.redirect(msg.endpoint)
+                    self._move(f"redirected to {msg.endpoint}")
             case p.Accepted() | p.Partial() | p.Final() | p.Fail():
                 inbox = self.streams.get(msg.job_id)
                 if inbox is not None:
@@ -216,20 +225,19 @@ class BrokerClient:
             await asyncio.sleep(interval)
             last_word = max(self.heard, self.connected_at)
             if time.monotonic() - last_word > self.settings.peer_timeout:
-                home = self.candidates[0]
-                following = self.candidates.index(self.target) + 1 \
-                    if self.target in self.candidates else 0
-                nxt = home if self.target != home else \
-                    self.candidates[following % len(self.candidates)]
-                self._move(nxt, f"{self.target} silent")
+                self._advance(f"{self.broker.current} silent")
             self._send(p.Heartbeat())
 
-    def _move(self, target: str, reason: str) -> None:
-        """Use the broker at ``target`` from now on; open jobs are resubmitted there."""
+    def _advance(self, reason: str) -> None:
+        """The broker in use is gone: try the next candidate."""
+        self.broker.advance()
+        self._move(reason)
+
+    def _move(self, reason: str) -> None:
+        """Use ``self.broker.current`` from now on; open jobs are resubmitted there."""
         if self.up.is_set() or self.streams:
             self._lose_broker(reason)
         self.up.clear()
-        self.target = target
         self.connected_at = time.monotonic()
         self._reconnect = True  # done by the reader, which owns the socket
 
@@ -253,7 +261,7 @@ class BrokerClient:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_WORKER,
-                           f"the broker at {self.target} did not answer "
+                           f"the broker at {self.broker.current} did not answer "
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:
             self.controls.pop(request_id, None)

@@ -8,6 +8,7 @@ and every stream completes exactly, resumed through the new coordinator.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import statistics
@@ -120,9 +121,12 @@ def test_coordinator_killed_mid_stream_every_stream_resumes(mesh: Mesh) -> None:
         assert text == expected_text(f"failover {i}", tokens), i
     leader = wait_for("a new coordinator", mesh.coordinator, timeout=10)
     assert leader["node_id"] == "node-b" and leader["epoch"] >= 2
-    # Time from the kill to each interrupted stream's next token.
-    gaps = [next(t for t in a if t > killed[0]) - killed[0] for a in arrivals
-            if any(t < killed[0] for t in a)]
+    # For each stream: the end of its longest stall after the kill (tokens already on
+    # their way when the broker died still arrive in the first milliseconds), measured
+    # from the kill: the time to its first resumed token.
+    gaps = [max(itertools.pairwise(a), key=lambda pair: pair[1] - pair[0])[1] - killed[0]
+            for a in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
+            if len(a) > 1]
     report = {"streams": len(gaps), "min_s": round(min(gaps), 3),
               "median_s": round(statistics.median(gaps), 3), "max_s": round(max(gaps), 3)}
     print(f"kill -> first resumed token (heartbeat {mesh.env[HB]} s):", report)

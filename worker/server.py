@@ -26,7 +26,7 @@ import zmq
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from common.transport import configure
+from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
 from worker.engine import Engine
 from worker.outbox import Outbox
 from worker.runner import run_job
@@ -67,9 +67,8 @@ class Worker:
         self.outbox = Outbox()
         self._stopping = threading.Event()
         self.dealer: zmq.Socket | None = None
-        self.candidates = settings.broker_candidates
-        self.target = self.candidates[0]
-        """The broker in use: this node's first, a REDIRECT's, or the next candidate."""
+        self.broker = BrokerChoice(settings.broker_candidates)
+        self.monitor: zmq.Socket | None = None
         self.poller = zmq.Poller()
 
     # ----------------------------------------------------------------- engine side
@@ -102,13 +101,16 @@ class Worker:
     # ----------------------------------------------------------------- I/O side
 
     def _connect(self) -> None:
-        if self.dealer is not None:
+        if self.dealer is not None and self.monitor is not None:
             self.poller.unregister(self.dealer)
-            self.dealer.close(linger=0)
+            self.poller.unregister(self.monitor)
+            close_watched(self.dealer, self.monitor)
         self.dealer = configure(self.ctx.socket(zmq.DEALER), self.settings)
-        self.dealer.connect(self.target)
+        self.monitor = watch_disconnects(self.dealer)
+        self.dealer.connect(self.broker.current)
         self.max_epoch = 0  # fencing holds per connection (see gateway/client.py)
         self.poller.register(self.dealer, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self._send(self._ready())
 
     def _ready(self) -> p.Ready:
@@ -139,7 +141,7 @@ class Worker:
         self.poller.register(self.outbox.fd, zmq.POLLIN)
         self._connect()
         log_event(log, "worker_started", worker=self.worker_id, model=self.engine.model_id,
-                  broker=self.target, engine=self.engine.kind)
+                  broker=self.broker.current, engine=self.engine.kind)
         interval = self.settings.heartbeat_interval
         now = time.monotonic()
         next_beat, last_beat, last_tokens = now + interval, now, 0
@@ -155,15 +157,15 @@ class Worker:
                     self._on_broker(self.dealer.recv_multipart())
             if events.get(self.outbox.fd):
                 self._forward(self.outbox.take())
+            if events.get(self.monitor) and disconnected(self.monitor):
+                broker_deadline = 0.0  # its process died: no need to wait out the silence
             now = time.monotonic()
             if now > broker_deadline:
                 # Paranoid Pirate: a silent broker gets a fresh socket, with capped backoff.
-                log_event(log, "broker_lost", logging.WARNING, broker=self.target,
+                log_event(log, "broker_lost", logging.WARNING, broker=self.broker.current,
                           retry_in_s=backoff)
                 self._abandon_jobs()
-                home = self.candidates[0]
-                self.target = home if self.target != home else self.candidates[
-                    (self.candidates.index(home) + 1) % len(self.candidates)]
+                self.broker.advance()
                 self._connect()
                 broker_deadline = now + self.settings.peer_timeout + backoff
                 backoff = min(backoff * 2, MAX_BACKOFF)
@@ -184,7 +186,7 @@ class Worker:
             t.join(STOP_TIMEOUT)
         self._forward(self.outbox.take())
         self.outbox.close()
-        self.dealer.close(linger=200)
+        close_watched(self.dealer, self.monitor, linger=200)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -207,8 +209,8 @@ class Worker:
             case p.Cancel():
                 if msg.job_id in self.active:
                     self.cancelled.add(msg.job_id)
-            case p.Redirect() if msg.endpoint != self.target:
-                self.target = msg.endpoint
+            case p.Redirect() if msg.endpoint != self.broker.current:
+                self.broker.redirect(msg.endpoint)
                 self._abandon_jobs()
                 self._connect()
             case p.Disconnect():
