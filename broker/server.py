@@ -36,6 +36,7 @@ from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
 from common.config import Settings
+from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.transport import close_watched, configure, disconnected, watch_disconnects
 
@@ -73,20 +74,36 @@ class Broker:
                        priority=settings.priority, started=self.started),
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
-            now=time.monotonic() - (0 if peers else settings.peer_timeout))
-        self.peer_sockets = {e: self._peer_socket(e) for e in peers}
-        self.peer_monitors = {watch_disconnects(s): e for e, s in self.peer_sockets.items()}
+            now=time.monotonic() - (0 if peers or settings.mdns_interfaces
+                                    else settings.peer_timeout))
+        self.poller = zmq.Poller()
+        self.poller.register(self.socket, zmq.POLLIN)
+        self.peer_sockets: dict[str, zmq.Socket] = {}
+        self.peer_monitors: dict[zmq.Socket, str] = {}
+        for endpoint in peers:
+            self._add_peer(endpoint)
+        self.discovery = Discovery(Advert(
+            mesh=settings.mesh_id, node_id=settings.node_id, endpoint=settings.advertise,
+            priority=settings.priority, started=self.started),
+            settings.mdns_interfaces) if settings.mdns_interfaces else None
         self.leader = ""
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
         self._stopping = False
         self.election.decide(time.monotonic())
 
-    def _peer_socket(self, endpoint: str) -> zmq.Socket:
+    def _add_peer(self, endpoint: str) -> None:
+        """Announce ourselves to the broker at ``endpoint`` from now on."""
+        if endpoint in self.peer_sockets or endpoint == self.settings.advertise:
+            return
         sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
         sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
+        monitor = watch_disconnects(sock)
         sock.connect(endpoint)
-        return sock
+        self.peer_sockets[endpoint] = sock
+        self.peer_monitors[monitor] = endpoint
+        self.poller.register(monitor, zmq.POLLIN)
+        log_event(log, "peer_added", endpoint=endpoint)
 
     @property
     def epoch(self) -> int:
@@ -103,13 +120,9 @@ class Broker:
         log_event(log, "broker_started", endpoint=self.endpoint, node=self.settings.node_id)
         interval = self.settings.heartbeat_interval
         next_tick = time.monotonic() + interval
-        poller = zmq.Poller()
-        poller.register(self.socket, zmq.POLLIN)
-        for monitor in self.peer_monitors:
-            poller.register(monitor, zmq.POLLIN)
         while not self._stopping:
             timeout = max(0.0, next_tick - time.monotonic())
-            ready = dict(poller.poll(timeout * 1000))
+            ready = dict(self.poller.poll(timeout * 1000))
             if self.socket in ready:
                 # Drain what is there, bounded so the timers still run under load.
                 for _ in range(1000):
@@ -131,6 +144,8 @@ class Broker:
             self._send(identity, self._protocol_of(identity), p.Disconnect())
         for monitor, endpoint in self.peer_monitors.items():
             close_watched(self.peer_sockets[endpoint], monitor)
+        if self.discovery is not None:
+            self.discovery.close()
         self.socket.close(linger=100)
 
     def stop(self) -> None:
@@ -427,6 +442,8 @@ class Broker:
 
     def _elect(self, now: float) -> None:
         """Announce ourselves, then act on the election's verdict."""
+        for endpoint in self.discovery.take() if self.discovery else ():
+            self._add_peer(endpoint)
         me = self.election.me
         announce = p.encode(p.PEER, p.Announce(
             node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,

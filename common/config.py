@@ -45,6 +45,10 @@ class Settings:
     multicast); workers and gateways fall back to them when their broker is silent."""
     priority: int = 0
     """Coordinator preference: the highest priority live broker coordinates."""
+    mdns_interfaces: str = ""
+    """Interfaces for mDNS discovery: addresses (comma-separated) or ``all``; empty = off."""
+    mesh_id: str = "local"
+    """Brokers only see brokers of the same mesh id over mDNS."""
     hold_down: float = 5.0
     """Seconds a returning better-ranked broker waits before taking over (no flapping)."""
 

@@ -131,3 +131,19 @@ def test_coordinator_killed_mid_stream_every_stream_resumes(mesh: Mesh) -> None:
               "median_s": round(statistics.median(gaps), 3), "max_s": round(max(gaps), 3)}
     print(f"kill -> first resumed token (heartbeat {mesh.env[HB]} s):", report)
     assert max(gaps) <= 5.0, report  # the proposal's bound; MESH.md targets 2 s
+
+
+def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path) -> None:
+    """mDNS pinned to loopback, no static peers: the three brokers discover each other and
+    agree on the highest-priority one."""
+    m = Mesh(tmp_path, NODES, env={"MLX_STACK_MDNS_INTERFACES": "127.0.0.1",
+                                   "MLX_STACK_MESH_ID": f"test-{tmp_path.name}"})
+    m.env["MLX_STACK_PEERS"] = ""
+    try:
+        for node in NODES:
+            m.start_broker(node)
+        leader = wait_for("one coordinator found over mDNS", m.coordinator, timeout=20)
+        assert leader["node_id"] == "node-a"
+        assert {p["node_id"] for p in leader["peers"]} == {"node-b", "node-c"}
+    finally:
+        m.close()

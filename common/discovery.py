@@ -1,0 +1,99 @@
+"""Finding brokers with mDNS (zeroconf): ``_mlx-stack._tcp.local.``.
+
+A broker advertises itself; brokers browse for the others and treat what they find like
+static peers. mDNS only finds candidates: liveness comes from the brokers' own
+ANNOUNCEs, because a killed node's records stay cached for minutes.
+
+Discovery is off unless interfaces are configured (``mdns_interfaces``: addresses such as
+``192.168.1.20``, or ``all`` for every LAN interface): a test or a single Mac never
+multicasts on a network it was not asked to use.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import threading
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
+from common.logs import log_event
+from common.protocol import VERSION
+
+SERVICE = "_mlx-stack._tcp.local."
+log = logging.getLogger("discovery")
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """What a broker says about itself over mDNS (the TXT record)."""
+
+    mesh: str
+    node_id: str
+    endpoint: str
+    priority: int
+    started: float
+
+
+def interfaces(setting: str) -> list[str] | InterfaceChoice:
+    return InterfaceChoice.All if setting.strip() == "all" else [
+        a.strip() for a in setting.split(",") if a.strip()]
+
+
+class Discovery:
+    """Advertise this broker and collect the endpoints of the others in the same mesh.
+
+    zeroconf calls back on its own thread; found endpoints wait in :attr:`found` for the
+    broker loop to take with :meth:`take`.
+    """
+
+    def __init__(self, advert: Advert, setting: str) -> None:
+        self.advert = advert
+        self.found: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.zc = Zeroconf(interfaces=interfaces(setting))
+        host = urlparse(advert.endpoint).hostname or "127.0.0.1"
+        self.info = ServiceInfo(
+            SERVICE, f"{advert.node_id}.{SERVICE}",
+            addresses=[socket.inet_aton(host)], port=urlparse(advert.endpoint).port or 4100,
+            server=f"{advert.node_id}.mlx-stack.local.",
+            properties={"mesh": advert.mesh, "node": advert.node_id,
+                        "endpoint": advert.endpoint, "priority": str(advert.priority),
+                        "started": repr(advert.started), "version": VERSION})
+        self.browser = ServiceBrowser(self.zc, SERVICE, handlers=[self._changed])
+        # Registration probes the name for ~1.5 s: never hold the broker loop for it.
+        threading.Thread(target=self._register, daemon=True, name="mdns-register").start()
+
+    def _register(self) -> None:
+        try:
+            self.zc.register_service(self.info, allow_name_change=True)
+        except Exception as exc:  # a closed zeroconf during shutdown, a name clash...
+            log_event(log, "mdns_register_failed", logging.WARNING, error=repr(exc))
+
+    def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
+                 state_change: ServiceStateChange) -> None:
+        if state_change not in (ServiceStateChange.Added, ServiceStateChange.Updated):
+            return
+        info = zeroconf.get_service_info(service_type, name, timeout=2000)
+        if info is None:
+            return
+        props = {k.decode(): (v or b"").decode(errors="replace")
+                 for k, v in info.properties.items()}
+        endpoint = props.get("endpoint", "")
+        if props.get("mesh") != self.advert.mesh or not endpoint.startswith("tcp://"):
+            return
+        if endpoint != self.advert.endpoint:
+            self.found.put(endpoint)
+
+    def take(self) -> list[str]:
+        """Endpoints found since the last call (may repeat ones already known)."""
+        out = []
+        while not self.found.empty():
+            out.append(self.found.get_nowait())
+        return out
+
+    def close(self) -> None:
+        self.browser.cancel()
+        self.zc.close()
