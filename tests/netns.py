@@ -1,0 +1,87 @@
+"""Hosts for tests: network namespaces on a bridge, created and always removed.
+
+Layout: a bridge in a namespace of its own; one namespace per node, joined to the bridge
+by a veth pair (10.<net>.0.<i>/24); and one veth from the test's own namespace to the
+bridge (10.<net>.0.254), so that the test process can reach the nodes' gateways. Nothing
+touches the machine's real interfaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+
+def available() -> str | None:
+    """Why namespace tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (`ip`) is not installed"
+    return None
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Hosts:
+    """``names`` as hosts on one bridge; use as a context manager."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.prefix = f"mx{tag}"
+        self.net = 200 + os.getpid() % 50
+        self.names = list(names)
+        self.ns = {name: f"{self.prefix}-{i}" for i, name in enumerate(self.names)}
+        self.addr = {name: f"10.{self.net}.0.{i + 1}" for i, name in enumerate(self.names)}
+        self.bridge_ns = f"{self.prefix}-br"
+        self.host_if = f"{self.prefix}h"
+
+    def __enter__(self) -> Hosts:
+        try:
+            self._create()
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _create(self) -> None:
+        br = self.bridge_ns
+        ip("netns", "add", br)
+        ip("-n", br, "link", "add", "br0", "type", "bridge")
+        ip("-n", br, "link", "set", "br0", "up")
+        for i, name in enumerate(self.names):
+            ns, inner, outer = self.ns[name], f"{self.prefix}v{i}", f"{self.prefix}b{i}"
+            ip("netns", "add", ns)
+            ip("link", "add", inner, "type", "veth", "peer", "name", outer)
+            ip("link", "set", inner, "netns", ns, "name", "eth0")
+            ip("link", "set", outer, "netns", br)
+            ip("-n", br, "link", "set", outer, "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{self.addr[name]}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        outer = f"{self.prefix}bh"
+        ip("link", "add", self.host_if, "type", "veth", "peer", "name", outer)
+        ip("link", "set", outer, "netns", br)
+        ip("-n", br, "link", "set", outer, "master", "br0", "up")
+        ip("addr", "add", f"10.{self.net}.0.254/24", "dev", self.host_if)
+        ip("link", "set", self.host_if, "up")
+
+    def link(self, name: str, up: bool) -> None:
+        """Cut (or restore) a host's only link: its veth in the bridge namespace."""
+        i = self.names.index(name)
+        ip("-n", self.bridge_ns, "link", "set", f"{self.prefix}b{i}", "up" if up else "down")
+
+    def exec_argv(self, name: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns[name], *argv]
+
+    def remove(self) -> None:
+        for ns in [*self.ns.values(), self.bridge_ns]:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+        subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
