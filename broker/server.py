@@ -92,6 +92,31 @@ class Broker:
         self._stopping = False
         self.election.decide(time.monotonic())
 
+    def _announcement(self) -> p.Announce:
+        me = self.election.me
+        return p.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
+                          started=me.started, active=me.active, epoch=self.epoch)
+
+    def _heard(self, msg: p.Announce) -> None:
+        self.election.heard(BrokerInfo(
+            node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
+            started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
+
+    def _drain_peer(self, sock: zmq.Socket) -> None:
+        """Announcements that peers sent back on our own connection to them."""
+        for _ in range(100):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                _, msg = p.decode(frames, p.FROM_BROKER)
+            except p.ProtocolError:
+                self.counters["dropped"] += 1
+                continue
+            if isinstance(msg, p.Announce):
+                self._heard(msg)
+
     def _add_peer(self, endpoint: str) -> None:
         """Announce ourselves to the broker at ``endpoint`` from now on."""
         if endpoint in self.peer_sockets or endpoint == self.settings.advertise:
@@ -103,6 +128,7 @@ class Broker:
         self.peer_sockets[endpoint] = sock
         self.peer_monitors[monitor] = endpoint
         self.poller.register(monitor, zmq.POLLIN)
+        self.poller.register(sock, zmq.POLLIN)
         log_event(log, "peer_added", endpoint=endpoint)
 
     @property
@@ -131,6 +157,9 @@ class Broker:
                     except zmq.Again:
                         break
                     self._on_frames(frames)
+            for sock in self.peer_sockets.values():
+                if sock in ready:
+                    self._drain_peer(sock)
             lost = [e for m, e in self.peer_monitors.items() if m in ready and disconnected(m)]
             for endpoint in lost:  # its process died: re-elect now, not after the timeout
                 self.election.lost(endpoint)
@@ -163,9 +192,10 @@ class Broker:
             log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
             return
         if isinstance(msg, p.Announce):
-            self.election.heard(BrokerInfo(
-                node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
-                started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
+            self._heard(msg)
+            # Answer on this connection: our own socket to that broker may still be in
+            # reconnect backoff, and a broker that just started must learn of us now.
+            self._send(identity, p.PEER, self._announcement())
         elif not self.active:
             self._on_standby(identity, protocol, msg)
         elif protocol == p.WORKER:
@@ -444,10 +474,7 @@ class Broker:
         """Announce ourselves, then act on the election's verdict."""
         for endpoint in self.discovery.take() if self.discovery else ():
             self._add_peer(endpoint)
-        me = self.election.me
-        announce = p.encode(p.PEER, p.Announce(
-            node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
-            started=me.started, active=me.active, epoch=me.epoch))
+        announce = p.encode(p.PEER, self._announcement())
         for sock in self.peer_sockets.values():
             try:
                 sock.send_multipart(announce, zmq.NOBLOCK)

@@ -322,6 +322,7 @@ FROM_BROKER = Allowed({
     GATEWAY: frozenset({Command.ACCEPTED, Command.PARTIAL, Command.FINAL, Command.FAIL,
                         Command.HEARTBEAT, Command.CONTROL_REPLY, Command.DISCONNECT,
                         Command.REDIRECT}),
+    PEER: frozenset({Command.ANNOUNCE}),
 })
 _COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
 

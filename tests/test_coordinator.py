@@ -147,3 +147,50 @@ def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path)
         assert {p["node_id"] for p in leader["peers"]} == {"node-b", "node-c"}
     finally:
         m.close()
+
+
+def test_a_better_broker_joining_later_takes_over_after_the_hold_down(tmp_path: Path) -> None:
+    """node-a (priority 2) starts while node-b coordinates under load: it stays standby
+    for the hold-down, then takes over; every stream completes exactly."""
+    hold = 3.0
+    m = Mesh(tmp_path, NODES, env={"MLX_STACK_HOLD_DOWN": str(hold)})
+    try:
+        for node in ("node-b", "node-c"):
+            m.start_broker(node)
+        assert wait_for("node-b coordinating", m.coordinator, timeout=10)["node_id"] == "node-b"
+        for node in ("node-b", "node-c"):
+            m.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
+                    "--rate", "20", node=node)
+        port = free_port()
+        m.start("gateway", "--port", str(port), node="node-c")
+        url = f"http://127.0.0.1:{port}"
+        wait_for("gateway", lambda: healthy(url), timeout=30)
+        n, tokens = 30, 120  # 6 s streams: the takeover happens in their middle
+        arrivals: list[list[float]] = [[] for _ in range(n)]
+        roles: list[tuple[float, str]] = []
+
+        async def main() -> list[str]:
+            async with httpx.AsyncClient(timeout=60) as client:
+                flowing = [asyncio.Event() for _ in range(n)]
+                tasks = [asyncio.create_task(stream(client, url, i, tokens, arrivals[i],
+                                                    flowing[i])) for i in range(n)]
+                await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 30)
+                joined = time.monotonic()
+                m.start_broker("node-a")
+                while not all(t.done() for t in tasks):
+                    status = await asyncio.to_thread(m.status, "node-a")
+                    if status:
+                        roles.append((time.monotonic() - joined, status["role"]))
+                    await asyncio.sleep(0.2)
+                return await asyncio.gather(*tasks)
+
+        texts = asyncio.run(main())
+        for i, text in enumerate(texts):
+            assert text == expected_text(f"failover {i}", tokens), i
+        first_active = next(t for t, role in roles if role == "active")
+        assert first_active >= hold, roles  # no takeover before the hold-down
+        assert all(role == "standby" for t, role in roles if t < hold)
+        leader = wait_for("node-a coordinating", m.coordinator, timeout=10)
+        assert leader["node_id"] == "node-a"
+    finally:
+        m.close()
