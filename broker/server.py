@@ -481,6 +481,8 @@ class Broker:
             except zmq.Again:
                 self.counters["announce_unsent"] += 1
         decision = self.election.decide(now)
+        if self.discovery is not None:
+            self.discovery.set_coordinator(decision.active)
         leader = decision.leader.endpoint if decision.leader else ""
         if decision.changed:
             log_event(log, "role_changed", logging.WARNING,

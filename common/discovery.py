@@ -24,6 +24,9 @@ from common.logs import log_event
 from common.protocol import VERSION
 
 SERVICE = "_mlx-stack._tcp.local."
+ALIAS = "mlx-stack.local."
+"""The host name the coordinator publishes, so that clients can name "the mesh"."""
+COORDINATOR = f"coordinator.{SERVICE}"
 log = logging.getLogger("discovery")
 
 
@@ -62,15 +65,37 @@ class Discovery:
             properties={"mesh": advert.mesh, "node": advert.node_id,
                         "endpoint": advert.endpoint, "priority": str(advert.priority),
                         "started": repr(advert.started), "version": VERSION})
+        self.alias = ServiceInfo(SERVICE, COORDINATOR, addresses=[socket.inet_aton(host)],
+                                 port=self.info.port, server=ALIAS,
+                                 properties={"mesh": advert.mesh, "node": advert.node_id})
         self.browser = ServiceBrowser(self.zc, SERVICE, handlers=[self._changed])
-        # Registration probes the name for ~1.5 s: never hold the broker loop for it.
-        threading.Thread(target=self._register, daemon=True, name="mdns-register").start()
+        self.coordinating = threading.Event()
+        self.closed = threading.Event()
+        # Registration probes names for ~1.5 s: never hold the broker loop for it.
+        threading.Thread(target=self._publish, daemon=True, name="mdns-publish").start()
 
-    def _register(self) -> None:
+    def set_coordinator(self, active: bool) -> None:
+        """Publish (or withdraw) the ``mlx-stack.local`` alias pointing at this broker."""
+        (self.coordinating.set if active else self.coordinating.clear)()
+
+    def _publish(self) -> None:
+        """Register this broker, then keep the alias in step with :meth:`set_coordinator`
+        (a name still held by the previous coordinator makes a registration fail: retry)."""
         try:
             self.zc.register_service(self.info, allow_name_change=True)
         except Exception as exc:  # a closed zeroconf during shutdown, a name clash...
             log_event(log, "mdns_register_failed", logging.WARNING, error=repr(exc))
+        published = False
+        while not self.closed.wait(0.5):
+            want = self.coordinating.is_set()
+            try:
+                if want and not published:
+                    self.zc.register_service(self.alias)
+                elif published and not want:
+                    self.zc.unregister_service(self.alias)
+                published = want
+            except Exception as exc:
+                log_event(log, "mdns_alias_failed", logging.INFO, error=repr(exc))
 
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:
@@ -95,5 +120,6 @@ class Discovery:
         return out
 
     def close(self) -> None:
+        self.closed.set()
         self.browser.cancel()
         self.zc.close()

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from zeroconf import ServiceInfo, Zeroconf
 
+from common.discovery import ALIAS, COORDINATOR, SERVICE
 from tests.harness import Mesh, free_port, wait_for
 from tests.test_failover import expected_text
 
@@ -145,6 +147,17 @@ def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path)
         leader = wait_for("one coordinator found over mDNS", m.coordinator, timeout=20)
         assert leader["node_id"] == "node-a"
         assert {p["node_id"] for p in leader["peers"]} == {"node-b", "node-c"}
+        zc = Zeroconf(interfaces=["127.0.0.1"])
+        try:
+            def alias() -> ServiceInfo | None:
+                info = zc.get_service_info(SERVICE, COORDINATOR, timeout=1000)
+                return info if info and info.port == m.ports["node-a"] else None
+
+            info = wait_for("the mlx-stack.local alias", alias, timeout=20)
+            assert info.server == ALIAS
+            assert info.parsed_addresses() == ["127.0.0.1"]
+        finally:
+            zc.close()
     finally:
         m.close()
 
