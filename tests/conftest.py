@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings
-from tests.harness import Cluster
+from tests.harness import Cluster, close_and_report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -18,14 +18,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
-
-
-def _close(cluster: Cluster, node: pytest.Item) -> None:
-    failed = any(getattr(node, f"rep_{w}", None) and getattr(node, f"rep_{w}").failed
-                 for w in ("setup", "call"))
-    cluster.close()
-    if failed:
-        print(cluster.logs())
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +38,7 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]
         c.broker()
         yield c
     finally:
-        _close(c, request.node)
+        close_and_report(c, request.node)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +52,7 @@ def model_node(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
         c.worker()
         yield c, c.gateway()
     finally:
-        _close(c, request.node)
+        close_and_report(c, request.node)
 
 
 def pytest_configure(config: pytest.Config) -> None:

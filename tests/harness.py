@@ -189,6 +189,15 @@ class Cluster:
 
 
 
+def close_and_report(cluster: Cluster, item: Any) -> None:
+    """Stop a cluster's processes; print their logs if the test (``item``) failed."""
+    failed = any(getattr(item, f"rep_{when}", None) and getattr(item, f"rep_{when}").failed
+                 for when in ("setup", "call"))
+    cluster.close()
+    if failed:
+        print(cluster.logs())
+
+
 class Mesh(Cluster):
     """Several nodes on loopback, each with its own broker; the brokers know each other
     as static peers and elect a coordinator. ``priorities`` maps node -> priority."""
@@ -213,6 +222,10 @@ class Mesh(Cluster):
     def start(self, role: str, *args: str, node: str = "node-a",
               env: dict[str, str] | None = None) -> Proc:
         return super().start(role, *args, node=node, env={**self.node_env(node), **(env or {})})
+
+    def start_brokers(self) -> None:
+        for node in self.priorities:
+            self.start_broker(node)
 
     def start_broker(self, node: str) -> Proc:
         self.brokers[node] = self.start("broker", node=node)

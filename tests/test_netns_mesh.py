@@ -3,22 +3,15 @@ processes in each, mDNS on the veth interfaces only, no configuration naming pee
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import signal
-import statistics
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tests import netns
-from tests.harness import Mesh, Proc, wait_for
-from tests.test_coordinator import HB, NODES, healthy, stream
-from tests.test_failover import expected_text
+from tests.harness import Mesh, Proc, close_and_report, wait_for
+from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
@@ -63,13 +56,10 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
     with netns.Hosts(NODES) as hosts:
         m = HostMesh(tmp_path, hosts)
         try:
-            for node in NODES:
-                m.start_broker(node)
+            m.start_brokers()
             yield m
         finally:
-            m.close()
-            if getattr(request.node, "rep_call", None) and request.node.rep_call.failed:
-                print(m.logs())
+            close_and_report(m, request.node)
 
 
 def start_nodes(mesh: HostMesh) -> dict[str, str]:
@@ -98,31 +88,9 @@ def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
              lambda: len(mesh.status("node-a")["workers"]) == 6, timeout=30)
-    tokens, n = 60, 100
-    arrivals: list[list[float]] = [[] for _ in range(n)]
-    killed: list[float] = []
-
-    async def main() -> list[str]:
-        limits = httpx.Limits(max_connections=n + 10)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            flowing = [asyncio.Event() for _ in range(n)]
-            tasks = [asyncio.create_task(stream(
-                client, urls["node-b" if i % 2 else "node-c"], i, tokens, arrivals[i],
-                flowing[i])) for i in range(n)]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
-            mesh.brokers["node-a"].kill(signal.SIGKILL)
-            killed.append(time.monotonic())
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
-
-    texts = asyncio.run(main())
-    for i, text in enumerate(texts):
-        assert text == expected_text(f"failover {i}", tokens), i
+    report = kill_coordinator_under_streams(
+        mesh, [urls["node-b"], urls["node-c"]], streams=100, tokens=60)
+    print("hosts: kill -> first resumed token (heartbeat 0.5 s):", report)
+    assert report["max_s"] <= 5.0, report
     leader = wait_for("a new coordinator", mesh.coordinator, timeout=10)
     assert leader["node_id"] == "node-b" and leader["epoch"] >= 2
-    gaps = [max(itertools.pairwise(a), key=lambda pair: pair[1] - pair[0])[1] - killed[0]
-            for a in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
-            if len(a) > 1]
-    report = {"streams": len(gaps), "median_s": round(statistics.median(gaps), 3),
-              "max_s": round(max(gaps), 3)}
-    print("hosts: kill -> first resumed token (heartbeat 0.5 s):", report)
-    assert max(gaps) <= 5.0, report
