@@ -3,14 +3,17 @@ processes in each, mDNS on the veth interfaces only, no configuration naming pee
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import netns
-from tests.harness import Mesh, Proc, close_and_report, wait_for
+from tests.harness import ROOT, Mesh, Proc, close_and_report, wait_for
 from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
@@ -21,11 +24,13 @@ PORT = 4100
 class HostMesh(Mesh):
     """A Mesh whose nodes live in network namespaces and find each other over mDNS."""
 
-    def __init__(self, tmp: Path, hosts: netns.Hosts) -> None:
+    def __init__(self, tmp: Path, hosts: netns.Hosts, mdns: bool = True) -> None:
         self.hosts = hosts
+        self.mdns = mdns
         super().__init__(tmp, NODES, env={"MLX_STACK_MESH_ID": f"netns-{tmp.name}",
                                           HB: "0.5"})
-        self.env["MLX_STACK_PEERS"] = ""  # mDNS only
+        if mdns:
+            self.env["MLX_STACK_PEERS"] = ""  # found over mDNS alone
 
     def broker_endpoint(self, node: str) -> str:
         return f"tcp://{self.hosts.addr[node]}:{PORT}"
@@ -34,7 +39,7 @@ class HostMesh(Mesh):
         addr = self.hosts.addr[node]
         return {"MLX_STACK_BROKER_HOST": addr, "MLX_STACK_BROKER_PORT": str(PORT),
                 "MLX_STACK_BROKER_ENDPOINT": self.broker_endpoint(node),
-                "MLX_STACK_MDNS_INTERFACES": addr,
+                "MLX_STACK_MDNS_INTERFACES": addr if self.mdns else "",
                 "MLX_STACK_PRIORITY": str(self.priorities[node])}
 
     def start(self, role: str, *args: str, node: str = "node-a",
@@ -53,8 +58,9 @@ class HostMesh(Mesh):
 
 @pytest.fixture
 def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
+    """Three hosts; ``request.param`` "static" swaps mDNS for configured static peers."""
     with netns.Hosts(NODES) as hosts:
-        m = HostMesh(tmp_path, hosts)
+        m = HostMesh(tmp_path, hosts, mdns=getattr(request, "param", "mdns") == "mdns")
         try:
             m.start_brokers()
             yield m
@@ -74,8 +80,9 @@ def start_nodes(mesh: HostMesh) -> dict[str, str]:
     return urls
 
 
+@pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
 def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
-    leader = wait_for("one coordinator over mDNS", mesh.coordinator, timeout=20)
+    leader = wait_for("one coordinator", mesh.coordinator, timeout=20)
     assert leader["node_id"] == "node-a"
     assert {p["node_id"] for p in leader["peers"]} == {"node-b", "node-c"}
     start_nodes(mesh)
@@ -94,3 +101,73 @@ def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
     assert report["max_s"] <= 5.0, report
     leader = wait_for("a new coordinator", mesh.coordinator, timeout=10)
     assert leader["node_id"] == "node-b" and leader["epoch"] >= 2
+
+
+
+CLIENT = """
+import json, sys, time, httpx
+url, seconds = sys.argv[1], float(sys.argv[2])
+results, end = [], time.monotonic() + seconds
+with httpx.Client(timeout=60) as client:
+    while time.monotonic() < end:
+        r = client.post(url + "/v1/chat/completions", json={"model": "syn", "max_tokens": 5,
+                        "messages": [{"role": "user", "content": "hi"}]})
+        results.append([r.status_code, r.headers.get("x-mlx-stack-node", "")])
+print(json.dumps(results))
+"""
+
+ROLE = """
+import sys, uuid, zmq
+from common import protocol as p
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+sock.connect(sys.argv[1])
+sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id=uuid.uuid4().hex, op="status")))
+while sock.poll(1000):
+    msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)[1]
+    if isinstance(msg, p.ControlReply):
+        print(msg.result["role"])
+        break
+"""
+
+
+def role_inside(mesh: HostMesh, node: str) -> str:
+    """A broker's role, asked from inside its own host (which may be cut off)."""
+    out = subprocess.run(mesh.hosts.exec_argv(node, [
+        sys.executable, "-c", ROLE, mesh.broker_endpoint(node)]), capture_output=True,
+        text=True, timeout=10, cwd=ROOT)
+    return out.stdout.strip()
+
+
+def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
+        mesh: HostMesh) -> None:
+    """Cut node-c's only link: node-c elects itself and serves its own clients with its
+    own worker while node-a serves the others; restore it: one coordinator again. The
+    clients run inside their hosts, before, during and after; none of their requests
+    fails."""
+    wait_for("one coordinator", mesh.coordinator, timeout=20)
+    start_nodes(mesh)
+    wait_for("6 workers at node-a", lambda: len(mesh.status("node-a")["workers"]) == 6,
+             timeout=30)
+
+    def client(node: str, seconds: float) -> subprocess.Popen[str]:
+        return subprocess.Popen(mesh.hosts.exec_argv(node, [
+            sys.executable, "-c", CLIENT, f"http://{mesh.hosts.addr[node]}:4000",
+            str(seconds)]), stdout=subprocess.PIPE, text=True)
+
+    clients = {node: client(node, 14) for node in ("node-a", "node-c")}
+    mesh.hosts.link("node-c", up=False)
+    wait_for("node-c coordinating its side", lambda: role_inside(mesh, "node-c") == "active",
+             timeout=15)
+    assert mesh.status("node-a")["role"] == "active"  # both sides have a coordinator
+    apart = time.monotonic()
+    wait_for("3 s apart", lambda: time.monotonic() - apart > 3, every=0.5)
+    mesh.hosts.link("node-c", up=True)
+    leader = wait_for("one coordinator again", mesh.coordinator, timeout=20)
+    assert leader["node_id"] == "node-a"
+    results = {node: json.loads(proc.communicate(timeout=90)[0])
+               for node, proc in clients.items()}
+    for node, served in results.items():
+        assert served and all(code == 200 for code, _ in served), (node, served)
+    assert "node-c" in {by for _, by in results["node-c"]}  # served on its own side
+    assert {by for _, by in results["node-a"]} <= {"node-a", "node-b", "node-c"}
