@@ -30,15 +30,23 @@ import uuid
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from broker.election import BrokerInfo, Election
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
-from common.config import Settings
+from common.config import Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
-from common.transport import close_watched, configure, disconnected, watch_disconnects
+from common.meshkeys import MeshSecretError, load_keys
+from common.transport import (
+    admit_members,
+    close_watched,
+    configure,
+    disconnected,
+    watch_disconnects,
+)
 
 log = logging.getLogger("broker")
 
@@ -65,7 +73,14 @@ class Broker:
         self.chooser = Chooser()
         self.started = time.time()
         self.session = uuid.uuid4().hex
-        self.socket = configure(self.ctx.socket(zmq.ROUTER), settings)
+        self.keys = load_keys(settings.home)
+        if self.keys is None and not is_loopback(settings.broker_host):
+            raise MeshSecretError(
+                f"refusing to listen on {settings.broker_host}: this node has no mesh secret, "
+                "so anyone on the network could join. Run `mlx-stack mesh enable` (first "
+                "Mac) or `mlx-stack mesh enable --join TOKEN`, or bind to 127.0.0.1")
+        self.auth = admit_members(self.ctx, self.keys) if self.keys else None
+        self.socket = configure(self.ctx.socket(zmq.ROUTER), settings, self.keys)
         self.endpoint = f"tcp://{settings.broker_host}:{settings.broker_port}"
         self.socket.bind(self.endpoint)
         peers = [e for e in settings.peer_list if e != settings.advertise]
@@ -78,13 +93,19 @@ class Broker:
                                     else settings.peer_timeout))
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
+        # Connections turned away by CURVE/ZAP (no secret, a foreign one, not a member).
+        self.refusals = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH, f"inproc://refusals-{self.session}")
+        self.poller.register(self.refusals, zmq.POLLIN)
         self.peer_sockets: dict[str, zmq.Socket] = {}
         self.peer_monitors: dict[zmq.Socket, str] = {}
         for endpoint in peers:
             self._add_peer(endpoint)
         self.discovery = Discovery(Advert(
-            mesh=settings.mesh_id, node_id=settings.node_id, endpoint=settings.advertise,
-            priority=settings.priority, started=self.started),
+            mesh=self.keys.mesh_id if self.keys else settings.mesh_id,
+            node_id=settings.node_id, endpoint=settings.advertise, priority=settings.priority,
+            started=self.started),
             settings.mdns_interfaces) if settings.mdns_interfaces else None
         self.leader = ""
         self.followers: dict[bytes, bytes] = {}
@@ -121,7 +142,7 @@ class Broker:
         """Announce ourselves to the broker at ``endpoint`` from now on."""
         if endpoint in self.peer_sockets or endpoint == self.settings.advertise:
             return
-        sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
         sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
         monitor = watch_disconnects(sock)
         sock.connect(endpoint)
@@ -157,6 +178,8 @@ class Broker:
                     except zmq.Again:
                         break
                     self._on_frames(frames)
+            if self.refusals in ready:
+                self._count_refusals()
             for sock in self.peer_sockets.values():
                 if sock in ready:
                     self._drain_peer(sock)
@@ -175,10 +198,24 @@ class Broker:
             close_watched(self.peer_sockets[endpoint], monitor)
         if self.discovery is not None:
             self.discovery.close()
+        self.socket.disable_monitor()
+        self.refusals.close(linger=0)
         self.socket.close(linger=100)
+        if self.auth is not None:
+            self.auth.stop()
 
     def stop(self) -> None:
         self._stopping = True
+
+    def _count_refusals(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.refusals.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.counters["handshake_refused"] += 1
+            log_event(log, "connection_refused", logging.INFO, peer=event["endpoint"],
+                      reason="no mesh secret, a foreign one, or not a member")
 
     def _on_frames(self, frames: list[bytes]) -> None:
         if len(frames) < 2:

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from common.config import Settings
+from common.meshkeys import MeshSecretError, load_keys
 
 app = typer.Typer(
     name="mlx-stack",
@@ -36,12 +37,19 @@ Broker = Annotated[str | None, typer.Option(
 
 
 def settings(**overrides: object) -> Settings:
-    """Settings from flags (None = not given), or exit with the configuration error."""
+    """Settings from flags (None = not given), or exit with the configuration error.
+
+    The mesh secret is checked here too, so that a role never starts half-configured."""
     try:
-        return Settings.load(**overrides)
+        cfg = Settings.load(**overrides)
+        load_keys(cfg.home)
+    except MeshSecretError as exc:
+        err.print(f"[red]mesh secret:[/red] {exc}")
+        raise typer.Exit(2) from None
     except ValueError as exc:
         err.print(f"[red]configuration error:[/red] {exc}")
         raise typer.Exit(2) from None
+    return cfg
 
 
 @app.command()
@@ -104,8 +112,12 @@ def broker(
     """Run the broker: routes jobs from gateways to workers."""
     from broker.main import main
 
-    main(settings(broker_host=host, broker_port=port, home=home, node_id=node_id,
-                  log_level=log_level))
+    try:
+        main(settings(broker_host=host, broker_port=port, home=home, node_id=node_id,
+                      log_level=log_level))
+    except MeshSecretError as exc:
+        err.print(f"[red]broker not started:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -9,6 +9,7 @@ passes its flags as ``overrides``; roles only ever see a finished :class:`Settin
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import socket
 import tomllib
@@ -17,6 +18,14 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "MLX_STACK_"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to ``host`` keeps a server on this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def default_home() -> Path:
@@ -64,6 +73,8 @@ class Settings:
     max_tokens_limit: int = 32768
     default_max_tokens: int = 512
     log_level: str = "warning"
+    api_keys: str = ""
+    """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
 
     @property
     def models_path(self) -> Path:
@@ -83,6 +94,10 @@ class Settings:
     @property
     def peer_list(self) -> list[str]:
         return [p.strip() for p in self.peers.split(",") if p.strip()]
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
     @property
     def broker_candidates(self) -> list[str]:

@@ -10,24 +10,32 @@ Why each option:
 - Reconnect interval with a cap: capped exponential backoff when a peer is away.
 - High water marks raised: a token stream is many small frames; the default of 1000 could
   block or drop a burst.
+- CURVE when the mesh has a secret (common/meshkeys.py): ROUTER sockets are the mesh's
+  servers (only they bind), every other socket is a client of one. A ZAP handler in the
+  binding process admits only clients that present the mesh's own public key.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
 from common.config import Settings
+from common.logs import log_event
+from common.meshkeys import MeshKeys
 from common.protocol import MAX_BODY_BYTES
 
 HWM = 100_000
 
 
-def configure(sock: zmq.Socket, settings: Settings) -> zmq.Socket:
-    """Apply the mesh-wide options to a fresh socket and return it."""
+def configure(sock: zmq.Socket, settings: Settings, keys: MeshKeys | None) -> zmq.Socket:
+    """Apply the mesh-wide options to a fresh socket (before it binds or connects) and
+    return it; with ``keys``, the socket speaks CURVE with the mesh's key pair."""
     interval_ms = int(settings.heartbeat_interval * 1000)
     sock.setsockopt(zmq.LINGER, 100)
     sock.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
@@ -38,9 +46,42 @@ def configure(sock: zmq.Socket, settings: Settings) -> zmq.Socket:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
-    if sock.socket_type == zmq.ROUTER:
+    if sock.type == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    if keys is not None:
+        sock.curve_secretkey = keys.secret
+        sock.curve_publickey = keys.public
+        if sock.type == zmq.ROUTER:
+            sock.curve_server = True
+        else:
+            sock.curve_serverkey = keys.public
     return sock
+
+
+class _Members:
+    """ZAP policy: a client is a member when it presents the mesh's public key. A process
+    without the secret already fails the CURVE handshake; this also turns away one that
+    learnt the public key but made up its own key pair."""
+
+    def __init__(self, keys: MeshKeys) -> None:
+        self.public = keys.public
+        self.denied = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.public:
+            return True
+        self.denied += 1
+        log_event(logging.getLogger("auth"), "client_denied", logging.INFO,
+                  reason="not a mesh member")
+        return False
+
+
+def admit_members(ctx: zmq.Context, keys: MeshKeys) -> ThreadAuthenticator:
+    """Start the ZAP handler of ``ctx`` (before its ROUTER binds); stop it on shutdown."""
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger("auth.zap"))
+    auth.start()
+    auth.configure_curve_callback("*", credentials_provider=_Members(keys))
+    return auth
 
 
 def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
@@ -24,6 +24,7 @@ from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
 from gateway import errors
+from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
@@ -142,12 +143,14 @@ def create_app(settings: Settings) -> FastAPI:
         return JSONResponse(shape.body(text, final.finish_reason, final.usage),
                             headers=served_by(accepted))
 
-    @app.post("/v1/chat/completions")
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
+
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         """Create a chat completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=True)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:
         """Create a text completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=False)
@@ -157,19 +160,21 @@ def create_app(settings: Settings) -> FastAPI:
         return {"id": entry["id"], "object": "model", "created": started, "owned_by": owner,
                 "root": entry["model_id"]}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict[str, Any]:
         """Every model id and alias a request may name, across the mesh."""
         return {"object": "list",
                 "data": [model_card(e) for e in await client.control("models")]}
 
-    @app.get("/v1/models/{model:path}")
+    @v1.get("/models/{model:path}")
     async def model(model: str) -> Any:
         for entry in await client.control("models"):
             if entry["id"] == model:
                 return model_card(entry)
         return errors.error_response(404, f"The model '{model}' does not exist",
                                      code="model_not_found", param="model")
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -31,6 +31,7 @@ import zmq.asyncio
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
+from common.meshkeys import load_keys
 from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
 
 log = logging.getLogger("gateway")
@@ -113,6 +114,7 @@ class BrokerClient:
         self.broker = BrokerChoice(settings.broker_candidates)
         self.monitor: zmq.asyncio.Socket | None = None
         self.connected_at = 0.0
+        self.keys = load_keys(settings.home)
 
     async def start(self) -> None:
         self._connect()
@@ -131,7 +133,7 @@ class BrokerClient:
     def _connect(self) -> None:
         if self.sock is not None and self.monitor is not None:
             close_watched(self.sock, self.monitor)
-        self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
         self.monitor = watch_disconnects(self.sock)
         self.sock.connect(self.broker.current)
         self.poller = zmq.asyncio.Poller()

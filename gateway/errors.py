@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.protocol import ErrorCode
+from gateway.auth import Unauthorized
 from gateway.client import JobError
 from gateway.schemas import Unsupported
 
@@ -75,6 +76,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Unsupported)
     async def _unsupported(_: Request, exc: Unsupported) -> JSONResponse:
         return error_response(400, str(exc), code="unsupported_parameter", param=exc.param)
+
+    @app.exception_handler(Unauthorized)
+    async def _unauthorized(_: Request, exc: Unauthorized) -> JSONResponse:
+        return error_response(401, str(exc), code="invalid_api_key",
+                              headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(JobError)
     async def _job(_: Request, exc: JobError) -> JSONResponse:

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +20,9 @@ from typing import Any, TypeVar
 import httpx
 import zmq
 
-from common import protocol as p
+from common.config import Settings
+from common.control import ControlClient
+from common.meshkeys import MeshKeys, save_secret
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +88,15 @@ class Proc:
 class Cluster:
     """One broker's world: the broker, workers and gateways of one or more nodes."""
 
-    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None,
+                 secret: bytes | None = None) -> None:
+        """``secret``: the mesh secret every process of this cluster holds (None: none,
+        plain ZeroMQ on loopback)."""
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
+        self.keys = MeshKeys.from_secret(secret) if secret else None
+        if secret:
+            save_secret(tmp / "home", secret)
         self.broker_port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.broker_port}"
         self.env = {**os.environ, **FAST_HEARTBEAT, "MLX_STACK_HOME": str(tmp / "home"),
@@ -99,7 +106,7 @@ class Cluster:
                     **(env or {})}
         self.procs: list[Proc] = []
         self.ctx = zmq.Context()
-        self._control: zmq.Socket | None = None
+        self._controls: dict[str, ControlClient] = {}
 
     def start(self, role: str, *args: str, node: str = "node-a",
               env: dict[str, str] | None = None) -> Proc:
@@ -115,10 +122,11 @@ class Cluster:
         wait_for("the broker to answer", lambda: self.try_control("status"))
         return proc
 
-    def worker(self, *args: str, node: str = "node-a", wait: bool = True) -> Proc:
+    def worker(self, *args: str, node: str = "node-a", wait: bool = True,
+               env: dict[str, str] | None = None) -> Proc:
         """Start a worker; with ``wait``, return once the broker has registered it."""
         before = {w["worker_id"] for w in self.workers()}
-        proc = self.start("worker", *args, node=node)
+        proc = self.start("worker", *args, node=node, env=env)
 
         def registered() -> set[str]:
             if not proc.alive():
@@ -154,23 +162,16 @@ class Cluster:
             raise AssertionError(f"the broker did not answer CONTROL {op}")
         return result
 
-    def try_control(self, op: str, timeout: float = 2.0, **args: Any) -> Any:
-        """Send a CONTROL as a gateway would; None if no reply within ``timeout``."""
-        if self._control is None:
-            self._control = self.ctx.socket(zmq.DEALER)
-            self._control.setsockopt(zmq.LINGER, 0)
-            self._control.connect(self.endpoint)
-        request_id = uuid.uuid4().hex
-        self._control.send_multipart(p.encode(p.GATEWAY, p.Control(
-            request_id=request_id, op=op, args=args)))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if not self._control.poll(left * 1000):
-                break
-            _, msg = p.decode(self._control.recv_multipart(), p.FROM_BROKER)
-            if isinstance(msg, p.ControlReply) and msg.request_id == request_id:
-                return msg.result
-        return None
+    def try_control(self, op: str, timeout: float = 2.0, endpoint: str = "",
+                    **args: Any) -> Any:
+        """Send a CONTROL as a gateway would (to this cluster's broker, or ``endpoint``);
+        None if no reply within ``timeout``."""
+        endpoint = endpoint or self.endpoint
+        client = self._controls.get(endpoint)
+        if client is None:
+            client = self._controls[endpoint] = ControlClient(
+                endpoint, Settings.load(home=self.tmp / "home"), self.keys, self.ctx)
+        return client.ask(op, timeout, **args)
 
     def workers(self) -> list[dict[str, Any]]:
         status = self.try_control("status")
@@ -179,8 +180,8 @@ class Cluster:
     def close(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
-        if self._control is not None:
-            self._control.close(0)
+        for client in self._controls.values():
+            client.close()
         self.ctx.term()
 
     def logs(self) -> str:
@@ -203,13 +204,12 @@ class Mesh(Cluster):
     as static peers and elect a coordinator. ``priorities`` maps node -> priority."""
 
     def __init__(self, tmp: Path, priorities: dict[str, int],
-                 env: dict[str, str] | None = None) -> None:
-        super().__init__(tmp, env)
+                 env: dict[str, str] | None = None, secret: bytes | None = None) -> None:
+        super().__init__(tmp, env, secret)
         self.ports = {node: free_port() for node in priorities}
         self.priorities = priorities
         self.env["MLX_STACK_PEERS"] = ",".join(self.broker_endpoint(n) for n in priorities)
         self.brokers: dict[str, Proc] = {}
-        self._sockets: dict[str, zmq.Socket] = {}
 
     def broker_endpoint(self, node: str) -> str:
         return f"tcp://127.0.0.1:{self.ports[node]}"
@@ -234,19 +234,7 @@ class Mesh(Cluster):
 
     def status(self, node: str, timeout: float = 1.0) -> dict[str, Any] | None:
         """CONTROL status of one node's broker (None if it does not answer)."""
-        sock = self._sockets.get(node)
-        if sock is None:
-            sock = self._sockets[node] = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.broker_endpoint(node))
-        request_id = uuid.uuid4().hex
-        sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id=request_id, op="status")))
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and sock.poll(left * 1000):
-            _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
-            if isinstance(msg, p.ControlReply) and msg.request_id == request_id:
-                return msg.result
-        return None
+        return self.try_control("status", timeout, endpoint=self.broker_endpoint(node))
 
     def coordinator(self) -> dict[str, Any] | None:
         """The one active broker's status, if exactly one live broker says it is active
@@ -259,7 +247,3 @@ class Mesh(Cluster):
         leader = active[0]["endpoint"]
         return active[0] if all(s["leader"] == leader for s in statuses) else None
 
-    def close(self) -> None:
-        for sock in self._sockets.values():
-            sock.close(0)
-        super().close()

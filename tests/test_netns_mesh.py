@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from common.meshkeys import new_secret
 from tests import netns
 from tests.harness import ROOT, Mesh, Proc, close_and_report, wait_for
 from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
@@ -27,8 +28,8 @@ class HostMesh(Mesh):
     def __init__(self, tmp: Path, hosts: netns.Hosts, mdns: bool = True) -> None:
         self.hosts = hosts
         self.mdns = mdns
-        super().__init__(tmp, NODES, env={"MLX_STACK_MESH_ID": f"netns-{tmp.name}",
-                                          HB: "0.5"})
+        # Hosts on a network: the mesh secret is required (and its id keeps mDNS private).
+        super().__init__(tmp, NODES, env={HB: "0.5"}, secret=new_secret())
         if mdns:
             self.env["MLX_STACK_PEERS"] = ""  # found over mDNS alone
 
@@ -117,17 +118,13 @@ print(json.dumps(results))
 """
 
 ROLE = """
-import sys, uuid, zmq
-from common import protocol as p
-sock = zmq.Context().socket(zmq.DEALER)
-sock.setsockopt(zmq.LINGER, 0)
-sock.connect(sys.argv[1])
-sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id=uuid.uuid4().hex, op="status")))
-while sock.poll(1000):
-    msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)[1]
-    if isinstance(msg, p.ControlReply):
-        print(msg.result["role"])
-        break
+import sys
+from common.config import Settings
+from common.control import ControlClient
+from common.meshkeys import load_keys
+settings = Settings.load()
+status = ControlClient(sys.argv[1], settings, load_keys(settings.home)).ask("status")
+print(status["role"] if status else "")
 """
 
 
@@ -135,7 +132,7 @@ def role_inside(mesh: HostMesh, node: str) -> str:
     """A broker's role, asked from inside its own host (which may be cut off)."""
     out = subprocess.run(mesh.hosts.exec_argv(node, [
         sys.executable, "-c", ROLE, mesh.broker_endpoint(node)]), capture_output=True,
-        text=True, timeout=10, cwd=ROOT)
+        text=True, timeout=10, cwd=ROOT, env=mesh.env)
     return out.stdout.strip()
 
 

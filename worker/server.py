@@ -26,6 +26,7 @@ import zmq
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
+from common.meshkeys import load_keys
 from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
 from worker.engine import Engine
 from worker.outbox import Outbox
@@ -70,6 +71,7 @@ class Worker:
         self.broker = BrokerChoice(settings.broker_candidates)
         self.monitor: zmq.Socket | None = None
         self.poller = zmq.Poller()
+        self.keys = load_keys(settings.home)
 
     # ----------------------------------------------------------------- engine side
 
@@ -105,7 +107,7 @@ class Worker:
             self.poller.unregister(self.dealer)
             self.poller.unregister(self.monitor)
             close_watched(self.dealer, self.monitor)
-        self.dealer = configure(self.ctx.socket(zmq.DEALER), self.settings)
+        self.dealer = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
         self.monitor = watch_disconnects(self.dealer)
         self.dealer.connect(self.broker.current)
         self.max_epoch = 0  # fencing holds per connection (see gateway/client.py)
