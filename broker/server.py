@@ -100,6 +100,8 @@ class Broker:
         self.poller.register(self.refusals, zmq.POLLIN)
         self.peer_sockets: dict[str, zmq.Socket] = {}
         self.peer_monitors: dict[zmq.Socket, str] = {}
+        self.removed: set[str] = set()
+        """Peers removed with ``mesh remove``: their announcements are ignored."""
         for endpoint in peers:
             self._add_peer(endpoint)
         self.discovery = Discovery(Advert(
@@ -119,6 +121,8 @@ class Broker:
                           started=me.started, active=me.active, epoch=self.epoch)
 
     def _heard(self, msg: p.Announce) -> None:
+        if msg.endpoint in self.removed:
+            return
         self.election.heard(BrokerInfo(
             node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
             started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
@@ -140,7 +144,8 @@ class Broker:
 
     def _add_peer(self, endpoint: str) -> None:
         """Announce ourselves to the broker at ``endpoint`` from now on."""
-        if endpoint in self.peer_sockets or endpoint == self.settings.advertise:
+        if (endpoint in self.peer_sockets or endpoint in self.removed
+                or endpoint == self.settings.advertise):
             return
         sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
         sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
@@ -151,6 +156,22 @@ class Broker:
         self.poller.register(monitor, zmq.POLLIN)
         self.poller.register(sock, zmq.POLLIN)
         log_event(log, "peer_added", endpoint=endpoint)
+
+    def _remove_peer(self, endpoint: str) -> bool:
+        """Stop announcing to ``endpoint`` and forget it; whether it was known at all."""
+        known = endpoint in self.peer_sockets or endpoint in self.election.peers
+        self.removed.add(endpoint)
+        sock = self.peer_sockets.pop(endpoint, None)
+        if sock is not None:
+            monitor = next(m for m, e in self.peer_monitors.items() if e == endpoint)
+            del self.peer_monitors[monitor]
+            self.poller.unregister(sock)
+            self.poller.unregister(monitor)
+            close_watched(sock, monitor)
+        self.election.lost(endpoint)
+        self._elect(time.monotonic())
+        log_event(log, "peer_removed", endpoint=endpoint)
+        return known
 
     @property
     def epoch(self) -> int:
@@ -586,9 +607,19 @@ class Broker:
             last = msg.args.get("last", 20)
             last = last if isinstance(last, int) and last > 0 else 20
             result = list(self.routes)[-last:]
+        elif msg.op in ("add_peer", "remove_peer") and isinstance(
+                endpoint := msg.args.get("endpoint"), str) and endpoint.startswith("tcp://"):
+            if msg.op == "add_peer":
+                self.removed.discard(endpoint)
+                self._add_peer(endpoint)
+                result = True
+            else:
+                result = self._remove_peer(endpoint)
         else:
-            return p.ControlReply(request_id=msg.request_id, ok=False, epoch=self.epoch,
-                                  error=f"unknown op {msg.op!r}; use status|nodes|models|routes")
+            return p.ControlReply(
+                request_id=msg.request_id, ok=False, epoch=self.epoch,
+                error=f"unknown op {msg.op!r} or bad arguments; use status|nodes|models|routes"
+                "|add_peer|remove_peer (with endpoint='tcp://host:port')")
         return p.ControlReply(request_id=msg.request_id, ok=True, result=result, epoch=self.epoch)
 
     def status(self) -> dict[str, Any]:

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from cli.console import err
+from cli.mesh import mesh
 from common.config import Settings
 from common.meshkeys import MeshSecretError, load_keys
 
@@ -23,7 +24,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-err = Console(stderr=True)
+app.add_typer(mesh)
 
 Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
                                             show_default=False)]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 ENV_PREFIX = "MLX_STACK_"
 
 
@@ -26,6 +28,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def primary_address() -> str:
+    """This machine's address on its default route (connecting a UDP socket sends
+    nothing); loopback when there is no route at all."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never contacted
+            return str(s.getsockname()[0])
+        except OSError:
+            return "127.0.0.1"
 
 
 def default_home() -> Path:
@@ -89,7 +102,15 @@ class Settings:
 
     @property
     def advertise(self) -> str:
-        return self.broker_advertise or f"tcp://{self.broker_host}:{self.broker_port}"
+        """How other nodes reach this broker. Bound to every interface (``0.0.0.0``, what
+        ``mesh enable`` sets), that is the first mDNS address or the default route's."""
+        if self.broker_advertise:
+            return self.broker_advertise
+        host = self.broker_host
+        if host in ("0.0.0.0", "*", ""):
+            named = [a for a in self.mdns_interfaces.split(",") if a.strip() not in ("", "all")]
+            host = named[0].strip() if named else primary_address()
+        return f"tcp://{host}:{self.broker_port}"
 
     @property
     def peer_list(self) -> list[str]:
@@ -132,6 +153,24 @@ class Settings:
                 f"known: {sorted(known)}"
             )
         return cls(**{k: _coerce(k, v, known[k].type) for k, v in values.items()})
+
+
+def update_config_file(home: Path, **values: Any) -> Path:
+    """Set (or, with None, remove) keys in ``<home>/config.toml``, keeping the others.
+    What the ``mesh`` commands use to remember a choice across restarts."""
+    path = home / "config.toml"
+    current: dict[str, Any] = {}
+    if path.is_file():
+        with path.open("rb") as f:
+            current = tomllib.load(f)
+    for key, value in values.items():
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(current))
+    return path
 
 
 def _coerce(name: str, value: Any, type_name: Any) -> Any:

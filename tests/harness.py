@@ -85,6 +85,12 @@ class Proc:
         return self.log.read_text(errors="replace")
 
 
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``mlx-stack ARGS`` as a user runs it; output captured, bounded in time."""
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
 class Cluster:
     """One broker's world: the broker, workers and gateways of one or more nodes."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,12 +11,7 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import ROOT, Proc, free_port, wait_for
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+from tests.harness import Proc, free_port, run_cli, wait_for
 
 
 def roles(pid: int) -> dict[int, str]:

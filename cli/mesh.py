@@ -1,0 +1,344 @@
+"""``mlx-stack mesh``: join Macs into one mesh and see what it is doing.
+
+Every command that looks at the mesh asks this Mac's broker (``--broker`` to ask another)
+with a CONTROL request, and follows it to the coordinator when it is a standby. Tables by
+default, ``--json`` for scripts. Exit codes scripts can rely on:
+
+    0  done
+    1  the broker refused the request, or NODE is not in the mesh
+    2  bad usage or configuration
+    3  no broker answered (is `mlx-stack up` running?)
+    4  the mesh is not enabled on this Mac (run `mlx-stack mesh enable`)
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from cli.console import err, out
+from common.config import Settings, update_config_file
+from common.control import ControlClient, ControlError
+from common.meshkeys import (
+    MeshSecretError,
+    load_keys,
+    load_secret,
+    new_secret,
+    save_secret,
+    secret_of,
+    secret_path,
+    token_of,
+)
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DISABLED = 1, 2, 3, 4
+DEFAULT_PORT = 4100
+
+mesh = typer.Typer(
+    name="mesh", no_args_is_help=True,
+    help="Join this Mac to a mesh and look at it: status, nodes, routes, peers, token.\n\n"
+    "Exit codes: 0 done, 1 refused / unknown node, 2 bad usage, 3 no broker answered, "
+    "4 the mesh is not enabled here.")
+
+Home = Annotated[str | None, typer.Option(help="Config and secret directory [~/.mlx-stack].",
+                                          show_default=False)]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts, not tables.")]
+BrokerAt = Annotated[str | None, typer.Option(
+    "--broker", help="Ask this broker instead of this Mac's [tcp://127.0.0.1:4100].",
+    show_default=False)]
+
+
+def fail(code: int, message: str) -> typer.Exit:
+    err.print(message)
+    return typer.Exit(code)
+
+
+def load(home: str | None) -> Settings:
+    try:
+        cfg = Settings.load(home=home)
+        load_keys(cfg.home)
+    except ValueError as exc:  # MeshSecretError included
+        raise fail(EXIT_USAGE, f"[red]configuration error:[/red] {exc}") from None
+    return cfg
+
+
+class Asker:
+    """CONTROL requests from the command line, with the exits above on failure."""
+
+    def __init__(self, cfg: Settings, broker: str | None) -> None:
+        self.cfg = cfg
+        self.keys = load_keys(cfg.home)
+        self.endpoint = broker or cfg.broker_connect
+        self.clients: dict[str, ControlClient] = {}
+
+    def ask(self, op: str, at: str | None = None, **args: Any) -> Any:
+        """CONTROL ``op`` at this broker, or at the broker ``at``."""
+        endpoint = at or self.endpoint
+        if endpoint not in self.clients:
+            self.clients[endpoint] = ControlClient(endpoint, self.cfg, self.keys)
+        try:
+            result = self.clients[endpoint].ask(op, timeout=3.0, **args)
+        except ControlError as exc:
+            raise fail(EXIT_REFUSED, f"[red]the broker refused:[/red] {exc}") from None
+        if result is None:
+            hint = ("is `mlx-stack up` running on this Mac? Or name another node's broker "
+                    "with --broker tcp://HOST:4100")
+            if self.keys is None and not endpoint.startswith("tcp://127."):
+                hint = "this Mac has no mesh secret: run `mlx-stack mesh enable --join TOKEN`"
+            raise fail(EXIT_UNREACHABLE, f"[red]no broker answered at {endpoint}[/red]: {hint}")
+        return result
+
+    def coordinator(self) -> dict[str, Any]:
+        """The coordinator's status: this broker's, or its leader's when it is a standby."""
+        status = self.ask("status")
+        if status["role"] != "active" and status.get("leader"):
+            status = self.ask("status", at=status["leader"])
+        return status
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            client.close()
+
+
+def nodes_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per node from a coordinator's status: its broker (if it has one) joined
+    with the workers it runs."""
+    nodes: dict[str, dict[str, Any]] = {}
+
+    def node(node_id: str, role: str) -> dict[str, Any]:
+        return nodes.setdefault(node_id, {
+            "node_id": node_id, "role": role, "endpoint": "", "models": [], "slots_used": 0,
+            "slots_total": 0, "mem_free": 0, "mem_total": 0, "last_heard_s": None})
+
+    me = node(status["node_id"], "coordinator" if status["role"] == "active" else "standby")
+    me.update(endpoint=status["endpoint"], last_heard_s=0.0)
+    for peer in status["peers"]:
+        row = node(peer["node_id"], "coordinator" if peer["active"] else "standby")
+        row.update(endpoint=peer["endpoint"], last_heard_s=peer["last_seen_s"])
+    for w in status["workers"]:
+        row = node(w["node_id"], "worker")
+        if w["model_id"] not in row["models"]:
+            row["models"].append(w["model_id"])
+        row["slots_used"] += w["in_flight"]
+        row["slots_total"] += w["slots"]
+        row["mem_free"], row["mem_total"] = w["mem_free"], w["mem_total"]
+        heard = w["last_heartbeat_s"]
+        row["last_heard_s"] = heard if row["last_heard_s"] is None else min(
+            row["last_heard_s"], heard)
+    return sorted(nodes.values(), key=lambda r: (r["role"] != "coordinator", r["node_id"]))
+
+
+def models_of(status: dict[str, Any]) -> list[dict[str, Any]]:
+    models: dict[str, dict[str, Any]] = {}
+    for w in status["workers"]:
+        row = models.setdefault(w["model_id"], {"model": w["model_id"], "engine": w["engine"],
+                                                "workers": 0, "slots_used": 0,
+                                                "slots_total": 0, "queued": 0})
+        row["workers"] += 1
+        row["slots_used"] += w["in_flight"]
+        row["slots_total"] += w["slots"]
+    for model, depth in status["queues"].items():
+        models.setdefault(model, {"model": model, "engine": "", "workers": 0, "slots_used": 0,
+                                  "slots_total": 0, "queued": 0})["queued"] = depth
+    return sorted(models.values(), key=lambda r: r["model"])
+
+
+def gib(n: int) -> str:
+    return f"{n / 1024**3:.1f}" if n else "-"
+
+
+def nodes_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="Nodes")
+    for column in ("Node", "Role", "Models", "Slots", "Memory free/total GiB", "Last heard"):
+        table.add_column(column)
+    for r in rows:
+        heard = "-" if r["last_heard_s"] is None else f"{r['last_heard_s']:.1f} s ago"
+        table.add_row(r["node_id"], r["role"], ", ".join(r["models"]) or "-",
+                      f"{r['slots_used']}/{r['slots_total']}",
+                      f"{gib(r['mem_free'])}/{gib(r['mem_total'])}", heard)
+    return table
+
+
+@mesh.command()
+def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
+    """The coordinator, its epoch, every node and every model's queue."""
+    cfg = load(home)
+    asker = Asker(cfg, broker)
+    try:
+        st = asker.coordinator()
+    finally:
+        asker.close()
+    keys = asker.keys
+    view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
+            "coordinator": {"node_id": st["node_id"], "endpoint": st["endpoint"],
+                            "epoch": st["epoch"]},
+            "nodes": nodes_of(st), "models": models_of(st), "jobs": st["jobs"]}
+    if json_:
+        out.print_json(json.dumps(view))
+        return
+    name = f"mesh {keys.mesh_id}" if keys else "mesh not enabled (this Mac only)"
+    out.print(f"[bold]{name}[/bold]: coordinator [green]{st['node_id']}[/green] "
+              f"({st['endpoint']}), epoch {st['epoch']}, {st['jobs']} jobs in flight")
+    out.print(nodes_table(view["nodes"]))
+    table = Table(title="Models")
+    for column in ("Model", "Engine", "Workers", "Slots", "Queued"):
+        table.add_column(column)
+    for m in view["models"]:
+        table.add_row(m["model"], m["engine"], str(m["workers"]),
+                      f"{m['slots_used']}/{m['slots_total']}", str(m["queued"]))
+    out.print(table)
+
+
+@mesh.command()
+def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
+    """Every node of the mesh: role, models, slots, memory, last heard."""
+    asker = Asker(load(home), broker)
+    try:
+        rows = nodes_of(asker.coordinator())
+    finally:
+        asker.close()
+    if json_:
+        out.print_json(json.dumps(rows))
+    else:
+        out.print(nodes_table(rows))
+
+
+@mesh.command()
+def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many decisions.")
+                           ] = 20,
+           json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
+    """The most recent routing decisions: candidates with scores, choice, outcome."""
+    asker = Asker(load(home), broker)
+    try:
+        leader = asker.coordinator()["endpoint"]
+        history = asker.ask("routes", at=leader, last=last)
+    finally:
+        asker.close()
+    if json_:
+        out.print_json(json.dumps(history))
+        return
+    table = Table(title=f"Last {len(history)} routing decisions")
+    for column in ("Time", "Job", "Model", "Chosen", "Candidates (score)", "Wait ms",
+                   "Retries", "Outcome"):
+        table.add_column(column)
+    for r in history:
+        when = datetime.datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S")
+        candidates = ", ".join(f"{c['worker_id']} {c['score']:.3f}"
+                               for c in r.get("candidates", []))
+        table.add_row(when, r["job_id"][:12], r["model"], r.get("worker_id", "-"),
+                      candidates or "-", str(r.get("queue_wait_ms", "-")), str(r["retries"]),
+                      r["outcome"])
+    out.print(table)
+
+
+def endpoint_of(address: str) -> str:
+    """``HOST[:PORT]`` or ``tcp://HOST:PORT`` as a broker endpoint."""
+    address = address.removeprefix("tcp://")
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if not host or (port and not port.isdigit()):
+        raise fail(EXIT_USAGE, f"[red]{address!r} is not HOST:PORT[/red] (e.g. mini-2.local:4100)")
+    return f"tcp://{host}:{port or DEFAULT_PORT}"
+
+
+def require_enabled(cfg: Settings) -> None:
+    if load_secret(cfg.home) is None:
+        raise fail(EXIT_DISABLED, "[red]the mesh is not enabled on this Mac.[/red] Run "
+                   "`mlx-stack mesh enable` (first Mac) or `mlx-stack mesh enable --join TOKEN`.")
+
+
+@mesh.command()
+def add(address: Annotated[str, typer.Argument(help="Another node's broker, HOST:PORT.")],
+        broker: BrokerAt = None, home: Home = None) -> None:
+    """Add a static peer (for networks where mDNS does not reach); kept in config.toml."""
+    cfg = load(home)
+    require_enabled(cfg)
+    endpoint = endpoint_of(address)
+    update_config_file(cfg.home, peers=",".join(dict.fromkeys([*cfg.peer_list, endpoint])))
+    asker = Asker(cfg, broker)
+    try:
+        asker.ask("add_peer", endpoint=endpoint)
+    finally:
+        asker.close()
+    out.print(f"added {endpoint}; `mlx-stack mesh nodes` shows it once it answers")
+
+
+@mesh.command()
+def remove(node: Annotated[str, typer.Argument(help="Node id or HOST:PORT to remove.")],
+           broker: BrokerAt = None, home: Home = None) -> None:
+    """Stop talking to a peer and drop it from config.toml. (A Mac found over mDNS stays
+    away until it is re-added; to leave the mesh for good, run `mesh disable` on it.)"""
+    cfg = load(home)
+    require_enabled(cfg)
+    asker = Asker(cfg, broker)
+    try:
+        peers = {p["node_id"]: p["endpoint"] for p in asker.ask("status")["peers"]}
+        endpoint = peers.get(node) or (endpoint_of(node) if ":" in node else "")
+        was_live = bool(endpoint) and asker.ask("remove_peer", endpoint=endpoint)
+    finally:
+        asker.close()
+    if not was_live and endpoint not in cfg.peer_list:
+        raise fail(EXIT_REFUSED, f"[red]{node!r} is not a peer of this node[/red]; known: "
+                   f"{', '.join(sorted(peers)) or 'none'}")
+    update_config_file(cfg.home, peers=",".join(e for e in cfg.peer_list if e != endpoint)
+                       or None)
+    out.print(f"removed {node} ({endpoint})")
+
+
+@mesh.command()
+def enable(
+    priority: Annotated[int | None, typer.Option(
+        help="Coordinator preference: the highest live priority coordinates [0].",
+        show_default=False)] = None,
+    join: Annotated[str | None, typer.Option(
+        help="Join an existing mesh with the token `mlx-stack mesh token` printed there.",
+        show_default=False)] = None,
+    interface: Annotated[str | None, typer.Option(
+        help="Address(es) of the LAN interface for mDNS, comma-separated [all].",
+        show_default=False)] = None,
+    home: Home = None,
+) -> None:
+    """Create a mesh secret (or take one with --join) and listen on the LAN.
+
+    The broker then binds to every interface with CURVE encryption, and finds the other
+    Macs over mDNS. Restart `mlx-stack up` for it to take effect."""
+    cfg = load(home)
+    current = load_secret(cfg.home)
+    try:
+        secret = secret_of(join) if join else current or new_secret()
+    except MeshSecretError as exc:
+        raise fail(EXIT_USAGE, f"[red]{exc}[/red]") from None
+    if current is not None and secret != current:
+        err.print("[yellow]this Mac leaves its previous mesh for the new one[/yellow]")
+    save_secret(cfg.home, secret)
+    update_config_file(cfg.home, broker_host="0.0.0.0", mdns_interfaces=interface or "all",
+                       **({"priority": priority} if priority is not None else {}))
+    keys = load_keys(cfg.home)
+    assert keys is not None
+    out.print(f"mesh [bold]{keys.mesh_id}[/bold] enabled; secret in {secret_path(cfg.home)} "
+              "(mode 0600).\nRestart `mlx-stack up` to apply. On the next Mac run:\n"
+              "  mlx-stack mesh enable --join $TOKEN   (TOKEN: `mlx-stack mesh token` here)")
+
+
+@mesh.command()
+def disable(home: Home = None) -> None:
+    """Leave the mesh: delete the secret and go back to serving this Mac only (loopback)."""
+    cfg = load(home)
+    if load_secret(cfg.home) is None:
+        out.print("the mesh is not enabled on this Mac; nothing to do")
+        return
+    secret_path(cfg.home).unlink()
+    update_config_file(cfg.home, broker_host=None, mdns_interfaces=None, priority=None)
+    out.print("mesh disabled; restart `mlx-stack up` to serve this Mac alone")
+
+
+@mesh.command()
+def token(home: Home = None) -> None:
+    """Print the join token for the next Mac (it is the mesh secret: share it privately)."""
+    cfg = load(home)
+    require_enabled(cfg)
+    secret = load_secret(cfg.home)
+    assert secret is not None
+    print(token_of(secret))
