@@ -3,8 +3,11 @@
     .venv/bin/python -m bench.routing [overhead|throughput|scaling|all]
 
 1. overhead: time to first token and whole-stream time through gateway + broker +
-   worker, minus the same synthetic engine called in-process, p50/p99, at concurrency 1
-   and 32. The "per token" figure is the added whole-stream time divided by the tokens.
+   worker, minus the same synthetic engine called directly, p50/p99, at concurrency 1
+   and 32, against two baselines: in-process (no HTTP at all), and over HTTP from its own
+   minimal server (``bench/http_backend.py``; what a client would call without the mesh,
+   and how the LiteLLM comparison was measured). The "per token" figure is the added
+   whole-stream time divided by the tokens.
 2. throughput: the most streamed tokens/s one gateway delivers to many clients.
 3. scaling: aggregate tokens/s with 1, 2 and 3 nodes of fixed capacity (each node: a
    gateway and one synthetic worker whose rate is the capacity); the ratio is the figure.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import socket
 import sys
 import tempfile
 import threading
@@ -28,7 +33,7 @@ from typing import Any
 import httpx
 
 from common import protocol as p
-from tests.harness import Cluster
+from tests.harness import Cluster, Proc, free_port, wait_for
 from worker.runner import run_job
 from worker.synthetic import SyntheticEngine
 
@@ -114,6 +119,22 @@ def direct(engine: SyntheticEngine, requests: int, concurrency: int,
     return results
 
 
+def start_http_backend(cluster: Cluster, rate: float, ttft: float) -> str:
+    port = free_port()
+    proc = Proc("http-backend", [sys.executable, "-m", "bench.http_backend", "--port",
+                                 str(port), "--rate", str(rate), "--ttft", str(ttft)],
+                cluster.env, cluster.tmp / "http-backend.log")
+    cluster.procs.append(proc)
+
+    def listening() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+
+    wait_for("the HTTP baseline backend", listening, timeout=30)
+    return f"http://127.0.0.1:{port}"
+
+
 def overhead(tmp: Path) -> dict[str, Any]:
     # A model-like engine (50 tokens/s per stream after 20 ms): at concurrency 32 the
     # mesh then carries 1,600 tokens/s, so this measures overhead, not saturation.
@@ -127,20 +148,26 @@ def overhead(tmp: Path) -> dict[str, Any]:
         cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "32",
                        "--rate", str(rate), "--ttft", str(ttft))
         url = cluster.gateway()
-        asyncio.run(load([url], 20, 4, tokens))  # warm-up
+        backend = start_http_backend(cluster, rate, ttft)
+        for warm in (url, backend):
+            asyncio.run(load([warm], 20, 4, tokens))
         for concurrency, requests in ((1, 100), (32, 320)):
-            mesh, _ = asyncio.run(load([url], requests, concurrency, tokens))
-            base = direct(engine, requests, concurrency, tokens)
+            runs = {"mesh": asyncio.run(load([url], requests, concurrency, tokens))[0],
+                    "in_process": direct(engine, requests, concurrency, tokens),
+                    "http": asyncio.run(load([backend], requests, concurrency, tokens))[0]}
             row: dict[str, Any] = {"requests": requests}
             for name, index in (("ttft", 0), ("stream", 1)):
                 for q, label in ((0.5, "p50"), (0.99, "p99")):
-                    m = pct([r[index] for r in mesh], q) * 1000
-                    d = pct([r[index] for r in base], q) * 1000
-                    row[f"{name}_ms_{label}"] = {"mesh": round(m, 3), "direct": round(d, 3),
-                                                 "added": round(m - d, 3)}
+                    ms = {k: pct([r[index] for r in v], q) * 1000 for k, v in runs.items()}
+                    row[f"{name}_ms_{label}"] = {
+                        **{k: round(v, 3) for k, v in ms.items()},
+                        "added_vs_in_process": round(ms["mesh"] - ms["in_process"], 3),
+                        "added_vs_http": round(ms["mesh"] - ms["http"], 3)}
             for label in ("p50", "p99"):
-                row[f"per_token_added_ms_{label}"] = round(
-                    row[f"stream_ms_{label}"]["added"] / tokens, 4)
+                stream = row[f"stream_ms_{label}"]
+                row[f"per_token_added_ms_{label}"] = {
+                    base: round(stream[f"added_vs_{base}"] / tokens, 4)
+                    for base in ("in_process", "http")}
             out[f"concurrency_{concurrency}"] = row
     finally:
         cluster.close()
