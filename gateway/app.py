@@ -17,14 +17,14 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from gateway import errors
+from gateway import dashboard, errors
 from gateway.client import BrokerClient, JobError
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -191,6 +191,16 @@ def create_app(settings: Settings) -> FastAPI:
     async def prometheus() -> Response:
         """Prometheus exposition of this gateway's and its broker's figures."""
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/mesh", include_in_schema=False)
+    async def mesh_page() -> HTMLResponse:
+        """The live dashboard: one static page that polls ``/mesh/status``."""
+        return HTMLResponse(dashboard.PAGE)
+
+    @app.get("/mesh/status")
+    async def mesh_status() -> dict[str, Any]:
+        """The coordinator, every node and the recent routing decisions, as JSON."""
+        return await dashboard.snapshot(client)
 
     return app
 
