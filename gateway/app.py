@@ -195,7 +195,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/mesh", include_in_schema=False)
     async def mesh_page() -> HTMLResponse:
         """The live dashboard: one static page that polls ``/mesh/status``."""
-        return HTMLResponse(dashboard.PAGE)
+        return HTMLResponse(dashboard.PAGE, headers={"Content-Security-Policy": dashboard.CSP})
 
     @app.get("/mesh/status")
     async def mesh_status() -> dict[str, Any]:

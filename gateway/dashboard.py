@@ -14,6 +14,9 @@ from typing import Any
 from gateway.client import BrokerClient, JobError
 
 PAGE = (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
+CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+       "connect-src 'self'; base-uri 'none'; form-action 'none'")
+"""The page loads nothing from anywhere and talks only to this gateway."""
 ROUTES = 20
 """Recent routing decisions shown."""
 TIMEOUT = 1.0
