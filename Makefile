@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench openblas
+.PHONY: run test lint bench openblas chromium
 
 run: $(VENV)/.installed openblas
 	$(BIN)/mlx-stack up
 
-test: $(VENV)/.installed-test openblas
+test: $(VENV)/.installed-test openblas chromium
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -38,5 +38,17 @@ openblas:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
 	  else \
 	    echo "note: no OpenBLAS found; CPU inference will be slow. Debian/Ubuntu: sudo apt-get install libopenblas0-pthread"; \
+	  fi; \
+	fi
+
+# The dashboard test (tests/test_dashboard.py) drives a real headless chromium through
+# Playwright; it uses the distribution's browser, never `playwright install` downloads.
+chromium:
+	@if [ "$$(uname)" = Linux ] && ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (headless browser for the dashboard test)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "note: no chromium found; the dashboard test will be skipped. Debian/Ubuntu: sudo apt-get install chromium"; \
 	  fi; \
 	fi

@@ -21,6 +21,7 @@ import typer
 from rich.table import Table
 
 from cli.console import err, out
+from common import meshview
 from common.config import Settings, update_config_file
 from common.control import ControlClient, ControlError
 from common.meshkeys import (
@@ -103,61 +104,20 @@ class Asker:
             client.close()
 
 
-def nodes_of(status: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per node from a coordinator's status: its broker (if it has one) joined
-    with the workers it runs."""
-    nodes: dict[str, dict[str, Any]] = {}
-
-    def node(node_id: str, role: str) -> dict[str, Any]:
-        return nodes.setdefault(node_id, {
-            "node_id": node_id, "role": role, "endpoint": "", "models": [], "slots_used": 0,
-            "slots_total": 0, "mem_free": 0, "mem_total": 0, "last_heard_s": None})
-
-    me = node(status["node_id"], "coordinator" if status["role"] == "active" else "standby")
-    me.update(endpoint=status["endpoint"], last_heard_s=0.0)
-    for peer in status["peers"]:
-        row = node(peer["node_id"], "coordinator" if peer["active"] else "standby")
-        row.update(endpoint=peer["endpoint"], last_heard_s=peer["last_seen_s"])
-    for w in status["workers"]:
-        row = node(w["node_id"], "worker")
-        if w["model_id"] not in row["models"]:
-            row["models"].append(w["model_id"])
-        row["slots_used"] += w["in_flight"]
-        row["slots_total"] += w["slots"]
-        row["mem_free"], row["mem_total"] = w["mem_free"], w["mem_total"]
-        heard = w["last_heartbeat_s"]
-        row["last_heard_s"] = heard if row["last_heard_s"] is None else min(
-            row["last_heard_s"], heard)
-    return sorted(nodes.values(), key=lambda r: (r["role"] != "coordinator", r["node_id"]))
-
-
-def models_of(status: dict[str, Any]) -> list[dict[str, Any]]:
-    models: dict[str, dict[str, Any]] = {}
-    for w in status["workers"]:
-        row = models.setdefault(w["model_id"], {"model": w["model_id"], "engine": w["engine"],
-                                                "workers": 0, "slots_used": 0,
-                                                "slots_total": 0, "queued": 0})
-        row["workers"] += 1
-        row["slots_used"] += w["in_flight"]
-        row["slots_total"] += w["slots"]
-    for model, depth in status["queues"].items():
-        models.setdefault(model, {"model": model, "engine": "", "workers": 0, "slots_used": 0,
-                                  "slots_total": 0, "queued": 0})["queued"] = depth
-    return sorted(models.values(), key=lambda r: r["model"])
-
-
 def gib(n: int) -> str:
     return f"{n / 1024**3:.1f}" if n else "-"
 
 
 def nodes_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Nodes")
-    for column in ("Node", "Role", "Models", "Slots", "Memory free/total GiB", "Last heard"):
+    for column in ("Node", "Role", "Models (queued)", "Slots", "Memory free/total GiB",
+                   "Last heartbeat"):
         table.add_column(column)
     for r in rows:
-        heard = "-" if r["last_heard_s"] is None else f"{r['last_heard_s']:.1f} s ago"
-        table.add_row(r["node_id"], r["role"], ", ".join(r["models"]) or "-",
-                      f"{r['slots_used']}/{r['slots_total']}",
+        heard = "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f} s ago"
+        models = ", ".join(f"{m['model_id']} ({m['queue']})" for m in r["models"])
+        table.add_row(r["node_id"], r["role"], models or "-",
+                      f"{r['slots_in_use']}/{r['slots_total']}",
                       f"{gib(r['mem_free'])}/{gib(r['mem_total'])}", heard)
     return table
 
@@ -173,9 +133,8 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
         asker.close()
     keys = asker.keys
     view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
-            "coordinator": {"node_id": st["node_id"], "endpoint": st["endpoint"],
-                            "epoch": st["epoch"]},
-            "nodes": nodes_of(st), "models": models_of(st), "jobs": st["jobs"]}
+            "coordinator": meshview.coordinator(st), "nodes": meshview.nodes(st),
+            "models": meshview.models(st), "jobs": st["jobs"]}
     if json_:
         out.print_json(json.dumps(view))
         return
@@ -188,7 +147,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
         table.add_column(column)
     for m in view["models"]:
         table.add_row(m["model"], m["engine"], str(m["workers"]),
-                      f"{m['slots_used']}/{m['slots_total']}", str(m["queued"]))
+                      f"{m['slots_in_use']}/{m['slots_total']}", str(m["queued"]))
     out.print(table)
 
 
@@ -197,7 +156,7 @@ def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> No
     """Every node of the mesh: role, models, slots, memory, last heard."""
     asker = Asker(load(home), broker)
     try:
-        rows = nodes_of(asker.coordinator())
+        rows = meshview.nodes(asker.coordinator())
     finally:
         asker.close()
     if json_:

@@ -17,15 +17,17 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from gateway import errors
+from gateway import dashboard, errors
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError
+from gateway.metrics import Metrics, RequestMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 T = TypeVar("T")
@@ -119,8 +121,10 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="mlx-stack gateway", version=p.VERSION, lifespan=lifespan,
                   summary="OpenAI-compatible endpoint of an mlx-stack mesh.")
     app.state.client = client
+    metrics = Metrics(client)
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
 
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
                        chat: bool) -> Any:
@@ -129,7 +133,7 @@ def create_app(settings: Settings) -> FastAPI:
             return errors.error_response(
                 400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
                 f"{settings.max_tokens_limit}", code="invalid_value", param="max_tokens")
-        events = client.run(body.model, generation)
+        events = metrics.observe(request, body.model, client.run(body.model, generation))
         try:
             accepted = await until_disconnect(request, anext(events))
             assert isinstance(accepted, p.Accepted)
@@ -187,6 +191,21 @@ def create_app(settings: Settings) -> FastAPI:
         status = "ok" if served else "no_models"
         return JSONResponse({"status": status, "models": [e["id"] for e in served]},
                             status_code=200 if served else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus exposition of this gateway's and its broker's figures."""
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/mesh", include_in_schema=False)
+    async def mesh_page() -> HTMLResponse:
+        """The live dashboard: one static page that polls ``/mesh/status``."""
+        return HTMLResponse(dashboard.PAGE, headers={"Content-Security-Policy": dashboard.CSP})
+
+    @app.get("/mesh/status")
+    async def mesh_status() -> dict[str, Any]:
+        """The coordinator, every node and the recent routing decisions, as JSON."""
+        return await dashboard.snapshot(client)
 
     return app
 

@@ -18,6 +18,7 @@ in use falls silent, the next candidate (this node's broker, then the static pee
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -50,10 +51,12 @@ class JobError(Exception):
 
 
 class _Lost:
-    """Stands for a job attempt that cannot go on (broker lost, frame lost): resubmit."""
+    """Stands for a job attempt that cannot go on (broker lost, frame lost): resubmit.
+    ``kind`` names the failover in the metrics."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, kind: str = "coordinator") -> None:
         self.reason = reason
+        self.kind = kind
 
 
 class _Inbox:
@@ -81,7 +84,7 @@ class _Inbox:
         if not isinstance(msg, p.Partial):
             return msg
         if msg.seq != self.seq:
-            return _Lost(f"expected PARTIAL {self.seq}, got {msg.seq}")
+            return _Lost(f"expected PARTIAL {self.seq}, got {msg.seq}", "lost_frame")
         self.seq += 1
         while not self.queue.empty():
             more = self.queue.get_nowait()
@@ -108,7 +111,13 @@ class BrokerClient:
         """Set while the broker answers; requests wait on it (up to the grace period)."""
         self.session = ""
         self.max_epoch = 0
-        self.counters: dict[str, int] = {"resubmits": 0, "broker_lost": 0}
+        self.counters: dict[str, int] = {"broker_lost": 0}
+        self.failovers: collections.Counter[str] = collections.Counter()
+        """Requests resubmitted, by kind: ``mid_stream`` (the worker was lost after output
+        reached us, or after the broker's own re-dispatches ran out), ``coordinator`` (the
+        broker died, restarted or redirected us) and ``lost_frame`` (a PARTIAL went
+        missing). Re-dispatches before the first token happen inside the broker and are
+        counted there."""
         self._tasks: list[asyncio.Task[None]] = []
         self._reconnect = False
         self.broker = BrokerChoice(settings.broker_candidates)
@@ -302,11 +311,11 @@ class BrokerClient:
                             f"the request did not complete within "
                             f"{self.settings.request_timeout:g} s")) from None
                     if isinstance(msg, _Lost):
-                        reason = msg.reason
+                        reason, kind = msg.reason, msg.kind
                         break
                     if isinstance(msg, p.Fail):
                         if msg.retryable and msg.code in RESUBMIT_CODES:
-                            reason = msg.error
+                            reason, kind = msg.error, "mid_stream"
                             break
                         done = True
                         raise JobError(msg.code, msg.error)
@@ -325,6 +334,6 @@ class BrokerClient:
             if attempts > self.settings.max_retries:
                 raise JobError(p.ErrorCode.WORKER_LOST,
                                f"gave up after {attempts} attempts; last error: {reason}")
-            self.counters["resubmits"] += 1
-            log_event(log, "job_resubmitted", job=job_id, attempt=attempts,
+            self.failovers[kind] += 1
+            log_event(log, "job_resubmitted", job=job_id, attempt=attempts, kind=kind,
                       resume_tokens=len(token_ids), reason=reason)

@@ -55,10 +55,10 @@ def test_status_nodes_add_remove(mesh: Mesh) -> None:
     assert status["enabled"] and len(status["mesh_id"]) == 12
     assert status["coordinator"]["node_id"] == "node-a" and status["coordinator"]["epoch"] >= 1
     [node] = status["nodes"]
-    assert node["role"] == "coordinator" and node["models"] == ["syn"]
-    assert (node["slots_used"], node["slots_total"]) == (0, 4)
+    assert node["role"] == "coordinator" and [m["model_id"] for m in node["models"]] == ["syn"]
+    assert (node["slots_in_use"], node["slots_total"]) == (0, 4)
     assert status["models"] == [{"model": "syn", "engine": "synthetic", "workers": 1,
-                                 "slots_used": 0, "slots_total": 4, "queued": 0}]
+                                 "slots_in_use": 0, "slots_total": 4, "queued": 0}]
 
     out = mesh_cli(mesh, "add", f"127.0.0.1:{mesh.ports['node-b']}")
     assert "added" in out

@@ -1,0 +1,189 @@
+"""Prometheus metrics of one gateway (``GET /metrics``), all named ``mlx_stack_*``.
+
+Two sources. The gateway's own figures (requests, durations, time to first token, tokens,
+its resubmissions) live in a registry of this app's own, not the process-wide default, so
+several apps in one process (tests) never clash. The mesh's figures (workers, queues,
+role, epoch, re-dispatches before the first token) belong to the broker: each scrape asks
+it for CONTROL status with a short timeout; when it does not answer, the local figures are
+still served and ``mlx_stack_broker_up`` is 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import Request
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from common import protocol as p
+from gateway.client import BrokerClient, JobError
+
+SCRAPE_TIMEOUT = 1.0
+"""Seconds a scrape waits for the broker's status before serving local figures only."""
+REQUEST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+UNKNOWN = "unknown"
+"""Model label of requests the mesh did not admit: a client's made-up model names must
+not become label values (one time series each)."""
+NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+GATEWAY_FAILOVERS = ("mid_stream", "coordinator", "lost_frame")
+WORKER_STATES = ("idle", "busy", "full")
+
+
+class Metrics:
+    """The registry behind ``GET /metrics`` and the instruments the app records into."""
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mlx_stack_requests", "Completion requests answered, by model and HTTP status.",
+            ["model", "status"], registry=self.registry)
+        self.duration = Histogram(
+            "mlx_stack_request_duration_seconds",
+            "Time from request to the end of the response (the whole stream when streamed).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram(
+            "mlx_stack_time_to_first_token_seconds",
+            "Time from request to the first generated token.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tokens = Counter(
+            "mlx_stack_tokens_generated", "Completion tokens sent to clients.", ["model"],
+            registry=self.registry)
+        self.mesh = MeshCollector(client)
+        self.registry.register(self.mesh)
+
+    async def render(self) -> bytes:
+        """The exposition text, with the broker's figures as of now."""
+        self.mesh.status = await self.mesh.fetch()
+        return generate_latest(self.registry)  # no await in between: no other scrape's status
+
+    async def observe(self, request: Request, model: str,
+                      events: AsyncIterator[p.Message]) -> AsyncIterator[p.Message]:
+        """Pass a job's messages through, recording time to first token and tokens, and
+        labelling the request with ``model`` once the mesh admitted it."""
+        started = time.monotonic()
+        first = True
+        async with contextlib.aclosing(events):
+            try:
+                async for msg in events:
+                    request.state.model = model
+                    if isinstance(msg, p.Partial) and msg.token_ids:
+                        if first:
+                            self.ttft.labels(model).observe(time.monotonic() - started)
+                            first = False
+                        self.tokens.labels(model).inc(len(msg.token_ids))
+                    yield msg
+            except JobError as exc:
+                if exc.code not in NOT_ADMITTED:
+                    request.state.model = model
+                raise
+
+
+class RequestMetrics:
+    """ASGI middleware: counts completion requests by model and status and times them to
+    the last byte of the response, so a streamed completion counts its whole stream."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in REQUEST_PATHS:
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # unless a response starts
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            model = scope.get("state", {}).get("model", UNKNOWN)
+            self.metrics.requests.labels(model, str(status)).inc()
+            self.metrics.duration.labels(model).observe(time.monotonic() - started)
+
+
+class MeshCollector:
+    """Builds the mesh's metric families at scrape time from the broker's status reply
+    (set in ``status`` just before collection) and the gateway's failover counters."""
+
+    def __init__(self, client: BrokerClient) -> None:
+        self.client = client
+        self.status: dict[str, Any] | None = None
+
+    async def fetch(self) -> dict[str, Any] | None:
+        """The broker's CONTROL status, or None if it does not answer in time."""
+        try:
+            return await self.client.control("status", timeout=SCRAPE_TIMEOUT)
+        except JobError:
+            return None
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status
+        up = GaugeMetricFamily("mlx_stack_broker_up",
+                               "1 if the broker answered this scrape's status request.")
+        up.add_metric([], 1 if status else 0)
+        yield up
+        changes = CounterMetricFamily(
+            "mlx_stack_broker_changes", "Times this gateway lost its broker (it died, "
+            "restarted or redirected to a new coordinator) and moved on.")
+        changes.add_metric([], self.client.counters["broker_lost"])
+        yield changes
+        failovers = CounterMetricFamily(
+            "mlx_stack_failovers", "Requests moved to another worker, by kind: pre_token "
+            "(re-dispatched by the coordinator, counted since it took over), mid_stream "
+            "and coordinator (resubmitted by this gateway with resume tokens), lost_frame.",
+            labels=["kind"])
+        for kind in GATEWAY_FAILOVERS:
+            failovers.add_metric([kind], self.client.failovers[kind])
+        if status:
+            failovers.add_metric(["pre_token"], status["counters"].get("redispatched", 0))
+        yield failovers
+        if status:
+            yield from broker_families(status)
+
+
+def broker_families(status: dict[str, Any]) -> Iterator[Metric]:
+    """Role, epoch, queues and workers of the broker's status reply."""
+    epoch = GaugeMetricFamily("mlx_stack_broker_epoch", "Epoch of the broker in use.")
+    epoch.add_metric([], status["epoch"])
+    yield epoch
+    role = GaugeMetricFamily("mlx_stack_broker_role",
+                             "1 for the role the broker in use has (active = coordinator).",
+                             labels=["node", "role"])
+    for name in ("active", "standby"):
+        role.add_metric([status["node_id"], name], 1 if status["role"] == name else 0)
+    yield role
+    workers = status["workers"]
+    names = {n for w in workers for n in (w["model_id"], *w["aliases"])}
+    queue = GaugeMetricFamily("mlx_stack_queue_depth",
+                              "Requests waiting for a free slot, by requested model name.",
+                              labels=["model"])
+    for name in sorted(names | status["queues"].keys()):
+        queue.add_metric([name], status["queues"].get(name, 0))
+    yield queue
+    by_state = GaugeMetricFamily(
+        "mlx_stack_workers", "Live workers by model and state: idle (no job), busy (jobs "
+        "and a free slot), full (every slot in use).", labels=["model", "state"])
+    for model in sorted({w["model_id"] for w in workers}):
+        mine = [w for w in workers if w["model_id"] == model]
+        for state in WORKER_STATES:
+            by_state.add_metric([model, state], sum(worker_state(w) == state for w in mine))
+    yield by_state
+
+
+def worker_state(worker: dict[str, Any]) -> str:
+    """idle, busy or full, from the broker's own count of the worker's jobs."""
+    if worker["in_flight"] == 0:
+        return "idle"
+    return "full" if worker["in_flight"] >= worker["slots"] else "busy"

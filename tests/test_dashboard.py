@@ -1,0 +1,94 @@
+"""``GET /mesh`` in a real headless browser (Debian chromium driven by Playwright): the
+page shows every node of a 3-node cluster, follows a SIGKILLed worker's node out of the
+mesh, lists routing decisions, and shows untrusted names as text, never as HTML."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.harness import Cluster, wait_for
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HOSTILE = "<img src=x onerror=document.body.dataset.pwned=1>"
+# Off the network: no sync, updates, field trials, first-run pings, proxies or QUIC.
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--no-proxy-server", "--disable-features=MediaRouter,OptimizationHints"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
+                               "(pip install -e '.[test]')")
+if not Path(CHROMIUM).exists():
+    pytest.skip("chromium is not installed; `make test` installs it as root on Debian/Ubuntu "
+                "(apt-get install chromium)", allow_module_level=True)
+
+
+@pytest.fixture
+def page(tmp_path: Path) -> Iterator[Any]:
+    """A page of a fresh headless chromium with its own temporary profile."""
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
+            chromium_sandbox=False, args=FLAGS, timeout=60_000)
+        try:
+            yield browser.pages[0] if browser.pages else browser.new_page()
+        finally:
+            browser.close()
+
+
+def shown_nodes(page: Any) -> dict[str, dict[str, str]]:
+    """The node rows on screen: node id -> the row's data attributes and cell texts."""
+    return page.evaluate("""() => Object.fromEntries(
+        [...document.querySelectorAll('#nodes tr[data-node]')].map(tr => [tr.dataset.node,
+            {workers: tr.dataset.workers, cells: [...tr.cells].map(td => td.textContent)}]))""")
+
+
+def test_dashboard_shows_nodes_routes_and_a_killed_worker(cluster: Cluster, page: Any,
+                                                          tmp_path: Path) -> None:
+    workers = {node: cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "2",
+                                    "--rate", "200", node=node)
+               for node in ("node-a", "node-b")}
+    workers["node-c"] = cluster.worker("--engine", "synthetic", "--model", "syn", "--slots",
+                                       "2", "--alias", HOSTILE, node="node-c")
+    url = cluster.gateway()
+    for i in range(3):
+        assert httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": "syn", "max_tokens": 4,
+            "messages": [{"role": "user", "content": f"hello {i}"}]}).status_code == 200
+
+    page.set_default_timeout(30_000)
+    page.goto(f"{url}/mesh")
+    nodes = wait_for("three nodes on the page",
+                     lambda: (n if len(n := shown_nodes(page)) == 3 else None))
+    assert sorted(nodes) == ["node-a", "node-b", "node-c"]
+    assert nodes["node-a"]["cells"][1] == "coordinator"  # the one broker runs on node-a
+    assert all(n["workers"] == "1" for n in nodes.values())
+    assert page.text_content("#coordinator") == "node-a"
+    assert page.text_content("#epoch") == "1"
+    wait_for("three routing decisions", lambda: page.locator(
+        "#routes tr[data-job]").count() == 3)
+    assert page.locator("#routes tr[data-job] td:last-child").all_text_contents() == ["ok"] * 3
+    # A hostile alias is shown as text: no element is made of it, no script runs.
+    assert HOSTILE in nodes["node-c"]["cells"][2]
+    assert page.locator("#nodes img").count() == 0
+    assert page.evaluate("document.body.dataset.pwned") is None
+    screenshot(page, tmp_path / "dashboard-3-nodes.png")
+
+    workers["node-c"].kill(signal.SIGKILL)
+    polls = int(page.get_attribute("body", "data-polls") or 0)
+    after = wait_for("node-c to leave the page",
+                     lambda: (n if "node-c" not in (n := shown_nodes(page)) else None))
+    assert sorted(after) == ["node-a", "node-b"]
+    assert int(page.get_attribute("body", "data-polls") or 0) > polls
+    screenshot(page, tmp_path / "dashboard-node-c-killed.png")
+
+
+def screenshot(page: Any, path: Path) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    print(f"dashboard screenshot: {path}")

@@ -1,0 +1,102 @@
+"""``GET /metrics`` of a gateway (real processes, synthetic workers): counters move as
+requests are served, a worker killed mid-stream shows as a mid-stream failover and one
+worker fewer, and without a broker the gateway's own figures are still served."""
+
+from __future__ import annotations
+
+import signal
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import Cluster, wait_for
+from tests.test_failover import Stream, expected_text, nodes
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of ``/metrics``, keyed by (name, labels)."""
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text)
+            for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 when it is not exposed (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and set(labels.items()) <= ls)
+
+
+def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
+    workers = nodes(cluster, "node-a", "node-b")
+    url = cluster.gateway()
+    before = scrape(url)
+    assert value(before, "mlx_stack_broker_up") == 1
+    assert value(before, "mlx_stack_broker_epoch") >= 1
+    assert value(before, "mlx_stack_broker_role", node="node-a", role="active") == 1
+    assert value(before, "mlx_stack_workers", model="syn", state="idle") == 2
+    assert value(before, "mlx_stack_queue_depth", model="syn") == 0
+    assert value(before, "mlx_stack_requests_total", model="syn", status="200") == 0
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    reply = client.chat.completions.create(
+        model="syn", max_tokens=7, messages=[{"role": "user", "content": "one"}])
+    streamed = client.chat.completions.create(
+        model="syn", max_tokens=5, stream=True, messages=[{"role": "user", "content": "two"}])
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[
+            {"role": "user", "content": "three"}])
+    served = scrape(url)
+    assert value(served, "mlx_stack_requests_total", model="syn", status="200") == 2
+    assert value(served, "mlx_stack_requests_total", model="unknown", status="404") == 1
+    assert value(served, "mlx_stack_tokens_generated_total", model="syn") == (
+        reply.usage.completion_tokens + 5)
+    assert value(served, "mlx_stack_time_to_first_token_seconds_count", model="syn") == 2
+    assert value(served, "mlx_stack_request_duration_seconds_count", model="syn") == 2
+    assert value(served, "mlx_stack_request_duration_seconds_count", model="unknown") == 1
+
+    stream = Stream(url, "tell me a story", 60).start()
+    wait_for("some tokens", lambda: len(stream.text.split()) >= 10)
+    assert value(scrape(url), "mlx_stack_workers", model="syn", state="busy") == 1
+    workers[stream.headers["x-mlx-stack-node"]].kill(signal.SIGKILL)
+    stream.wait()
+    assert stream.text == expected_text("tell me a story", 60)
+    after = wait_for("one worker left in /metrics", lambda: (
+        s if total(s := scrape(url), "mlx_stack_workers", model="syn") == 1 else None))
+    # At least: on a loaded machine a stalled heartbeat may add a coordinator failover.
+    assert value(after, "mlx_stack_failovers_total", kind="mid_stream") >= 1
+    kinds = {dict(ls)["kind"] for n, ls in after if n == "mlx_stack_failovers_total"}
+    assert kinds == {"pre_token", "mid_stream", "coordinator", "lost_frame"}
+    assert value(after, "mlx_stack_tokens_generated_total", model="syn") == (
+        reply.usage.completion_tokens + 5 + 60)
+
+
+def test_without_a_broker_local_metrics_are_served_and_up_is_0(cluster: Cluster) -> None:
+    nodes(cluster, "node-a")
+    url = cluster.gateway()
+    reply = httpx.post(f"{url}/v1/completions", timeout=30, json={
+        "model": "syn", "prompt": "hi", "max_tokens": 3})
+    assert reply.status_code == 200
+    cluster.procs[0].kill(signal.SIGKILL)  # the broker
+    cluster.procs[0].popen.wait(10)
+    down = scrape(url)
+    assert value(down, "mlx_stack_broker_up") == 0
+    assert value(down, "mlx_stack_requests_total", model="syn", status="200") == 1
+    assert ("mlx_stack_broker_epoch", frozenset()) not in down
+
+    cluster.broker()  # a new broker: the gateway finds it and counts the change
+    back = wait_for("the broker to be up again in /metrics", lambda: (
+        s if value(s := scrape(url), "mlx_stack_broker_up") == 1 else None))
+    assert value(back, "mlx_stack_broker_changes_total") >= 1
