@@ -16,11 +16,13 @@ import httpx
 import openai
 import pytest
 import zmq
+from zeroconf import ServiceInfo, Zeroconf
 
 from common import protocol as p
 from common.config import Settings
 from common.control import ControlClient
-from common.meshkeys import load_keys, new_secret, save_secret
+from common.discovery import SERVICE
+from common.meshkeys import MeshKeys, load_keys, new_secret, save_secret
 from gateway.auth import exposure_warning
 from tests.harness import Cluster, Mesh, close_and_report, free_port, wait_for
 
@@ -236,3 +238,33 @@ def test_broker_refuses_the_network_without_a_secret(tmp_path: Path) -> None:
         assert "mlx-stack mesh enable" in proc.output()
     finally:
         c.close()
+
+
+def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """mDNS on loopback, no static peers: node-a and node-b (one secret) find each other;
+    node-c (another secret, top priority) is visible on the LAN yet stays alone."""
+    m = Mesh(tmp_path, {"node-a": 1, "node-b": 0, "node-c": 5}, secret=new_secret(),
+             env={"MLX_STACK_MDNS_INTERFACES": "127.0.0.1"})
+    m.env["MLX_STACK_PEERS"] = ""
+    other = new_secret()
+    zc = Zeroconf(interfaces=["127.0.0.1"])
+    try:
+        m.brokers["node-c"] = m.start("broker", node="node-c",
+                                      env=rogue_home(tmp_path, "other-mesh", other))
+        m.start_broker("node-a")
+        m.start_broker("node-b")
+        leader = wait_for("node-a and node-b to find each other", m.coordinator, timeout=20)
+        assert leader["node_id"] == "node-a"
+        assert [p["node_id"] for p in leader["peers"]] == ["node-b"]
+
+        def advert_of_c() -> ServiceInfo | None:
+            return zc.get_service_info(SERVICE, f"node-c.{SERVICE}", timeout=1000)
+
+        info = wait_for("node-c's mDNS record", advert_of_c, timeout=20)
+        assert info.properties[b"mesh"].decode() == MeshKeys.from_secret(other).mesh_id
+        assert info.properties[b"mesh"].decode() != m.keys.mesh_id  # type: ignore[union-attr]
+        assert [p["node_id"] for p in m.status("node-a")["peers"]] == ["node-b"]
+    finally:
+        zc.close()
+        close_and_report(m, request.node)
