@@ -144,9 +144,47 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     raw.send_multipart([ident, b"GET / HTTP/1.0\r\n\r\n" + rng.randbytes(512)])
     wait_for("the broker to count the garbage", lambda: cluster.control("status")[
         "counters"].get("dropped", 0) >= len(garbage) - 1)
+    rejected = cluster.control("status")["rejected"]
+    assert sum(rejected.values()) >= len(garbage) - 1, rejected
+    assert {"frame_count", "undecodable", "missing_field"} <= rejected.keys(), rejected
+    assert "handler_error" not in rejected
     assert chat(url).status_code == 200
     sock.close()
     raw.close()
+
+
+def test_a_peer_may_not_switch_roles_and_strangers_must_register(cluster: Cluster) -> None:
+    """A gateway's connection cannot register a worker; a worker that never sent READY
+    is told to (DISCONNECT) and nothing it sends is acted on. Both are counted."""
+    sock = cluster.ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    sock.send_multipart(p.encode(p.GATEWAY, p.Heartbeat()))
+    sock.send_multipart(p.encode(p.WORKER, p.Ready(worker_id="w", node_id="n",
+                                                   model_id="impostor")))
+    stranger = cluster.ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(cluster.endpoint)
+    stranger.send_multipart(p.encode(p.WORKER, p.Final(job_id="x/0", finish_reason="stop")))
+    assert stranger.poll(5000), "no answer to an unregistered worker"
+    assert isinstance(p.decode(stranger.recv_multipart(), p.FROM_BROKER)[1], p.Disconnect)
+    status = wait_for("both rejects to be counted", lambda: (s := cluster.control("status"))
+                      and {"wrong_role", "unregistered"} <= s["rejected"].keys() and s)
+    assert status["workers"] == []
+    sock.close()
+    stranger.close()
+
+
+def test_an_announce_with_an_unusable_endpoint_is_refused(cluster: Cluster) -> None:
+    sock = cluster.ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.endpoint)
+    sock.send_multipart(p.encode(p.PEER, p.Announce(node_id="x", endpoint="not a url",
+                                                    priority=99, active=True, epoch=7)))
+    status = wait_for("the ANNOUNCE to be refused", lambda: (s := cluster.control("status"))
+                      and s["rejected"].get("bad_announce") and s)
+    assert status["role"] == "active" and status["peers"] == [] and status["epoch"] < 7
+    sock.close()
 
 
 def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
