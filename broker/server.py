@@ -229,8 +229,11 @@ class Broker:
         return self.followers.get(identity)
 
     def _plausible(self, msg: p.Announce) -> bool:
-        """Whether an ANNOUNCE describes a broker one could be redirected to."""
-        if ENDPOINT.fullmatch(msg.endpoint) and msg.epoch >= 0 and msg.started >= 0:
+        """Whether an ANNOUNCE describes a broker one could be redirected to, with an epoch
+        that leaves room for one more (a higher one, taken over, would not be on the
+        wire: every peer would refuse this broker's messages)."""
+        if (ENDPOINT.fullmatch(msg.endpoint) and 0 <= msg.epoch < p.INT_MAX
+                and msg.started >= 0):
             return True
         self._reject("bad_announce", f"endpoint={msg.endpoint[:80]!r} epoch={msg.epoch}")
         return False
