@@ -404,11 +404,18 @@ def check_plain(value: Any) -> None:
         elif kind is float:
             if not math.isfinite(item):
                 raise ProtocolError(f"float {item} is not finite", "bad_value")
+        elif kind is str:
+            if not item.isascii():  # decoded frames always pass; JSON "\ud800" does not
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ProtocolError("string with a lone surrogate (not UTF-8)",
+                                        "bad_value") from None
         elif kind not in _SCALARS:
             raise ProtocolError(f"value of type {kind.__name__} is not plain data", "bad_type")
 
 
-_SCALARS = (str, bool, type(None))
+_SCALARS = (bool, type(None))
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -63,7 +64,8 @@ def test_wrong_types_and_missing_fields_are_400(url: str, body: dict, param: str
     assert param.split(".")[-1] in error["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"model": "syn",}', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"model": "syn",}', b"\xff\xfe",
+                                 b"\xf0\xbe"])
 def test_malformed_json_is_400(url: str, raw: bytes) -> None:
     response = httpx.post(f"{url}/v1/chat/completions", content=raw,
                           headers={"content-type": "application/json"})
@@ -115,9 +117,12 @@ def deep(depth: int) -> object:
     {"seed": -(2**70)},
     {"tools": [{"type": "function", "function": deep(100)}]},
     {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"n": 2**64}]}]},
+    {"messages": [{"role": "user", "content": "\ud800"}]},  # lone surrogate: was a 500
 ])
 def test_values_the_mesh_cannot_carry_are_400_not_a_hang(url: str, extra: dict) -> None:
-    response = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, **extra}, timeout=10)
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=10,  # \u-escaped JSON
+                          content=json.dumps({**GOOD, **extra}),
+                          headers={"content-type": "application/json"})
     assert_openai_error(response, 400, "invalid_value")
 
 

@@ -107,3 +107,11 @@ def test_generation_request_is_validated() -> None:
         p.from_dict(p.GenerationRequest, {"kind": "chat", "max_tokens": "many"})
     with pytest.raises(p.ProtocolError, match="seed"):
         p.from_dict(p.GenerationRequest, {"kind": "chat", "seed": 1.5})
+
+
+def test_a_lone_surrogate_is_not_plain_data() -> None:
+    """JSON may escape one ("\\ud800"); msgpack cannot encode it, so senders check first."""
+    p.check_plain({"text": "caf\u00e9 \U0001f600"})
+    with pytest.raises(p.ProtocolError) as info:
+        p.check_plain({"messages": [{"content": "a\ud800"}]})
+    assert info.value.reason == "bad_value"
