@@ -185,3 +185,21 @@ def test_service_still_serves_after_all_that(url: str) -> None:
     assert response.json()["choices"][0]["message"]["content"]
 
 
+
+
+def test_a_bug_still_answers_in_openai_shape() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gateway import errors
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/bug")
+    error = assert_openai_error(response, 500, "internal_error")
+    assert error["type"] == "server_error" and "log" in error["message"]
