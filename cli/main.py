@@ -161,7 +161,7 @@ def gateway(
     max_tokens_limit: Annotated[int | None, typer.Option(
         help="Requests for more tokens get 400 [32768].", show_default=False)] = None,
     max_streams_per_client: Annotated[int | None, typer.Option(
-        help="Streams one client address may hold open; more get 429 [32].",
+        help="Streams one client address may hold open; more get 429 [256].",
         show_default=False)] = None,
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
