@@ -19,12 +19,19 @@ ANNOUNCEs they send each other every interval. A standby broker serves nobody: i
 every worker and gateway with REDIRECT to the coordinator (or, while none is known,
 with a heartbeat, and with DISCONNECT once it becomes the coordinator itself, so that
 they register and resubmit here). A coordinator that steps down redirects everyone.
+
+Hostile input: every frame is validated (:func:`common.protocol.decode`) before anything
+acts on it, then checked against what its sender is: an identity known as a worker may
+only speak the worker protocol, and so on. Whatever is refused is counted by reason and
+shown as ``rejected`` in the CONTROL status reply. A handler that still fails is logged
+and counted as ``handler_error``, never allowed to stop the loop that serves everyone.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -52,6 +59,9 @@ log = logging.getLogger("broker")
 
 ROUTE_HISTORY = 1000
 MAX_SLOTS = 1024
+ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+"""What a broker endpoint in an ANNOUNCE must look like: workers and gateways would be
+redirected there."""
 
 
 class Broker:
@@ -70,6 +80,8 @@ class Broker:
         self.known_models: set[str] = set()
         self.routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUTE_HISTORY)
         self.counters: collections.Counter[str] = collections.Counter()
+        self.rejected: collections.Counter[str] = collections.Counter()
+        """Messages refused, by reason (``ProtocolError.reason`` or the broker's own)."""
         self.chooser = Chooser()
         self.started = time.time()
         self.session = uuid.uuid4().hex
@@ -136,10 +148,10 @@ class Broker:
                 return
             try:
                 _, msg = p.decode(frames, p.FROM_BROKER)
-            except p.ProtocolError:
-                self.counters["dropped"] += 1
+            except p.ProtocolError as exc:
+                self._reject(exc.reason, exc)
                 continue
-            if isinstance(msg, p.Announce):
+            if isinstance(msg, p.Announce) and self._plausible(msg):
                 self._heard(msg)
 
     def _add_peer(self, endpoint: str) -> None:
@@ -239,17 +251,55 @@ class Broker:
                       reason="no mesh secret, a foreign one, or not a member")
 
     def _on_frames(self, frames: list[bytes]) -> None:
+        """Validate one message from the ROUTER, then act on it; never raises."""
         if len(frames) < 2:
-            self.counters["dropped"] += 1
+            self._reject("frame_count", f"{len(frames)} frames")
             return
         identity = frames[0]
         try:
             protocol, msg = p.decode(frames[1:], p.TO_BROKER)
         except p.ProtocolError as exc:
-            self.counters["dropped"] += 1
-            log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
+            self._reject(exc.reason, exc)
             return
+        role = self._role_of(identity)
+        if role is not None and role != protocol:
+            self._reject("wrong_role", f"{msg.COMMAND.name} on {protocol.decode()} from a "
+                         f"{role.decode()} peer")
+            return
+        try:
+            self._on_message(identity, protocol, msg)
+        except Exception as exc:  # a bug must not take the whole mesh's broker down
+            self.rejected["handler_error"] += 1
+            log.exception("handler_error command=%s error=%r", msg.COMMAND.name, exc)
+
+    def _reject(self, reason: str, detail: object) -> None:
+        """Count and drop a message the broker will not act on."""
+        self.rejected[reason] += 1
+        self.counters["dropped"] += 1
+        log_event(log, "frame_dropped", logging.DEBUG, reason=reason, detail=detail)
+
+    def _role_of(self, identity: bytes) -> bytes | None:
+        """The protocol tag an identity has spoken so far (None if new)."""
+        if identity in self.workers:
+            return p.WORKER
+        if identity in self.gateways:
+            return p.GATEWAY
+        return self.followers.get(identity)
+
+    def _plausible(self, msg: p.Announce) -> bool:
+        """Whether an ANNOUNCE describes a broker one could be redirected to, with an epoch
+        that leaves room for one more (a higher one, taken over, would not be on the
+        wire: every peer would refuse this broker's messages)."""
+        if (ENDPOINT.fullmatch(msg.endpoint) and 0 <= msg.epoch < p.INT_MAX
+                and msg.started >= 0):
+            return True
+        self._reject("bad_announce", f"endpoint={msg.endpoint[:80]!r} epoch={msg.epoch}")
+        return False
+
+    def _on_message(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
         if isinstance(msg, p.Announce):
+            if not self._plausible(msg):
+                return
             self._heard(msg)
             # Answer on this connection: our own socket to that broker may still be in
             # reconnect backoff, and a broker that just started must learn of us now.
@@ -282,6 +332,7 @@ class Broker:
         worker = self.workers.get(identity)
         if worker is None:
             # Not registered (purged, or the broker restarted): ask it to register again.
+            self._reject("unregistered", f"{msg.COMMAND.name} from an unregistered worker")
             if not isinstance(msg, p.Disconnect):
                 self._send(identity, p.WORKER, p.Disconnect())
             return
@@ -317,9 +368,9 @@ class Broker:
 
     def _register(self, identity: bytes, ready: p.Ready, now: float) -> None:
         if not (ready.model_id and 1 <= ready.slots <= MAX_SLOTS):
-            self.counters["dropped"] += 1
-            log_event(log, "ready_refused", logging.WARNING, worker=ready.worker_id,
-                      model=ready.model_id, slots=ready.slots)
+            self._reject("bad_ready", "READY without a model or with slots out of range")
+            log_event(log, "ready_refused", logging.WARNING, worker=ready.worker_id[:80],
+                      model=ready.model_id[:80], slots=ready.slots)
             return
         # A worker that registers again has abandoned whatever it was running.
         for other in list(self.workers.values()):
@@ -641,6 +692,7 @@ class Broker:
             "jobs": len(self.jobs),
             "gateways": len(self.gateways),
             "counters": dict(self.counters),
+            "rejected": dict(self.rejected),
         }
 
     def models(self) -> list[dict[str, Any]]:

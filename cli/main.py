@@ -167,6 +167,15 @@ def gateway(
                                              show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="HTTP port [4000].",
                                              show_default=False)] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        help="Larger request bodies get 413 [4194304].", show_default=False)] = None,
+    max_messages: Annotated[int | None, typer.Option(
+        help="Chat requests with more messages get 400 [1024].", show_default=False)] = None,
+    max_tokens_limit: Annotated[int | None, typer.Option(
+        help="Requests for more tokens get 400 [32768].", show_default=False)] = None,
+    max_streams_per_client: Annotated[int | None, typer.Option(
+        help="Streams one client address may hold open; more get 429 [256].",
+        show_default=False)] = None,
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -174,7 +183,10 @@ def gateway(
     from gateway.main import main
 
     main(settings(gateway_host=host, gateway_port=port, broker_endpoint=broker_endpoint,
-                  home=home, node_id=node_id, log_level=log_level))
+                  home=home, node_id=node_id, log_level=log_level,
+                  max_body_bytes=max_body_bytes, max_messages=max_messages,
+                  max_tokens_limit=max_tokens_limit,
+                  max_streams_per_client=max_streams_per_client))
 
 
 @app.command()

@@ -83,6 +83,12 @@ class Settings:
     request_timeout: float = 600.0
     max_retries: int = 3
     max_body_bytes: int = 4 * 1024 * 1024
+    """Larger request bodies get HTTP 413 before they are parsed."""
+    max_messages: int = 1024
+    """Chat requests with more messages get HTTP 400."""
+    max_streams_per_client: int = 256
+    """SSE streams one client address may hold open at once; more get HTTP 429. A bound
+    on a runaway client, above the 100 streams per gateway that load tests open."""
     max_tokens_limit: int = 32768
     default_max_tokens: int = 512
     log_level: str = "warning"

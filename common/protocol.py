@@ -16,13 +16,18 @@ broker message with an epoch lower than the highest it has seen (stale-coordinat
 
 Nothing received is trusted: :func:`decode` checks the tag, the command, the size, the
 msgpack type and every field's type, and raises :class:`ProtocolError`, which callers
-count and drop.
+count (by its ``reason``) and drop. Bodies carry plain data only: maps with string keys,
+lists, strings, booleans, nil, 64-bit signed integers and finite floats, nested at most
+:data:`MAX_DEPTH` deep; no binary, ext types or timestamps. Fields typed ``Any`` (a
+request, control arguments) are held to the same rule, so what a broker forwards is
+something every peer can decode and re-encode.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -41,6 +46,12 @@ PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Largest body accepted; also set as the sockets' ZMQ_MAXMSGSIZE so oversize is cut early."""
+MAX_DEPTH = 64
+"""Deepest nesting of maps and lists in a body (a JSON schema in ``tools`` needs some);
+deeper is refused before anything walks it recursively."""
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""Integers on the wire are signed 64-bit, so arithmetic on them (an epoch + 1) still
+encodes."""
 
 VERSION = "0.1.0"
 
@@ -67,7 +78,14 @@ class Command(enum.IntEnum):
 
 
 class ProtocolError(ValueError):
-    """A message that must be dropped (and counted): never trusted, never fatal."""
+    """A message that must be dropped (and counted): never trusted, never fatal.
+
+    ``reason`` is a short fixed token (``bad_type``, ``undecodable``...) to count by; the
+    message says what exactly was wrong."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(kw_only=True, slots=True)
@@ -302,11 +320,11 @@ class Allowed:
     def reject(self, protocol: bytes, command: bytes) -> ProtocolError:
         """Why ``(protocol, command)`` is not in the table."""
         if protocol not in self.by_protocol:
-            return ProtocolError(f"unknown protocol tag {protocol[:16]!r}")
+            return ProtocolError(f"unknown protocol tag {protocol[:16]!r}", "unknown_protocol")
         if len(command) != 1 or command[0] not in Command._value2member_map_:
-            return ProtocolError(f"unknown command {command[:4]!r}")
+            return ProtocolError(f"unknown command {command[:4]!r}", "unknown_command")
         return ProtocolError(f"command {Command(command[0]).name} not allowed on "
-                             f"{protocol.decode()}")
+                             f"{protocol.decode()}", "command_not_allowed")
 
 
 TO_BROKER = Allowed({
@@ -337,23 +355,67 @@ def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
     """Parse and validate three frames that ``allowed`` permits.
 
     Raises :class:`ProtocolError` for anything malformed: wrong frame count, unknown tag or
-    command, oversize or undecodable body, missing, unknown or mistyped fields.
+    command, oversize or undecodable body, data that is not plain (see the module
+    docstring), missing, unknown or mistyped fields.
     """
     if len(frames) != 3:
-        raise ProtocolError(f"expected 3 frames, got {len(frames)}")
+        raise ProtocolError(f"expected 3 frames, got {len(frames)}", "frame_count")
     protocol, command, body = frames
     cls = allowed.table.get((protocol, command))
     if cls is None:
         raise allowed.reject(protocol, command)
     if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}", "oversize")
     try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"undecodable body: {exc}") from None
+        raise ProtocolError(f"undecodable body: {exc!r}"[:200], "undecodable") from None
     if type(data) is not dict:
-        raise ProtocolError("body is not a map")
+        raise ProtocolError("body is not a map", "not_a_map")
+    check_plain(data)
     return protocol, from_dict(cls, data)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not part of the protocol")
+
+
+def check_plain(value: Any) -> None:
+    """Raise :class:`ProtocolError` unless ``value`` is plain data (module docstring).
+
+    Iterative, so neither a deep value nor this check can exhaust the Python stack."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind is dict or kind is list:
+            if depth >= MAX_DEPTH:
+                raise ProtocolError(f"nested deeper than {MAX_DEPTH}", "too_deep")
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        raise ProtocolError(f"map key of type {type(key).__name__}",
+                                            "bad_key")
+                item = item.values()
+            stack.extend((x, depth + 1) for x in item)
+        elif kind is int:
+            if not INT_MIN <= item <= INT_MAX:
+                raise ProtocolError("integer out of the signed 64-bit range", "bad_value")
+        elif kind is float:
+            if not math.isfinite(item):
+                raise ProtocolError(f"float {item} is not finite", "bad_value")
+        elif kind is str:
+            if not item.isascii():  # decoded frames always pass; JSON "\ud800" does not
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    raise ProtocolError("string with a lone surrogate (not UTF-8)",
+                                        "bad_value") from None
+        elif kind not in _SCALARS:
+            raise ProtocolError(f"value of type {kind.__name__} is not plain data", "bad_type")
+
+
+_SCALARS = (bool, type(None))
 
 
 def from_dict(cls: type[T], data: dict[str, Any]) -> T:
@@ -362,13 +424,15 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     for name, value in data.items():
         check = checks.get(name)
         if check is None:
-            raise ProtocolError(f"{cls.__name__}: unknown field {str(name)[:40]!r}")
+            raise ProtocolError(f"{cls.__name__}: unknown field {str(name)[:40]!r}",
+                                "unknown_field")
         if not check(value):
-            raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}")
+            raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}",
+                                "bad_type")
     try:
         return cls(**data)
     except TypeError as exc:  # a required field is missing
-        raise ProtocolError(f"{cls.__name__}: {exc}") from None
+        raise ProtocolError(f"{cls.__name__}: {exc}", "missing_field") from None
 
 
 Check = Callable[[Any], bool]

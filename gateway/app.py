@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -20,11 +20,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
-from gateway import dashboard, errors
+from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError
 from gateway.metrics import Metrics, RequestMetrics
@@ -125,22 +126,41 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
+    streams = limits.StreamLimit(settings.max_streams_per_client)
 
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
                        chat: bool) -> Any:
         generation = body.to_generation(settings.default_max_tokens)
-        if generation.max_tokens > settings.max_tokens_limit:
-            return errors.error_response(
-                400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
-                f"{settings.max_tokens_limit}", code="invalid_value", param="max_tokens")
+        refusal = limits.check_request(settings, body, generation)
+        if refusal is not None:
+            return refusal
+        release = None
+        if body.stream:
+            peer = request.client.host if request.client else "unknown"
+            release = streams.acquire(peer)
+            if release is None:
+                return streams.refusal(peer)
+        response: Any = None
+        try:
+            response = await answer(request, body, generation, chat, release)
+        finally:
+            if release is not None and not isinstance(response, EventSourceResponse):
+                release()  # no stream opened (an error, or the client left)
+        return response
+
+    async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest,
+                     generation: p.GenerationRequest, chat: bool,
+                     release: Callable[[], None] | None) -> Any:
+        """Run the job; a streamed answer calls ``release`` when its stream is over."""
         events = metrics.observe(request, body.model, client.run(body.model, generation))
         try:
             accepted = await until_disconnect(request, anext(events))
             assert isinstance(accepted, p.Accepted)
             shape = Completion(chat, accepted.model_id, body.include_usage)
-            if body.stream:
-                return EventSourceResponse(stream(events, shape), sep="\n",
-                                           headers=served_by(accepted))
+            if release is not None:
+                return EventSourceResponse(stream(events, shape, release), sep="\n",
+                                           headers=served_by(accepted),
+                                           background=BackgroundTask(release))
             text, final = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
@@ -221,12 +241,13 @@ async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
     raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
-async def stream(events: AsyncIterator[p.Message],
-                 shape: Completion) -> AsyncIterator[bytes]:
+async def stream(events: AsyncIterator[p.Message], shape: Completion,
+                 release: Callable[[], None]) -> AsyncIterator[bytes]:
     """SSE events of a streamed completion; a late failure becomes an error event.
 
     Events are yielded as encoded bytes (sse-starlette passes bytes through untouched),
-    and the last chunk, the usage chunk and ``[DONE]`` leave in one write.
+    and the last chunk, the usage chunk and ``[DONE]`` leave in one write. ``release``
+    frees the client's stream slot when the stream ends, however it ends.
     """
 
     def data(obj: dict[str, Any]) -> bytes:
@@ -249,6 +270,8 @@ async def stream(events: AsyncIterator[p.Message],
         log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
         yield data(errors.error_body("internal error while streaming; see the gateway log",
                                      "server_error", p.ErrorCode.INTERNAL))
+    finally:
+        release()
 
 
 DONE = b"data: [DONE]\n\n"

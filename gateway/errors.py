@@ -3,6 +3,7 @@ every failure the gateway can answer with, and the body-size guard."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.logs import log_event
 from common.protocol import ErrorCode
 from gateway.auth import Unauthorized
 from gateway.client import JobError
@@ -27,6 +29,7 @@ STATUS: dict[str, tuple[int, str]] = {
     ErrorCode.INTERNAL: (500, "server_error"),
 }
 RETRY_AFTER_S = 1
+log = logging.getLogger("gateway")
 
 
 def error_body(message: str, type_: str, code: str | None = None,
@@ -88,9 +91,25 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == BODY_PARSE_ERROR:  # not UTF-8, mostly
+            return error_response(400, "Malformed JSON body: it could not be read as UTF-8 "
+                                  "JSON; send a JSON object with Content-Type: "
+                                  "application/json.", code="invalid_json")
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         code = "body_too_large" if exc.status_code == 413 else None
         return error_response(exc.status_code, str(exc.detail), type_, code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        """Even a bug answers in OpenAI's shape (Starlette's default is plain text); the
+        traceback still goes to the log."""
+        log_event(log, "request_failed", logging.ERROR, error=repr(exc)[:300])
+        return error_response(500, "internal error in the gateway; see its log",
+                              "server_error", ErrorCode.INTERNAL)
+
+
+BODY_PARSE_ERROR = "There was an error parsing the body"
+"""FastAPI's detail when it cannot read a body at all (as opposed to invalid JSON)."""
 
 
 class BodyLimit:

@@ -143,10 +143,11 @@ class Cluster:
             wait_for(f"worker {args} to register", registered, timeout=120)
         return proc
 
-    def gateway(self, node: str = "node-a", env: dict[str, str] | None = None) -> str:
-        """Start a gateway; return its base URL once it is healthy."""
+    def gateway(self, *args: str, node: str = "node-a",
+                env: dict[str, str] | None = None) -> str:
+        """Start a gateway (``args``: extra flags); return its base URL once it is healthy."""
         port = free_port()
-        proc = self.start("gateway", "--port", str(port), node=node, env=env)
+        proc = self.start("gateway", "--port", str(port), *args, node=node, env=env)
         url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:

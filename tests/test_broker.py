@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -13,6 +14,24 @@ import zmq
 
 from common import protocol as p
 from tests.harness import Cluster, wait_for
+
+
+@pytest.fixture
+def dealer(cluster: Cluster) -> Iterator[Callable[[], zmq.Socket]]:
+    """Makes raw DEALERs connected to the broker; all are closed even if the test fails
+    (an open socket would hang the cluster's teardown)."""
+    sockets: list[zmq.Socket] = []
+
+    def connect() -> zmq.Socket:
+        sock = cluster.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(cluster.endpoint)
+        sockets.append(sock)
+        return sock
+
+    yield connect
+    for sock in sockets:
+        sock.close(0)
 
 
 def client(url: str) -> openai.OpenAI:
@@ -144,9 +163,39 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     raw.send_multipart([ident, b"GET / HTTP/1.0\r\n\r\n" + rng.randbytes(512)])
     wait_for("the broker to count the garbage", lambda: cluster.control("status")[
         "counters"].get("dropped", 0) >= len(garbage) - 1)
+    rejected = cluster.control("status")["rejected"]
+    assert sum(rejected.values()) >= len(garbage) - 1, rejected
+    assert {"frame_count", "undecodable", "missing_field"} <= rejected.keys(), rejected
+    assert "handler_error" not in rejected
     assert chat(url).status_code == 200
     sock.close()
     raw.close()
+
+
+def test_a_peer_may_not_switch_roles_and_strangers_must_register(
+        cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
+    """A gateway's connection cannot register a worker; a worker that never sent READY
+    is told to (DISCONNECT) and nothing it sends is acted on. Both are counted."""
+    sock = dealer()
+    sock.send_multipart(p.encode(p.GATEWAY, p.Heartbeat()))
+    sock.send_multipart(p.encode(p.WORKER, p.Ready(worker_id="w", node_id="n",
+                                                   model_id="impostor")))
+    stranger = dealer()
+    stranger.send_multipart(p.encode(p.WORKER, p.Final(job_id="x/0", finish_reason="stop")))
+    assert stranger.poll(5000), "no answer to an unregistered worker"
+    assert isinstance(p.decode(stranger.recv_multipart(), p.FROM_BROKER)[1], p.Disconnect)
+    status = wait_for("both rejects to be counted", lambda: (s := cluster.control("status"))
+                      and {"wrong_role", "unregistered"} <= s["rejected"].keys() and s)
+    assert status["workers"] == []
+
+
+def test_an_announce_with_an_unusable_endpoint_is_refused(
+        cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
+    dealer().send_multipart(p.encode(p.PEER, p.Announce(node_id="x", endpoint="not a url",
+                                                    priority=99, active=True, epoch=7)))
+    status = wait_for("the ANNOUNCE to be refused", lambda: (s := cluster.control("status"))
+                      and s["rejected"].get("bad_announce") and s)
+    assert status["role"] == "active" and status["peers"] == [] and status["epoch"] < 7
 
 
 def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
@@ -182,3 +231,23 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
         sock.close()
     finally:
         c.close()
+
+
+def test_the_highest_epoch_a_peer_may_announce_still_leaves_room_to_take_over(
+        cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
+    """Wire integers stop at 2**63 - 1 and a peer's epoch must be below that, so the
+    broker's epoch + 1 on taking over is still one every peer accepts."""
+    sock = dealer()
+    sock.send_multipart(p.encode(p.PEER, p.Announce(
+        node_id="a", endpoint="tcp://127.0.0.1:9", priority=99, active=True,
+        epoch=p.INT_MAX - 1)))
+    wait_for("the broker to follow the peer", lambda: cluster.control("status")["role"]
+             == "standby")
+    for epoch in (p.INT_MAX, 2**64 - 1):  # refused: no room left / not on the wire
+        sock.send_multipart(p.encode(p.PEER, p.Announce(
+            node_id="b", endpoint="tcp://127.0.0.1:10", epoch=epoch)))
+    status = wait_for("the broker to take over once the peer is silent",
+                      lambda: (s := cluster.control("status"))["role"] == "active" and s)
+    assert status["epoch"] == p.INT_MAX
+    assert status["rejected"].get("bad_value") == 1
+    assert status["rejected"].get("bad_announce") == 1

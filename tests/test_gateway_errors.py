@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_for
 
 LIMIT = 64 * 1024
+MAX_MESSAGES = 8
+MAX_STREAMS = 2
 
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway with small limits, set as settings are: environment and flags."""
     c = Cluster(tmp_path_factory.mktemp("errors"), env={
         "MLX_STACK_MAX_BODY_BYTES": str(LIMIT), "MLX_STACK_MAX_TOKENS_LIMIT": "1000"})
     try:
         c.broker()
-        c.worker("--engine", "synthetic", "--model", "syn")
-        yield c.gateway()
+        c.worker("--engine", "synthetic", "--model", "syn", "--slots", "8", "--rate", "100")
+        yield c.gateway("--max-messages", str(MAX_MESSAGES),
+                        "--max-streams-per-client", str(MAX_STREAMS))
     finally:
         c.close()
 
@@ -58,7 +64,8 @@ def test_wrong_types_and_missing_fields_are_400(url: str, body: dict, param: str
     assert param.split(".")[-1] in error["message"]
 
 
-@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"model": "syn",}', b"\xff\xfe"])
+@pytest.mark.parametrize("raw", [b"{", b"not json", b'{"model": "syn",}', b"\xff\xfe",
+                                 b"\xf0\xbe"])
 def test_malformed_json_is_400(url: str, raw: bytes) -> None:
     response = httpx.post(f"{url}/v1/chat/completions", content=raw,
                           headers={"content-type": "application/json"})
@@ -89,6 +96,69 @@ def test_max_tokens_over_the_limit_is_400(url: str) -> None:
     assert_openai_error(response, 400, "invalid_value", "max_tokens")
 
 
+def test_more_messages_than_the_limit_is_400(url: str) -> None:
+    messages = [{"role": "user", "content": f"m{i}"} for i in range(MAX_MESSAGES + 1)]
+    response = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "messages": messages})
+    error = assert_openai_error(response, 400, "invalid_value", "messages")
+    assert "MLX_STACK_MAX_MESSAGES" in error["message"]
+    at_limit = {**GOOD, "messages": messages[:MAX_MESSAGES]}
+    assert httpx.post(f"{url}/v1/chat/completions", json=at_limit).status_code == 200
+
+
+def deep(depth: int) -> object:
+    value: object = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("extra", [
+    {"seed": 2**63},
+    {"seed": -(2**70)},
+    {"tools": [{"type": "function", "function": deep(100)}]},
+    {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"n": 2**64}]}]},
+    {"messages": [{"role": "user", "content": "\ud800"}]},  # lone surrogate: was a 500
+])
+def test_values_the_mesh_cannot_carry_are_400_not_a_hang(url: str, extra: dict) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", timeout=10,  # \u-escaped JSON
+                          content=json.dumps({**GOOD, **extra}),
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 400, "invalid_value")
+
+
+@pytest.mark.parametrize("raw", [b"[" * 20_000 + b"]" * 20_000,
+                                 b'{"model": "syn", "temperature": NaN, "messages": []}'])
+def test_json_python_parses_but_openai_does_not_is_400(url: str, raw: bytes) -> None:
+    response = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=10,
+                          headers={"content-type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_streams_per_client_are_limited_with_429(url: str) -> None:
+    body = {**GOOD, "stream": True, "max_tokens": 1000}  # ~10 s each: open while we test
+    with httpx.Client(timeout=30) as client, contextlib.ExitStack() as streams:
+        for _ in range(MAX_STREAMS + 1):  # refused before streaming: they hold no slot
+            lost = client.post(f"{url}/v1/chat/completions", json={**body, "model": "nope"})
+            assert_openai_error(lost, 404, "model_not_found")
+        for _ in range(MAX_STREAMS):
+            opened = streams.enter_context(client.stream(
+                "POST", f"{url}/v1/chat/completions", json=body))
+            assert opened.status_code == 200
+        refused = client.post(f"{url}/v1/chat/completions", json=body)
+        error = assert_openai_error(refused, 429, "too_many_streams")
+        assert error["type"] == "rate_limit_error"
+        assert "MLX_STACK_MAX_STREAMS_PER_CLIENT" in error["message"]
+        assert refused.headers["retry-after"] == "1"
+        assert client.post(f"{url}/v1/chat/completions", json=GOOD).status_code == 200
+    # The streams above were closed by the client: their slots are free again.
+    with httpx.Client(timeout=30) as client:
+        def stream_ok() -> bool:
+            return client.post(f"{url}/v1/chat/completions",
+                               json={**body, "max_tokens": 3}).status_code == 200
+
+        wait_for("the closed streams to be released", stream_ok, timeout=10, every=0.2)
+
+
 def test_oversize_body_is_413_declared_or_chunked(url: str) -> None:
     big = {**GOOD, "messages": [{"role": "user", "content": "x" * (LIMIT + 10)}]}
     assert_openai_error(httpx.post(f"{url}/v1/chat/completions", json=big), 413,
@@ -115,3 +185,21 @@ def test_service_still_serves_after_all_that(url: str) -> None:
     assert response.json()["choices"][0]["message"]["content"]
 
 
+
+
+def test_a_bug_still_answers_in_openai_shape() -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from gateway import errors
+
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug")
+
+    response = TestClient(app, raise_server_exceptions=False).get("/bug")
+    error = assert_openai_error(response, 500, "internal_error")
+    assert error["type"] == "server_error" and "log" in error["message"]

@@ -1,0 +1,85 @@
+"""The gateway's limits on what one request, and one client, may ask for.
+
+Each limit is a setting (``MLX_STACK_<NAME>``, ``config.toml``, a ``gateway`` flag) and
+each refusal is an OpenAI-format error that names the setting to raise:
+
+* ``max_body_bytes``: 413, enforced before parsing by :class:`gateway.errors.BodyLimit`;
+* ``max_messages`` and ``max_tokens_limit``: 400, checked here after the body parsed;
+* ``max_streams_per_client``: 429 when one remote address already has that many SSE
+  streams open (a stream holds a worker slot for its whole length);
+* and a body whose values the mesh protocol cannot carry (integers beyond 64 bits, NaN,
+  nesting deeper than the protocol allows) is a 400 here, not a job the broker would
+  drop and the client would wait on until the deadline.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+
+from fastapi.responses import JSONResponse
+
+from common import protocol as p
+from common.config import Settings
+from gateway import errors
+from gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+RETRY_AFTER_S = 1
+
+
+def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRequest,
+                  generation: p.GenerationRequest) -> JSONResponse | None:
+    """The 400 error for a request over a limit or not carriable, or None if it is fine."""
+    if isinstance(body, ChatCompletionRequest) and len(body.messages) > settings.max_messages:
+        return errors.error_response(
+            400, f"{len(body.messages)} messages exceed this server's limit of "
+            f"{settings.max_messages}; send a shorter conversation or raise "
+            "MLX_STACK_MAX_MESSAGES.", code="invalid_value", param="messages")
+    if generation.max_tokens > settings.max_tokens_limit:
+        return errors.error_response(
+            400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
+            f"{settings.max_tokens_limit}; ask for fewer or raise MLX_STACK_MAX_TOKENS_LIMIT.",
+            code="invalid_value", param="max_tokens")
+    try:  # field by field: asdict() would recurse into a deep value
+        p.check_plain({f.name: getattr(generation, f.name)
+                       for f in dataclasses.fields(generation)})
+    except p.ProtocolError as exc:
+        return errors.error_response(
+            400, f"The body holds a value this server cannot pass on ({exc}); send "
+            "integers within 64 bits, finite numbers and JSON nested less deeply.",
+            code="invalid_value")
+    return None
+
+
+class StreamLimit:
+    """Counts the SSE streams open per client address and refuses one over the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: collections.Counter[str] = collections.Counter()
+
+    def acquire(self, client: str) -> Callable[[], None] | None:
+        """A release function for a new stream of ``client``, or None if it has too many.
+        Release is idempotent: the stream's end and the response's cleanup both call it."""
+        if self.open[client] >= self.limit:
+            return None
+        self.open[client] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.open[client] -= 1
+                if self.open[client] <= 0:
+                    del self.open[client]
+
+        return release
+
+    def refusal(self, client: str) -> JSONResponse:
+        return errors.error_response(
+            429, f"This client ({client}) already has {self.limit} streams open; wait for "
+            "one to finish, or raise MLX_STACK_MAX_STREAMS_PER_CLIENT.",
+            type_="rate_limit_error", code="too_many_streams",
+            headers={"Retry-After": str(RETRY_AFTER_S)})
