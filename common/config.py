@@ -19,6 +19,8 @@ from typing import Any
 
 import tomli_w
 
+from common.protocol import MAX_BODY_BYTES
+
 ENV_PREFIX = "MLX_STACK_"
 
 
@@ -94,6 +96,24 @@ class Settings:
     log_level: str = "warning"
     api_keys: str = ""
     """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
+
+    def __post_init__(self) -> None:
+        """Refuse values that would break the mesh later, where the cause is hard to see
+        (a body the protocol cannot carry is dropped by the broker: the request would hang
+        until its deadline)."""
+        problems = []
+        if not 0 < self.max_body_bytes <= MAX_BODY_BYTES // 2:
+            problems.append(f"max_body_bytes must be 1..{MAX_BODY_BYTES // 2}")
+        if not 0 < self.request_timeout < 1e7:
+            problems.append("request_timeout must be a positive number of seconds")
+        if not (self.heartbeat_interval > 0 and self.heartbeat_liveness >= 1):
+            problems.append("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        for name in ("gateway_port", "broker_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be a port number, 0..65535")
+        if problems:
+            raise ValueError("; ".join(problems) + " (fix it in config.toml, the "
+                             f"{ENV_PREFIX}<NAME> variable or the flag)")
 
     @property
     def models_path(self) -> Path:

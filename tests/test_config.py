@@ -1,0 +1,32 @@
+"""Settings: layered sources, and values refused before they can break the mesh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import Settings, update_config_file
+
+
+def test_layers_config_file_then_environment_then_flags(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    update_config_file(tmp_path, gateway_port=4001, queue_size=7, priority=2)
+    monkeypatch.setenv("MLX_STACK_QUEUE_SIZE", "8")
+    cfg = Settings.load(home=tmp_path, priority=3)
+    assert (cfg.gateway_port, cfg.queue_size, cfg.priority) == (4001, 8, 3)
+    update_config_file(tmp_path, gateway_port=None)  # None removes the key
+    assert Settings.load(home=tmp_path).gateway_port == 4000
+
+
+@pytest.mark.parametrize("bad", [{"max_body_bytes": 10**9}, {"request_timeout": float("inf")},
+                                 {"heartbeat_interval": 0.0}, {"gateway_port": 70000}])
+def test_values_the_mesh_cannot_work_with_are_refused(bad: dict) -> None:
+    with pytest.raises(ValueError, match=r"config\.toml"):
+        Settings(**bad)
+
+
+def test_unknown_settings_are_named(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("gatway_port = 1\n")
+    with pytest.raises(ValueError, match="gatway_port"):
+        Settings.load(home=tmp_path)
