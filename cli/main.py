@@ -12,10 +12,9 @@ from typing import Annotated
 
 import typer
 
-from cli.console import err
+from cli.console import err, settings
 from cli.mesh import mesh
-from common.config import Settings
-from common.meshkeys import MeshSecretError, load_keys
+from common.meshkeys import MeshSecretError
 
 app = typer.Typer(
     name="mlx-stack",
@@ -35,22 +34,6 @@ LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or erro
 Broker = Annotated[str | None, typer.Option(
     "--broker", help="Broker endpoint to connect to [tcp://127.0.0.1:4100].",
     show_default=False)]
-
-
-def settings(**overrides: object) -> Settings:
-    """Settings from flags (None = not given), or exit with the configuration error.
-
-    The mesh secret is checked here too, so that a role never starts half-configured."""
-    try:
-        cfg = Settings.load(**overrides)
-        load_keys(cfg.home)
-    except MeshSecretError as exc:
-        err.print(f"[red]mesh secret:[/red] {exc}")
-        raise typer.Exit(2) from None
-    except ValueError as exc:
-        err.print(f"[red]configuration error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    return cfg
 
 
 @app.command()

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cli.console import err, out
+from cli.console import err, out, settings
 from common import meshview
 from common.config import Settings, update_config_file
 from common.control import ControlClient, ControlError
@@ -55,15 +55,6 @@ BrokerAt = Annotated[str | None, typer.Option(
 def fail(code: int, message: str) -> typer.Exit:
     err.print(message)
     return typer.Exit(code)
-
-
-def load(home: str | None) -> Settings:
-    try:
-        cfg = Settings.load(home=home)
-        load_keys(cfg.home)
-    except ValueError as exc:  # MeshSecretError included
-        raise fail(EXIT_USAGE, f"[red]configuration error:[/red] {exc}") from None
-    return cfg
 
 
 class Asker:
@@ -125,7 +116,7 @@ def nodes_table(rows: list[dict[str, Any]]) -> Table:
 @mesh.command()
 def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
     """The coordinator, its epoch, every node and every model's queue."""
-    cfg = load(home)
+    cfg = settings(home=home)
     asker = Asker(cfg, broker)
     try:
         st = asker.coordinator()
@@ -154,7 +145,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
 @mesh.command()
 def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
     """Every node of the mesh: role, models, slots, memory, last heard."""
-    asker = Asker(load(home), broker)
+    asker = Asker(settings(home=home), broker)
     try:
         rows = meshview.nodes(asker.coordinator())
     finally:
@@ -170,7 +161,7 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
                            ] = 20,
            json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
     """The most recent routing decisions: candidates with scores, choice, outcome."""
-    asker = Asker(load(home), broker)
+    asker = Asker(settings(home=home), broker)
     try:
         leader = asker.coordinator()["endpoint"]
         history = asker.ask("routes", at=leader, last=last)
@@ -212,7 +203,7 @@ def require_enabled(cfg: Settings) -> None:
 def add(address: Annotated[str, typer.Argument(help="Another node's broker, HOST:PORT.")],
         broker: BrokerAt = None, home: Home = None) -> None:
     """Add a static peer (for networks where mDNS does not reach); kept in config.toml."""
-    cfg = load(home)
+    cfg = settings(home=home)
     require_enabled(cfg)
     endpoint = endpoint_of(address)
     update_config_file(cfg.home, peers=",".join(dict.fromkeys([*cfg.peer_list, endpoint])))
@@ -229,7 +220,7 @@ def remove(node: Annotated[str, typer.Argument(help="Node id or HOST:PORT to rem
            broker: BrokerAt = None, home: Home = None) -> None:
     """Stop talking to a peer and drop it from config.toml. (A Mac found over mDNS stays
     away until it is re-added; to leave the mesh for good, run `mesh disable` on it.)"""
-    cfg = load(home)
+    cfg = settings(home=home)
     require_enabled(cfg)
     asker = Asker(cfg, broker)
     try:
@@ -263,7 +254,7 @@ def enable(
 
     The broker then binds to every interface with CURVE encryption, and finds the other
     Macs over mDNS. Restart `mlx-stack up` for it to take effect."""
-    cfg = load(home)
+    cfg = settings(home=home)
     current = load_secret(cfg.home)
     try:
         secret = secret_of(join) if join else current or new_secret()
@@ -284,7 +275,7 @@ def enable(
 @mesh.command()
 def disable(home: Home = None) -> None:
     """Leave the mesh: delete the secret and go back to serving this Mac only (loopback)."""
-    cfg = load(home)
+    cfg = settings(home=home)
     if load_secret(cfg.home) is None:
         out.print("the mesh is not enabled on this Mac; nothing to do")
         return
@@ -296,7 +287,7 @@ def disable(home: Home = None) -> None:
 @mesh.command()
 def token(home: Home = None) -> None:
     """Print the join token for the next Mac (it is the mesh secret: share it privately)."""
-    cfg = load(home)
+    cfg = settings(home=home)
     require_enabled(cfg)
     secret = load_secret(cfg.home)
     assert secret is not None
