@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 from common import protocol as p
+from common.meshkeys import new_secret
 from tests.harness import Cluster, Proc, free_port, wait_for
 from worker.runner import run_job
 from worker.synthetic import SyntheticEngine
@@ -136,41 +137,46 @@ def start_http_backend(cluster: Cluster, rate: float, ttft: float) -> str:
 
 
 def overhead(tmp: Path) -> dict[str, Any]:
+    """Added latency of the mesh, plain and with CURVE (a mesh secret), against the engine
+    in-process and behind its own HTTP server."""
     # A model-like engine (50 tokens/s per stream after 20 ms): at concurrency 32 the
     # mesh then carries 1,600 tokens/s, so this measures overhead, not saturation.
     rate, ttft, tokens = 50.0, 0.02, 32
     engine = SyntheticEngine("syn", slots=32, rate=rate, ttft=ttft)
-    cluster = Cluster(tmp / "overhead")
+    meshes = {"mesh": Cluster(tmp / "overhead"),
+              "mesh_curve": Cluster(tmp / "overhead-curve", secret=new_secret())}
     out: dict[str, Any] = {"engine": {"rate_tokens_per_s": rate, "ttft_s": ttft},
                            "tokens_per_request": tokens}
     try:
-        cluster.broker()
-        cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "32",
-                       "--rate", str(rate), "--ttft", str(ttft))
-        url = cluster.gateway()
-        backend = start_http_backend(cluster, rate, ttft)
-        for warm in (url, backend):
+        urls = {}
+        for name, cluster in meshes.items():
+            cluster.broker()
+            cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "32",
+                           "--rate", str(rate), "--ttft", str(ttft))
+            urls[name] = cluster.gateway()
+        backend = start_http_backend(meshes["mesh"], rate, ttft)
+        for warm in (*urls.values(), backend):
             asyncio.run(load([warm], 20, 4, tokens))
         for concurrency, requests in ((1, 100), (32, 320)):
-            runs = {"mesh": asyncio.run(load([url], requests, concurrency, tokens))[0],
-                    "in_process": direct(engine, requests, concurrency, tokens),
-                    "http": asyncio.run(load([backend], requests, concurrency, tokens))[0]}
+            runs = {name: asyncio.run(load([url], requests, concurrency, tokens))[0]
+                    for name, url in urls.items()}
+            runs["in_process"] = direct(engine, requests, concurrency, tokens)
+            runs["http"] = asyncio.run(load([backend], requests, concurrency, tokens))[0]
             row: dict[str, Any] = {"requests": requests}
             for name, index in (("ttft", 0), ("stream", 1)):
                 for q, label in ((0.5, "p50"), (0.99, "p99")):
                     ms = {k: pct([r[index] for r in v], q) * 1000 for k, v in runs.items()}
-                    row[f"{name}_ms_{label}"] = {
-                        **{k: round(v, 3) for k, v in ms.items()},
-                        "added_vs_in_process": round(ms["mesh"] - ms["in_process"], 3),
-                        "added_vs_http": round(ms["mesh"] - ms["http"], 3)}
+                    row[f"{name}_ms_{label}"] = {k: round(v, 3) for k, v in ms.items()}
+                    row[f"{name}_added_ms_{label}"] = {
+                        f"{mesh}_vs_{base}": round(ms[mesh] - ms[base], 3)
+                        for mesh in meshes for base in ("in_process", "http")}
             for label in ("p50", "p99"):
-                stream = row[f"stream_ms_{label}"]
                 row[f"per_token_added_ms_{label}"] = {
-                    base: round(stream[f"added_vs_{base}"] / tokens, 4)
-                    for base in ("in_process", "http")}
+                    k: round(v / tokens, 4) for k, v in row[f"stream_added_ms_{label}"].items()}
             out[f"concurrency_{concurrency}"] = row
     finally:
-        cluster.close()
+        for cluster in meshes.values():
+            cluster.close()
     return out
 
 

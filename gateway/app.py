@@ -160,7 +160,7 @@ def create_app(settings: Settings) -> FastAPI:
             if release is not None:
                 return EventSourceResponse(stream(events, shape, release), sep="\n",
                                            headers=served_by(accepted),
-                                           background=BackgroundTask(release))
+                                           background=BackgroundTask(call_async, release))
             text, final = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
@@ -228,6 +228,12 @@ def create_app(settings: Settings) -> FastAPI:
         return await dashboard.snapshot(client)
 
     return app
+
+
+async def call_async(fn: Callable[[], None]) -> None:
+    """``fn`` as a background task run on the loop: Starlette runs a sync one in a worker
+    thread, a thread hop per streamed request for a counter decrement."""
+    fn()
 
 
 async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
