@@ -18,6 +18,7 @@ Why each option:
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import zmq
@@ -84,14 +85,23 @@ def admit_members(ctx: zmq.Context, keys: MeshKeys) -> ThreadAuthenticator:
     return auth
 
 
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+KEY_HINT_EVERY_S = 30.0
+_last_key_hint = 0.0
+log = logging.getLogger("transport")
+
+
 def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
     """A PAIR socket that becomes readable when ``sock`` loses an established connection:
     its peer process died (the kernel closed the TCP connection) or ZMTP heartbeats timed
     out. A killed process is then known in milliseconds instead of after the heartbeat
-    liveness; our own heartbeats remain the judge for peers that hang without dying."""
+    liveness; our own heartbeats remain the judge for peers that hang without dying.
+    Failed CURVE handshakes are reported too, so that a wrong secret is explained."""
     # A unique address: pyzmq's default derives it from the socket's file descriptor,
     # which the socket this one replaces may just have freed.
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://monitor-{uuid.uuid4().hex}")
+    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED,
+                                   f"inproc://monitor-{uuid.uuid4().hex}")
 
 
 def disconnected(monitor: zmq.Socket) -> bool:
@@ -101,10 +111,26 @@ def disconnected(monitor: zmq.Socket) -> bool:
         monitor.underlying)
     while True:
         try:
-            frames = sync.recv_multipart(zmq.NOBLOCK)
+            event = parse_monitor_message(sync.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             return seen
-        seen = seen or parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
+        if event["event"] & HANDSHAKE_FAILED:
+            _explain_refusal(event["endpoint"])
+        seen = seen or event["event"] == zmq.EVENT_DISCONNECTED
+
+
+def _explain_refusal(endpoint: bytes) -> None:
+    """A broker turned us away at the handshake: almost always a mesh secret that differs
+    (or exists on one side only). Say so, at most every 30 s while it goes on."""
+    global _last_key_hint
+    now = time.monotonic()
+    if now - _last_key_hint < KEY_HINT_EVERY_S and _last_key_hint:
+        return
+    _last_key_hint = now
+    log_event(log, "handshake_refused", logging.WARNING, broker=endpoint.decode(errors="replace"),
+              hint="this node's mesh secret differs from that broker's (or only one side has "
+              "one): run `mlx-stack mesh enable --join TOKEN` with the token that "
+              "`mlx-stack mesh token` prints on a member")
 
 
 def close_watched(sock: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> None:

@@ -103,9 +103,12 @@ def test_a_worker_without_the_secret_cannot_register(cluster_with_secret: Cluste
     c = cluster_with_secret
     for name, secret in (("no-secret", None), ("foreign", new_secret())):
         refused = c.control("status")["counters"].get("handshake_refused", 0)
-        c.start("worker", *SYN, node=name, env=rogue_home(tmp_path, name, secret))
+        worker = c.start("worker", *SYN, node=name, env=rogue_home(tmp_path, name, secret))
         wait_for(f"the broker to refuse the {name} worker", lambda r=refused: c.control(
             "status")["counters"].get("handshake_refused", 0) > r, timeout=20)
+        # ... and the worker says why, and what to do.
+        wait_for(f"the {name} worker to explain", lambda w=worker: "mesh enable --join" in
+                 w.output(), timeout=20)
     c.worker(*SYN, node="member")  # a member registers through the same port meanwhile
     assert [w["node_id"] for w in c.workers()] == ["member"]
 
