@@ -233,9 +233,14 @@ class BrokerClient:
     async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval
         while True:
+            slept = time.monotonic()
             await asyncio.sleep(interval)
+            now = time.monotonic()
+            # Woken late, this loop itself was stalled (a huge body being parsed, say):
+            # the broker's frames wait unread, so its silence is ours. Judge next time.
+            stalled = now - slept > 2 * interval
             last_word = max(self.heard, self.connected_at)
-            if time.monotonic() - last_word > self.settings.peer_timeout:
+            if not stalled and now - last_word > self.settings.peer_timeout:
                 self._advance(f"{self.broker.current} silent")
             self._send(p.Heartbeat())
 

@@ -18,14 +18,18 @@ import collections
 import dataclasses
 from collections.abc import Callable
 
+import msgpack
 from fastapi.responses import JSONResponse
 
 from common import protocol as p
 from common.config import Settings
 from gateway import errors
+from gateway.errors import RETRY_AFTER_S
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 
-RETRY_AFTER_S = 1
+RESUME_BYTES_PER_TOKEN = 48
+"""Room kept per generated token for a resubmission (its id, and its text, generously)."""
+ENVELOPE_BYTES = 4096
 
 
 def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRequest,
@@ -41,14 +45,24 @@ def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRe
             400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
             f"{settings.max_tokens_limit}; ask for fewer or raise MLX_STACK_MAX_TOKENS_LIMIT.",
             code="invalid_value", param="max_tokens")
-    try:  # field by field: asdict() would recurse into a deep value
-        p.check_plain({f.name: getattr(generation, f.name)
-                       for f in dataclasses.fields(generation)})
+    try:  # as it sits in a SUBMIT (body -> request -> field); field by field, because
+        # asdict() would recurse into a value before its depth is known
+        p.check_plain({"request": {f.name: getattr(generation, f.name)
+                                   for f in dataclasses.fields(generation)}})
     except p.ProtocolError as exc:
         return errors.error_response(
             400, f"The body holds a value this server cannot pass on ({exc}); send "
             "integers within 64 bits, finite numbers and JSON nested less deeply.",
             code="invalid_value")
+    # The frame must fit with room for a resubmission's resume tokens and text: JSON and
+    # msgpack sizes differ (a 4-byte "1e1," is a 9-byte double), so measure, do not guess.
+    size = len(msgpack.packb(generation.to_dict(), use_bin_type=True))
+    room = p.MAX_BODY_BYTES - RESUME_BYTES_PER_TOKEN * generation.max_tokens - ENVELOPE_BYTES
+    if size > room:
+        return errors.error_response(
+            413, f"The request takes {size} bytes on the mesh, over the {max(room, 0)} it can "
+            "carry with this max_tokens; send a smaller request or ask for fewer tokens.",
+            code="body_too_large")
     return None
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from common import protocol as p
 from tests.harness import Cluster, wait_for
 
 LIMIT = 64 * 1024
@@ -203,3 +204,47 @@ def test_a_bug_still_answers_in_openai_shape() -> None:
     response = TestClient(app, raise_server_exceptions=False).get("/bug")
     error = assert_openai_error(response, 500, "internal_error")
     assert error["type"] == "server_error" and "log" in error["message"]
+
+
+def nest(levels: int) -> dict:
+    value: dict = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def tool(parameters: object) -> list[dict]:
+    return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+
+
+def test_nesting_is_measured_as_the_mesh_carries_it(url: str) -> None:
+    """The tool's parameters sit 5 levels deep in a SUBMIT: 59 more levels are the most
+    the protocol carries (64). One more is a 400 at once, not a job the broker drops."""
+    ok = httpx.post(f"{url}/v1/chat/completions", timeout=10,
+                    json={**GOOD, "tools": tool(nest(p.MAX_DEPTH - 5))})
+    assert ok.status_code == 200, ok.text
+    too_deep = httpx.post(f"{url}/v1/chat/completions", timeout=10,
+                          json={**GOOD, "tools": tool(nest(p.MAX_DEPTH - 4))})
+    assert_openai_error(too_deep, 400, "invalid_value")
+
+
+def test_a_body_that_grows_past_a_frame_is_413_and_the_gateway_stays_up(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under the default 4 MiB body limit, but each 4-byte `1e1,` is a 9-byte double in
+    msgpack: the SUBMIT would exceed the broker's frame limit and cut the gateway off."""
+    c = Cluster(tmp_path_factory.mktemp("frame"))
+    try:
+        c.broker()
+        c.worker("--engine", "synthetic", "--model", "syn")
+        url = c.gateway()
+        floats = "[" + ",".join(["1e1"] * 1_000_000) + "]"
+        raw = json.dumps({**GOOD, "tools": tool("PARAMS")}).replace('"PARAMS"', floats)
+        assert len(raw) < 4 * 1024 * 1024
+        big = httpx.post(f"{url}/v1/chat/completions", content=raw, timeout=30,
+                         headers={"content-type": "application/json"})
+        assert_openai_error(big, 413, "body_too_large")
+        assert httpx.post(f"{url}/v1/chat/completions", json=GOOD, timeout=10).status_code == 200
+        gateway = next(proc for proc in c.procs if proc.name.startswith("gateway"))
+        assert "broker_lost" not in gateway.output()  # never cut off from the broker
+    finally:
+        c.close()
