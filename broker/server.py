@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import time
 import uuid
 from typing import Any
@@ -43,7 +42,7 @@ from broker.election import BrokerInfo, Election
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
-from common.config import Settings, is_loopback
+from common.config import ENDPOINT, Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
@@ -59,7 +58,6 @@ log = logging.getLogger("broker")
 
 ROUTE_HISTORY = 1000
 MAX_SLOTS = 1024
-ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 """What a broker endpoint in an ANNOUNCE must look like: workers and gateways would be
 redirected there."""
 
@@ -91,13 +89,27 @@ class Broker:
                 f"refusing to listen on {settings.broker_host}: this node has no mesh secret, "
                 "so anyone on the network could join. Run `mlx-stack mesh enable` (first "
                 "Mac) or `mlx-stack mesh enable --join TOKEN`, or bind to 127.0.0.1")
+        self.advertise = settings.advertise  # once: the address must not move under us
+        if not is_loopback(settings.broker_host) and is_loopback(
+                self.advertise.removeprefix("tcp://").rsplit(":", 1)[0]):
+            raise ValueError(
+                f"listening on {settings.broker_host} but other Macs would be told to reach "
+                f"this one at {self.advertise}; set broker_advertise = \"tcp://ADDRESS:"
+                f"{settings.broker_port}\" or run `mlx-stack mesh enable --interface ADDRESS`")
         self.auth = admit_members(self.ctx, self.keys) if self.keys else None
         self.socket = configure(self.ctx.socket(zmq.ROUTER), settings, self.keys)
         self.endpoint = f"tcp://{settings.broker_host}:{settings.broker_port}"
-        self.socket.bind(self.endpoint)
-        peers = [e for e in settings.peer_list if e != settings.advertise]
+        try:
+            self.socket.bind(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.socket.close(0)
+            if self.auth is not None:
+                self.auth.stop()
+            raise ValueError(f"cannot listen on {self.endpoint}: {exc.strerror}; is another "
+                             "broker running there? Stop it or choose --port") from None
+        peers = [e for e in settings.peer_list if e != self.advertise]
         self.election = Election(
-            BrokerInfo(node_id=settings.node_id, endpoint=settings.advertise,
+            BrokerInfo(node_id=settings.node_id, endpoint=self.advertise,
                        priority=settings.priority, started=self.started),
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
@@ -118,7 +130,7 @@ class Broker:
             self._add_peer(endpoint)
         self.discovery = Discovery(Advert(
             mesh=self.keys.mesh_id if self.keys else settings.mesh_id,
-            node_id=settings.node_id, endpoint=settings.advertise, priority=settings.priority,
+            node_id=settings.node_id, endpoint=self.advertise, priority=settings.priority,
             started=self.started),
             settings.mdns_interfaces) if settings.mdns_interfaces else None
         self.leader = ""
@@ -157,7 +169,7 @@ class Broker:
     def _add_peer(self, endpoint: str) -> None:
         """Announce ourselves to the broker at ``endpoint`` from now on."""
         if (endpoint in self.peer_sockets or endpoint in self.removed
-                or endpoint == self.settings.advertise):
+                or endpoint == self.advertise):
             return
         sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
         sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
@@ -659,7 +671,7 @@ class Broker:
             last = last if isinstance(last, int) and last > 0 else 20
             result = list(self.routes)[-last:]
         elif msg.op in ("add_peer", "remove_peer") and isinstance(
-                endpoint := msg.args.get("endpoint"), str) and endpoint.startswith("tcp://"):
+                endpoint := msg.args.get("endpoint"), str) and ENDPOINT.fullmatch(endpoint):
             if msg.op == "add_peer":
                 self.removed.discard(endpoint)
                 self._add_peer(endpoint)
@@ -677,9 +689,9 @@ class Broker:
         now = time.monotonic()
         return {
             "node_id": self.settings.node_id,
-            "endpoint": self.settings.advertise,
+            "endpoint": self.advertise,
             "role": "active" if self.active else "standby",
-            "leader": self.settings.advertise if self.active else self.leader,
+            "leader": self.advertise if self.active else self.leader,
             "epoch": self.epoch,
             "priority": self.settings.priority,
             "peers": [{"node_id": b.node_id, "endpoint": b.endpoint, "active": b.active,

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from cli.console import err, settings
 from cli.mesh import mesh
-from common.meshkeys import MeshSecretError
 
 app = typer.Typer(
     name="mlx-stack",
@@ -99,8 +99,8 @@ def broker(
     try:
         main(settings(broker_host=host, broker_port=port, home=home, node_id=node_id,
                       log_level=log_level))
-    except MeshSecretError as exc:
-        err.print(f"[red]broker not started:[/red] {exc}")
+    except ValueError as exc:  # no secret beyond loopback, address in use, ...
+        err.print(f"[red]broker not started:[/red] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 

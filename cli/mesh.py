@@ -18,11 +18,12 @@ import json
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.console import err, out, settings
 from common import meshview
-from common.config import Settings, update_config_file
+from common.config import ENDPOINT, Settings, is_loopback, update_config_file
 from common.control import ControlClient, ControlError
 from common.meshkeys import (
     MeshSecretError,
@@ -36,7 +37,6 @@ from common.meshkeys import (
 )
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DISABLED = 1, 2, 3, 4
-DEFAULT_PORT = 4100
 
 mesh = typer.Typer(
     name="mesh", no_args_is_help=True,
@@ -74,13 +74,19 @@ class Asker:
         try:
             result = self.clients[endpoint].ask(op, timeout=3.0, **args)
         except ControlError as exc:
-            raise fail(EXIT_REFUSED, f"[red]the broker refused:[/red] {exc}") from None
+            raise fail(EXIT_REFUSED, f"[red]the broker refused:[/red] {escape(str(exc))}") from None
         if result is None:
-            hint = ("is `mlx-stack up` running on this Mac? Or name another node's broker "
-                    "with --broker tcp://HOST:4100")
-            if self.keys is None and not endpoint.startswith("tcp://127."):
+            host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+            if self.keys is None and not is_loopback(host):
                 hint = "this Mac has no mesh secret: run `mlx-stack mesh enable --join TOKEN`"
-            raise fail(EXIT_UNREACHABLE, f"[red]no broker answered at {endpoint}[/red]: {hint}")
+            else:
+                hint = ("is `mlx-stack up` running on this Mac? Or name another node's broker "
+                        "with --broker tcp://HOST:4100")
+            if self.keys is not None:
+                hint += ("; if the mesh was enabled since, restart `mlx-stack up` so that the "
+                         "broker uses the secret")
+            raise fail(EXIT_UNREACHABLE,
+                       f"[red]no broker answered at {escape(endpoint)}[/red]: {hint}")
         return result
 
     def coordinator(self) -> dict[str, Any]:
@@ -107,9 +113,9 @@ def nodes_table(rows: list[dict[str, Any]]) -> Table:
     for r in rows:
         heard = "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f} s ago"
         models = ", ".join(f"{m['model_id']} ({m['queue']})" for m in r["models"])
-        table.add_row(r["node_id"], r["role"], models or "-",
-                      f"{r['slots_in_use']}/{r['slots_total']}",
-                      f"{gib(r['mem_free'])}/{gib(r['mem_total'])}", heard)
+        table.add_row(*map(escape, (r["node_id"], r["role"], models or "-",
+                                    f"{r['slots_in_use']}/{r['slots_total']}",
+                                    f"{gib(r['mem_free'])}/{gib(r['mem_total'])}", heard)))
     return table
 
 
@@ -130,15 +136,18 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
         out.print_json(json.dumps(view))
         return
     name = f"mesh {keys.mesh_id}" if keys else "mesh not enabled (this Mac only)"
-    out.print(f"[bold]{name}[/bold]: coordinator [green]{st['node_id']}[/green] "
-              f"({st['endpoint']}), epoch {st['epoch']}, {st['jobs']} jobs in flight")
+    lead = view["coordinator"]
+    out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead['node_id'] or '?')}"
+              f"[/green] ({escape(lead['endpoint'] or 'none known')}), epoch {lead['epoch']}, "
+              f"{st['jobs']} jobs in flight")
     out.print(nodes_table(view["nodes"]))
     table = Table(title="Models")
     for column in ("Model", "Engine", "Workers", "Slots", "Queued"):
         table.add_column(column)
     for m in view["models"]:
-        table.add_row(m["model"], m["engine"], str(m["workers"]),
-                      f"{m['slots_in_use']}/{m['slots_total']}", str(m["queued"]))
+        table.add_row(*map(escape, (m["model"], m["engine"], str(m["workers"]),
+                                    f"{m['slots_in_use']}/{m['slots_total']}",
+                                    str(m["queued"]))))
     out.print(table)
 
 
@@ -178,19 +187,23 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
         when = datetime.datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S")
         candidates = ", ".join(f"{c['worker_id']} {c['score']:.3f}"
                                for c in r.get("candidates", []))
-        table.add_row(when, r["job_id"][:12], r["model"], r.get("worker_id", "-"),
-                      candidates or "-", str(r.get("queue_wait_ms", "-")), str(r["retries"]),
-                      r["outcome"])
+        table.add_row(*map(escape, (when, r["job_id"][:12], r["model"], r.get("worker_id", "-"),
+                                    candidates or "-", str(r.get("queue_wait_ms", "-")),
+                                    str(r["retries"]), r["outcome"])))
     out.print(table)
 
 
 def endpoint_of(address: str) -> str:
-    """``HOST[:PORT]`` or ``tcp://HOST:PORT`` as a broker endpoint."""
+    """``HOST[:PORT]`` or ``tcp://HOST:PORT`` as a broker endpoint (port 4100 if none)."""
     address = address.removeprefix("tcp://")
-    host, _, port = address.rpartition(":") if ":" in address else (address, "", "")
-    if not host or (port and not port.isdigit()):
-        raise fail(EXIT_USAGE, f"[red]{address!r} is not HOST:PORT[/red] (e.g. mini-2.local:4100)")
-    return f"tcp://{host}:{port or DEFAULT_PORT}"
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        host, port = address, str(Settings().broker_port)
+    endpoint = f"tcp://{host}:{port}"
+    if not ENDPOINT.fullmatch(endpoint):
+        raise fail(EXIT_USAGE, f"[red]{escape(repr(address))} is not HOST:PORT[/red] "
+                   "(e.g. mini-2.local:4100)")
+    return endpoint
 
 
 def require_enabled(cfg: Settings) -> None:
@@ -206,32 +219,34 @@ def add(address: Annotated[str, typer.Argument(help="Another node's broker, HOST
     cfg = settings(home=home)
     require_enabled(cfg)
     endpoint = endpoint_of(address)
-    update_config_file(cfg.home, peers=",".join(dict.fromkeys([*cfg.peer_list, endpoint])))
     asker = Asker(cfg, broker)
     try:
         asker.ask("add_peer", endpoint=endpoint)
     finally:
         asker.close()
+    update_config_file(cfg.home, peers=",".join(dict.fromkeys([*cfg.peer_list, endpoint])))
     out.print(f"added {endpoint}; `mlx-stack mesh nodes` shows it once it answers")
 
 
 @mesh.command()
 def remove(node: Annotated[str, typer.Argument(help="Node id or HOST:PORT to remove.")],
            broker: BrokerAt = None, home: Home = None) -> None:
-    """Stop talking to a peer and drop it from config.toml. (A Mac found over mDNS stays
-    away until it is re-added; to leave the mesh for good, run `mesh disable` on it.)"""
+    """Stop talking to a peer and drop it from config.toml.
+
+    Only the broker asked forgets the peer, until it restarts (mDNS may find it again
+    then). To take a Mac out of the mesh for good, run `mlx-stack mesh disable` on it."""
     cfg = settings(home=home)
     require_enabled(cfg)
     asker = Asker(cfg, broker)
     try:
         peers = {p["node_id"]: p["endpoint"] for p in asker.ask("status")["peers"]}
-        endpoint = peers.get(node) or (endpoint_of(node) if ":" in node else "")
+        endpoint = peers.get(node) or endpoint_of(node)
         was_live = bool(endpoint) and asker.ask("remove_peer", endpoint=endpoint)
     finally:
         asker.close()
     if not was_live and endpoint not in cfg.peer_list:
-        raise fail(EXIT_REFUSED, f"[red]{node!r} is not a peer of this node[/red]; known: "
-                   f"{', '.join(sorted(peers)) or 'none'}")
+        raise fail(EXIT_REFUSED, f"[red]{escape(repr(node))} is not a peer of this node[/red]; "
+                   f"known: {escape(', '.join(sorted(peers)) or 'none')}")
     update_config_file(cfg.home, peers=",".join(e for e in cfg.peer_list if e != endpoint)
                        or None)
     out.print(f"removed {node} ({endpoint})")
@@ -259,7 +274,7 @@ def enable(
     try:
         secret = secret_of(join) if join else current or new_secret()
     except MeshSecretError as exc:
-        raise fail(EXIT_USAGE, f"[red]{exc}[/red]") from None
+        raise fail(EXIT_USAGE, f"[red]{escape(str(exc))}[/red]") from None
     if current is not None and secret != current:
         err.print("[yellow]this Mac leaves its previous mesh for the new one[/yellow]")
     save_secret(cfg.home, secret)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ import tomli_w
 from common.protocol import MAX_BODY_BYTES
 
 ENV_PREFIX = "MLX_STACK_"
+
+
+ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+"""A broker endpoint as the mesh writes them: ``tcp://host:port`` (IPv6 in brackets)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -94,7 +99,7 @@ class Settings:
     max_tokens_limit: int = 32768
     default_max_tokens: int = 512
     log_level: str = "warning"
-    api_keys: str = ""
+    api_keys: str = dataclasses.field(default="", repr=False)  # never in logs or tracebacks
     """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
 
     def __post_init__(self) -> None:

@@ -93,10 +93,12 @@ def save_secret(home: Path, secret: bytes) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     path = secret_path(home)
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # a stale one may be wider open, or a symlink
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(secret)
-    os.chmod(tmp, 0o600)
+        f.flush()
+        os.fsync(f.fileno())  # never a 0-byte secret after a crash
     os.replace(tmp, path)
     return path
 

@@ -30,7 +30,7 @@ async def snapshot(client: BrokerClient) -> dict[str, Any]:
     view: dict[str, Any] = {"gateway": {"node_id": client.settings.node_id,
                                         "broker": client.broker.current},
                             "up": False, "error": None, "coordinator": None, "nodes": [],
-                            "queues": {}, "routes": [], "broker": None}
+                            "routes": []}
     try:
         status, routes = await asyncio.gather(
             client.control("status", timeout=TIMEOUT),
@@ -39,5 +39,5 @@ async def snapshot(client: BrokerClient) -> dict[str, Any]:
         view["error"] = exc.message
         return view
     view.update(up=True, coordinator=meshview.coordinator(status), nodes=meshview.nodes(status),
-                queues=status["queues"], routes=routes[::-1], broker=status)
+                routes=routes[::-1])
     return view

@@ -88,7 +88,8 @@ class Proc:
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``mlx-stack ARGS`` as a user runs it; output captured, bounded in time."""
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT, env={**os.environ, **(env or {})})
+                          text=True, timeout=60, cwd=ROOT,
+                          env={**os.environ, "COLUMNS": "200", **(env or {})})  # tables unwrapped
 
 
 class Cluster:

@@ -103,6 +103,11 @@ def test_errors_have_clear_messages_and_exit_codes(tmp_path: Path) -> None:
     for args in (("token",), ("add", "127.0.0.1:4100"), ("remove", "node-b")):
         disabled = run_cli("mesh", *args, env=home)
         assert disabled.returncode == 4 and "mesh enable" in disabled.stderr, args
+    enabled = {"MLX_STACK_HOME": str(tmp_path / "enabled")}
+    assert run_cli("mesh", "enable", env=enabled).returncode == 0
+    bad = run_cli("mesh", "add", "a b:1", env=enabled)  # never saved to config.toml
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    assert "a b" not in (tmp_path / "enabled" / "config.toml").read_text()
     bad_token = run_cli("mesh", "enable", "--join", "mlxs1-garbled", env=home)
     assert bad_token.returncode == 2 and "mesh token" in bad_token.stderr
     assert run_cli("mesh", "routes", "--last", "0", env=home).returncode == 2

@@ -58,8 +58,9 @@ def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=[
             {"role": "user", "content": "three"}])
-    served = scrape(url)
-    assert value(served, "mlx_stack_requests_total", model="syn", status="200") == 2
+    # A stream is counted when its response is over, just after the client read [DONE].
+    served = wait_for("both answers counted", lambda: s if value(
+        s := scrape(url), "mlx_stack_requests_total", model="syn", status="200") == 2 else None)
     assert value(served, "mlx_stack_requests_total", model="unknown", status="404") == 1
     assert value(served, "mlx_stack_tokens_generated_total", model="syn") == (
         reply.usage.completion_tokens + 5)
