@@ -435,6 +435,10 @@ class Broker:
     # ----------------------------------------------------------------- gateways
 
     def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
+        if isinstance(msg, p.Control) and identity not in self.gateways:
+            # A one-off question (`mlx-stack mesh ...`): answer it, register nobody.
+            self._send(identity, p.GATEWAY, self._control(msg))
+            return
         if identity not in self.gateways:  # let a new gateway know at once we are here
             self._send(identity, p.GATEWAY, p.Heartbeat(session=self.session))
         if identity in self.purged_gateways:

@@ -94,6 +94,8 @@ def test_routes_lists_the_last_decisions_with_scores(mesh: Mesh) -> None:
         assert route["worker_id"] in {c["worker_id"] for c in route["candidates"]}
     table = mesh_cli(mesh, "routes", "--last", "5")
     assert "Last 5 routing decisions" in table and table.count(" ok ") == 5
+    # The CLI's questions never count as gateways: only the one real gateway does.
+    assert mesh.status("node-a")["gateways"] == 1
 
 
 def test_errors_have_clear_messages_and_exit_codes(tmp_path: Path) -> None:
