@@ -15,18 +15,21 @@ import argparse
 import json
 import os
 import platform
+import queue
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
 
 from common import protocol as p
 from common.config import Settings
+from worker.batch import BatchLoop
 from worker.blas import preload_openblas
 from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
@@ -39,25 +42,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def timed_direct(engine, max_tokens: int) -> tuple[float, float, int]:
-    from worker.runner import run_job
-
+def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
+                 ) -> tuple[float, float, int]:
+    """One request through the worker's batch loop in this process (no sockets)."""
     request = p.GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens,
                                   temperature=0.0)
-    job = p.Job(job_id="bench", request=request.to_dict())
     stamps: list[float] = []
-    final: list[p.Final] = []
-
-    def send(msg: p.Message) -> None:
+    start = time.perf_counter()
+    loop.put(p.Job(job_id=f"bench-{start}", request=request.to_dict()))
+    while not isinstance(msg := outbox.get(timeout=300), p.Final):
         if isinstance(msg, p.Partial) and msg.text:
             stamps.append(time.perf_counter())
-        elif isinstance(msg, p.Final):
-            stamps.append(time.perf_counter())
-            final.append(msg)
-
-    start = time.perf_counter()
-    run_job(engine, job, lambda: False, send)
-    tokens = final[0].usage["completion_tokens"]
+    stamps.append(time.perf_counter())
+    tokens = msg.usage["completion_tokens"]
     return stamps[0] - start, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
 
 
@@ -117,14 +114,18 @@ def main() -> None:
         wait_healthy(url, up)
         from worker.mlx_engine import MlxEngine
 
-        engine = MlxEngine(model_path, DEFAULT_MODEL_ID)
+        engine = MlxEngine(model_path, DEFAULT_MODEL_ID, max_slots=1, prompt_cache_bytes=0,
+                           free_memory=0)
+        outbox: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
+        loop = BatchLoop(engine, outbox.put, lambda _: None)
+        threading.Thread(target=loop.run, daemon=True).start()
         client = httpx.Client(base_url=url, timeout=300)
-        timed_direct(engine, 8)  # warm both paths
+        timed_direct(loop, outbox, 8)  # warm both paths
         timed_mesh(client, 8)
         direct, mesh = [], []
         for _ in range(args.runs):
             mesh.append(timed_mesh(client, args.max_tokens))
-            direct.append(timed_direct(engine, args.max_tokens))
+            direct.append(timed_direct(loop, outbox, args.max_tokens))
     finally:
         os.killpg(up.pid, signal.SIGTERM)
         up.wait(20)

@@ -354,6 +354,7 @@ class Broker:
             case p.Heartbeat():
                 worker.mem_free, worker.active = msg.mem_free, msg.active
                 worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
+                worker.kv_bytes = msg.kv_bytes
             case p.Partial():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:

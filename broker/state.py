@@ -20,6 +20,7 @@ class WorkerState:
     mem_free: int = 0
     active: int = 0
     tokens_per_s: float = 0.0
+    kv_bytes: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     last_seen: float = 0.0
 
@@ -46,6 +47,7 @@ class WorkerState:
             "mem_free": self.mem_free,
             "model_bytes": self.info.model_bytes,
             "tokens_per_s": self.tokens_per_s,
+            "kv_bytes": self.kv_bytes,
             "counters": dict(self.counters),
             "last_heartbeat_s": round(now - self.last_seen, 3),
         }

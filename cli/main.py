@@ -115,6 +115,9 @@ def worker(
     engine: Annotated[str, typer.Option(
         help="mlx (real inference) or synthetic (fake tokens for routing/load tests).")
     ] = "mlx",
+    max_slots: Annotated[int | None, typer.Option(
+        help="mlx engine: most requests decoded at once; fewer when memory is short "
+        "[setting max_slots, 8].", show_default=False)] = None,
     slots: Annotated[int, typer.Option(help="Synthetic engine: jobs at once.")] = 4,
     rate: Annotated[float, typer.Option(help="Synthetic engine: tokens/s per job.")] = 200.0,
     ttft: Annotated[float, typer.Option(help="Synthetic engine: seconds to first token.")
@@ -133,7 +136,7 @@ def worker(
         err.print(f"[red]unknown engine {engine!r}[/red]: use mlx or synthetic")
         raise typer.Exit(2)
     cfg = settings(broker_endpoint=broker_endpoint, home=home, node_id=node_id,
-                   log_level=log_level)
+                   log_level=log_level, max_slots=max_slots)
     gib = 1024**3
     options = SyntheticOptions(slots, rate, ttft, int(mem_total_gb * gib),
                                int(mem_free_gb * gib)) if engine == "synthetic" else None

@@ -96,6 +96,12 @@ class Settings:
     max_streams_per_client: int = 256
     """SSE streams one client address may hold open at once; more get HTTP 429. A bound
     on a runaway client, above the 100 streams per gateway that load tests open."""
+    max_slots: int = 8
+    """Most requests one worker decodes at once (its batch); it advertises fewer when the
+    KV caches would not fit in the memory left after loading its model."""
+    prompt_cache_bytes: int = 1024 * 1024 * 1024
+    """Memory for KV caches of prompts already computed, per worker, so that an agent's
+    next turn pays only for its new tokens; 0 turns the prompt cache off."""
     max_tokens_limit: int = 32768
     default_max_tokens: int = 512
     log_level: str = "warning"
@@ -113,6 +119,10 @@ class Settings:
             problems.append("request_timeout must be a positive number of seconds")
         if not (self.heartbeat_interval > 0 and self.heartbeat_liveness >= 1):
             problems.append("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        if not 1 <= self.max_slots <= 1024:
+            problems.append("max_slots must be 1..1024")
+        if self.prompt_cache_bytes < 0:
+            problems.append("prompt_cache_bytes must be >= 0 (0 turns the prompt cache off)")
         for name in ("gateway_port", "broker_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number, 0..65535")

@@ -124,6 +124,8 @@ class Heartbeat(Message):
     active: int = 0
     mem_free: int = 0
     tokens_per_s: float = 0.0
+    kv_bytes: int = 0
+    """KV cache memory the worker's engine holds (running requests and prompt cache)."""
     counters: dict[str, int] = field(default_factory=dict)
 
 

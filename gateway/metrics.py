@@ -180,6 +180,32 @@ def broker_families(status: dict[str, Any]) -> Iterator[Metric]:
         for state in WORKER_STATES:
             by_state.add_metric([model, state], sum(worker_state(w) == state for w in mine))
     yield by_state
+    yield from engine_families(workers)
+
+
+PROMPT_CACHE_COUNTERS = {
+    "prompt_cache_hits": "Requests whose prompt began with a prefix whose KV cache the "
+    "worker had kept (only the rest was prefilled).",
+    "prompt_cache_misses": "Requests prefilled from their first token.",
+    "prompt_tokens_reused": "Prompt tokens not prefilled thanks to the prompt cache.",
+}
+
+
+def engine_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    """The live workers' prompt cache counters and KV cache memory, by model (a worker's
+    counters start at 0 when it starts)."""
+    models = sorted({w["model_id"] for w in workers})
+    for key, doc in PROMPT_CACHE_COUNTERS.items():
+        family = CounterMetricFamily(f"mlx_stack_{key}", doc, labels=["model"])
+        for model in models:
+            family.add_metric([model], sum(w["counters"].get(key, 0) for w in workers
+                                           if w["model_id"] == model))
+        yield family
+    kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
+                           "(running requests and prompt cache), by model.", labels=["model"])
+    for model in models:
+        kv.add_metric([model], sum(w["kv_bytes"] for w in workers if w["model_id"] == model))
+    yield kv
 
 
 def worker_state(worker: dict[str, Any]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-
 import httpx
 import openai
 import pytest
@@ -110,21 +108,6 @@ def test_models_lists_id_and_aliases(client: openai.OpenAI) -> None:
     assert {"SmolLM2-135M-Instruct", "fast", "standard"} <= models.keys()
     assert models["fast"].owned_by == "mlx-stack"
     assert client.models.retrieve("standard").id == "standard"
-
-
-def test_job_waits_for_the_busy_worker_then_completes(client: openai.OpenAI,
-                                                      model_node: tuple[Cluster, str]) -> None:
-    cluster, _ = model_node
-
-    def ask() -> str:
-        return client.chat.completions.create(model="fast", messages=QUESTION,
-                                              temperature=0).choices[0].message.content
-
-    with cf.ThreadPoolExecutor(2) as pool:
-        answers = list(pool.map(lambda _: ask(), range(2)))
-    assert all("Paris" in a for a in answers)
-    waits = [r["queue_wait_ms"] for r in cluster.control("routes", last=2)]
-    assert max(waits) > 50, waits  # the worker has one slot: one of them queued
 
 
 def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> None:

@@ -1,11 +1,12 @@
-"""worker.runner on the synthetic engine: stop sequences, the resume seam, cancellation."""
+"""worker.runner on the synthetic engine, through the worker's batch loop: stop
+sequences, the resume seam, cancellation."""
 
 from __future__ import annotations
 
 import pytest
 
 from common import protocol as p
-from worker.runner import run_job
+from tests.batchloop import RunningLoop
 from worker.synthetic import SyntheticEngine, next_token, word
 
 
@@ -38,10 +39,9 @@ def run(engine: SyntheticEngine, max_tokens: int = 12, stop: list[str] | None = 
                                   stop=stop or [])
     job = p.Job(job_id="j", request=request.to_dict(), resume_token_ids=resume or [],
                 resume_text=resume_text)
-    sent: list[p.Message] = []
-    tokens = lambda: sum(len(m.token_ids) for m in sent if isinstance(m, p.Partial))  # noqa: E731
-    run_job(engine, job, lambda: cancel_after is not None and tokens() >= cancel_after,
-            sent.append)
+    with RunningLoop(engine) as loop:
+        loop.cancel_after = cancel_after
+        sent = loop.run(job)
     partials = [m for m in sent if isinstance(m, p.Partial)]
     return sent, [t for m in partials for t in m.token_ids], "".join(m.text for m in partials)
 

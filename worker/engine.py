@@ -1,13 +1,16 @@
 """What a worker needs from an inference engine, and nothing more.
 
-An engine turns a request into prompt token ids, samples further token ids, and gives a
-streaming detokenizer. Stop sequences, resuming a stream another worker began, usage and
-cancellation are the same for every engine and live in :mod:`worker.runner`.
+An engine runs a batch of sequences: :meth:`Engine.insert` adds one (it joins the batch at
+once, continuous batching), :meth:`Engine.step` advances every running sequence by at most
+one token, :meth:`Engine.remove` drops one. One thread, the worker's batch loop
+(:mod:`worker.batch`), makes every call, so an engine needs no locks. Stop sequences,
+resuming a stream that another worker began, usage and cancellation are the same for
+every engine and live in :mod:`worker.runner`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from common.protocol import GenerationRequest
@@ -24,13 +27,30 @@ class Detokenizer(Protocol):
     def finalize(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One sequence's share of an engine step."""
+
+    seq: int
+    token: int | None
+    """The new token; None when the sequence ended at an end-of-sequence token (which is
+    never output)."""
+    done: bool
+    """The engine has dropped the sequence: end of sequence, or its ``max_tokens`` reached
+    (then ``token`` is the last one)."""
+
+
 class Engine(Protocol):
     kind: str
     """"mlx" for real inference; "synthetic" for the routing/load-test engine."""
     model_id: str
     slots: int
-    """How many jobs may run at once."""
+    """How many sequences may run at once (the seats the broker fills)."""
     model_bytes: int
+    kv_bytes: int
+    """KV cache memory in use (running sequences and the prompt cache), for load reports."""
+    counters: dict[str, int]
+    """The engine's own counters (prompt cache hits...), sent with every heartbeat."""
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for chat requests)."""
@@ -40,9 +60,21 @@ class Engine(Protocol):
         """A fresh streaming detokenizer."""
         ...
 
-    def generate(
-        self, prompt: list[int], request: GenerationRequest, max_tokens: int
-    ) -> Iterator[int]:
-        """Sampled token ids after ``prompt``, at most ``max_tokens``; ends early (without
-        yielding it) at an end-of-sequence token."""
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
+        """Start generating after ``prompt`` (at most ``max_tokens``, > 0, with the
+        request's sampling); returns the sequence's id. Raises if the request cannot run."""
+        ...
+
+    def remove(self, seq: int) -> None:
+        """Drop a running sequence now (a stop sequence, a cancellation): its seat is free
+        for the next step. Unknown ids are ignored."""
+        ...
+
+    def step(self) -> list[Step]:
+        """Advance the batch: at most one token for each running sequence (none for one
+        still in prefill)."""
+        ...
+
+    def wait(self) -> float | None:
+        """Seconds until :meth:`step` has work (0: now); None when no sequence runs."""
         ...

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from common import logs
 from common.config import Settings
 from worker.engine import Engine
-from worker.server import Worker
+from worker.server import Worker, system_memory
 from worker.synthetic import SyntheticEngine
 
 
@@ -46,7 +46,9 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
         from worker.models import resolve_model
 
         path, model_id, default_aliases = resolve_model(model, settings.models_path)
-        engine = MlxEngine(path, model_id)
+        engine = MlxEngine(path, model_id, max_slots=settings.max_slots,
+                           prompt_cache_bytes=settings.prompt_cache_bytes,
+                           free_memory=system_memory()[1])
     worker = Worker(engine, settings, default_aliases if aliases is None else aliases, memory)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

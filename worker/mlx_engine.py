@@ -1,36 +1,95 @@
-"""The real engine: an mlx-lm model directory, its chat template, its sampler.
+"""The real engine: an mlx-lm model directory, its chat template, continuous batching.
 
-A thin layer over ``mlx_lm.load`` and ``mlx_lm.generate.generate_step``, like mlx-lm's
-own server. One job at a time (``slots = 1``): mlx-lm's batch generation gets its own
-change.
+A thin layer over mlx-lm, like mlx-lm's own server: ``mlx_lm.load`` for the model,
+``BatchGenerator`` for decoding every running request together, ``LRUPromptCache`` for
+reusing the KV cache of a prefix this worker has already computed (an agent's next turn
+resends its whole history; only the new tokens are prefilled).
+
+What this adds to mlx-lm's server: sampling is per request even with a ``seed`` (each
+request draws from its own PRNG key, so a seeded request runs in the batch and gives the
+same tokens whatever else runs beside it; mlx-lm's server runs seeded requests alone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.models.cache import (
+    LRUPromptCache,
+    can_trim_prompt_cache,
+    make_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
 
 from common.protocol import GenerationRequest
-from worker.engine import Detokenizer
+from worker.capacity import slots_for_memory
+from worker.engine import Detokenizer, Step
+
+PREFILL_STEP = 512
+"""Prompt tokens per sequence prefilled between two decode steps. mlx-lm's default (2048)
+makes every running stream wait for a whole 2,048-token chunk of a newcomer's prompt."""
+PROMPT_CACHE_ENTRIES = 64
+"""Entries in the prompt cache; its bytes are bounded by the ``prompt_cache_bytes`` setting."""
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+def kv_bytes_per_token(model: object) -> int:
+    """KV cache bytes one token takes, measured by running one token through a fresh cache
+    (works for any architecture mlx-lm knows, whatever its config calls the sizes)."""
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    return sum(c.nbytes // c.keys.shape[2] for c in cache
+               if getattr(c, "keys", None) is not None)
+
+
+def make_sampler(request: GenerationRequest) -> Sampler:
+    """The request's own sampler. Greedy requests share one sampler object, which lets
+    the batch sample them in one call; the others draw from their own PRNG key."""
+    if request.temperature == 0:
+        return greedy_sampler
+    key = mx.random.key(request.seed if request.seed is not None else secrets.randbits(63))
+    inverse_temp, top_p = 1.0 / request.temperature, request.top_p
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * inverse_temp, key=draw)
+
+    return sample
 
 
 class MlxEngine:
-    """Serves one mlx-lm model directory."""
+    """Serves one mlx-lm model directory to a batch of requests."""
 
     kind = "mlx"
-    slots = 1
 
-    def __init__(self, path: Path, model_id: str) -> None:
+    def __init__(self, path: Path, model_id: str, *, max_slots: int, prompt_cache_bytes: int,
+                 free_memory: int) -> None:
         self.model_id = model_id
         self.model, self.tokenizer = load(str(path))
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
-        self.eos = set(self.tokenizer.eos_token_ids)
+        self.kv_per_token = kv_bytes_per_token(self.model)
+        self.slots = slots_for_memory(free_memory, self.kv_per_token, prompt_cache_bytes,
+                                      max_slots)
+        self.kv_bytes = 0
+        self.counters = {"prompt_cache_hits": 0, "prompt_cache_misses": 0,
+                         "prompt_tokens_reused": 0, "prompt_tokens_computed": 0}
+        self._prompt_cache = LRUPromptCache(PROMPT_CACHE_ENTRIES, prompt_cache_bytes)
+        self._use_prompt_cache = prompt_cache_bytes > 0
+        self._eos = StopSequences([(t,) for t in self.tokenizer.eos_token_ids])
+        self._batch: BatchGenerator | None = None
+        self._running: set[int] = set()
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":
@@ -44,22 +103,71 @@ class MlxEngine:
     def detokenizer(self) -> Detokenizer:
         return self.tokenizer.detokenizer
 
-    def generate(
-        self, prompt: list[int], request: GenerationRequest, max_tokens: int
-    ) -> Iterator[int]:
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(
-            temp=request.temperature, top_p=request.top_p if request.top_p < 1.0 else 0.0
-        )
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
+        if self._batch is None:
+            # Made in the batch loop's thread, which makes every later call: MLX streams
+            # belong to the thread that creates them.
+            self._batch = BatchGenerator(
+                self.model, completion_batch_size=self.slots,
+                prefill_batch_size=self.slots, prefill_step_size=PREFILL_STEP,
+                stream=mx.new_stream(mx.default_device()))
+        cache, rest = self._cached_prefix(prompt)
         processors = make_logits_processors(
             presence_penalty=request.presence_penalty or None,
             frequency_penalty=request.frequency_penalty or None,
         )
-        steps = generate_step(mx.array(prompt), self.model, max_tokens=max_tokens,
-                              sampler=sampler, logits_processors=processors)
-        for token, _ in steps:
-            token = int(token)
-            if token in self.eos:
-                return
-            yield token
+        (seq,) = self._batch.insert(
+            [rest], max_tokens=[max_tokens], caches=[cache],
+            all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
+            logits_processors=[processors], stop_sequences=[self._eos])
+        self._running.add(seq)
+        return seq
+
+    def remove(self, seq: int) -> None:
+        if seq not in self._running or self._batch is None:
+            return
+        self._running.discard(seq)
+        for cache, tokens in self._batch.remove([seq], return_prompt_caches=True).values():
+            self._keep(tokens, cache)
+
+    def step(self) -> list[Step]:
+        if self._batch is None:
+            return []
+        _, responses = self._batch.next()
+        steps = []
+        for r in responses:
+            if r.finish_reason is None:
+                steps.append(Step(r.uid, r.token, done=False))
+                continue
+            self._running.discard(r.uid)
+            self._keep(r.all_tokens, r.prompt_cache)
+            eos = r.finish_reason == "stop"  # the only stop sequences given are EOS tokens
+            steps.append(Step(r.uid, None if eos else r.token, done=True))
+        self.kv_bytes = self._batch.prompt_cache_nbytes + self._prompt_cache.nbytes
+        return steps
+
+    def wait(self) -> float | None:
+        return 0.0 if self._running else None
+
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        """The KV cache of the longest prefix of ``prompt`` computed here before (a copy),
+        and the tokens still to prefill (never none: the last prompt token's logits give
+        the first new token)."""
+        cache, rest = (self._prompt_cache.fetch_nearest_cache(self.model_id, prompt)
+                       if self._use_prompt_cache else (None, prompt))
+        if cache is not None and not rest:
+            if can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, 1)
+                rest = prompt[-1:]
+            else:
+                cache, rest = None, prompt
+        hit = cache is not None
+        self.counters["prompt_cache_hits" if hit else "prompt_cache_misses"] += 1
+        self.counters["prompt_tokens_reused"] += len(prompt) - len(rest)
+        self.counters["prompt_tokens_computed"] += len(rest)
+        return cache, rest
+
+    def _keep(self, tokens: list[int], cache: list) -> None:
+        """Remember the KV cache of ``tokens`` for a later prompt that starts with them."""
+        if self._use_prompt_cache and tokens:
+            self._prompt_cache.insert_cache(self.model_id, list(tokens), cache)

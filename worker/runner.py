@@ -1,4 +1,7 @@
-"""Running one job on an engine: resume seam, stop sequences, usage, cancellation.
+"""One job's life on a worker: resume seam, stop sequences, usage, cancellation.
+
+A :class:`JobRun` turns the tokens an engine samples for one job into PARTIALs and one
+FINAL (or a retryable FAIL when cancelled). The batch loop (:mod:`worker.batch`) feeds it.
 
 A resumed job (``resume_token_ids`` set) continues a stream that another worker began.
 The client has seen ``resume_text``; a streaming detokenizer holds back bytes of an
@@ -10,7 +13,6 @@ their text the client has not seen, and scans for stop sequences across the seam
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from common.protocol import (
     ErrorCode,
@@ -23,14 +25,6 @@ from common.protocol import (
     from_dict,
 )
 from worker.engine import Engine
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How a job ended, for the worker's counters."""
-
-    finish_reason: str
-    new_tokens: int
 
 
 class _StopScanner:
@@ -54,65 +48,75 @@ class _StopScanner:
         return piece, stopped
 
 
-def _cancelled(job: Job) -> Fail:
-    """Not a normal end: a FAIL, so that a job the broker still expects (given up here
-    because the broker seemed lost) is run again rather than reported complete."""
-    return Fail(job_id=job.job_id, error="cancelled", code=ErrorCode.CANCELLED,
-                retryable=True)
+class JobRun:
+    """One job from its JOB to its FINAL: ``prompt`` and ``budget`` are what the engine
+    runs; :meth:`add` takes each sampled token, :meth:`end` the engine's end of the
+    sequence, :meth:`cancel` a cancellation. Each sends what the client is owed."""
 
+    def __init__(self, engine: Engine, job: Job, send: Callable[[Message], None]) -> None:
+        self.job_id = job.job_id
+        self.send = send
+        """Where this job's messages go."""
+        request = from_dict(GenerationRequest, job.request)
+        self.request = request
+        self._prompt = engine.encode_prompt(request)
+        self._resume = list(job.resume_token_ids)
+        self.prompt = self._prompt + self._resume
+        """What the engine continues: the request's prompt and the tokens already sent."""
+        self.budget = request.max_tokens - len(self._resume)
+        """Tokens the engine may still generate."""
+        self.new_tokens = 0
+        self._detok = engine.detokenizer()
+        for token in self._resume:
+            self._detok.add_token(token)
+        self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
+        self._pending: list[int] = []
 
-def run_job(
-    engine: Engine, job: Job, cancelled: Callable[[], bool], send: Callable[[Message], None]
-) -> Outcome:
-    """Generate ``job`` on ``engine``, sending PARTIALs then one FINAL through ``send``
-    (a retryable FAIL instead if ``cancelled()`` turns true)."""
-    if cancelled():  # cancelled while it waited for this engine thread
-        send(_cancelled(job))
-        return Outcome("cancelled", 0)
-    request = from_dict(GenerationRequest, job.request)
-    prompt = engine.encode_prompt(request)
-    resume = list(job.resume_token_ids)
-    detok = engine.detokenizer()
-    for token in resume:
-        detok.add_token(token)
-    scanner = _StopScanner(request.stop, sent=len(job.resume_text))
-    finish = "length"
-    pending: list[int] = []
-    new_tokens = 0
+    def open(self) -> bool:
+        """Send what the resume seam owes the client; False when that already ended the job
+        (a stop sequence completed by the resume tokens' held-back text, or no budget left)."""
+        if self._flush(final=False):
+            self._final("stop")
+            return False
+        if self.budget <= 0:
+            self.end(eos=False)
+            return False
+        return True
 
-    def flush(final: bool) -> bool:
-        text, stopped = scanner.release(detok.text, final)
-        if text or pending:
-            send(Partial(job_id=job.job_id, token_ids=list(pending), text=text))
-            pending.clear()
+    def add(self, token: int) -> bool:
+        """A new token; True when a stop sequence ended the job (FINAL sent: drop the
+        sequence from the engine)."""
+        self.new_tokens += 1
+        self._pending.append(token)
+        self._detok.add_token(token)
+        if self._flush(final=False):
+            self._final("stop")
+            return True
+        return False
+
+    def end(self, eos: bool) -> None:
+        """The engine ended the sequence: at an end-of-sequence token, or out of budget."""
+        self._detok.finalize()
+        stopped = self._flush(final=True)
+        self._final("stop" if eos or stopped else "length")
+
+    def cancel(self) -> None:
+        """Not a normal end: a FAIL, so that a job the broker still expects (given up here
+        because the broker seemed lost) is run again rather than reported complete."""
+        self.send(Fail(job_id=self.job_id, error="cancelled", code=ErrorCode.CANCELLED,
+                        retryable=True))
+
+    def _flush(self, final: bool) -> bool:
+        text, stopped = self._scanner.release(self._detok.text, final)
+        if text or self._pending:
+            self.send(Partial(job_id=self.job_id, token_ids=list(self._pending), text=text))
+            self._pending.clear()
         return stopped
 
-    if flush(final=False):  # a stop sequence completed by the resume tokens' held-back text
-        finish = "stop"
-    else:
-        budget = request.max_tokens - len(resume)
-        for token in engine.generate(prompt + resume, request, budget) if budget > 0 else ():
-            if cancelled():
-                finish = "cancelled"
-                break
-            new_tokens += 1
-            pending.append(token)
-            detok.add_token(token)
-            if flush(final=False):
-                finish = "stop"
-                break
-        else:
-            if budget > 0 and new_tokens < budget:
-                finish = "stop"  # end of sequence
-            detok.finalize()
-            if flush(final=True):
-                finish = "stop"
-    if finish == "cancelled":
-        send(_cancelled(job))
-        return Outcome(finish, new_tokens)
-    send(Final(job_id=job.job_id, finish_reason=finish, usage={
-        "prompt_tokens": len(prompt),
-        "completion_tokens": len(resume) + new_tokens,
-        "total_tokens": len(prompt) + len(resume) + new_tokens,
-    }))
-    return Outcome(finish, new_tokens)
+    def _final(self, finish_reason: str) -> None:
+        completion = len(self._resume) + self.new_tokens
+        self.send(Final(job_id=self.job_id, finish_reason=finish_reason, usage={
+            "prompt_tokens": len(self._prompt),
+            "completion_tokens": completion,
+            "total_tokens": len(self._prompt) + completion,
+        }))

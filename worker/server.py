@@ -1,19 +1,18 @@
 """The worker process: a DEALER to the broker on the main thread, the engine beside it.
 
-The zguide's Paranoid Pirate worker, with one change: inference runs in ``slots`` engine
-threads, never on the I/O thread, so heartbeats keep flowing during a long prefill and a
-busy worker is as alive (or as dead) to the broker as an idle one.
+The zguide's Paranoid Pirate worker, with one change: inference runs in one batch loop
+thread (:mod:`worker.batch`), never on the I/O thread, so heartbeats keep flowing during a
+long prefill and a busy worker is as alive (or as dead) to the broker as an idle one.
 
-    main thread:    poll DEALER + outbox; JOB -> job queue; CANCEL -> cancelled set;
-                    outbox messages (merged PARTIALs, FINAL) -> broker; heartbeat;
-                    reconnect on silence
-    engine threads: take a job, run it, put PARTIAL/FINAL into the outbox
+    main thread:  poll DEALER + outbox; JOB and CANCEL -> batch loop;
+                  outbox messages (merged PARTIALs, FINAL) -> broker; heartbeat;
+                  reconnect on silence
+    batch loop:   every running job decoded together; PARTIAL/FINAL into the outbox
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -28,9 +27,9 @@ from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import load_keys
 from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
+from worker.batch import BatchLoop
 from worker.engine import Engine
 from worker.outbox import Outbox
-from worker.runner import run_job
 
 log = logging.getLogger("worker")
 
@@ -59,42 +58,19 @@ class Worker:
         self.aliases = aliases
         self.ctx = ctx or zmq.Context.instance()
         self.worker_id = f"{settings.node_id}-{engine.model_id}-{uuid.uuid4().hex[:6]}"
-        self.jobs: queue.Queue[p.Job | None] = queue.Queue()
         self.active: set[str] = set()
-        self.cancelled: set[str] = set()
+        """Jobs handed to the batch loop whose FINAL or FAIL has not been sent yet."""
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
         self.max_epoch = 0
         self.outbox = Outbox()
+        self.batch = BatchLoop(engine, self.outbox.put, self._count)
         self._stopping = threading.Event()
         self.dealer: zmq.Socket | None = None
         self.broker = BrokerChoice(settings.broker_candidates)
         self.monitor: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.keys = load_keys(settings.home)
-
-    # ----------------------------------------------------------------- engine side
-
-    def _engine_thread(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self._run(job)
-
-    def _run(self, job: p.Job) -> None:
-        def send(msg: p.Message) -> None:
-            msg.epoch = job.epoch
-            self.outbox.put(msg)
-
-        self._count("jobs_started")
-        try:
-            outcome = run_job(self.engine, job, lambda: job.job_id in self.cancelled, send)
-        except Exception as exc:  # an engine error must fail the job, not the worker
-            log_event(log, "job_failed", logging.ERROR, job=job.job_id, error=repr(exc))
-            self._count("jobs_failed")
-            send(p.Fail(job_id=job.job_id, error=f"engine error: {exc}",
-                        code=p.ErrorCode.INTERNAL))
-            return
-        cancelled = outcome.finish_reason == "cancelled"
-        self._count("jobs_cancelled" if cancelled else "jobs_done")
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -136,10 +112,8 @@ class Worker:
     def run(self) -> None:
         """Serve until :meth:`stop`; reconnects with capped backoff when the broker is
         silent for the heartbeat liveness."""
-        threads = [threading.Thread(target=self._engine_thread, daemon=True,
-                                    name=f"engine-{i}") for i in range(self.engine.slots)]
-        for t in threads:
-            t.start()
+        batch = threading.Thread(target=self.batch.run, daemon=True, name="batch")
+        batch.start()
         self.poller.register(self.outbox.fd, zmq.POLLIN)
         self._connect()
         log_event(log, "worker_started", worker=self.worker_id, model=self.engine.model_id,
@@ -178,14 +152,13 @@ class Worker:
                 self._send(p.Heartbeat(
                     active=len(self.active), mem_free=self.memory()[1],
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
-                    counters=counters))
+                    kv_bytes=self.engine.kv_bytes,
+                    counters={**counters, **self.engine.counters}))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         self._send(p.Disconnect())
         self._abandon_jobs()
-        for _ in threads:
-            self.jobs.put(None)
-        for t in threads:
-            t.join(STOP_TIMEOUT)
+        self.batch.put(None)
+        batch.join(STOP_TIMEOUT)
         self._forward(self.outbox.take())
         self.outbox.close()
         close_watched(self.dealer, self.monitor, linger=200)
@@ -207,10 +180,10 @@ class Worker:
         match msg:
             case p.Job():
                 self.active.add(msg.job_id)
-                self.jobs.put(msg)
+                self.batch.put(msg)
             case p.Cancel():
                 if msg.job_id in self.active:
-                    self.cancelled.add(msg.job_id)
+                    self.batch.put(msg)
             case p.Redirect() if msg.endpoint != self.broker.current:
                 self.broker.redirect(msg.endpoint)
                 self._abandon_jobs()
@@ -228,11 +201,11 @@ class Worker:
                 tokens += len(msg.token_ids)
             elif isinstance(msg, p.Final | p.Fail):
                 self.active.discard(msg.job_id)
-                self.cancelled.discard(msg.job_id)
             self._send(msg)
         if tokens:
             self._count("tokens_generated", tokens)
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""
-        self.cancelled |= self.active
+        for job_id in self.active:
+            self.batch.put(p.Cancel(job_id=job_id))

@@ -3,15 +3,19 @@
 It never runs a model. Token n of a sequence depends only on the token before it and
 the sequence length, so a stream resumed on another synthetic worker continues exactly
 where it stopped, and a test can compute the expected stream with :func:`next_token`.
-Named "synthetic" in READY, logs, ``/v1/models`` and ``mesh`` output; never the default.
+It has the real engine's shape (one batch, stepped by the worker's batch loop), so every
+routing and failover test runs the worker's real path. Named "synthetic" in READY, logs,
+``/v1/models`` and ``mesh`` output; never the default.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 from common.protocol import GenerationRequest
+from worker.engine import Step
 
 VOCAB = 50_000
 BYTE_TOKENS = 256
@@ -42,11 +46,21 @@ class SyntheticDetokenizer:
         pass
 
 
+@dataclass(slots=True)
+class _Sequence:
+    tokens: list[int]
+    left: int
+    due: float
+    """When its next token is due (monotonic seconds)."""
+
+
 class SyntheticEngine:
-    """Emits ``rate`` tokens per second per job after ``ttft`` seconds, in ``slots`` seats."""
+    """Emits ``rate`` tokens per second per sequence after ``ttft`` seconds, in ``slots``
+    seats."""
 
     kind = "synthetic"
     model_bytes = 0
+    kv_bytes = 0
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
                  ttft: float = 0.0) -> None:
@@ -54,6 +68,9 @@ class SyntheticEngine:
         self.slots = slots
         self.rate = rate
         self.ttft = ttft
+        self.counters: dict[str, int] = {}
+        self._running: dict[int, _Sequence] = {}
+        self._ids = itertools.count()
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         text = request.prompt if request.kind == "completion" else "\n".join(
@@ -63,17 +80,32 @@ class SyntheticEngine:
     def detokenizer(self) -> SyntheticDetokenizer:
         return SyntheticDetokenizer()
 
-    def generate(self, prompt: list[int], request: GenerationRequest,
-                 max_tokens: int) -> Iterator[int]:
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
         if FAULT.encode() in bytes(t for t in prompt if t < BYTE_TOKENS):
             raise RuntimeError("synthetic engine error (fault switch in the prompt)")
-        sequence = list(prompt)
-        due = time.monotonic() + self.ttft
-        for _ in range(max_tokens):
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            token = next_token(sequence)
-            sequence.append(token)
-            yield token
-            due += 1.0 / self.rate if self.rate > 0 else 0.0
+        seq = next(self._ids)
+        self._running[seq] = _Sequence(list(prompt), max_tokens, time.monotonic() + self.ttft)
+        return seq
+
+    def remove(self, seq: int) -> None:
+        self._running.pop(seq, None)
+
+    def wait(self) -> float | None:
+        if not self._running:
+            return None
+        return max(0.0, min(s.due for s in self._running.values()) - time.monotonic())
+
+    def step(self) -> list[Step]:
+        now = time.monotonic()
+        steps = []
+        for seq, s in list(self._running.items()):
+            if s.due > now:
+                continue
+            token = next_token(s.tokens)
+            s.tokens.append(token)
+            s.left -= 1
+            s.due += 1.0 / self.rate if self.rate > 0 else 0.0
+            if s.left == 0:
+                del self._running[seq]
+            steps.append(Step(seq, token, done=s.left == 0))
+        return steps

@@ -1,0 +1,131 @@
+"""The batch loop: one thread drives the engine for every job of the worker.
+
+Jobs join the engine's batch as they arrive and leave it when they finish, hit a stop
+sequence or are cancelled (their client went away, or their broker was lost), so the
+engine decodes all running jobs together (continuous batching) and a freed seat is
+refilled at the next step. The I/O thread only hands messages in (:meth:`BatchLoop.put`);
+everything the loop produces goes out through ``send`` (the worker's outbox).
+
+    loop: wait for a message or for the engine's next token -> start JOBs, apply CANCELs
+          -> engine.step() -> each token to its JobRun -> PARTIAL / FINAL / FAIL out
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+from collections.abc import Callable
+
+from common import protocol as p
+from common.logs import log_event
+from worker.engine import Engine
+from worker.runner import JobRun
+
+log = logging.getLogger("worker")
+
+
+class BatchLoop:
+    """Runs ``engine`` for the worker's jobs; :meth:`run` is the loop thread's body."""
+
+    def __init__(self, engine: Engine, send: Callable[[p.Message], None],
+                 count: Callable[[str], None]) -> None:
+        self.engine = engine
+        self._send = send
+        self._count = count
+        self._inbox: queue.SimpleQueue[p.Job | p.Cancel | None] = queue.SimpleQueue()
+        self._runs: dict[int, JobRun] = {}
+        """Running jobs by engine sequence id."""
+        self._seqs: dict[str, int] = {}
+        """Engine sequence id by job id."""
+
+    def put(self, msg: p.Job | p.Cancel | None) -> None:
+        """From the I/O thread: a JOB to start, a CANCEL to apply, None to stop the loop."""
+        self._inbox.put(msg)
+
+    def run(self) -> None:
+        """Serve until ``put(None)``; jobs still running then are cancelled."""
+        while True:
+            for msg in self._messages():
+                if msg is None:
+                    for seq in list(self._runs):
+                        self._drop(seq).cancel()
+                    return
+                if isinstance(msg, p.Job):
+                    self._start(msg)
+                elif msg.job_id in self._seqs:
+                    self._count("jobs_cancelled")
+                    self._drop(self._seqs[msg.job_id]).cancel()
+            if self.engine.wait() == 0:
+                self._step()
+
+    def _messages(self) -> list[p.Job | p.Cancel | None]:
+        """Everything in the inbox; waits for the first only while the engine has no
+        token due, so new jobs join the batch between two steps."""
+        wait = self.engine.wait()
+        try:
+            first = self._inbox.get_nowait() if wait == 0 else self._inbox.get(timeout=wait)
+        except queue.Empty:
+            return []
+        messages = [first]
+        with contextlib.suppress(queue.Empty):
+            while messages[-1] is not None:
+                messages.append(self._inbox.get_nowait())
+        return messages
+
+    def _start(self, job: p.Job) -> None:
+        def send(msg: p.Message) -> None:
+            msg.epoch = job.epoch
+            self._send(msg)
+
+        self._count("jobs_started")
+        try:
+            run = JobRun(self.engine, job, send)
+            if not run.open():
+                self._count("jobs_done")
+                return
+            seq = self.engine.insert(run.prompt, run.request, run.budget)
+        except Exception as exc:  # a bad request or an engine error fails the job only
+            self._fail(job.job_id, exc, send)
+            return
+        self._runs[seq] = run
+        self._seqs[job.job_id] = seq
+
+    def _step(self) -> None:
+        try:
+            steps = self.engine.step()
+        except Exception as exc:  # the batch is lost: fail its jobs, keep the worker
+            for seq in list(self._runs):
+                run = self._drop(seq)
+                self._fail(run.job_id, exc, run.send)
+            return
+        for step in steps:
+            run = self._runs.get(step.seq)
+            if run is None:
+                continue
+            if step.token is not None and run.add(step.token):  # a stop sequence: FINAL sent
+                if step.done:
+                    self._forget(step.seq)
+                else:
+                    self._drop(step.seq)
+            elif step.done:
+                self._forget(step.seq)
+                run.end(eos=step.token is None)
+            else:
+                continue
+            self._count("jobs_done")
+
+    def _drop(self, seq: int) -> JobRun:
+        """Take a job out of the engine's batch (its seat is free at the next step)."""
+        self.engine.remove(seq)
+        return self._forget(seq)
+
+    def _forget(self, seq: int) -> JobRun:
+        run = self._runs.pop(seq)
+        del self._seqs[run.job_id]
+        return run
+
+    def _fail(self, job_id: str, exc: Exception, send: Callable[[p.Message], None]) -> None:
+        log_event(log, "job_failed", logging.ERROR, job=job_id, error=repr(exc))
+        self._count("jobs_failed")
+        send(p.Fail(job_id=job_id, error=f"engine error: {exc}", code=p.ErrorCode.INTERNAL))
