@@ -8,7 +8,7 @@ import collections
 
 import httpx
 
-from tests.harness import Cluster
+from tests.harness import Cluster, wait_for
 
 GIB = 1024**3
 
@@ -45,23 +45,39 @@ def test_a_burst_of_60_splits_evenly_over_3_equal_workers(cluster: Cluster) -> N
 
 
 def test_less_free_memory_gets_less_work(cluster: Cluster) -> None:
+    """End to end, the split that tests/test_routing_score.py derives from the weights:
+    the roomy worker runs two jobs more (memory weighs ~2 jobs here, not a veto)."""
     synthetic(cluster, "roomy", 10, 10.0, "--mem-total-gb", "16", "--mem-free-gb", "14")
     synthetic(cluster, "tight", 10, 10.0, "--mem-total-gb", "16", "--mem-free-gb", "2")
     url = cluster.gateway(node="elsewhere")  # both workers equally remote
     counts = served_by(asyncio.run(burst(url, 16, 20)))
-    assert counts["tight"] < counts["roomy"], counts
-    assert counts["tight"] >= 5, counts  # memory weighs ~2 jobs here, not a veto
+    assert counts == {"roomy": 9, "tight": 7}, counts
 
 
 def test_the_remote_penalty_only_breaks_ties(cluster: Cluster) -> None:
-    synthetic(cluster, "node-a", slots=1, rate=20.0)
-    synthetic(cluster, "node-b", slots=1, rate=20.0)
+    synthetic(cluster, "node-a", slots=10, rate=20.0)
+    synthetic(cluster, "node-b", slots=10, rate=20.0)
     url = cluster.gateway(node="node-a")
     # One at a time, the two workers tie on load and memory: the local one wins.
     for _ in range(4):
         assert served_by(asyncio.run(burst(url, 1, 2))) == {"node-a": 1}
-    # Two at once: the local worker is busy, so the remote one is used, not avoided.
-    assert served_by(asyncio.run(burst(url, 2, 20))) == {"node-a": 1, "node-b": 1}
+
+    # One job running on the local worker outweighs the remote penalty: the next job goes
+    # to the idle remote worker (with a remote weight 100x larger it would stay local).
+    async def one_running_then_another() -> tuple[str, str]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            long = asyncio.create_task(client.post(f"{url}/v1/chat/completions", json={
+                "model": "syn", "max_tokens": 60,
+                "messages": [{"role": "user", "content": "long"}]}))
+            await asyncio.to_thread(wait_for, "the long job to be dispatched",
+                                    lambda: sum(w["in_flight"] for w in cluster.workers()) == 1,
+                                    10)
+            short = await client.post(f"{url}/v1/chat/completions", json={
+                "model": "syn", "max_tokens": 2,
+                "messages": [{"role": "user", "content": "short"}]})
+            return (await long).headers["x-mlx-stack-node"], short.headers["x-mlx-stack-node"]
+
+    assert asyncio.run(one_running_then_another()) == ("node-a", "node-b")
 
 
 def test_routing_history_has_scores_choice_and_wait(cluster: Cluster) -> None:
