@@ -190,7 +190,9 @@ class Cluster:
             proc.stop()
         for client in self._controls.values():
             client.close()
-        self.ctx.term()
+        # destroy, not term: a socket a failed test left open would make term() wait for
+        # it until the pytest timeout.
+        self.ctx.destroy(linger=0)
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} (pid {p.pid})\n{p.output()[-4000:]}"

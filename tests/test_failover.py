@@ -34,6 +34,9 @@ class Stream:
     headers: dict[str, str] = field(default_factory=dict)
     chunks: list[dict] = field(default_factory=list)
     done: bool = False
+    """``[DONE]`` arrived."""
+    closed: bool = False
+    """The response ended (after ``[DONE]``, or after an error event)."""
     error: BaseException | None = None
     first: threading.Event = field(default_factory=threading.Event)
 
@@ -55,6 +58,7 @@ class Stream:
                         self.done = True
                     elif line.startswith("data: "):
                         self.chunks.append(json.loads(line[6:]))
+            self.closed = True
         except BaseException as exc:  # reported by the test
             self.error = exc
         finally:
@@ -158,5 +162,49 @@ def test_no_broker_is_a_503_after_the_grace_period(tmp_path) -> None:
         assert response.json()["error"]["code"] == "no_worker"
         assert "no broker answers" in response.json()["error"]["message"]
         assert 1.0 <= time.monotonic() - started < 10
+    finally:
+        c.close()
+
+
+def test_a_request_past_its_deadline_is_a_504_and_frees_its_slot(tmp_path) -> None:
+    c = Cluster(tmp_path, env={"MLX_STACK_REQUEST_TIMEOUT": "1"})
+    try:
+        c.broker()
+        nodes(c, "node-a", ttft=60)  # never answers within the deadline
+        url = c.gateway()
+        started = time.monotonic()
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
+            "model": "syn", "messages": [{"role": "user", "content": "slow"}]})
+        assert response.status_code == 504, response.text
+        error = response.json()["error"]
+        assert error["type"] == "timeout_error" and error["code"] == "deadline_exceeded"
+        assert "1 s" in error["message"]
+        assert time.monotonic() - started < 30
+        wait_for("the expired job to leave its worker",
+                 lambda: c.workers()[0]["in_flight"] == 0, timeout=10)
+    finally:
+        c.close()
+
+
+def test_when_retries_run_out_the_stream_ends_with_an_error_not_a_hang(tmp_path) -> None:
+    """max_retries = 1: the stream survives its first worker, and when the second dies
+    too it ends with an OpenAI error event naming the attempts (and no [DONE])."""
+    c = Cluster(tmp_path, env={"MLX_STACK_MAX_RETRIES": "1"})
+    try:
+        c.broker()
+        workers = nodes(c, "node-a", "node-b", rate=20)
+        url = c.gateway(node="node-a")
+        s = Stream(url, "doomed", 400).start()
+        wait_for("tokens from the first worker", lambda: len(s.chunks) >= 3)
+        first = s.headers["x-mlx-stack-node"]
+        workers[first].kill(signal.SIGKILL)
+        seen = len(s.chunks)
+        wait_for("tokens from the second worker", lambda: len(s.chunks) >= seen + 3)
+        workers[next(n for n in workers if n != first)].kill(signal.SIGKILL)
+        wait_for("the stream to end", lambda: s.closed or s.error, timeout=30)
+        assert s.error is None and not s.done, s.error
+        errors = [chunk["error"] for chunk in s.chunks if "error" in chunk]
+        assert len(errors) == 1 and errors[0]["code"] == "worker_lost", errors
+        assert "gave up after 2 attempts" in errors[0]["message"]
     finally:
         c.close()
