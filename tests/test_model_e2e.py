@@ -94,13 +94,14 @@ def test_penalties_are_applied(client: openai.OpenAI) -> None:
     assert ask(frequency_penalty=2.0) != ask()
 
 
-def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
-    def sample() -> str:
+def test_seeded_sampling_is_reproducible_and_not_greedy(client: openai.OpenAI) -> None:
+    def sample(seed: int | None, temperature: float = 1.0) -> str:
         return client.chat.completions.create(
-            model="fast", messages=QUESTION, temperature=1.0, top_p=0.9, seed=1234,
+            model="fast", messages=QUESTION, temperature=temperature, top_p=0.9, seed=seed,
             max_tokens=16).choices[0].message.content
 
-    assert sample() == sample()
+    assert sample(1234) == sample(1234)
+    assert len({sample(1234), sample(99), sample(None, temperature=0)}) == 3
 
 
 def test_models_lists_id_and_aliases(client: openai.OpenAI) -> None:
