@@ -7,6 +7,7 @@ test prints. Waiting is done on events (a CONTROL reply, ``/health``), each boun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 import zmq
 
 from common.config import Settings
@@ -71,15 +73,29 @@ class Proc:
             os.killpg(self.popen.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code."""
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit code. A process that
+        had to be killed cannot stop its children: they are killed too (``mlx-stack up``
+        starts each role in a session of its own, out of reach of a signal to its group).
+        After a clean exit they are left alone, so a test can see whether it stopped them."""
+        children = self.children()
         self.kill(signal.SIGTERM)
         try:
             code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill(signal.SIGKILL)
             code = self.popen.wait(5)
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
+            psutil.wait_procs(children, timeout=5)
         self._log_file.close()
         return code
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
