@@ -18,13 +18,16 @@ from tests.harness import Cluster, wait_for
 
 @pytest.fixture
 def dealer(cluster: Cluster) -> Callable[[], zmq.Socket]:
-    """Makes raw DEALERs connected to the broker (closed with the cluster's context, even
-    when the test fails)."""
+    """Makes raw DEALERs connected to the broker. They are kept here, so that one used
+    once (``dealer().send(...)``) is not garbage-collected, and closed before sending;
+    the cluster's context closes them all, even when the test fails."""
+    sockets: list[zmq.Socket] = []
 
     def connect() -> zmq.Socket:
         sock = cluster.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(cluster.endpoint)
+        sockets.append(sock)
         return sock
 
     return connect
