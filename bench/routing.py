@@ -8,12 +8,19 @@
    minimal server (``bench/http_backend.py``; what a client would call without the mesh,
    and how the LiteLLM comparison was measured). The "per token" figure is the added
    whole-stream time divided by the tokens.
-2. throughput: the most streamed tokens/s one gateway delivers to many clients.
-3. scaling: aggregate tokens/s with 1, 2 and 3 nodes of fixed capacity (each node: a
-   gateway and one synthetic worker whose rate is the capacity); the ratio is the figure.
+2. throughput: streamed tokens/s one gateway delivers to many clients, at a model-like
+   pace and with engines as fast as they go.
+3. scaling: tokens/s through ONE gateway (on node 1) while the mesh has 1, 2 and 3 nodes
+   of fixed capacity (each node: one synthetic worker whose slots x rate is the capacity);
+   the ratio to 1 node is the figure.
 
-Every process is real (``python -m cli ...`` on loopback); the load comes from one asyncio
-process with httpx. Run from the repository root.
+Tokens are counted in the text the client receives (the synthetic engine streams one word
+`` wNNNN`` per token), never from ``usage``; every stream's text is compared with what the
+synthetic engine generates for its prompt (``worker.synthetic.next_token``), and the
+streams that differ are counted ("inexact_streams"). The report starts with the date, the
+commit, the uncommitted changes and the machine. Every process is real (``python -m cli
+...`` on loopback); the load comes from one asyncio process with httpx. Run from the
+repository root.
 """
 
 from __future__ import annotations
@@ -21,22 +28,89 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime
 import json
+import os
+import platform
+import re
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
+import psutil
 
 from common import protocol as p
 from common.meshkeys import new_secret
 from tests.harness import Cluster, Proc, free_port, wait_for
-from worker.runner import run_job
-from worker.synthetic import SyntheticEngine
+from worker.batch import BatchLoop
+from worker.synthetic import SyntheticEngine, next_token, word
+
+ROOT = Path(__file__).resolve().parent.parent
+WORD = re.compile(r" w\d+")
+"""One synthetic token as the client receives it (``worker.synthetic.word``)."""
+
+
+class Streamed(NamedTuple):
+    """One streamed request as the client saw it."""
+
+    ttft: float
+    """Seconds from sending to the first content."""
+    seconds: float
+    """Seconds from sending to the end of the stream."""
+    content: str
+    """The user message sent (the synthetic engine's prompt)."""
+    text: str
+    """Every content delta received, joined."""
+    events: int
+    """SSE events that carried content."""
+    node: str
+    """The node that served it (``x-mlx-stack-node``)."""
+
+
+def expected_text(content: str, n: int) -> str:
+    """The text the synthetic engine streams for ``n`` tokens after a chat of one user
+    message ``content`` (as ``tests/test_failover.py``'s helper)."""
+    seq = list(content.encode())
+    for _ in range(n):
+        seq.append(next_token(seq))
+    return "".join(word(t) for t in seq[len(content.encode()):])
+
+
+def received(results: list[Streamed], max_tokens: int) -> dict[str, int]:
+    """What the clients received: synthetic tokens counted in the streamed texts, and the
+    streams whose text is not exactly the synthetic engine's sequence for their prompt."""
+    return {"streams": len(results),
+            "tokens_received": sum(len(WORD.findall(r.text)) for r in results),
+            "inexact_streams": sum(r.text != expected_text(r.content, max_tokens)
+                                   for r in results)}
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance() -> dict[str, Any]:
+    """When, from what tree and on what machine a run was made."""
+    changed = git("status", "--porcelain").splitlines()
+    return {"date": datetime.date.today().isoformat(),
+            "commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "dirty": bool(changed), "changed_files": [line[3:] for line in changed],
+            "python": platform.python_version(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpus": os.cpu_count(),
+                        "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1),
+                        "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -51,12 +125,11 @@ def chat_body(content: str, max_tokens: int) -> dict[str, Any]:
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, content: str,
-                      max_tokens: int) -> tuple[float, float, int, int]:
-    """(time to first token, whole time, completion tokens, content events) of one
-    streamed request."""
+                      max_tokens: int) -> Streamed:
+    """One streamed request; the text is kept, to be counted and checked after the load."""
     start = time.perf_counter()
     first = 0.0
-    tokens = events = 0
+    parts: list[str] = []
     async with client.stream("POST", f"{url}/v1/chat/completions",
                              json=chat_body(content, max_tokens)) as response:
         response.raise_for_status()
@@ -64,22 +137,23 @@ async def stream_once(client: httpx.AsyncClient, url: str, content: str,
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                events += 1
+            if "error" in chunk:
+                raise RuntimeError(f"error event in stream {content!r}: {chunk['error']}")
+            if chunk["choices"] and (text := chunk["choices"][0]["delta"].get("content")):
+                parts.append(text)
                 first = first or time.perf_counter() - start
-    return first, time.perf_counter() - start, tokens, events
+    return Streamed(first, time.perf_counter() - start, content, "".join(parts), len(parts),
+                    response.headers.get("x-mlx-stack-node", ""))
 
 
 async def load(urls: list[str], requests: int, concurrency: int, max_tokens: int
-               ) -> tuple[list[tuple[float, float, int, int]], float]:
+               ) -> tuple[list[Streamed], float]:
     """Run ``requests`` streams, ``concurrency`` at a time, round-robin over ``urls``."""
     limits = httpx.Limits(max_connections=concurrency + 8)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         semaphore = asyncio.Semaphore(concurrency)
 
-        async def one(i: int) -> tuple[float, float, int, int]:
+        async def one(i: int) -> Streamed:
             async with semaphore:
                 return await stream_once(client, urls[i % len(urls)], f"request {i}",
                                          max_tokens)
@@ -90,33 +164,52 @@ async def load(urls: list[str], requests: int, concurrency: int, max_tokens: int
 
 
 def direct(engine: SyntheticEngine, requests: int, concurrency: int,
-           max_tokens: int) -> list[tuple[float, float, int, int]]:
-    """The same streams on the engine in-process, ``concurrency`` threads at a time."""
-    results: list[tuple[float, float, int, int]] = []
-    lock = threading.Lock()
+           max_tokens: int) -> list[Streamed]:
+    """The same streams on the worker's batch loop in-process (no sockets), ``concurrency``
+    at a time: each one that ends starts the next."""
+    results: list[Streamed] = []
+    jobs: dict[str, tuple[float, str, list[str]]] = {}
+    """Job id -> (start, content, texts received)."""
+    firsts: dict[str, float] = {}
     counter = iter(range(requests))
+    lock = threading.Lock()
+    done = threading.Event()
 
-    def worker() -> None:
-        for i in counter:
-            request = p.GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
-                {"role": "user", "content": f"request {i}"}])
-            first: list[float] = []
-            start = time.perf_counter()
+    def submit() -> None:
+        with lock:
+            i = next(counter, None)
+            if i is None:
+                return
+            content = f"request {i}"
+            jobs[str(i)] = (time.perf_counter(), content, [])
+        request = p.GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
+            {"role": "user", "content": content}])
+        loop.put(p.Job(job_id=str(i), request=request.to_dict()))
 
-            def send(msg: p.Message, first: list[float] = first, start: float = start) -> None:
-                if isinstance(msg, p.Partial) and msg.text and not first:
-                    first.append(time.perf_counter() - start)
+    def send(msg: p.Message) -> None:  # on the loop's thread
+        job_id = msg.job_id  # type: ignore[attr-defined]
+        start, content, parts = jobs[job_id]
+        if isinstance(msg, p.Partial) and msg.text:
+            firsts.setdefault(job_id, time.perf_counter() - start)
+            parts.append(msg.text)
+        elif isinstance(msg, p.Final | p.Fail):
+            results.append(Streamed(firsts.get(job_id, 0.0), time.perf_counter() - start,
+                                    content, "".join(parts), len(parts), "in-process"))
+            if len(results) == requests:
+                done.set()
+            submit()
 
-            run_job(engine, p.Job(job_id=str(i), request=request.to_dict()), lambda: False,
-                    send)
-            with lock:
-                results.append((first[0], time.perf_counter() - start, max_tokens, 0))
-
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    loop = BatchLoop(engine, send, lambda _: None)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    for _ in range(concurrency):
+        submit()
+    try:
+        if not done.wait(600):
+            raise RuntimeError(f"in-process: {len(results)} of {requests} streams ended")
+    finally:
+        loop.put(None)
+        thread.join(30)
     return results
 
 
@@ -162,7 +255,8 @@ def overhead(tmp: Path) -> dict[str, Any]:
                     for name, url in urls.items()}
             runs["in_process"] = direct(engine, requests, concurrency, tokens)
             runs["http"] = asyncio.run(load([backend], requests, concurrency, tokens))[0]
-            row: dict[str, Any] = {"requests": requests}
+            row: dict[str, Any] = {"requests": requests, "inexact_streams": {
+                k: received(v, tokens)["inexact_streams"] for k, v in runs.items()}}
             for name, index in (("ttft", 0), ("stream", 1)):
                 for q, label in ((0.5, "p50"), (0.99, "p99")):
                     ms = {k: pct([r[index] for r in v], q) * 1000 for k, v in runs.items()}
@@ -198,21 +292,25 @@ def throughput(tmp: Path) -> dict[str, Any]:
             results, elapsed = asyncio.run(load([url], streams, streams, tokens))
         finally:
             cluster.close()
-        total = sum(r[2] for r in results)
-        events = sum(r[3] for r in results)
+        got = received(results, tokens)
+        total = got["tokens_received"]
+        events = sum(r.events for r in results)
         out[name] = {"streams": streams, "tokens_per_stream": tokens,
                      "engine_rate_per_stream": rate,
                      "offered_tokens_per_s": round(streams * rate),
-                     "seconds": round(elapsed, 3), "tokens_per_s": round(total / elapsed),
+                     "seconds": round(elapsed, 3), **got,
+                     "tokens_received_per_s": round(total / elapsed),
                      "sse_events_per_s": round(events / elapsed),
                      "tokens_per_event": round(total / events, 2)}
     return out
 
 
 def scaling(tmp: Path) -> dict[str, Any]:
-    """Each node: one worker of 8 slots x 25 tokens/s = 200 tokens/s of capacity."""
+    """ONE gateway (on node-0) takes all the load while the mesh has 1, 2 and 3 nodes, each
+    one worker of 8 slots x 25 tokens/s = 200 tokens/s of capacity."""
     slots, rate, tokens = 8, 25.0, 50
-    out: dict[str, Any] = {"node_capacity_tokens_per_s": slots * rate}
+    out: dict[str, Any] = {"node_capacity_tokens_per_s": slots * rate,
+                           "tokens_per_request": tokens, "gateways": 1}
     for n in (1, 2, 3):
         cluster = Cluster(tmp / f"scaling-{n}", env={"MLX_STACK_QUEUE_SIZE": "10000"})
         try:
@@ -221,17 +319,19 @@ def scaling(tmp: Path) -> dict[str, Any]:
             for node in names:
                 cluster.worker("--engine", "synthetic", "--model", "syn", "--slots",
                                str(slots), "--rate", str(rate), node=node)
-            urls = [cluster.gateway(node=node) for node in names]
+            url = cluster.gateway(node=names[0])
             # Twice the mesh's seats, so every slot stays busy.
-            results, elapsed = asyncio.run(load(urls, 12 * slots * n, 2 * slots * n, tokens))
+            results, elapsed = asyncio.run(load([url], 12 * slots * n, 2 * slots * n, tokens))
         finally:
             cluster.close()
-        out[f"nodes_{n}"] = {"tokens_per_s": round(sum(r[2] for r in results) / elapsed, 1),
-                             "seconds": round(elapsed, 2)}
-    out["ratio_3_over_1"] = round(out["nodes_3"]["tokens_per_s"] /
-                                  out["nodes_1"]["tokens_per_s"], 3)
-    out["ratio_2_over_1"] = round(out["nodes_2"]["tokens_per_s"] /
-                                  out["nodes_1"]["tokens_per_s"], 3)
+        got = received(results, tokens)
+        out[f"nodes_{n}"] = {
+            "tokens_received_per_s": round(got["tokens_received"] / elapsed, 1),
+            "seconds": round(elapsed, 2), **got,
+            "streams_per_node": dict(sorted(Counter(r.node for r in results).items()))}
+    for n in (2, 3):
+        out[f"ratio_{n}_over_1"] = round(out[f"nodes_{n}"]["tokens_received_per_s"] /
+                                         out["nodes_1"]["tokens_received_per_s"], 3)
     return out
 
 
@@ -243,7 +343,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="mlxs-bench-"))
     runs = {"overhead": overhead, "throughput": throughput, "scaling": scaling}
     chosen = runs if args.which == "all" else {args.which: runs[args.which]}
-    report = {"benchmark": "routing", "python": sys.version.split()[0]}
+    report = {"benchmark": "routing", "command": f".venv/bin/python -m bench.routing {args.which}",
+              **provenance()}
     report.update({name: fn(tmp) for name, fn in chosen.items()})
     print(json.dumps(report, indent=2))
 
