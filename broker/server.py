@@ -3,16 +3,12 @@
 The loop (zguide's Majordomo broker, with the gaps closed):
 
     poll the ROUTER for up to one heartbeat interval
-    handle each message by protocol tag (gateway or worker) and command
+    decode each message, check its sender's role, hand it to the job table
+    (:mod:`broker.jobs`, no I/O), send what the table returns
     every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
 
-A worker is purged when nothing has come from it for ``liveness`` intervals, busy or not
-(its I/O thread heartbeats during inference). Its jobs that have sent nothing yet go back
-to the head of their queue; jobs that have streamed output are failed as retryable so
-that the gateway, which knows what the client has seen, resumes them elsewhere.
-
-Each dispatch of a job to a worker has its own id, ``<job id>/<attempt>``: frames of an
-earlier attempt (a worker that was purged but was only slow) never pass for the current.
+This module keeps the sockets, the roles, the peers and the election, CONTROL and the
+status; what happens to workers and jobs is decided in :class:`broker.jobs.JobTable`.
 
 Several brokers (one per node) elect one coordinator (:mod:`broker.election`) from the
 ANNOUNCEs they send each other every interval. A standby broker serves nobody: it answers
@@ -39,8 +35,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from broker.election import BrokerInfo, Election
-from broker.routing import Chooser
-from broker.state import JobState, WorkerState
+from broker.jobs import JobTable, Send
 from common import protocol as p
 from common.config import ENDPOINT, Settings, is_loopback
 from common.discovery import Advert, Discovery
@@ -56,8 +51,6 @@ from common.transport import (
 
 log = logging.getLogger("broker")
 
-ROUTE_HISTORY = 1000
-MAX_SLOTS = 1024
 """What a broker endpoint in an ANNOUNCE must look like: workers and gateways would be
 redirected there."""
 
@@ -68,19 +61,13 @@ class Broker:
     def __init__(self, settings: Settings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.workers: dict[bytes, WorkerState] = {}
+        self.table = JobTable(settings)
         self.gateways: dict[bytes, float] = {}
+        """Live gateways: identity -> when they expire (monotonic seconds)."""
         self.purged_gateways: set[bytes] = set()
-        self.jobs: dict[str, JobState] = {}
-        self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
-            collections.deque
-        )
-        self.known_models: set[str] = set()
-        self.routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUTE_HISTORY)
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
         """Messages refused, by reason (``ProtocolError.reason`` or the broker's own)."""
-        self.chooser = Chooser()
         self.started = time.time()
         self.session = uuid.uuid4().hex
         self.keys = load_keys(settings.home)
@@ -237,7 +224,7 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        for identity in [*self.workers, *self.gateways]:
+        for identity in [*self.table.workers, *self.gateways]:
             self._send(identity, self._protocol_of(identity), p.Disconnect())
         for monitor, endpoint in self.peer_monitors.items():
             close_watched(self.peer_sockets[endpoint], monitor)
@@ -292,7 +279,7 @@ class Broker:
 
     def _role_of(self, identity: bytes) -> bytes | None:
         """The protocol tag an identity has spoken so far (None if new)."""
-        if identity in self.workers:
+        if identity in self.table.workers:
             return p.WORKER
         if identity in self.gateways:
             return p.GATEWAY
@@ -319,7 +306,7 @@ class Broker:
         elif not self.active:
             self._on_standby(identity, protocol, msg)
         elif protocol == p.WORKER:
-            self._on_worker(identity, msg)
+            self._apply(self.table.worker_message(identity, msg, time.monotonic()))
         else:
             self._on_gateway(identity, msg)
 
@@ -333,105 +320,6 @@ class Broker:
             self._send(identity, protocol, p.Redirect(endpoint=self.leader))
         else:
             self._send(identity, protocol, p.Heartbeat(session=self.session))
-
-    # ----------------------------------------------------------------- workers
-
-    def _on_worker(self, identity: bytes, msg: p.Message) -> None:
-        now = time.monotonic()
-        if isinstance(msg, p.Ready):
-            self._register(identity, msg, now)
-            return
-        worker = self.workers.get(identity)
-        if worker is None:
-            # Not registered (purged, or the broker restarted): ask it to register again.
-            self._reject("unregistered", f"{msg.COMMAND.name} from an unregistered worker")
-            if not isinstance(msg, p.Disconnect):
-                self._send(identity, p.WORKER, p.Disconnect())
-            return
-        worker.expires = now + self.settings.peer_timeout
-        worker.last_seen = now
-        match msg:
-            case p.Heartbeat():
-                worker.mem_free, worker.active = msg.mem_free, msg.active
-                worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
-                worker.kv_bytes = msg.kv_bytes
-            case p.Partial():
-                job = self._job_of(worker, msg.job_id)
-                if job is not None:
-                    job.streamed = True
-                    job.tokens += len(msg.token_ids)
-                    if job.gateway is not None:
-                        msg.job_id = job.submit.job_id
-                        self._send(job.gateway, p.GATEWAY, msg)
-            case p.Final():
-                job = self._job_of(worker, msg.job_id)
-                if job is not None:
-                    self._finish(job, msg, "ok")
-            case p.Fail():
-                job = self._job_of(worker, msg.job_id)
-                if job is None:
-                    pass
-                elif msg.retryable:
-                    self._lose(job, msg.error)
-                    self._dispatch()
-                else:
-                    self._finish(job, msg, "failed")
-            case p.Disconnect():
-                self._purge_worker(worker, "disconnected")
-
-    def _register(self, identity: bytes, ready: p.Ready, now: float) -> None:
-        if not (ready.model_id and 1 <= ready.slots <= MAX_SLOTS):
-            self._reject("bad_ready", "READY without a model or with slots out of range")
-            log_event(log, "ready_refused", logging.WARNING, worker=ready.worker_id[:80],
-                      model=ready.model_id[:80], slots=ready.slots)
-            return
-        # A worker that registers again has abandoned whatever it was running.
-        for other in list(self.workers.values()):
-            if other.info.worker_id == ready.worker_id or other.identity == identity:
-                self._purge_worker(other, "registered again")
-        worker = WorkerState(
-            identity=identity, info=ready, expires=now + self.settings.peer_timeout,
-            mem_free=ready.mem_free, last_seen=now,
-        )
-        self.workers[identity] = worker
-        self.known_models |= worker.names
-        log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
-                  model=ready.model_id, slots=ready.slots, engine=ready.engine)
-        self._dispatch()
-
-    def _job_of(self, worker: WorkerState, dispatch_id: str) -> JobState | None:
-        """The job of a dispatch id if it is this worker's current attempt; anything stale
-        or foreign is ignored."""
-        job_id = dispatch_id.rpartition("/")[0]
-        job = self.jobs.get(job_id)
-        if job is None or job.worker != worker.identity or job.dispatch_id != dispatch_id:
-            return None
-        return job
-
-    def _purge_worker(self, worker: WorkerState, reason: str) -> None:
-        del self.workers[worker.identity]
-        self.counters["workers_purged"] += 1
-        level = logging.INFO if reason == "disconnected" else logging.WARNING
-        log_event(log, "worker_purged", level, worker=worker.info.worker_id,
-                  node=worker.info.node_id, reason=reason, jobs=len(worker.in_flight))
-        for job_id in list(worker.in_flight):
-            self._lose(self.jobs[job_id], f"worker {worker.info.worker_id} lost ({reason})")
-        self._dispatch()
-
-    def _lose(self, job: JobState, reason: str) -> None:
-        """A job's worker is gone (or gave it up): run it again if nothing reached the
-        client yet, else tell the gateway to resume it with what the client has seen."""
-        self._release(job)
-        if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
-            self._finish(job, p.Fail(
-                job_id=job.submit.job_id, code=p.ErrorCode.WORKER_LOST, retryable=True,
-                error=f"{reason} after {job.tokens} tokens; resubmit with resume tokens"),
-                "worker_lost")
-            return
-        job.retries += 1
-        self.counters["redispatched"] += 1
-        log_event(log, "job_redispatched", job=job.submit.job_id, reason=reason)
-        self.queues[job.submit.model].appendleft(job.submit.job_id)
 
     # ----------------------------------------------------------------- gateways
 
@@ -449,149 +337,33 @@ class Broker:
         self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
         match msg:
             case p.Submit():
-                self._submit(identity, msg)
+                self._apply(self.table.submit(identity, msg, time.monotonic()))
             case p.Cancel():
-                self._cancel(identity, msg.job_id)
+                self._apply(self.table.cancel(identity, msg.job_id))
             case p.Control():
                 self._send(identity, p.GATEWAY, self._control(msg))
             case p.Disconnect():
                 self._purge_gateway(identity, silent=False)
 
-    def _submit(self, gateway: bytes, submit: p.Submit) -> None:
-        def refuse(code: p.ErrorCode, error: str, retryable: bool = False) -> None:
-            self.counters[f"rejected_{code}"] += 1
-            self._send(gateway, p.GATEWAY, p.Fail(
-                job_id=submit.job_id, error=error, code=code, retryable=retryable))
-
-        try:
-            p.from_dict(p.GenerationRequest, submit.request)
-        except p.ProtocolError as exc:
-            return refuse(p.ErrorCode.INVALID_REQUEST, str(exc))
-        if submit.job_id in self.jobs:
-            return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
-        if submit.attempt and submit.model not in self.known_models:
-            # Admitted before under another coordinator: its workers are on their way.
-            self.known_models.add(submit.model)
-        if submit.model not in self.known_models:
-            return refuse(p.ErrorCode.MODEL_NOT_FOUND,
-                          f"The model '{submit.model}' does not exist in this mesh. "
-                          f"Available: {', '.join(sorted(self.known_models)) or 'none yet'}.")
-        queue = self.queues[submit.model]
-        if len(queue) >= self.settings.queue_size and not submit.attempt:
-            return refuse(p.ErrorCode.QUEUE_FULL,
-                          f"{len(queue)} requests already wait for '{submit.model}'; "
-                          "retry later", retryable=True)
-        now = time.monotonic()
-        self.jobs[submit.job_id] = JobState(
-            submit=submit, gateway=gateway, enqueued=now,
-            deadline=now + max(0.0, min(submit.deadline, self.settings.request_timeout)),
-        )
-        if submit.attempt:
-            queue.appendleft(submit.job_id)
-        else:
-            queue.append(submit.job_id)
-        self._dispatch()
-
-    def _cancel(self, gateway: bytes, job_id: str) -> None:
-        job = self.jobs.get(job_id)
-        if job is None or job.gateway != gateway:
-            return
-        self.counters["cancelled"] += 1
-        job.gateway = None
-        if job.worker is None:
-            self._forget(job, "cancelled")
-        else:
-            self._send(job.worker, p.WORKER, p.Cancel(job_id=job.dispatch_id))
-
     def _purge_gateway(self, gateway: bytes, silent: bool = True) -> None:
         self.gateways.pop(gateway, None)
-        jobs = [j for j in self.jobs.values() if j.gateway == gateway]
-        for job in jobs:
-            self._cancel(gateway, job.submit.job_id)
-        if silent and jobs:
+        had_jobs = any(j.gateway == gateway for j in self.table.jobs.values())
+        self._apply(self.table.gateway_lost(gateway))
+        if silent and had_jobs:
             self._send(gateway, p.GATEWAY, p.Disconnect())
             if len(self.purged_gateways) > 10_000:
                 self.purged_gateways.clear()
             self.purged_gateways.add(gateway)
 
-    # ----------------------------------------------------------------- dispatch
-
-    def _dispatch(self) -> None:
-        """Give waiting jobs to free workers, oldest queue heads first, until none fits."""
-        progress = True
-        while progress:
-            progress = False
-            for model, queue in self.queues.items():
-                if not queue:
-                    continue
-                job = self.jobs[queue[0]]
-                candidates = [w for w in self.workers.values() if model in w.names]
-                worker, scored = self.chooser.choose(candidates, job.submit.node_id)
-                if worker is None:
-                    continue
-                queue.popleft()
-                self._start(job, worker, scored)
-                progress = True
-
-    def _start(self, job: JobState, worker: WorkerState,
-               scored: list[tuple[WorkerState, float]]) -> None:
-        submit = job.submit
-        job.worker = worker.identity
-        job.dispatch_id = f"{submit.job_id}/{job.retries}"
-        worker.in_flight.add(submit.job_id)
-        if job.route:
-            job.route["retries"] = job.retries
-        else:
-            job.route = {"job_id": submit.job_id, "model": submit.model, "outcome": "running",
-                         "retries": 0, "time": time.time()}
-            self.routes.append(job.route)
-        job.route.update(
-            candidates=[{"worker_id": w.info.worker_id, "node_id": w.info.node_id,
-                         "score": round(s, 4)} for w, s in scored],
-            worker_id=worker.info.worker_id, node_id=worker.info.node_id,
-            queue_wait_ms=round((time.monotonic() - job.enqueued) * 1000, 2),
-        )
-        self._send(worker.identity, p.WORKER, p.Job(
-            job_id=job.dispatch_id, request=submit.request,
-            resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
-        if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, p.Accepted(
-                job_id=submit.job_id, node_id=worker.info.node_id,
-                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
-
-    def _release(self, job: JobState) -> None:
-        if job.worker is not None and job.worker in self.workers:
-            self.workers[job.worker].in_flight.discard(job.submit.job_id)
-        job.worker = None
-
-    def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
-        """End a job: tell its gateway, free its slot, record the outcome."""
-        self._release(job)
-        if job.gateway is not None:
-            msg.job_id = job.submit.job_id
-            self._send(job.gateway, p.GATEWAY, msg)
-        self._forget(job, outcome if job.gateway is not None else "cancelled")
-        self._dispatch()
-
-    def _forget(self, job: JobState, outcome: str) -> None:
-        self.jobs.pop(job.submit.job_id, None)
-        queue = self.queues.get(job.submit.model)
-        if queue and job.submit.job_id in queue:
-            queue.remove(job.submit.job_id)
-        if job.route:
-            job.route["outcome"] = outcome
-
     # ----------------------------------------------------------------- timers
 
     def _tick(self, now: float) -> None:
         self._elect(now)
-        for worker in [w for w in self.workers.values() if w.expires < now]:
-            self._purge_worker(worker, "heartbeat timeout")
         for gateway in [g for g, expires in self.gateways.items() if expires < now]:
             self._purge_gateway(gateway)
-        self._expire_waiting(now)
+        self._apply(self.table.tick(now))
         beat = p.Heartbeat(session=self.session)
-        for identity in list(self.workers):
+        for identity in list(self.table.workers):
             self._send(identity, p.WORKER, beat)
         for identity in list(self.gateways):
             self._send(identity, p.GATEWAY, beat)
@@ -630,39 +402,14 @@ class Broker:
         """Step down: send every worker and gateway to the new coordinator. Gateways
         resubmit their open jobs there with what their clients have seen."""
         reply = p.Redirect(endpoint=leader) if leader else p.Disconnect()
-        for identity in list(self.workers):
+        for identity in list(self.table.workers):
             self._send(identity, p.WORKER, reply)
             self.followers[identity] = p.WORKER
         for identity in list(self.gateways):
             self._send(identity, p.GATEWAY, reply)
             self.followers[identity] = p.GATEWAY
-        self.workers.clear()
+        self.table.clear()
         self.gateways.clear()
-        self.jobs.clear()
-        self.queues.clear()
-
-    def _expire_waiting(self, now: float) -> None:
-        """Fail jobs past their deadline (cancelling any that run), and queued jobs that
-        waited longer than the grace period for a model with no live worker at all."""
-        for job in [j for j in self.jobs.values() if j.worker and j.gateway and now > j.deadline]:
-            gateway = job.gateway
-            self._cancel(gateway, job.submit.job_id)  # the worker confirms, freeing the slot
-            self._send(gateway, p.GATEWAY, p.Fail(
-                job_id=job.submit.job_id, code=p.ErrorCode.DEADLINE,
-                error="the request's deadline passed while it ran"))
-        live = set().union(*(w.names for w in self.workers.values()))
-        for model, queue in list(self.queues.items()):
-            for job_id in list(queue):
-                job = self.jobs[job_id]
-                if now > job.deadline:
-                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.DEADLINE,
-                                  error="the request's deadline passed while it waited")
-                elif model not in live and now - job.enqueued > self.settings.grace:
-                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.NO_WORKER, retryable=True,
-                                  error=f"no worker for '{model}' is up; it may be restarting")
-                else:
-                    continue
-                self._finish(job, fail, fail.code)
 
     # ----------------------------------------------------------------- control
 
@@ -670,11 +417,11 @@ class Broker:
         if msg.op in ("status", "nodes"):
             result: Any = self.status()
         elif msg.op == "models":
-            result = self.models()
+            result = self.table.models()
         elif msg.op == "routes":
             last = msg.args.get("last", 20)
             last = last if isinstance(last, int) and last > 0 else 20
-            result = list(self.routes)[-last:]
+            result = list(self.table.routes)[-last:]
         elif msg.op in ("add_peer", "remove_peer") and isinstance(
                 endpoint := msg.args.get("endpoint"), str) and ENDPOINT.fullmatch(endpoint):
             if msg.op == "add_peer":
@@ -704,28 +451,23 @@ class Broker:
                        "last_seen_s": round(now - b.last_seen, 3)}
                       for b in self.election.live(now)],
             "uptime_s": round(time.time() - self.started, 1),
-            "workers": [w.summary(now) for w in self.workers.values()],
-            "queues": {m: len(q) for m, q in self.queues.items() if q},
-            "jobs": len(self.jobs),
+            "workers": [w.summary(now) for w in self.table.workers.values()],
+            "queues": {m: len(q) for m, q in self.table.queues.items() if q},
+            "jobs": len(self.table.jobs),
             "gateways": len(self.gateways),
-            "counters": dict(self.counters),
-            "rejected": dict(self.rejected),
+            "counters": dict(self.counters + self.table.counters),
+            "rejected": dict(self.rejected + self.table.rejected),
         }
-
-    def models(self) -> list[dict[str, Any]]:
-        """Every name a request may use, with the model it resolves to."""
-        names: dict[str, dict[str, Any]] = {}
-        for w in self.workers.values():
-            for name in sorted(w.names):
-                entry = names.setdefault(name, {"id": name, "model_id": w.info.model_id,
-                                                "engine": w.info.engine, "workers": 0})
-                entry["workers"] += 1
-        return sorted(names.values(), key=lambda e: e["id"])
 
     # ----------------------------------------------------------------- sending
 
     def _protocol_of(self, identity: bytes) -> bytes:
-        return p.WORKER if identity in self.workers else p.GATEWAY
+        return p.WORKER if identity in self.table.workers else p.GATEWAY
+
+    def _apply(self, sends: list[Send]) -> None:
+        """Send what a job table transition produced."""
+        for identity, protocol, msg in sends:
+            self._send(identity, protocol, msg)
 
     def _send(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
         msg.epoch = self.epoch

@@ -1,0 +1,167 @@
+"""The broker's job table without sockets: each transition's messages, for queueing,
+refusals (404, 429, 503), routing ties, pre-token re-dispatch and worker loss."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.jobs import JobTable, Send
+from common import protocol as p
+from common.config import Settings
+
+GW = b"gateway"
+REQUEST = p.GenerationRequest(kind="completion", prompt="x", max_tokens=4).to_dict()
+
+
+def table(**settings: object) -> JobTable:
+    return JobTable(Settings(**{"grace": 5.0, "queue_size": 2, **settings}))
+
+
+def ready(t: JobTable, name: str, slots: int = 1, now: float = 0.0) -> list[Send]:
+    return t.worker_message(name.encode(), p.Ready(worker_id=name, node_id=name,
+                                                   model_id="m", slots=slots), now)
+
+
+def submit(t: JobTable, job_id: str, model: str = "m", now: float = 0.0,
+           attempt: int = 0) -> list[Send]:
+    return t.submit(GW, p.Submit(job_id=job_id, model=model, request=REQUEST,
+                                 attempt=attempt), now)
+
+
+def jobs_to(sends: list[Send]) -> dict[str, str]:
+    """Dispatch id -> worker name, for the JOBs among ``sends``."""
+    return {m.job_id: ident.decode() for ident, _, m in sends if isinstance(m, p.Job)}
+
+
+def to_gateway(sends: list[Send]) -> list[p.Message]:
+    return [m for ident, proto, m in sends if ident == GW and proto == p.GATEWAY]
+
+
+def test_a_job_waits_for_a_free_slot_and_runs_when_one_frees() -> None:
+    t = table()
+    ready(t, "w")
+    assert jobs_to(submit(t, "a")) == {"a/0": "w"}
+    assert submit(t, "b") == []  # queued: the worker's one slot is taken
+    assert list(t.queues["m"]) == ["b"]
+    sends = t.worker_message(b"w", p.Final(job_id="a/0", finish_reason="stop"), 1.0)
+    assert [type(m) for m in to_gateway(sends)] == [p.Final, p.Accepted]
+    assert jobs_to(sends) == {"b/0": "w"}
+    assert [r["outcome"] for r in t.routes] == ["ok", "running"]
+
+
+def test_unknown_model_is_refused_at_once_naming_what_exists() -> None:
+    t = table()
+    ready(t, "w")
+    (fail,) = to_gateway(submit(t, "a", model="nope"))
+    assert isinstance(fail, p.Fail) and fail.code == p.ErrorCode.MODEL_NOT_FOUND
+    assert fail.error.endswith("Available: m.")
+    assert t.jobs == {}
+
+
+def test_a_full_queue_is_429_but_a_resubmission_still_gets_in() -> None:
+    t = table(queue_size=1)
+    ready(t, "w")
+    submit(t, "running")
+    submit(t, "waiting")
+    (fail,) = to_gateway(submit(t, "refused"))
+    assert fail.code == p.ErrorCode.QUEUE_FULL and fail.retryable
+    assert submit(t, "resumed", attempt=1) == []
+    assert list(t.queues["m"]) == ["resumed", "waiting"]  # resubmissions wait at the head
+
+
+def test_a_known_model_without_workers_waits_the_grace_then_503() -> None:
+    t = table()
+    ready(t, "w")
+    t.worker_message(b"w", p.Disconnect(), 0.0)
+    assert submit(t, "a", now=1.0) == []  # known model: it waits
+    assert t.tick(5.5) == []              # within the grace period
+    (fail,) = to_gateway(t.tick(6.5))
+    assert fail.code == p.ErrorCode.NO_WORKER and fail.retryable
+    assert t.jobs == {}
+
+
+def test_a_worker_that_returns_within_the_grace_gets_the_waiting_job() -> None:
+    t = table()
+    ready(t, "w")
+    t.worker_message(b"w", p.Disconnect(), 0.0)
+    submit(t, "a", now=1.0)
+    assert jobs_to(ready(t, "w2", now=3.0)) == {"a/0": "w2"}
+
+
+def test_equal_workers_take_turns() -> None:
+    t = table()
+    for name in ("w1", "w2"):
+        ready(t, name, slots=4)
+    placed = {}
+    for i in range(4):
+        placed |= jobs_to(submit(t, f"j{i}"))
+        t.worker_message(placed[f"j{i}/0"].encode(),
+                         p.Final(job_id=f"j{i}/0", finish_reason="stop"), 0.0)
+    assert list(placed.values()) == ["w1", "w2", "w1", "w2"]
+
+
+def test_a_worker_lost_before_the_first_token_re_dispatches_silently() -> None:
+    t = table()
+    ready(t, "w1")
+    ready(t, "w2")
+    first = jobs_to(submit(t, "a"))["a/0"]
+    other = "w2" if first == "w1" else "w1"
+    sends = t.worker_message(first.encode(), p.Disconnect(), 1.0)
+    assert jobs_to(sends) == {"a/1": other}  # a new dispatch id: the old one is stale
+    assert [type(m) for m in to_gateway(sends)] == [p.Accepted]  # no FAIL: nothing was sent
+    assert t.counters["redispatched"] == 1
+    stale = t.worker_message(other.encode(), p.Partial(job_id="a/0", token_ids=[1], text="x"),
+                             1.1)
+    assert stale == []
+
+
+@pytest.mark.parametrize("how", ["disconnect", "silence"])
+def test_a_worker_lost_mid_stream_fails_the_job_for_the_gateway_to_resume(how: str) -> None:
+    t = table()
+    ready(t, "w1", now=0.0)
+    ready(t, "w2", now=0.0)
+    worker = jobs_to(submit(t, "a"))["a/0"]
+    sent = t.worker_message(worker.encode(), p.Partial(job_id="a/0", token_ids=[7, 8],
+                                                       text="hi"), 0.1)
+    assert [m.token_ids for m in to_gateway(sent)] == [[7, 8]]
+    if how == "disconnect":
+        sends = t.worker_message(worker.encode(), p.Disconnect(), 0.2)
+    else:
+        t.worker_message(b"w2" if worker == "w1" else b"w1", p.Heartbeat(), 10.0)
+        sends = t.tick(10.0)  # the other one spoke at 10.0; this one is silent since 0.1
+    (fail,) = to_gateway(sends)
+    assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
+    assert "after 2 tokens" in fail.error and jobs_to(sends) == {}
+    assert t.jobs == {} and t.routes[-1]["outcome"] == "worker_lost"
+
+
+def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> None:
+    t = table()
+    ready(t, "w")
+    submit(t, "a")
+    submit(t, "b")
+    (cancel,) = [m for _, _, m in t.cancel(GW, "a")]
+    assert isinstance(cancel, p.Cancel) and cancel.job_id == "a/0"
+    assert t.workers[b"w"].in_flight == {"a"}  # not before the worker stops
+    sends = t.worker_message(b"w", p.Fail(job_id="a/0", error="cancelled", retryable=True,
+                                          code=p.ErrorCode.CANCELLED), 1.0)
+    assert to_gateway(sends) == [p.Accepted(job_id="b", node_id="w", worker_id="w",
+                                            model_id="m")]
+    assert jobs_to(sends) == {"b/0": "w"}
+
+
+def test_an_unregistered_worker_is_told_to_register() -> None:
+    t = table()
+    sends = t.worker_message(b"ghost", p.Final(job_id="x/0", finish_reason="stop"), 0.0)
+    assert [(ident, type(m)) for ident, _, m in sends] == [(b"ghost", p.Disconnect)]
+    assert t.rejected["unregistered"] == 1
+
+
+def test_a_job_past_its_deadline_is_cancelled_and_504() -> None:
+    t = table(request_timeout=2.0)
+    ready(t, "w")
+    submit(t, "a", now=0.0)
+    t.worker_message(b"w", p.Heartbeat(), 2.4)  # alive: only the deadline passes
+    sends = t.tick(2.5)
+    assert [type(m) for _, _, m in sends] == [p.Cancel, p.Fail]
+    assert to_gateway(sends)[0].code == p.ErrorCode.DEADLINE
