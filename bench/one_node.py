@@ -13,6 +13,7 @@ medians are reported with the mesh/direct ratios.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ import threading
 import time
 
 import httpx
+import psutil
 
 from common import protocol as p
 from common.config import Settings
@@ -115,8 +117,11 @@ def main() -> None:
         wait_healthy(url, up)
         from worker.mlx_engine import MlxEngine
 
-        engine = MlxEngine(model_path, DEFAULT_MODEL_ID, max_slots=1, prompt_cache_bytes=0,
-                           free_memory=0)
+        # The node's worker settings (prompt cache included: every run repeats the prompt).
+        defaults = Settings()
+        engine = MlxEngine(model_path, DEFAULT_MODEL_ID, max_slots=defaults.max_slots,
+                           prompt_cache_bytes=defaults.prompt_cache_bytes,
+                           free_memory=psutil.virtual_memory().available)
         outbox: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
         loop = BatchLoop(engine, outbox.put, lambda _: None)
         threading.Thread(target=loop.run, daemon=True).start()
@@ -145,6 +150,9 @@ def main() -> None:
     ttft_deltas = [(a[0] - b[0]) * 1000 for a, b in zip(mesh, direct, strict=True)]
     print(json.dumps({
         "benchmark": "one_node",
+        "date": datetime.date.today().isoformat(),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip(),
         "model": DEFAULT_MODEL_ID,
         "runs": args.runs,
         "max_tokens": args.max_tokens,
