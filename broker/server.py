@@ -36,6 +36,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
+from broker.peers import PeerLinks
 from common import protocol as p
 from common.config import ENDPOINT, Settings, is_loopback
 from common.discovery import Advert, Discovery
@@ -43,10 +44,7 @@ from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
 from common.transport import (
     admit_members,
-    close_watched,
     configure,
-    disconnected,
-    watch_disconnects,
 )
 
 log = logging.getLogger("broker")
@@ -94,13 +92,13 @@ class Broker:
                 self.auth.stop()
             raise ValueError(f"cannot listen on {self.endpoint}: {exc.strerror}; is another "
                              "broker running there? Stop it or choose --port") from None
-        peers = [e for e in settings.peer_list if e != self.advertise]
+        others = [e for e in settings.peer_list if e != self.advertise]
         self.election = Election(
             BrokerInfo(node_id=settings.node_id, endpoint=self.advertise,
                        priority=settings.priority, started=self.started),
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
-            now=time.monotonic() - (0 if peers or settings.mdns_interfaces
+            now=time.monotonic() - (0 if others or settings.mdns_interfaces
                                     else settings.peer_timeout))
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
@@ -109,17 +107,13 @@ class Broker:
             zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
             | zmq.EVENT_HANDSHAKE_FAILED_AUTH, f"inproc://refusals-{self.session}")
         self.poller.register(self.refusals, zmq.POLLIN)
-        self.peer_sockets: dict[str, zmq.Socket] = {}
-        self.peer_monitors: dict[zmq.Socket, str] = {}
-        self.removed: set[str] = set()
-        """Peers removed with ``mesh remove``: their announcements are ignored."""
-        for endpoint in peers:
-            self._add_peer(endpoint)
-        self.discovery = Discovery(Advert(
-            mesh=self.keys.mesh_id if self.keys else settings.mesh_id,
-            node_id=settings.node_id, endpoint=self.advertise, priority=settings.priority,
-            started=self.started),
-            settings.mdns_interfaces) if settings.mdns_interfaces else None
+        self.peers = PeerLinks(self.ctx, settings, self.keys, self.advertise, self.poller,
+                               Discovery(Advert(
+                                   mesh=self.keys.mesh_id if self.keys else settings.mesh_id,
+                                   node_id=settings.node_id, endpoint=self.advertise,
+                                   priority=settings.priority, started=self.started),
+                                   settings.mdns_interfaces)
+                               if settings.mdns_interfaces else None)
         self.leader = ""
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
@@ -132,56 +126,27 @@ class Broker:
                           started=me.started, active=me.active, epoch=self.epoch)
 
     def _heard(self, msg: p.Announce) -> None:
-        if msg.endpoint in self.removed:
+        if msg.endpoint in self.peers.removed:
             return
         self.election.heard(BrokerInfo(
             node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
             started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
 
-    def _drain_peer(self, sock: zmq.Socket) -> None:
-        """Announcements that peers sent back on our own connection to them."""
-        for _ in range(100):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                _, msg = p.decode(frames, p.FROM_BROKER)
-            except p.ProtocolError as exc:
-                self._reject(exc.reason, exc)
-                continue
-            if isinstance(msg, p.Announce) and self._plausible(msg):
-                self._heard(msg)
-
-    def _add_peer(self, endpoint: str) -> None:
-        """Announce ourselves to the broker at ``endpoint`` from now on."""
-        if (endpoint in self.peer_sockets or endpoint in self.removed
-                or endpoint == self.advertise):
+    def _on_peer_reply(self, frames: list[bytes]) -> None:
+        """An announcement a peer sent back on our own link to it."""
+        try:
+            _, msg = p.decode(frames, p.FROM_BROKER)
+        except p.ProtocolError as exc:
+            self._reject(exc.reason, exc)
             return
-        sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
-        sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
-        monitor = watch_disconnects(sock)
-        sock.connect(endpoint)
-        self.peer_sockets[endpoint] = sock
-        self.peer_monitors[monitor] = endpoint
-        self.poller.register(monitor, zmq.POLLIN)
-        self.poller.register(sock, zmq.POLLIN)
-        log_event(log, "peer_added", endpoint=endpoint)
+        if isinstance(msg, p.Announce) and self._plausible(msg):
+            self._heard(msg)
 
     def _remove_peer(self, endpoint: str) -> bool:
         """Stop announcing to ``endpoint`` and forget it; whether it was known at all."""
-        known = endpoint in self.peer_sockets or endpoint in self.election.peers
-        self.removed.add(endpoint)
-        sock = self.peer_sockets.pop(endpoint, None)
-        if sock is not None:
-            monitor = next(m for m, e in self.peer_monitors.items() if e == endpoint)
-            del self.peer_monitors[monitor]
-            self.poller.unregister(sock)
-            self.poller.unregister(monitor)
-            close_watched(sock, monitor)
+        known = self.peers.remove(endpoint) or endpoint in self.election.peers
         self.election.lost(endpoint)
         self._elect(time.monotonic())
-        log_event(log, "peer_removed", endpoint=endpoint)
         return known
 
     @property
@@ -212,10 +177,9 @@ class Broker:
                     self._on_frames(frames)
             if self.refusals in ready:
                 self._count_refusals()
-            for sock in self.peer_sockets.values():
-                if sock in ready:
-                    self._drain_peer(sock)
-            lost = [e for m, e in self.peer_monitors.items() if m in ready and disconnected(m)]
+            replies, lost = self.peers.receive(ready)
+            for frames in replies:
+                self._on_peer_reply(frames)
             for endpoint in lost:  # its process died: re-elect now, not after the timeout
                 self.election.lost(endpoint)
             now = time.monotonic()
@@ -226,10 +190,7 @@ class Broker:
                 next_tick = now + interval
         for identity in [*self.table.workers, *self.gateways]:
             self._send(identity, self._protocol_of(identity), p.Disconnect())
-        for monitor, endpoint in self.peer_monitors.items():
-            close_watched(self.peer_sockets[endpoint], monitor)
-        if self.discovery is not None:
-            self.discovery.close()
+        self.peers.close()
         self.socket.disable_monitor()
         self.refusals.close(linger=0)
         self.socket.close(linger=100)
@@ -370,17 +331,10 @@ class Broker:
 
     def _elect(self, now: float) -> None:
         """Announce ourselves, then act on the election's verdict."""
-        for endpoint in self.discovery.take() if self.discovery else ():
-            self._add_peer(endpoint)
-        announce = p.encode(p.PEER, self._announcement())
-        for sock in self.peer_sockets.values():
-            try:
-                sock.send_multipart(announce, zmq.NOBLOCK)
-            except zmq.Again:
-                self.counters["announce_unsent"] += 1
+        if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
+            self.counters["announce_unsent"] += unsent
         decision = self.election.decide(now)
-        if self.discovery is not None:
-            self.discovery.set_coordinator(decision.active)
+        self.peers.set_coordinator(decision.active)
         leader = decision.leader.endpoint if decision.leader else ""
         if decision.changed:
             log_event(log, "role_changed", logging.WARNING,
@@ -425,8 +379,7 @@ class Broker:
         elif msg.op in ("add_peer", "remove_peer") and isinstance(
                 endpoint := msg.args.get("endpoint"), str) and ENDPOINT.fullmatch(endpoint):
             if msg.op == "add_peer":
-                self.removed.discard(endpoint)
-                self._add_peer(endpoint)
+                self.peers.restore(endpoint)
                 result = True
             else:
                 result = self._remove_peer(endpoint)
