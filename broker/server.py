@@ -29,6 +29,7 @@ import collections
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -142,8 +143,9 @@ class Broker:
         if isinstance(msg, p.Announce) and self._plausible(msg):
             self._heard(msg)
 
-    def _remove_peer(self, endpoint: str) -> bool:
-        """Stop announcing to ``endpoint`` and forget it; whether it was known at all."""
+    def _remove_peer(self, args: dict[str, Any]) -> bool:
+        """Stop announcing to the peer and forget it; whether it was known at all."""
+        endpoint = peer_endpoint(args)
         known = self.peers.remove(endpoint) or endpoint in self.election.peers
         self.election.lost(endpoint)
         self._elect(time.monotonic())
@@ -368,27 +370,27 @@ class Broker:
     # ----------------------------------------------------------------- control
 
     def _control(self, msg: p.Control) -> p.ControlReply:
-        if msg.op in ("status", "nodes"):
-            result: Any = self.status()
-        elif msg.op == "models":
-            result = self.table.models()
-        elif msg.op == "routes":
-            last = msg.args.get("last", 20)
-            last = last if isinstance(last, int) and last > 0 else 20
-            result = list(self.table.routes)[-last:]
-        elif msg.op in ("add_peer", "remove_peer") and isinstance(
-                endpoint := msg.args.get("endpoint"), str) and ENDPOINT.fullmatch(endpoint):
-            if msg.op == "add_peer":
-                self.peers.restore(endpoint)
-                result = True
-            else:
-                result = self._remove_peer(endpoint)
-        else:
+        """Answer a CONTROL question from the table of operations below."""
+        operation = CONTROL_OPERATIONS.get(msg.op)
+        try:
+            if operation is None:
+                raise ValueError(f"unknown op {msg.op!r}")
+            result = operation(self, msg.args)
+        except ValueError as exc:
             return p.ControlReply(
                 request_id=msg.request_id, ok=False, epoch=self.epoch,
-                error=f"unknown op {msg.op!r} or bad arguments; use status|nodes|models|routes"
-                "|add_peer|remove_peer (with endpoint='tcp://host:port')")
+                error=f"{exc}; use {'|'.join(CONTROL_OPERATIONS)} "
+                "(add_peer and remove_peer with endpoint='tcp://host:port')")
         return p.ControlReply(request_id=msg.request_id, ok=True, result=result, epoch=self.epoch)
+
+    def _routes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        last = args.get("last", 20)
+        last = last if isinstance(last, int) and last > 0 else 20
+        return list(self.table.routes)[-last:]
+
+    def _add_peer(self, args: dict[str, Any]) -> bool:
+        self.peers.restore(peer_endpoint(args))
+        return True
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -429,3 +431,23 @@ class Broker:
         except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not keeping up
             self.counters["send_failed"] += 1
             log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)
+
+
+def peer_endpoint(args: dict[str, Any]) -> str:
+    """The ``endpoint`` argument of add_peer / remove_peer, checked."""
+    endpoint = args.get("endpoint")
+    if not (isinstance(endpoint, str) and ENDPOINT.fullmatch(endpoint)):
+        raise ValueError("bad arguments")
+    return endpoint
+
+
+CONTROL_OPERATIONS: dict[str, Callable[[Broker, dict[str, Any]], Any]] = {
+    "status": lambda broker, _: broker.status(),
+    "nodes": lambda broker, _: broker.status(),
+    "models": lambda broker, _: broker.table.models(),
+    "routes": Broker._routes,
+    "add_peer": Broker._add_peer,
+    "remove_peer": Broker._remove_peer,
+}
+"""CONTROL operations: read-only questions, and the static peers ``mlx-stack mesh add`` /
+``remove`` change."""

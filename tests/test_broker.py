@@ -13,6 +13,8 @@ import pytest
 import zmq
 
 from common import protocol as p
+from common.config import Settings
+from common.control import ControlClient, ControlError
 from tests.harness import Cluster, wait_for
 
 
@@ -247,3 +249,14 @@ def test_the_highest_epoch_a_peer_may_announce_still_leaves_room_to_take_over(
     assert status["epoch"] == p.INT_MAX
     assert status["rejected"].get("bad_value") == 1
     assert status["rejected"].get("bad_announce") == 1
+
+
+def test_control_refuses_unknown_operations_and_bad_arguments(cluster: Cluster) -> None:
+    with pytest.raises(ControlError, match=r"unknown op 'bogus'; use status\|nodes"):
+        cluster.try_control("bogus")
+    asker = ControlClient(cluster.endpoint, Settings.load(home=cluster.tmp / "home"), None,
+                          cluster.ctx)
+    with pytest.raises(ControlError, match="bad arguments"):
+        asker.ask("add_peer", endpoint="not an endpoint")
+    assert cluster.control("routes", last=-1) == []  # a bad count falls back to the default
+    assert cluster.control("status")["role"] == "active"
