@@ -93,3 +93,31 @@ def test_stopping_the_loop_cancels_what_still_runs() -> None:
         loop.start(job("slow", "z"))
     messages = loop.wait("slow")
     assert isinstance(messages[-1], p.Fail) and messages[-1].retryable
+
+
+class BrokenEngine(SyntheticEngine):
+    """Fails its third step, and every removal after that."""
+
+    def __init__(self) -> None:
+        super().__init__("s", slots=2, rate=0)
+        self.steps = 0
+
+    def step(self):  # type: ignore[no-untyped-def]
+        self.steps += 1
+        if self.steps == 3:
+            raise RuntimeError("the batch broke")
+        return super().step()
+
+    def remove(self, seq: int) -> None:
+        raise RuntimeError("cannot remove either")
+
+
+def test_a_broken_batch_fails_its_jobs_and_the_loop_serves_the_next() -> None:
+    engine = BrokenEngine()
+    with RunningLoop(engine) as loop:
+        loop.start(job("a", "a", max_tokens=50))
+        loop.start(job("b", "b", max_tokens=50))
+        failed = [loop.wait("a")[-1], loop.wait("b")[-1]]
+        after = loop.run(job("c", "c", max_tokens=3))
+    assert all(isinstance(m, p.Fail) and "the batch broke" in m.error for m in failed)
+    assert tokens_of(after) == expected("c", 3)

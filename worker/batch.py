@@ -93,13 +93,17 @@ class BatchLoop:
 
     def _step(self) -> None:
         try:
-            steps = self.engine.step()
-        except Exception as exc:  # the batch is lost: fail its jobs, keep the worker
+            self._advance()
+        except Exception as exc:  # the batch is lost: fail its jobs, never the loop
             for seq in list(self._runs):
-                run = self._drop(seq)
+                run = self._forget(seq)
+                with contextlib.suppress(Exception):  # the engine may be past helping
+                    self.engine.remove(seq)
                 self._fail(run.job_id, exc, run.send)
-            return
-        for step in steps:
+
+    def _advance(self) -> None:
+        """One engine step, each token to its job."""
+        for step in self.engine.step():
             run = self._runs.get(step.seq)
             if run is None:
                 continue
