@@ -58,6 +58,7 @@ import httpx
 import psutil
 
 from bench.one_node import free_port, wait_healthy
+from bench.routing import provenance
 from common.config import Settings
 from worker.blas import preload_openblas
 from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
@@ -477,30 +478,9 @@ def agents_phase(servers: dict[str, Server], systems: list[str], order: list[str
 # ---------------------------------------------------------------- report
 
 
-def git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def versions() -> dict[str, Any]:
-    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
-    return {
-        "mlx_lm": importlib.metadata.version("mlx-lm"),
-        "mlx": importlib.metadata.version("mlx"),
-        "python": platform.python_version(),
-        "commit": git("rev-parse", "--short", "HEAD").strip() or None,
-        "dirty": bool(changed),
-        "changed_files": [line[3:] for line in changed],
-    }
-
-
-def machine(blas: dict[str, Any]) -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.machine(),
-            "cpus": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 1024**3, 1), "blas": blas}
+    return {"mlx_lm": importlib.metadata.version("mlx-lm"),
+            "mlx": importlib.metadata.version("mlx"), "python": platform.python_version()}
 
 
 def parse_args() -> argparse.Namespace:
@@ -593,10 +573,10 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         tokenize=False, add_generation_prompt=True)
     return {
         "benchmark": "batching",
-        "date": datetime.date.today().isoformat(),
-        "machine": machine({"system_openblas": blas, "mapped": mapped,
-                            OURS: "worker.blas.preload_openblas (dlopen before mlx)",
-                            BASE: f"LD_PRELOAD={blas}" if blas else "bundled"}),
+        **provenance(),  # date, commit, changed files, machine
+        "blas": {"system_openblas": blas, "mapped": mapped,
+                 OURS: "worker.blas.preload_openblas (dlopen before mlx)",
+                 BASE: f"LD_PRELOAD={blas}" if blas else "bundled"},
         "versions": versions(),
         "model": {"id": DEFAULT_MODEL_ID, "path": str(model_path)},
         "settings": {
