@@ -295,6 +295,8 @@ class ErrorCode(enum.StrEnum):
     MODEL_NOT_FOUND = "model_not_found"
     QUEUE_FULL = "queue_full"
     NO_WORKER = "no_worker"
+    NO_BROKER = "no_broker"
+    """The gateway reaches no broker at all (not: the broker has no worker)."""
     DEADLINE = "deadline_exceeded"
     WORKER_LOST = "worker_lost"
     INVALID_REQUEST = "invalid_request"

@@ -171,7 +171,7 @@ class BrokerClient:
         try:
             await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
         except TimeoutError:
-            raise JobError(p.ErrorCode.NO_WORKER, (
+            raise JobError(p.ErrorCode.NO_BROKER, (
                 f"no broker answers at {', '.join(self.broker.candidates)}; start one with "
                 "`mlx-stack up` or `mlx-stack broker`")) from None
 
@@ -276,7 +276,7 @@ class BrokerClient:
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise JobError(p.ErrorCode.NO_WORKER,
+            raise JobError(p.ErrorCode.NO_BROKER,
                            f"the broker at {self.broker.current} did not answer "
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:

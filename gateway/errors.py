@@ -24,6 +24,7 @@ STATUS: dict[str, tuple[int, str]] = {
     ErrorCode.INVALID_REQUEST: (400, "invalid_request_error"),
     ErrorCode.QUEUE_FULL: (429, "rate_limit_error"),
     ErrorCode.NO_WORKER: (503, "server_error"),
+    ErrorCode.NO_BROKER: (503, "server_error"),
     ErrorCode.WORKER_LOST: (503, "server_error"),
     ErrorCode.DEADLINE: (504, "timeout_error"),
     ErrorCode.INTERNAL: (500, "server_error"),

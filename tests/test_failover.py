@@ -159,7 +159,7 @@ def test_no_broker_is_a_503_after_the_grace_period(tmp_path) -> None:
         response = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "model": "syn", "messages": [{"role": "user", "content": "hi"}]})
         assert response.status_code == 503
-        assert response.json()["error"]["code"] == "no_worker"
+        assert response.json()["error"]["code"] == "no_broker"
         assert "no broker answers" in response.json()["error"]["message"]
         assert 1.0 <= time.monotonic() - started < 10
     finally:
