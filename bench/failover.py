@@ -51,7 +51,7 @@ def one_run(tmp: Path, streams: int, heartbeat: float) -> dict[str, Any]:
                 urls.append(f"http://127.0.0.1:{port}")
         for url in urls:
             wait_for("gateway", lambda u=url: healthy(u), timeout=30)
-        wait_for("6 workers", lambda: len(mesh.status("node-a")["workers"]) == 6, timeout=30)
+        wait_for("6 workers", lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
         try:
             report = kill_coordinator_under_streams(mesh, urls, streams, tokens=TOKENS)
         except (AssertionError, TimeoutError, httpx.HTTPError) as exc:

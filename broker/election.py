@@ -1,17 +1,17 @@
 """Which broker is the coordinator: rank, liveness from peer heartbeats, hold-down.
 
 Pure logic, no I/O: the broker feeds it the ANNOUNCE messages it hears and asks it, once
-per heartbeat interval, whether it should be active and whom to redirect to.
+per heartbeat interval, whether it should coordinate and whom to redirect to.
 
 Rules (MESH.md, "Discovery and election"):
 - Rank = (higher priority, earlier start, smaller node id); mDNS only finds candidates,
   liveness is heard announcements within the timeout.
-- A live peer that says it is active is followed, unless this broker outranks it and has
+- A live peer that says it coordinates is followed, unless this broker outranks it and has
   seen it for the hold-down period: then this broker takes over (no flapping when a
   higher-priority broker comes back).
-- With no active peer, the best-ranked live broker takes the role, once it has listened
+- With no coordinating peer, the best-ranked live broker takes the role, once it has listened
   for one timeout after starting (so it hears who is there before claiming).
-- An active broker that hears a better-ranked active peer steps down (partition heal).
+- A coordinator that hears a better-ranked coordinator steps down (partition heal).
 - Taking the role sets epoch = highest epoch seen + 1.
 """
 
@@ -29,7 +29,7 @@ class BrokerInfo:
     priority: int
     started: float
     epoch: int = 0
-    active: bool = False
+    coordinator: bool = False
     first_seen: float = 0.0
     last_seen: float = 0.0
 
@@ -41,9 +41,10 @@ class BrokerInfo:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    active: bool
-    leader: BrokerInfo | None
-    """The broker to redirect to (None while no one leads, or when this one does)."""
+    coordinator: bool
+    """Whether this broker coordinates."""
+    follow: BrokerInfo | None
+    """The coordinator to redirect to (None while there is none, or when this one is)."""
     changed: bool
 
 
@@ -76,23 +77,24 @@ class Election:
         return [p for p in self.peers.values() if now - p.last_seen <= self.timeout]
 
     def decide(self, now: float) -> Decision:
-        """Whether this broker should be active now, and whom to follow otherwise."""
+        """Whether this broker should coordinate now, and whom to follow otherwise."""
         live = self.live(now)
-        actives = sorted((p for p in live if p.active and p.epoch >= 0), key=lambda p: p.rank)
-        was = self.me.active
-        if self.me.active:
-            if actives and actives[0].rank < self.me.rank:
-                self.me.active = False  # a better coordinator is back: hand over
-        elif actives:
-            leader = actives[0]
-            if leader.rank > self.me.rank and now - leader.first_seen >= self.hold_down:
+        coordinators = sorted((p for p in live if p.coordinator and p.epoch >= 0),
+                              key=lambda p: p.rank)
+        was = self.me.coordinator
+        if self.me.coordinator:
+            if coordinators and coordinators[0].rank < self.me.rank:
+                self.me.coordinator = False  # a better coordinator is back: hand over
+        elif coordinators:
+            best = coordinators[0]
+            if best.rank > self.me.rank and now - best.first_seen >= self.hold_down:
                 self._take(now)
         elif now >= self.listen_until and all(p.rank > self.me.rank for p in live):
             self._take(now)
-        leader = None if self.me.active else (actives[0] if actives else None)
-        return Decision(self.me.active, leader, self.me.active != was)
+        follow = None if self.me.coordinator else (coordinators[0] if coordinators else None)
+        return Decision(self.me.coordinator, follow, self.me.coordinator != was)
 
     def _take(self, now: float) -> None:
-        self.me.active = True
+        self.me.coordinator = True
         self.max_epoch += 1
         self.me.epoch = self.max_epoch

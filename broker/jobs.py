@@ -21,13 +21,13 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from typing import Any
 
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
+from common.status import Candidate, ModelEntry, Route
 
 log = logging.getLogger("broker")
 
@@ -48,7 +48,7 @@ class JobTable:
         self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
             collections.deque)
         self.known_models: set[str] = set()
-        self.routes: collections.deque[dict[str, Any]] = collections.deque(maxlen=ROUTE_HISTORY)
+        self.routes: collections.deque[Route] = collections.deque(maxlen=ROUTE_HISTORY)
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.chooser = Chooser()
@@ -66,13 +66,13 @@ class JobTable:
             # Not registered (purged, or the broker restarted): ask it to register again.
             self._reject("unregistered", f"{msg.COMMAND.name} from an unregistered worker")
             if not isinstance(msg, p.Disconnect):
-                self._send(identity, p.WORKER, p.Disconnect())
+                self._send(identity, p.WORKER, p.Disconnect(reason=p.Reason.UNKNOWN))
             return self._sent()
         worker.expires = now + self.settings.peer_timeout
         worker.last_seen = now
         match msg:
             case p.Heartbeat():
-                worker.mem_free, worker.active = msg.mem_free, msg.active
+                worker.mem_free, worker.reported_running = msg.mem_free, msg.running
                 worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
                 worker.kv_bytes = msg.kv_bytes
             case p.Partial():
@@ -181,15 +181,15 @@ class JobTable:
         self.jobs.clear()
         self.queues.clear()
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelEntry]:
         """Every name a request may use, with the model it resolves to."""
-        names: dict[str, dict[str, Any]] = {}
+        names: dict[str, ModelEntry] = {}
         for w in self.workers.values():
-            for name in sorted(w.names):
-                entry = names.setdefault(name, {"id": name, "model_id": w.info.model_id,
-                                                "engine": w.info.engine, "workers": 0})
-                entry["workers"] += 1
-        return sorted(names.values(), key=lambda e: e["id"])
+            for name in w.names:
+                entry = names.setdefault(name, ModelEntry(id=name, model_id=w.info.model_id,
+                                                          engine=w.info.engine))
+                entry.workers += 1
+        return sorted(names.values(), key=lambda e: e.id)
 
     # ----------------------------------------------------------------- steps
 
@@ -240,8 +240,8 @@ class JobTable:
         self.counters["workers_purged"] += 1
         level = logging.INFO if reason == "disconnected" else logging.WARNING
         log_event(log, "worker_purged", level, worker=worker.info.worker_id,
-                  node=worker.info.node_id, reason=reason, jobs=len(worker.in_flight))
-        for job_id in list(worker.in_flight):
+                  node=worker.info.node_id, reason=reason, jobs=len(worker.running))
+        for job_id in list(worker.running):
             self._lose(self.jobs[job_id], f"worker {worker.info.worker_id} lost ({reason})")
 
     def _lose(self, job: JobState, reason: str) -> None:
@@ -292,19 +292,16 @@ class JobTable:
         submit = job.submit
         job.worker = worker.identity
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
-        worker.in_flight.add(submit.job_id)
-        if job.route:
-            job.route["retries"] = job.retries
-        else:
-            job.route = {"job_id": submit.job_id, "model": submit.model, "outcome": "running",
-                         "retries": 0, "time": time.time()}
+        worker.running.add(submit.job_id)
+        if job.route is None:
+            job.route = Route(job_id=submit.job_id, model=submit.model, time=time.time())
             self.routes.append(job.route)
-        job.route.update(
-            candidates=[{"worker_id": w.info.worker_id, "node_id": w.info.node_id,
-                         "score": round(s, 4)} for w, s in scored],
-            worker_id=worker.info.worker_id, node_id=worker.info.node_id,
-            queue_wait_ms=round((time.monotonic() - job.enqueued) * 1000, 2),
-        )
+        route = job.route
+        route.retries = job.retries
+        route.candidates = [Candidate(worker_id=w.info.worker_id, node_id=w.info.node_id,
+                                      score=round(s, 4)) for w, s in scored]
+        route.worker_id, route.node_id = worker.info.worker_id, worker.info.node_id
+        route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
         self._send(worker.identity, p.WORKER, p.Job(
             job_id=job.dispatch_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
@@ -315,7 +312,7 @@ class JobTable:
 
     def _release(self, job: JobState) -> None:
         if job.worker is not None and job.worker in self.workers:
-            self.workers[job.worker].in_flight.discard(job.submit.job_id)
+            self.workers[job.worker].running.discard(job.submit.job_id)
         job.worker = None
 
     def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
@@ -331,5 +328,5 @@ class JobTable:
         queue = self.queues.get(job.submit.model)
         if queue and job.submit.job_id in queue:
             queue.remove(job.submit.job_id)
-        if job.route:
-            job.route["outcome"] = outcome
+        if job.route is not None:
+            job.route.outcome = outcome

@@ -103,10 +103,10 @@ class PeerLinks:
         lost = [e for m, e in self._monitors.items() if m in ready and disconnected(m)]
         return replies, lost
 
-    def set_coordinator(self, active: bool) -> None:
+    def set_coordinator(self, coordinating: bool) -> None:
         """Publish over mDNS whether this broker coordinates."""
         if self.discovery is not None:
-            self.discovery.set_coordinator(active)
+            self.discovery.set_coordinator(coordinating)
 
     def close(self) -> None:
         for monitor, endpoint in self._monitors.items():

@@ -1,6 +1,6 @@
 """Choosing a worker for a job: the score from MESH.md and rotating ties.
 
-``score = in_flight/slots + W_MEM * (1 - mem_free/mem_total) + W_REMOTE * remote``
+``score = running/slots + W_MEM * (1 - mem_free/mem_total) + W_REMOTE * remote``
 
 Lower is better. The in-flight count is the broker's own, so the score of a worker rises
 the moment a job is dispatched to it. The remote term is small: it breaks ties in favour
@@ -24,7 +24,7 @@ total, which must not decide between equally loaded workers (nor outweigh W_REMO
 def score(worker: WorkerState, origin_node: str) -> float:
     """The routing score of ``worker`` for a job submitted on node ``origin_node``."""
     info = worker.info
-    load = len(worker.in_flight) / max(info.slots, 1)
+    load = len(worker.running) / max(info.slots, 1)
     mem = 1.0 - worker.mem_free / info.mem_total if info.mem_total > 0 else 0.0
     remote = 1.0 if origin_node and info.node_id != origin_node else 0.0
     return load + W_MEM * min(max(mem, 0.0), 1.0) + W_REMOTE * remote

@@ -43,6 +43,7 @@ from common.config import ENDPOINT, Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
+from common.status import COORDINATOR, STANDBY, BrokerStatus, PeerStatus, Route, plain
 from common.transport import (
     admit_members,
     configure,
@@ -115,7 +116,8 @@ class Broker:
                                    priority=settings.priority, started=self.started),
                                    settings.mdns_interfaces)
                                if settings.mdns_interfaces else None)
-        self.leader = ""
+        self.coordinator = ""
+        """Endpoint of the coordinator this standby follows ("" while it knows none)."""
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
         self._stopping = False
@@ -124,14 +126,14 @@ class Broker:
     def _announcement(self) -> p.Announce:
         me = self.election.me
         return p.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
-                          started=me.started, active=me.active, epoch=self.epoch)
+                          started=me.started, coordinator=me.coordinator, epoch=self.epoch)
 
     def _heard(self, msg: p.Announce) -> None:
         if msg.endpoint in self.peers.removed:
             return
         self.election.heard(BrokerInfo(
             node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
-            started=msg.started, epoch=msg.epoch, active=msg.active), time.monotonic())
+            started=msg.started, epoch=msg.epoch, coordinator=msg.coordinator), time.monotonic())
 
     def _on_peer_reply(self, frames: list[bytes]) -> None:
         """An announcement a peer sent back on our own link to it."""
@@ -156,8 +158,8 @@ class Broker:
         return self.election.max_epoch
 
     @property
-    def active(self) -> bool:
-        return self.election.me.active
+    def coordinating(self) -> bool:
+        return self.election.me.coordinator
 
     # ----------------------------------------------------------------- main loop
 
@@ -191,7 +193,8 @@ class Broker:
                 self._tick(now)
                 next_tick = now + interval
         for identity in [*self.table.workers, *self.gateways]:
-            self._send(identity, self._protocol_of(identity), p.Disconnect())
+            self._send(identity, self._protocol_of(identity),
+                       p.Disconnect(reason=p.Reason.LEAVING))
         self.peers.close()
         self.socket.disable_monitor()
         self.refusals.close(linger=0)
@@ -266,7 +269,7 @@ class Broker:
             # Answer on this connection: our own socket to that broker may still be in
             # reconnect backoff, and a broker that just started must learn of us now.
             self._send(identity, p.PEER, self._announcement())
-        elif not self.active:
+        elif not self.coordinating:
             self._on_standby(identity, protocol, msg)
         elif protocol == p.WORKER:
             self._apply(self.table.worker_message(identity, msg, time.monotonic()))
@@ -279,8 +282,8 @@ class Broker:
             self._send(identity, protocol, self._control(msg))
             return
         self.followers[identity] = protocol
-        if self.leader:
-            self._send(identity, protocol, p.Redirect(endpoint=self.leader))
+        if self.coordinator:
+            self._send(identity, protocol, p.Redirect(endpoint=self.coordinator))
         else:
             self._send(identity, protocol, p.Heartbeat(session=self.session))
 
@@ -296,7 +299,7 @@ class Broker:
         if identity in self.purged_gateways:
             # Its jobs were dropped while it was silent: make it resubmit them.
             self.purged_gateways.discard(identity)
-            self._send(identity, p.GATEWAY, p.Disconnect())
+            self._send(identity, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
         self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
         match msg:
             case p.Submit():
@@ -313,7 +316,7 @@ class Broker:
         had_jobs = any(j.gateway == gateway for j in self.table.jobs.values())
         self._apply(self.table.gateway_lost(gateway))
         if silent and had_jobs:
-            self._send(gateway, p.GATEWAY, p.Disconnect())
+            self._send(gateway, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
             if len(self.purged_gateways) > 10_000:
                 self.purged_gateways.clear()
             self.purged_gateways.add(gateway)
@@ -336,28 +339,28 @@ class Broker:
         if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
             self.counters["announce_unsent"] += unsent
         decision = self.election.decide(now)
-        self.peers.set_coordinator(decision.active)
-        leader = decision.leader.endpoint if decision.leader else ""
+        self.peers.set_coordinator(decision.coordinator)
+        coordinator = decision.follow.endpoint if decision.follow else ""
         if decision.changed:
-            log_event(log, "role_changed", logging.WARNING,
-                      role="active" if decision.active else "standby", epoch=self.epoch,
-                      leader=leader or self.endpoint)
-        if decision.changed and decision.active:
+            log_event(log, "role_changed", logging.WARNING, role=self._role, epoch=self.epoch,
+                      coordinator=coordinator or self.endpoint)
+        if decision.changed and decision.coordinator:
             # Those that waited on us as standby register and resubmit here now.
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Disconnect())
+                self._send(identity, protocol, p.Disconnect(reason=p.Reason.COORDINATING))
             self.followers.clear()
         elif decision.changed:
-            self._hand_over(leader)
-        elif leader and leader != self.leader:
+            self._hand_over(coordinator)
+        elif coordinator and coordinator != self.coordinator:
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Redirect(endpoint=leader))
-        self.leader = leader
+                self._send(identity, protocol, p.Redirect(endpoint=coordinator))
+        self.coordinator = coordinator
 
-    def _hand_over(self, leader: str) -> None:
+    def _hand_over(self, coordinator: str) -> None:
         """Step down: send every worker and gateway to the new coordinator. Gateways
         resubmit their open jobs there with what their clients have seen."""
-        reply = p.Redirect(endpoint=leader) if leader else p.Disconnect()
+        reply: p.Message = (p.Redirect(endpoint=coordinator) if coordinator
+                            else p.Disconnect(reason=p.Reason.STEPPED_DOWN))
         for identity in list(self.table.workers):
             self._send(identity, p.WORKER, reply)
             self.followers[identity] = p.WORKER
@@ -381,9 +384,10 @@ class Broker:
                 request_id=msg.request_id, ok=False, epoch=self.epoch,
                 error=f"{exc}; use {'|'.join(CONTROL_OPERATIONS)} "
                 "(add_peer and remove_peer with endpoint='tcp://host:port')")
-        return p.ControlReply(request_id=msg.request_id, ok=True, result=result, epoch=self.epoch)
+        return p.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
+                              epoch=self.epoch)
 
-    def _routes(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+    def _routes(self, args: dict[str, Any]) -> list[Route]:
         last = args.get("last", 20)
         last = last if isinstance(last, int) and last > 0 else 20
         return list(self.table.routes)[-last:]
@@ -392,27 +396,27 @@ class Broker:
         self.peers.restore(peer_endpoint(args))
         return True
 
-    def status(self) -> dict[str, Any]:
+    @property
+    def _role(self) -> str:
+        return COORDINATOR if self.coordinating else STANDBY
+
+    def status(self) -> BrokerStatus:
+        """This broker, its peers, workers, queues and counters (CONTROL ``status``)."""
         now = time.monotonic()
-        return {
-            "node_id": self.settings.node_id,
-            "endpoint": self.advertise,
-            "role": "active" if self.active else "standby",
-            "leader": self.advertise if self.active else self.leader,
-            "epoch": self.epoch,
-            "priority": self.settings.priority,
-            "peers": [{"node_id": b.node_id, "endpoint": b.endpoint, "active": b.active,
-                       "epoch": b.epoch, "priority": b.priority,
-                       "last_seen_s": round(now - b.last_seen, 3)}
-                      for b in self.election.live(now)],
-            "uptime_s": round(time.time() - self.started, 1),
-            "workers": [w.summary(now) for w in self.table.workers.values()],
-            "queues": {m: len(q) for m, q in self.table.queues.items() if q},
-            "jobs": len(self.table.jobs),
-            "gateways": len(self.gateways),
-            "counters": dict(self.counters + self.table.counters),
-            "rejected": dict(self.rejected + self.table.rejected),
-        }
+        return BrokerStatus(
+            node_id=self.settings.node_id, endpoint=self.advertise, role=self._role,
+            coordinator=self.advertise if self.coordinating else self.coordinator,
+            epoch=self.epoch, priority=self.settings.priority,
+            peers=[PeerStatus(node_id=b.node_id, endpoint=b.endpoint,
+                              coordinator=b.coordinator, epoch=b.epoch, priority=b.priority,
+                              last_seen_s=round(now - b.last_seen, 3))
+                   for b in self.election.live(now)],
+            uptime_s=round(time.time() - self.started, 1),
+            workers=[w.status(now) for w in self.table.workers.values()],
+            queues={m: len(q) for m, q in self.table.queues.items() if q},
+            jobs=len(self.table.jobs), gateways=len(self.gateways),
+            counters=dict(self.counters + self.table.counters),
+            rejected=dict(self.rejected + self.table.rejected))
 
     # ----------------------------------------------------------------- sending
 
@@ -443,7 +447,6 @@ def peer_endpoint(args: dict[str, Any]) -> str:
 
 CONTROL_OPERATIONS: dict[str, Callable[[Broker, dict[str, Any]], Any]] = {
     "status": lambda broker, _: broker.status(),
-    "nodes": lambda broker, _: broker.status(),
     "models": lambda broker, _: broker.table.models(),
     "routes": Broker._routes,
     "add_peer": Broker._add_peer,

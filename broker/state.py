@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from common.protocol import Ready, Submit
+from common.status import Route, WorkerStatus
 
 
 @dataclass(slots=True)
 class WorkerState:
-    """A registered worker. ``in_flight`` is the broker's OWN count of dispatched jobs,
+    """A registered worker. ``running`` holds the jobs the broker dispatched to it (its OWN count),
     updated at dispatch time, so a burst never herds onto one worker between heartbeats."""
 
     identity: bytes
     info: Ready
     expires: float
-    in_flight: set[str] = field(default_factory=set)
+    running: set[str] = field(default_factory=set)
     mem_free: int = 0
-    active: int = 0
+    reported_running: int = 0
     tokens_per_s: float = 0.0
     kv_bytes: int = 0
     counters: dict[str, int] = field(default_factory=dict)
@@ -30,27 +30,18 @@ class WorkerState:
 
     @property
     def free_slots(self) -> int:
-        return self.info.slots - len(self.in_flight)
+        return self.info.slots - len(self.running)
 
-    def summary(self, now: float) -> dict[str, Any]:
-        """The worker as CONTROL replies show it."""
-        return {
-            "worker_id": self.info.worker_id,
-            "node_id": self.info.node_id,
-            "model_id": self.info.model_id,
-            "aliases": list(self.info.aliases),
-            "engine": self.info.engine,
-            "slots": self.info.slots,
-            "in_flight": len(self.in_flight),
-            "active": self.active,
-            "mem_total": self.info.mem_total,
-            "mem_free": self.mem_free,
-            "model_bytes": self.info.model_bytes,
-            "tokens_per_s": self.tokens_per_s,
-            "kv_bytes": self.kv_bytes,
-            "counters": dict(self.counters),
-            "last_heartbeat_s": round(now - self.last_seen, 3),
-        }
+    def status(self, now: float) -> WorkerStatus:
+        """The worker as CONTROL ``status`` shows it."""
+        info = self.info
+        return WorkerStatus(
+            worker_id=info.worker_id, node_id=info.node_id, model_id=info.model_id,
+            aliases=list(info.aliases), engine=info.engine, slots=info.slots,
+            running=len(self.running), reported_running=self.reported_running,
+            mem_total=info.mem_total, mem_free=self.mem_free, model_bytes=info.model_bytes,
+            tokens_per_s=self.tokens_per_s, kv_bytes=self.kv_bytes,
+            counters=dict(self.counters), last_heartbeat_s=round(now - self.last_seen, 3))
 
 
 @dataclass(slots=True)
@@ -71,4 +62,5 @@ class JobState:
     """Whether any output reached the gateway: then only the gateway may resume it."""
     tokens: int = 0
     retries: int = 0
-    route: dict[str, Any] = field(default_factory=dict)
+    route: Route | None = None
+    """Its entry in the route log, made at its first dispatch."""

@@ -35,6 +35,7 @@ from common.meshkeys import (
     secret_path,
     token_of,
 )
+from common.status import BrokerStatus, plain
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DISABLED = 1, 2, 3, 4
 
@@ -89,11 +90,12 @@ class Asker:
                        f"[red]no broker answered at {escape(endpoint)}[/red]: {hint}")
         return result
 
-    def coordinator(self) -> dict[str, Any]:
-        """The coordinator's status: this broker's, or its leader's when it is a standby."""
+    def coordinator(self) -> BrokerStatus:
+        """The coordinator's status: this broker's, or its coordinator's when it is a
+        standby that knows one."""
         status = self.ask("status")
-        if status["role"] != "active" and status.get("leader"):
-            status = self.ask("status", at=status["leader"])
+        if not status.coordinating and status.coordinator:
+            status = self.ask("status", at=status.coordinator)
         return status
 
     def close(self) -> None:
@@ -131,7 +133,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
     keys = asker.keys
     view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
             "coordinator": meshview.coordinator(st), "nodes": meshview.nodes(st),
-            "models": meshview.models(st), "jobs": st["jobs"]}
+            "models": meshview.models(st), "jobs": st.jobs}
     if json_:
         out.print_json(json.dumps(view))
         return
@@ -139,7 +141,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
     lead = view["coordinator"]
     out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead['node_id'] or '?')}"
               f"[/green] ({escape(lead['endpoint'] or 'none known')}), epoch {lead['epoch']}, "
-              f"{st['jobs']} jobs in flight")
+              f"{st.jobs} jobs running or queued")
     out.print(nodes_table(view["nodes"]))
     table = Table(title="Models")
     for column in ("Model", "Engine", "Workers", "Slots", "Queued"):
@@ -172,24 +174,22 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
     """The most recent routing decisions: candidates with scores, choice, outcome."""
     asker = Asker(settings(home=home), broker)
     try:
-        leader = asker.coordinator()["endpoint"]
-        history = asker.ask("routes", at=leader, last=last)
+        history = asker.ask("routes", at=asker.coordinator().endpoint, last=last)
     finally:
         asker.close()
     if json_:
-        out.print_json(json.dumps(history))
+        out.print_json(json.dumps(plain(history)))
         return
     table = Table(title=f"Last {len(history)} routing decisions")
     for column in ("Time", "Job", "Model", "Chosen", "Candidates (score)", "Wait ms",
                    "Retries", "Outcome"):
         table.add_column(column)
     for r in history:
-        when = datetime.datetime.fromtimestamp(r["time"]).strftime("%H:%M:%S")
-        candidates = ", ".join(f"{c['worker_id']} {c['score']:.3f}"
-                               for c in r.get("candidates", []))
-        table.add_row(*map(escape, (when, r["job_id"][:12], r["model"], r.get("worker_id", "-"),
-                                    candidates or "-", str(r.get("queue_wait_ms", "-")),
-                                    str(r["retries"]), r["outcome"])))
+        when = datetime.datetime.fromtimestamp(r.time).strftime("%H:%M:%S")
+        candidates = ", ".join(f"{c.worker_id} {c.score:.3f}" for c in r.candidates)
+        table.add_row(*map(escape, (when, r.job_id[:12], r.model, r.worker_id or "-",
+                                    candidates or "-", str(r.queue_wait_ms),
+                                    str(r.retries), r.outcome)))
     out.print(table)
 
 
@@ -239,7 +239,7 @@ def remove(node: Annotated[str, typer.Argument(help="Node id or HOST:PORT to rem
     require_enabled(cfg)
     asker = Asker(cfg, broker)
     try:
-        peers = {p["node_id"]: p["endpoint"] for p in asker.ask("status")["peers"]}
+        peers = {p.node_id: p.endpoint for p in asker.ask("status").peers}
         endpoint = peers.get(node) or endpoint_of(node)
         was_live = bool(endpoint) and asker.ask("remove_peer", endpoint=endpoint)
     finally:

@@ -1,11 +1,18 @@
-"""Asking a broker CONTROL questions from outside the mesh's roles: the ``mesh`` commands
-and the tests. A blocking DEALER that speaks the gateway protocol, with a timeout on every
-question so that a dead broker gives an answer ("nobody there"), not a hang."""
+"""CONTROL questions to a broker, asked the same way by every asker.
+
+The operations and the type of each answer are listed once (:data:`RESULTS`); a reply is
+decoded into those typed records (common/status.py) or raises :class:`ControlError`.
+The gateway asks over its own broker link (:meth:`gateway.client.BrokerClient.control`,
+async); the ``mesh`` commands and the tests use :class:`ControlClient`, a blocking DEALER
+with a timeout on every question, so that a dead broker gives an answer ("nobody there"),
+not a hang.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -13,11 +20,56 @@ import zmq
 from common import protocol as p
 from common.config import Settings
 from common.meshkeys import MeshKeys
+from common.plain import from_dict
+from common.status import BrokerStatus, ModelEntry, Route
 from common.transport import configure
 
 
+def _record(cls: type) -> Callable[[Any], Any]:
+    return lambda value: from_dict(cls, value)
+
+
+def _records(cls: type) -> Callable[[Any], Any]:
+    return lambda value: [from_dict(cls, entry) for entry in value]
+
+
+def _flag(value: Any) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+RESULTS: dict[str, Callable[[Any], Any]] = {
+    "status": _record(BrokerStatus),
+    "models": _records(ModelEntry),
+    "routes": _records(Route),
+    "add_peer": _flag,
+    "remove_peer": _flag,
+}
+"""Each CONTROL operation, with what decodes its answer into typed records."""
+
+
 class ControlError(RuntimeError):
-    """The broker answered, but refused the request (unknown op, bad argument)."""
+    """The broker answered, but refused the request (unknown op, bad argument), or sent an
+    answer that does not decode."""
+
+
+def question(op: str, args: dict[str, Any] | None = None) -> p.Control:
+    """A CONTROL message asking ``op``, with a fresh request id."""
+    return p.Control(request_id=uuid.uuid4().hex, op=op, args=args or {})
+
+
+def answer(op: str, reply: p.ControlReply) -> Any:
+    """The typed result of ``reply`` to ``op``; :class:`ControlError` when refused."""
+    if not reply.ok:
+        raise ControlError(reply.error)
+    decode = RESULTS.get(op)
+    if decode is None:  # refused above: an unknown op never gets ok=True
+        raise ControlError(f"unknown op {op!r}")
+    try:
+        return decode(reply.result)
+    except (p.ProtocolError, TypeError, AttributeError) as exc:
+        raise ControlError(f"the broker's answer to {op!r} does not decode: {exc}") from None
 
 
 class ControlClient:
@@ -32,21 +84,18 @@ class ControlClient:
         self.sock.connect(endpoint)
 
     def ask(self, op: str, timeout: float = 2.0, **args: Any) -> Any:
-        """The result of CONTROL ``op``; None when the broker does not answer in time,
-        :class:`ControlError` when it refuses."""
-        request_id = uuid.uuid4().hex
-        self.sock.send_multipart(p.encode(p.GATEWAY, p.Control(
-            request_id=request_id, op=op, args=args)))
+        """The typed result of CONTROL ``op``; None when the broker does not answer in
+        time, :class:`ControlError` when it refuses."""
+        msg = question(op, args)
+        self.sock.send_multipart(p.encode(p.GATEWAY, msg))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self.sock.poll(left * 1000):
             try:
-                _, msg = p.decode(self.sock.recv_multipart(), p.FROM_BROKER)
+                _, reply = p.decode(self.sock.recv_multipart(), p.FROM_BROKER)
             except p.ProtocolError:
                 continue
-            if isinstance(msg, p.ControlReply) and msg.request_id == request_id:
-                if not msg.ok:
-                    raise ControlError(msg.error)
-                return msg.result
+            if isinstance(reply, p.ControlReply) and reply.request_id == msg.request_id:
+                return answer(op, reply)
         return None
 
     def close(self) -> None:

@@ -74,9 +74,9 @@ class Discovery:
         # Registration probes names for ~1.5 s: never hold the broker loop for it.
         threading.Thread(target=self._publish, daemon=True, name="mdns-publish").start()
 
-    def set_coordinator(self, active: bool) -> None:
+    def set_coordinator(self, coordinating: bool) -> None:
         """Publish (or withdraw) the ``mlx-stack.local`` alias pointing at this broker."""
-        (self.coordinating.set if active else self.coordinating.clear)()
+        (self.coordinating.set if coordinating else self.coordinating.clear)()
 
     def _publish(self) -> None:
         """Register this broker, then keep the alias in step with :meth:`set_coordinator`

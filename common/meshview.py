@@ -1,60 +1,59 @@
 """The mesh at a glance, from a broker's CONTROL status: who coordinates, each node with
 its role, models, slots, memory and last heartbeat, each model with its queue. One place
-for these views, so that ``mlx-stack mesh`` and the ``/mesh`` dashboard show the same."""
+for these views, so that ``mlx-stack mesh`` and the ``/mesh`` dashboard show the same.
+The views are plain maps, ready for JSON (``--json`` and the dashboard)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from common.status import COORDINATOR, STANDBY, BrokerStatus, WorkerStatus
 
-def coordinator(status: dict[str, Any]) -> dict[str, Any]:
+
+def coordinator(status: BrokerStatus) -> dict[str, Any]:
     """Which broker coordinates, as the broker in use sees it."""
-    if status["role"] == "active":
-        node = status["node_id"]
+    if status.coordinating:
+        node = status.node_id
     else:
-        node = next((b["node_id"] for b in status["peers"]
-                     if b["endpoint"] == status["leader"]), None)
-    return {"node_id": node, "endpoint": status["leader"], "epoch": status["epoch"]}
+        node = next((b.node_id for b in status.peers if b.endpoint == status.coordinator), None)
+    return {"node_id": node, "endpoint": status.coordinator, "epoch": status.epoch}
 
 
-def nodes(status: dict[str, Any]) -> list[dict[str, Any]]:
+def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
     """One entry per node that runs a live broker or worker: its broker's role, models
     (with their queue depth), slots in use / total, memory and last heartbeat age."""
-    roles = {status["node_id"]: ("coordinator" if status["role"] == "active" else "standby",
-                                 0.0)}
-    for peer in status["peers"]:
-        roles[peer["node_id"]] = ("coordinator" if peer["active"] else "standby",
-                                  peer["last_seen_s"])
-    workers: dict[str, list[dict[str, Any]]] = {}
-    for worker in status["workers"]:
-        workers.setdefault(worker["node_id"], []).append(worker)
-    queues = status["queues"]
+    roles = {status.node_id: (status.role, 0.0)}
+    for peer in status.peers:
+        roles[peer.node_id] = (COORDINATOR if peer.coordinator else STANDBY, peer.last_seen_s)
+    workers: dict[str, list[WorkerStatus]] = {}
+    for worker in status.workers:
+        workers.setdefault(worker.node_id, []).append(worker)
     view = []
     for node in sorted(roles.keys() | workers.keys()):
         mine = workers.get(node, [])
         role, broker_age = roles.get(node, ("worker", None))
-        ages = [w["last_heartbeat_s"] for w in mine] + ([broker_age] if role != "worker" else [])
-        models = {w["model_id"]: {
-            "model_id": w["model_id"], "aliases": w["aliases"], "engine": w["engine"],
-            "queue": sum(queues.get(n, 0) for n in (w["model_id"], *w["aliases"]))}
+        ages = [w.last_heartbeat_s for w in mine] + ([broker_age] if role != "worker" else [])
+        models = {w.model_id: {
+            "model_id": w.model_id, "aliases": w.aliases, "engine": w.engine,
+            "queue": sum(status.queues.get(n, 0) for n in w.names)}
             for w in mine}
         # Every worker of a node reports the same machine: the latest report will do.
-        latest = min(mine, key=lambda w: w["last_heartbeat_s"], default=None)
+        latest = min(mine, key=lambda w: w.last_heartbeat_s, default=None)
         view.append({
             "node_id": node,
             "role": role,
             "workers": len(mine),
             "models": [models[m] for m in sorted(models)],
-            "slots_in_use": sum(w["in_flight"] for w in mine),
-            "slots_total": sum(w["slots"] for w in mine),
-            "mem_total": latest["mem_total"] if latest else 0,
-            "mem_free": latest["mem_free"] if latest else 0,
+            "slots_in_use": sum(w.running for w in mine),
+            "slots_total": sum(w.slots for w in mine),
+            "mem_total": latest.mem_total if latest else 0,
+            "mem_free": latest.mem_free if latest else 0,
             "heartbeat_age_s": min(ages) if ages else None,
         })
     return view
 
 
-def models(status: dict[str, Any]) -> list[dict[str, Any]]:
+def models(status: BrokerStatus) -> list[dict[str, Any]]:
     """One entry per model: its engine, workers, slots in use / total, jobs queued."""
     view: dict[str, dict[str, Any]] = {}
 
@@ -62,11 +61,11 @@ def models(status: dict[str, Any]) -> list[dict[str, Any]]:
         return view.setdefault(model, {"model": model, "engine": engine, "workers": 0,
                                        "slots_in_use": 0, "slots_total": 0, "queued": 0})
 
-    for w in status["workers"]:
-        row = entry(w["model_id"], w["engine"])
+    for w in status.workers:
+        row = entry(w.model_id, w.engine)
         row["workers"] += 1
-        row["slots_in_use"] += w["in_flight"]
-        row["slots_total"] += w["slots"]
-    for model, depth in status["queues"].items():
+        row["slots_in_use"] += w.running
+        row["slots_total"] += w.slots
+    for model, depth in status.queues.items():
         entry(model)["queued"] = depth
     return sorted(view.values(), key=lambda r: r["model"])

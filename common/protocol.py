@@ -27,32 +27,28 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
-GATEWAY = b"MLXS-G1"
+from common.plain import INT_MAX as INT_MAX
+from common.plain import INT_MIN as INT_MIN
+from common.plain import MAX_DEPTH as MAX_DEPTH
+from common.plain import ProtocolError as ProtocolError
+from common.plain import check_plain as check_plain
+from common.plain import from_dict as from_dict
+
+GATEWAY = b"MLXS-G2"
 """Protocol tag of gateway <-> broker traffic."""
-WORKER = b"MLXS-W1"
+WORKER = b"MLXS-W2"
 """Protocol tag of worker <-> broker traffic."""
-PEER = b"MLXS-B1"
+PEER = b"MLXS-B2"
 """Protocol tag of broker <-> broker traffic."""
 PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 """Largest body accepted; also set as the sockets' ZMQ_MAXMSGSIZE so oversize is cut early."""
-MAX_DEPTH = 64
-"""Deepest nesting of maps and lists in a body (a JSON schema in ``tools`` needs some);
-deeper is refused before anything walks it recursively."""
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
-"""Integers on the wire are signed 64-bit, so arithmetic on them (an epoch + 1) still
-encodes."""
-
 VERSION = "0.1.0"
 
 T = TypeVar("T")
@@ -75,17 +71,6 @@ class Command(enum.IntEnum):
     CONTROL_REPLY = 0x0C
     REDIRECT = 0x0D
     ANNOUNCE = 0x0E
-
-
-class ProtocolError(ValueError):
-    """A message that must be dropped (and counted): never trusted, never fatal.
-
-    ``reason`` is a short fixed token (``bad_type``, ``undecodable``...) to count by; the
-    message says what exactly was wrong."""
-
-    def __init__(self, message: str, reason: str = "malformed") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,7 +106,8 @@ class Heartbeat(Message):
     session: str = ""
     """A broker's random id for its process lifetime: a change means a broker restarted or
     another took over, and whatever was open with the old one is lost."""
-    active: int = 0
+    running: int = 0
+    """Jobs the worker runs now."""
     mem_free: int = 0
     tokens_per_s: float = 0.0
     kv_bytes: int = 0
@@ -165,9 +151,27 @@ class Fail(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Disconnect(Message):
-    """Either direction: I am leaving (or: you are not known here, register again)."""
+    """Either direction: what the other side held for this connection is gone; ``reason``
+    (a :class:`Reason`) says why. The receiver's answer is the same for every reason (a
+    worker registers again, a gateway resubmits its open jobs); the reason is for logs."""
 
     COMMAND: ClassVar[Command] = Command.DISCONNECT
+    reason: str = ""
+
+
+class Reason(enum.StrEnum):
+    """Why a :class:`Disconnect` was sent."""
+
+    LEAVING = "leaving"
+    """The sender is shutting down."""
+    UNKNOWN = "unknown"
+    """This broker does not know you (it restarted, or purged you): register again."""
+    COORDINATING = "coordinating"
+    """This broker coordinates now: register and resubmit here."""
+    STEPPED_DOWN = "stepped_down"
+    """This broker stopped coordinating and knows no coordinator yet."""
+    JOBS_DROPPED = "jobs_dropped"
+    """You were silent past the liveness and your jobs were dropped: resubmit them."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -245,7 +249,7 @@ class ControlReply(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Redirect(Message):
-    """standby broker -> worker/gateway: the active broker is at ``endpoint``; connect
+    """standby broker -> worker/gateway: the coordinator is at ``endpoint``; connect
     there (a gateway resubmits its open jobs, a worker registers again)."""
 
     COMMAND: ClassVar[Command] = Command.REDIRECT
@@ -262,7 +266,7 @@ class Announce(Message):
     endpoint: str
     priority: int = 0
     started: float = 0.0
-    active: bool = False
+    coordinator: bool = False
 
 
 @dataclass(kw_only=True, slots=True)
@@ -384,97 +388,3 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise ValueError(f"msgpack ext type {code} is not part of the protocol")
 
 
-def check_plain(value: Any) -> None:
-    """Raise :class:`ProtocolError` unless ``value`` is plain data (module docstring).
-
-    Iterative, so neither a deep value nor this check can exhaust the Python stack."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind is dict or kind is list:
-            if depth >= MAX_DEPTH:
-                raise ProtocolError(f"nested deeper than {MAX_DEPTH}", "too_deep")
-            if kind is dict:
-                for key in item:
-                    if type(key) is not str:
-                        raise ProtocolError(f"map key of type {type(key).__name__}",
-                                            "bad_key")
-                item = item.values()
-            stack.extend((x, depth + 1) for x in item)
-        elif kind is int:
-            if not INT_MIN <= item <= INT_MAX:
-                raise ProtocolError("integer out of the signed 64-bit range", "bad_value")
-        elif kind is float:
-            if not math.isfinite(item):
-                raise ProtocolError(f"float {item} is not finite", "bad_value")
-        elif kind is str:
-            if not item.isascii():  # decoded frames always pass; JSON "\ud800" does not
-                try:
-                    item.encode()
-                except UnicodeEncodeError:
-                    raise ProtocolError("string with a lone surrogate (not UTF-8)",
-                                        "bad_value") from None
-        elif kind not in _SCALARS:
-            raise ProtocolError(f"value of type {kind.__name__} is not plain data", "bad_type")
-
-
-_SCALARS = (bool, type(None))
-
-
-def from_dict(cls: type[T], data: dict[str, Any]) -> T:
-    """Build dataclass ``cls`` from untrusted ``data``, checking every field's type."""
-    checks = _checks(cls)
-    for name, value in data.items():
-        check = checks.get(name)
-        if check is None:
-            raise ProtocolError(f"{cls.__name__}: unknown field {str(name)[:40]!r}",
-                                "unknown_field")
-        if not check(value):
-            raise ProtocolError(f"{cls.__name__}.{name}: bad type {type(value).__name__}",
-                                "bad_type")
-    try:
-        return cls(**data)
-    except TypeError as exc:  # a required field is missing
-        raise ProtocolError(f"{cls.__name__}: {exc}", "missing_field") from None
-
-
-Check = Callable[[Any], bool]
-_CHECKS: dict[type, dict[str, Check]] = {}
-
-
-def _checks(cls: type) -> dict[str, Check]:
-    """Per-field type checks of a dataclass, built once from its annotations: validation
-    runs on every frame, so it must not walk ``typing`` objects each time."""
-    if cls not in _CHECKS:
-        hints = typing.get_type_hints(cls)
-        _CHECKS[cls] = {f.name: _checker(hints[f.name]) for f in dataclasses.fields(cls)}
-    return _CHECKS[cls]
-
-
-_EXACT = {int: (int,), float: (int, float), str: (str,), bool: (bool,), bytes: (bytes,),
-          type(None): (type(None),)}
-
-
-def _checker(hint: Any) -> Check:
-    """A check that a decoded msgpack value matches ``hint``. msgpack yields exact builtin
-    types, so ``type(v) in ...`` is right and keeps True out of an int field."""
-    if hint is Any:
-        return lambda v: True
-    if hint in _EXACT:
-        exact = _EXACT[hint]
-        return lambda v: type(v) in exact
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [_checker(a) for a in args]
-        return lambda v: any(check(v) for check in options)
-    if origin is list:
-        if args[0] in _EXACT:
-            exact = _EXACT[args[0]]
-            return lambda v: type(v) is list and all(type(x) in exact for x in v)
-        item = _checker(args[0])
-        return lambda v: type(v) is list and all(item(x) for x in v)
-    if origin is dict:
-        key, item = _checker(args[0]), _checker(args[1])
-        return lambda v: type(v) is dict and all(key(k) and item(x) for k, x in v.items())
-    raise TypeError(f"no wire check for {hint!r}")

@@ -25,6 +25,7 @@ from starlette.background import BackgroundTask
 from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
+from common.status import ModelEntry
 from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError
@@ -179,10 +180,10 @@ def create_app(settings: Settings) -> FastAPI:
         """Create a text completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=False)
 
-    def model_card(entry: dict[str, Any]) -> dict[str, Any]:
-        owner = "mlx-stack (synthetic engine)" if entry["engine"] == "synthetic" else "mlx-stack"
-        return {"id": entry["id"], "object": "model", "created": started, "owned_by": owner,
-                "root": entry["model_id"]}
+    def model_card(entry: ModelEntry) -> dict[str, Any]:
+        owner = "mlx-stack (synthetic engine)" if entry.engine == "synthetic" else "mlx-stack"
+        return {"id": entry.id, "object": "model", "created": started, "owned_by": owner,
+                "root": entry.model_id}
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
@@ -193,7 +194,7 @@ def create_app(settings: Settings) -> FastAPI:
     @v1.get("/models/{model:path}")
     async def model(model: str) -> Any:
         for entry in await client.control("models"):
-            if entry["id"] == model:
+            if entry.id == model:
                 return model_card(entry)
         return errors.error_response(404, f"The model '{model}' does not exist",
                                      code="model_not_found", param="model")
@@ -209,7 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
             return JSONResponse({"status": "unavailable", "error": exc.message},
                                 status_code=503)
         status = "ok" if served else "no_models"
-        return JSONResponse({"status": status, "models": [e["id"] for e in served]},
+        return JSONResponse({"status": status, "models": [e.id for e in served]},
                             status_code=200 if served else 503)
 
     @app.get("/metrics", include_in_schema=False)

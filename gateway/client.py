@@ -31,6 +31,7 @@ import zmq.asyncio
 
 from common import protocol as p
 from common.config import Settings
+from common.control import ControlError, answer, question
 from common.logs import log_event
 from common.meshkeys import load_keys
 from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
@@ -136,7 +137,7 @@ class BrokerClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.sock is not None and self.monitor is not None:
-            self._send(p.Disconnect())
+            self._send(p.Disconnect(reason=p.Reason.LEAVING))
             close_watched(self.sock, self.monitor, linger=100)
 
     def _connect(self) -> None:
@@ -268,11 +269,12 @@ class BrokerClient:
 
     async def control(self, op: str, args: dict[str, Any] | None = None,
                       timeout: float = 3.0) -> Any:
-        """Ask the broker a read-only question (status|nodes|models|routes)."""
-        request_id = uuid.uuid4().hex
+        """Ask the broker a CONTROL question; its typed answer (common/control.py)."""
+        msg = question(op, args)
+        request_id = msg.request_id
         future: asyncio.Future[p.ControlReply] = asyncio.get_running_loop().create_future()
         self.controls[request_id] = future
-        self._send(p.Control(request_id=request_id, op=op, args=args or {}))
+        self._send(msg)
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -281,9 +283,10 @@ class BrokerClient:
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:
             self.controls.pop(request_id, None)
-        if not reply.ok:
-            raise JobError(p.ErrorCode.INVALID_REQUEST, reply.error)
-        return reply.result
+        try:
+            return answer(op, reply)
+        except ControlError as exc:
+            raise JobError(p.ErrorCode.INVALID_REQUEST, str(exc)) from None
 
     async def run(self, model: str, request: p.GenerationRequest) -> AsyncIterator[p.Message]:
         """Run one request to its end, yielding ACCEPTED, PARTIAL... and FINAL messages.

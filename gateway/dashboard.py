@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from common import meshview
+from common.status import plain
 from gateway.client import BrokerClient, JobError
 
 PAGE = (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
@@ -39,5 +40,5 @@ async def snapshot(client: BrokerClient) -> dict[str, Any]:
         view["error"] = exc.message
         return view
     view.update(up=True, coordinator=meshview.coordinator(status), nodes=meshview.nodes(status),
-                routes=routes[::-1])
+                routes=plain(routes[::-1]))
     return view

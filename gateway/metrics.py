@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -21,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import protocol as p
+from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
 from gateway.client import BrokerClient, JobError
 
 SCRAPE_TIMEOUT = 1.0
@@ -32,7 +32,6 @@ not become label values (one time series each)."""
 NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 GATEWAY_FAILOVERS = ("mid_stream", "coordinator", "lost_frame")
-WORKER_STATES = ("idle", "busy", "full")
 
 
 class Metrics:
@@ -119,9 +118,9 @@ class MeshCollector:
 
     def __init__(self, client: BrokerClient) -> None:
         self.client = client
-        self.status: dict[str, Any] | None = None
+        self.status: BrokerStatus | None = None
 
-    async def fetch(self) -> dict[str, Any] | None:
+    async def fetch(self) -> BrokerStatus | None:
         """The broker's CONTROL status, or None if it does not answer in time."""
         try:
             return await self.client.control("status", timeout=SCRAPE_TIMEOUT)
@@ -147,38 +146,38 @@ class MeshCollector:
         for kind in GATEWAY_FAILOVERS:
             failovers.add_metric([kind], self.client.failovers[kind])
         if status:
-            failovers.add_metric(["pre_token"], status["counters"].get("redispatched", 0))
+            failovers.add_metric(["pre_token"], status.counters.get("redispatched", 0))
         yield failovers
         if status:
             yield from broker_families(status)
 
 
-def broker_families(status: dict[str, Any]) -> Iterator[Metric]:
+def broker_families(status: BrokerStatus) -> Iterator[Metric]:
     """Role, epoch, queues and workers of the broker's status reply."""
     epoch = GaugeMetricFamily("mlx_stack_broker_epoch", "Epoch of the broker in use.")
-    epoch.add_metric([], status["epoch"])
+    epoch.add_metric([], status.epoch)
     yield epoch
     role = GaugeMetricFamily("mlx_stack_broker_role",
-                             "1 for the role the broker in use has (active = coordinator).",
+                             "1 for the role the broker in use has.",
                              labels=["node", "role"])
-    for name in ("active", "standby"):
-        role.add_metric([status["node_id"], name], 1 if status["role"] == name else 0)
+    for name in (COORDINATOR, STANDBY):
+        role.add_metric([status.node_id, name], 1 if status.role == name else 0)
     yield role
-    workers = status["workers"]
-    names = {n for w in workers for n in (w["model_id"], *w["aliases"])}
+    workers = status.workers
+    names = {n for w in workers for n in w.names}
     queue = GaugeMetricFamily("mlx_stack_queue_depth",
                               "Requests waiting for a free slot, by requested model name.",
                               labels=["model"])
-    for name in sorted(names | status["queues"].keys()):
-        queue.add_metric([name], status["queues"].get(name, 0))
+    for name in sorted(names | status.queues.keys()):
+        queue.add_metric([name], status.queues.get(name, 0))
     yield queue
     by_state = GaugeMetricFamily(
         "mlx_stack_workers", "Live workers by model and state: idle (no job), busy (jobs "
         "and a free slot), full (every slot in use).", labels=["model", "state"])
-    for model in sorted({w["model_id"] for w in workers}):
-        mine = [w for w in workers if w["model_id"] == model]
+    for model in sorted({w.model_id for w in workers}):
+        mine = [w for w in workers if w.model_id == model]
         for state in WORKER_STATES:
-            by_state.add_metric([model, state], sum(worker_state(w) == state for w in mine))
+            by_state.add_metric([model, state], sum(w.state == state for w in mine))
     yield by_state
     yield from engine_families(workers)
 
@@ -191,25 +190,19 @@ PROMPT_CACHE_COUNTERS = {
 }
 
 
-def engine_families(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
     """The live workers' prompt cache counters and KV cache memory, by model (a worker's
     counters start at 0 when it starts)."""
-    models = sorted({w["model_id"] for w in workers})
+    models = sorted({w.model_id for w in workers})
     for key, doc in PROMPT_CACHE_COUNTERS.items():
         family = CounterMetricFamily(f"mlx_stack_{key}", doc, labels=["model"])
         for model in models:
-            family.add_metric([model], sum(w["counters"].get(key, 0) for w in workers
-                                           if w["model_id"] == model))
+            family.add_metric([model], sum(w.counters.get(key, 0) for w in workers
+                                           if w.model_id == model))
         yield family
     kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
                            "(running requests and prompt cache), by model.", labels=["model"])
     for model in models:
-        kv.add_metric([model], sum(w["kv_bytes"] for w in workers if w["model_id"] == model))
+        kv.add_metric([model], sum(w.kv_bytes for w in workers if w.model_id == model))
     yield kv
 
-
-def worker_state(worker: dict[str, Any]) -> str:
-    """idle, busy or full, from the broker's own count of the worker's jobs."""
-    if worker["in_flight"] == 0:
-        return "idle"
-    return "full" if worker["in_flight"] >= worker["slots"] else "busy"

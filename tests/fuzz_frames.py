@@ -25,7 +25,7 @@ REQUEST = p.GenerationRequest(kind="chat", messages=[{"role": "user", "content":
 SEEDS: list[tuple[bytes, p.Message]] = [
     (p.WORKER, p.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
                        aliases=["fuzz-alias"], slots=2, mem_total=2**34, mem_free=2**33)),
-    (p.WORKER, p.Heartbeat(active=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
+    (p.WORKER, p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
     (p.WORKER, p.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
     (p.WORKER, p.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
     (p.WORKER, p.Fail(job_id="fuzz/0", error="boom", retryable=True)),
@@ -137,7 +137,7 @@ def frame_mutation(draw: st.DrawFn) -> list[bytes]:
     elif action == "add":
         frames.insert(draw(st.integers(0, 3)), draw(st.binary(max_size=16)))
     elif action == "tag":
-        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W2", b"MLXS-G1\x00"]))
+        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W1", b"MLXS-G2\x00"]))
     else:
         frames[1] = draw(st.one_of(st.sampled_from([bytes((c,)) for c in p.Command]),
                                    st.binary(max_size=3)))
@@ -159,7 +159,7 @@ def harmless(frames: list[bytes]) -> list[bytes]:
         tag, msg = p.decode(frames, p.TO_BROKER)
     except p.ProtocolError:
         return frames
-    if isinstance(msg, p.Announce) and msg.active:
-        msg.active = False
+    if isinstance(msg, p.Announce) and msg.coordinator:
+        msg.coordinator = False
         return p.encode(tag, msg)
     return frames

@@ -25,6 +25,7 @@ import zmq
 from common.config import Settings
 from common.control import ControlClient
 from common.meshkeys import MeshKeys, save_secret
+from common.status import BrokerStatus, WorkerStatus
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -148,13 +149,13 @@ class Cluster:
     def worker(self, *args: str, node: str = "node-a", wait: bool = True,
                env: dict[str, str] | None = None) -> Proc:
         """Start a worker; with ``wait``, return once the broker has registered it."""
-        before = {w["worker_id"] for w in self.workers()}
+        before = {w.worker_id for w in self.workers()}
         proc = self.start("worker", *args, node=node, env=env)
 
         def registered() -> set[str]:
             if not proc.alive():
                 raise AssertionError(f"the worker exited:\n{proc.output()}")
-            return {w["worker_id"] for w in self.workers()} - before
+            return {w.worker_id for w in self.workers()} - before
 
         if wait:
             wait_for(f"worker {args} to register", registered, timeout=120)
@@ -197,9 +198,9 @@ class Cluster:
                 endpoint, Settings.load(home=self.tmp / "home"), self.keys, self.ctx)
         return client.ask(op, timeout, **args)
 
-    def workers(self) -> list[dict[str, Any]]:
+    def workers(self) -> list[WorkerStatus]:
         status = self.try_control("status")
-        return status["workers"] if status else []
+        return status.workers if status else []
 
     def close(self) -> None:
         for proc in reversed(self.procs):
@@ -258,18 +259,18 @@ class Mesh(Cluster):
         wait_for(f"broker {node}", lambda: self.status(node))
         return self.brokers[node]
 
-    def status(self, node: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    def status(self, node: str, timeout: float = 1.0) -> BrokerStatus | None:
         """CONTROL status of one node's broker (None if it does not answer)."""
         return self.try_control("status", timeout, endpoint=self.broker_endpoint(node))
 
-    def coordinator(self) -> dict[str, Any] | None:
-        """The one active broker's status, if exactly one live broker says it is active
-        and every other live broker follows it."""
+    def coordinator(self) -> BrokerStatus | None:
+        """The coordinator's status, if exactly one live broker says it coordinates and
+        every other live broker follows it."""
         statuses = [s for n, proc in self.brokers.items()
                     if proc.alive() and (s := self.status(n))]
-        active = [s for s in statuses if s["role"] == "active"]
-        if len(active) != 1:
+        coordinators = [s for s in statuses if s.coordinating]
+        if len(coordinators) != 1:
             return None
-        leader = active[0]["endpoint"]
-        return active[0] if all(s["leader"] == leader for s in statuses) else None
+        endpoint = coordinators[0].endpoint
+        return coordinators[0] if all(s.coordinator == endpoint for s in statuses) else None
 

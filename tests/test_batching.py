@@ -22,6 +22,7 @@ import httpx
 import openai
 import pytest
 
+from common.status import WorkerStatus
 from tests.harness import Cluster, Proc, close_and_report, wait_for
 
 pytestmark = pytest.mark.model
@@ -73,9 +74,9 @@ def client_for(url: str) -> openai.OpenAI:
 def start_worker(cluster: Cluster, *args: str, env: dict[str, str] | None = None
                  ) -> tuple[Proc, str]:
     """A real worker and the id the broker knows it by."""
-    before = {w["worker_id"] for w in cluster.workers()}
+    before = {w.worker_id for w in cluster.workers()}
     proc = cluster.worker(*args, env=env)
-    (worker_id,) = {w["worker_id"] for w in cluster.workers()} - before
+    (worker_id,) = {w.worker_id for w in cluster.workers()} - before
     return proc, worker_id
 
 
@@ -110,14 +111,14 @@ def pair(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
         close_and_report(c, request.node)
 
 
-def worker_status(cluster: Cluster, worker_id: str) -> dict[str, Any]:
-    return next(w for w in cluster.workers() if w["worker_id"] == worker_id)
+def worker_status(cluster: Cluster, worker_id: str) -> WorkerStatus:
+    return next(w for w in cluster.workers() if w.worker_id == worker_id)
 
 
 def test_eight_streams_on_one_worker_each_equal_to_its_run_alone(pair: Pair) -> None:
     """Eight streams at once on one worker: all run together (every first token comes
     before any stream ends) and each text equals the same request run alone."""
-    assert worker_status(pair.cluster, pair.ids["cached"])["slots"] == 8
+    assert worker_status(pair.cluster, pair.ids["cached"]).slots == 8
     alone = [stream(pair.client, "cached", story(t), 24).text for t in TOPICS]
     with cf.ThreadPoolExecutor(len(TOPICS)) as pool:
         together = list(pool.map(lambda t: stream(pair.client, "cached", story(t), 24), TOPICS))
@@ -146,7 +147,7 @@ def test_a_seeded_sample_is_the_same_inside_a_batch_as_alone(pair: Pair) -> None
 
 def test_a_cancelled_stream_frees_its_seat_at_once_and_the_others_go_on(pair: Pair) -> None:
     cluster, worker_id = pair.cluster, pair.ids["cached"]
-    before = worker_status(cluster, worker_id)["counters"].get("jobs_cancelled", 0)
+    before = worker_status(cluster, worker_id).counters.get("jobs_cancelled", 0)
     leave = threading.Event()
 
     def leaver() -> None:
@@ -166,8 +167,8 @@ def test_a_cancelled_stream_frees_its_seat_at_once_and_the_others_go_on(pair: Pa
 
         def seat_freed() -> bool:
             status = worker_status(cluster, worker_id)
-            return (status["counters"].get("jobs_cancelled", 0) > before
-                    and status["in_flight"] == 4)
+            return (status.counters.get("jobs_cancelled", 0) > before
+                    and status.running == 4)
 
         wait_for("the cancelled stream to leave the batch", seat_freed, timeout=30)
         assert not any(f.done() for f in stayers), "the others should still be running"
@@ -186,9 +187,9 @@ def test_second_turn_reuses_the_prompt_cache_and_answers_the_same(pair: Pair) ->
     first = stream(pair.client, "cached", history, 16)
     history += [{"role": "assistant", "content": first.text},
                 {"role": "user", "content": "And in autumn?"}]
-    counters = worker_status(cluster, worker_id)["counters"]
+    counters = worker_status(cluster, worker_id).counters
     second = stream(pair.client, "cached", history, 16)
-    after = worker_status(cluster, worker_id)["counters"]
+    after = worker_status(cluster, worker_id).counters
     reused = after["prompt_tokens_reused"] - counters["prompt_tokens_reused"]
     computed = after["prompt_tokens_computed"] - counters["prompt_tokens_computed"]
     assert reused >= first.usage.prompt_tokens and computed < 40, (reused, computed)
@@ -224,4 +225,4 @@ def test_worker_killed_under_eight_streams_every_stream_resumes_exactly(pair: Pa
     assert {t: r.text for t, r in results.items()} == reference
     assert all(r.usage.completion_tokens == 40 for r in results.values())
     routes = pair.cluster.control("routes", last=20)
-    assert sum(r["outcome"] == "worker_lost" for r in routes) >= 1
+    assert sum(r.outcome == "worker_lost" for r in routes) >= 1

@@ -50,7 +50,7 @@ def test_idle_worker_killed_is_purged_and_next_request_goes_to_a_live_one(
     doomed = cluster.worker("--engine", "synthetic", "--model", "syn")
     survivor = cluster.worker("--engine", "synthetic", "--model", "syn")
     url = cluster.gateway()
-    ids = {w["worker_id"] for w in cluster.workers()}
+    ids = {w.worker_id for w in cluster.workers()}
     assert len(ids) == 2
     doomed.kill(signal.SIGKILL)
     killed = time.monotonic()
@@ -62,7 +62,7 @@ def test_idle_worker_killed_is_purged_and_next_request_goes_to_a_live_one(
     for _ in range(4):
         response = chat(url)
         assert response.status_code == 200, response.text
-        assert response.headers["x-mlx-stack-worker"] == alive["worker_id"]
+        assert response.headers["x-mlx-stack-worker"] == alive.worker_id
     assert survivor.alive()
 
 
@@ -75,7 +75,7 @@ def test_job_waits_for_a_free_slot_then_completes(cluster: Cluster) -> None:
         futures = [pool.submit(chat, url, max_tokens=10) for _ in range(3)]
         results = [f.result(timeout=60) for f in futures]
     assert [r.status_code for r in results] == [200, 200, 200]
-    waits = sorted(r["queue_wait_ms"] for r in cluster.control("routes", last=3))
+    waits = sorted(r.queue_wait_ms for r in cluster.control("routes", last=3))
     assert waits[-1] > 100, waits  # one job waited for two others of ~200 ms each
 
 
@@ -162,9 +162,9 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     raw.connect(cluster.endpoint)
     ident = raw.getsockopt(zmq.ROUTING_ID)
     raw.send_multipart([ident, b"GET / HTTP/1.0\r\n\r\n" + rng.randbytes(512)])
-    wait_for("the broker to count the garbage", lambda: cluster.control("status")[
-        "counters"].get("dropped", 0) >= len(garbage) - 1)
-    rejected = cluster.control("status")["rejected"]
+    wait_for("the broker to count the garbage", lambda: cluster.control("status")
+             .counters.get("dropped", 0) >= len(garbage) - 1)
+    rejected = cluster.control("status").rejected
     assert sum(rejected.values()) >= len(garbage) - 1, rejected
     assert {"frame_count", "undecodable", "missing_field"} <= rejected.keys(), rejected
     assert "handler_error" not in rejected
@@ -184,17 +184,17 @@ def test_a_peer_may_not_switch_roles_and_strangers_must_register(
     assert stranger.poll(5000), "no answer to an unregistered worker"
     assert isinstance(p.decode(stranger.recv_multipart(), p.FROM_BROKER)[1], p.Disconnect)
     status = wait_for("both rejects to be counted", lambda: (s := cluster.control("status"))
-                      and {"wrong_role", "unregistered"} <= s["rejected"].keys() and s)
-    assert status["workers"] == []
+                      and {"wrong_role", "unregistered"} <= s.rejected.keys() and s)
+    assert status.workers == []
 
 
 def test_an_announce_with_an_unusable_endpoint_is_refused(
         cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
     dealer().send_multipart(p.encode(p.PEER, p.Announce(node_id="x", endpoint="not a url",
-                                                    priority=99, active=True, epoch=7)))
+                                                    priority=99, coordinator=True, epoch=7)))
     status = wait_for("the ANNOUNCE to be refused", lambda: (s := cluster.control("status"))
-                      and s["rejected"].get("bad_announce") and s)
-    assert status["role"] == "active" and status["peers"] == [] and status["epoch"] < 7
+                      and s.rejected.get("bad_announce") and s)
+    assert status.role == "coordinator" and status.peers == [] and status.epoch < 7
 
 
 def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
@@ -225,7 +225,7 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
                     outcomes[msg.job_id] = getattr(msg, "code", "ok")
         assert outcomes == {"running": "ok", "queued": "ok", "refused": "queue_full",
                             "resumed": "ok"}
-        order = [r["job_id"] for r in c.control("routes", last=3)]
+        order = [r.job_id for r in c.control("routes", last=3)]
         assert order == ["running", "resumed", "queued"]  # resumes wait at the head
     finally:
         c.close()
@@ -237,26 +237,26 @@ def test_the_highest_epoch_a_peer_may_announce_still_leaves_room_to_take_over(
     broker's epoch + 1 on taking over is still one every peer accepts."""
     sock = dealer()
     sock.send_multipart(p.encode(p.PEER, p.Announce(
-        node_id="a", endpoint="tcp://127.0.0.1:9", priority=99, active=True,
+        node_id="a", endpoint="tcp://127.0.0.1:9", priority=99, coordinator=True,
         epoch=p.INT_MAX - 1)))
-    wait_for("the broker to follow the peer", lambda: cluster.control("status")["role"]
+    wait_for("the broker to follow the peer", lambda: cluster.control("status").role
              == "standby")
     for epoch in (p.INT_MAX, 2**64 - 1):  # refused: no room left / not on the wire
         sock.send_multipart(p.encode(p.PEER, p.Announce(
             node_id="b", endpoint="tcp://127.0.0.1:10", epoch=epoch)))
     status = wait_for("the broker to take over once the peer is silent",
-                      lambda: (s := cluster.control("status"))["role"] == "active" and s)
-    assert status["epoch"] == p.INT_MAX
-    assert status["rejected"].get("bad_value") == 1
-    assert status["rejected"].get("bad_announce") == 1
+                      lambda: (s := cluster.control("status")).role == "coordinator" and s)
+    assert status.epoch == p.INT_MAX
+    assert status.rejected.get("bad_value") == 1
+    assert status.rejected.get("bad_announce") == 1
 
 
 def test_control_refuses_unknown_operations_and_bad_arguments(cluster: Cluster) -> None:
-    with pytest.raises(ControlError, match=r"unknown op 'bogus'; use status\|nodes"):
+    with pytest.raises(ControlError, match=r"unknown op 'bogus'; use status\|models"):
         cluster.try_control("bogus")
     asker = ControlClient(cluster.endpoint, Settings.load(home=cluster.tmp / "home"), None,
                           cluster.ctx)
     with pytest.raises(ControlError, match="bad arguments"):
         asker.ask("add_peer", endpoint="not an endpoint")
     assert cluster.control("routes", last=-1) == []  # a bad count falls back to the default
-    assert cluster.control("status")["role"] == "active"
+    assert cluster.control("status").role == "coordinator"

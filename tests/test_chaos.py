@@ -84,12 +84,12 @@ def test_300_streams_survive_3_random_worker_kills(cluster: Cluster) -> None:
         assert text == expected_text(f"chaos stream {i}", TOKENS), i
         assert finishes == ["length"], (i, finishes)
         assert usage["completion_tokens"] == TOKENS, (i, usage)
-    outcomes = collections.Counter(r["outcome"] for r in cluster.control("routes", last=1000))
+    outcomes = collections.Counter(r.outcome for r in cluster.control("routes", last=1000))
     print("route outcomes:", dict(outcomes))
     assert outcomes["worker_lost"] >= 3, outcomes  # streams really failed over mid-flight
     status = cluster.control("status")
     # The 3 survivors are registered; a survivor starved of CPU for a heartbeat liveness
     # (0.6 s here) may have been purged and registered again on the way, which is fine.
-    assert len(status["workers"]) == 3
-    assert status["counters"].get("workers_purged", 0) >= 3
+    assert len(status.workers) == 3
+    assert status.counters.get("workers_purged", 0) >= 3
     assert sum(1 for w in workers.values() if not w.alive()) == 3

@@ -8,17 +8,17 @@ T = 1.5  # liveness timeout
 HOLD = 5.0
 
 
-def info(node: str, priority: int = 0, started: float = 0.0, active: bool = False,
+def info(node: str, priority: int = 0, started: float = 0.0, coordinator: bool = False,
          epoch: int = 0) -> BrokerInfo:
     return BrokerInfo(node_id=node, endpoint=f"tcp://{node}:4100", priority=priority,
-                      started=started, active=active, epoch=epoch)
+                      started=started, coordinator=coordinator, epoch=epoch)
 
 
 def test_alone_it_takes_the_role_after_listening_one_timeout() -> None:
     e = Election(info("a"), T, HOLD, now=0)
-    assert not e.decide(1.0).active
+    assert not e.decide(1.0).coordinator
     decision = e.decide(T)
-    assert decision.active and decision.changed and e.me.epoch == 1
+    assert decision.coordinator and decision.changed and e.me.epoch == 1
 
 
 def test_the_best_ranked_live_broker_is_chosen_and_followed() -> None:
@@ -26,11 +26,11 @@ def test_the_best_ranked_live_broker_is_chosen_and_followed() -> None:
     b = Election(info("b", priority=0), T, HOLD, now=0)
     a.heard(info("b"), 0.5)
     b.heard(info("a", priority=1), 0.5)
-    assert a.decide(T).active
-    assert not b.decide(T).active
-    b.heard(info("a", priority=1, active=True, epoch=1), T + 0.1)
+    assert a.decide(T).coordinator
+    assert not b.decide(T).coordinator
+    b.heard(info("a", priority=1, coordinator=True, epoch=1), T + 0.1)
     decision = b.decide(T + 0.2)
-    assert not decision.active and decision.leader.node_id == "a"
+    assert not decision.coordinator and decision.follow.node_id == "a"
 
 
 def test_rank_ties_go_to_the_earlier_start_then_the_node_id() -> None:
@@ -40,27 +40,27 @@ def test_rank_ties_go_to_the_earlier_start_then_the_node_id() -> None:
 
 def test_a_dead_coordinator_is_replaced_with_a_higher_epoch() -> None:
     b = Election(info("b"), T, HOLD, now=0)
-    b.heard(info("a", priority=1, active=True, epoch=4), 1.0)
-    assert not b.decide(2.0).active
+    b.heard(info("a", priority=1, coordinator=True, epoch=4), 1.0)
+    assert not b.decide(2.0).coordinator
     decision = b.decide(1.0 + T + 0.01)  # a's last word is older than the timeout
-    assert decision.active and b.me.epoch == 5
+    assert decision.coordinator and b.me.epoch == 5
 
 
 def test_a_returning_better_broker_waits_the_hold_down() -> None:
     a = Election(info("a", priority=1, started=10), T, HOLD, now=10)
     for t in (10.5, 11.0, 12.0, 13.0, 14.0, 14.9):
-        a.heard(info("b", active=True, epoch=3), t)
-        assert not a.decide(t).active, t
-    a.heard(info("b", active=True, epoch=3), 15.6)
+        a.heard(info("b", coordinator=True, epoch=3), t)
+        assert not a.decide(t).coordinator, t
+    a.heard(info("b", coordinator=True, epoch=3), 15.6)
     decision = a.decide(15.6)
-    assert decision.active and a.me.epoch == 4
+    assert decision.coordinator and a.me.epoch == 4
 
 
 def test_after_a_partition_heals_the_lower_ranked_active_steps_down() -> None:
     b = Election(info("b"), T, HOLD, now=0)
-    assert b.decide(T).active
-    b.heard(info("a", priority=1, active=True, epoch=7), 3.0)
+    assert b.decide(T).coordinator
+    b.heard(info("a", priority=1, coordinator=True, epoch=7), 3.0)
     decision = b.decide(3.0)
-    assert not decision.active and decision.changed and decision.leader.node_id == "a"
-    b.heard(info("a", priority=1, active=True, epoch=7), 3.5)
+    assert not decision.coordinator and decision.changed and decision.follow.node_id == "a"
+    b.heard(info("a", priority=1, coordinator=True, epoch=7), 3.5)
     assert not b.decide(3.5).changed

@@ -137,7 +137,7 @@ def test_engine_error_is_a_500_at_once_not_retried(cluster: Cluster) -> None:
     assert info.value.status_code == 500
     assert "synthetic engine error" in info.value.body["message"]
     (route,) = cluster.control("routes", last=1)
-    assert route["retries"] == 0 and route["outcome"] == "failed"
+    assert route.retries == 0 and route.outcome == "failed"
 
 
 def test_no_broker_is_a_503_after_the_grace_period(tmp_path) -> None:
@@ -181,7 +181,7 @@ def test_a_request_past_its_deadline_is_a_504_and_frees_its_slot(tmp_path) -> No
         assert "1 s" in error["message"]
         assert time.monotonic() - started < 30
         wait_for("the expired job to leave its worker",
-                 lambda: c.workers()[0]["in_flight"] == 0, timeout=10)
+                 lambda: c.workers()[0].running == 0, timeout=10)
     finally:
         c.close()
 

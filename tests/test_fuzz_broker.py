@@ -158,7 +158,7 @@ EXTREMES = [
 def test_broker_survives_hostile_frames_while_serving(node: tuple[Cluster, str]) -> None:
     cluster, url = node
     (worker,) = cluster.workers()
-    before = sum(cluster.control("status")["rejected"].values())
+    before = sum(cluster.control("status").rejected.values())
     broker = cluster.procs[0]
     sockets = Sockets(cluster.ctx, cluster.endpoint)
     started = time.monotonic()
@@ -180,7 +180,7 @@ def test_broker_survives_hostile_frames_while_serving(node: tuple[Cluster, str])
     finally:
         sockets.close()
     status = cluster.control("status")
-    rejected = status["rejected"]
+    rejected = status.rejected
     print(f"\n{sockets.sent} hostile messages in {time.monotonic() - started:.1f} s, "
           f"{traffic.done} real requests ({during} during), rejected: {rejected}")
     assert broker.alive()
@@ -188,4 +188,4 @@ def test_broker_survives_hostile_frames_while_serving(node: tuple[Cluster, str])
     assert during > 0, "no real request completed while the fuzzer ran"
     assert "handler_error" not in rejected, rejected
     assert sum(rejected.values()) - before >= sockets.sent // 2, rejected
-    assert worker["worker_id"] in {w["worker_id"] for w in status["workers"]}
+    assert worker.worker_id in {w.worker_id for w in status.workers}

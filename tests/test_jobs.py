@@ -46,7 +46,7 @@ def test_a_job_waits_for_a_free_slot_and_runs_when_one_frees() -> None:
     sends = t.worker_message(b"w", p.Final(job_id="a/0", finish_reason="stop"), 1.0)
     assert [type(m) for m in to_gateway(sends)] == [p.Final, p.Accepted]
     assert jobs_to(sends) == {"b/0": "w"}
-    assert [r["outcome"] for r in t.routes] == ["ok", "running"]
+    assert [r.outcome for r in t.routes] == ["ok", "running"]
 
 
 def test_unknown_model_is_refused_at_once_naming_what_exists() -> None:
@@ -132,7 +132,7 @@ def test_a_worker_lost_mid_stream_fails_the_job_for_the_gateway_to_resume(how: s
     (fail,) = to_gateway(sends)
     assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
     assert "after 2 tokens" in fail.error and jobs_to(sends) == {}
-    assert t.jobs == {} and t.routes[-1]["outcome"] == "worker_lost"
+    assert t.jobs == {} and t.routes[-1].outcome == "worker_lost"
 
 
 def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> None:
@@ -142,7 +142,7 @@ def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> No
     submit(t, "b")
     (cancel,) = [m for _, _, m in t.cancel(GW, "a")]
     assert isinstance(cancel, p.Cancel) and cancel.job_id == "a/0"
-    assert t.workers[b"w"].in_flight == {"a"}  # not before the worker stops
+    assert t.workers[b"w"].running == {"a"}  # not before the worker stops
     sends = t.worker_message(b"w", p.Fail(job_id="a/0", error="cancelled", retryable=True,
                                           code=p.ErrorCode.CANCELLED), 1.0)
     assert to_gateway(sends) == [p.Accepted(job_id="b", node_id="w", worker_id="w",

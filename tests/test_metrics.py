@@ -44,7 +44,7 @@ def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
     before = scrape(url)
     assert value(before, "mlx_stack_broker_up") == 1
     assert value(before, "mlx_stack_broker_epoch") >= 1
-    assert value(before, "mlx_stack_broker_role", node="node-a", role="active") == 1
+    assert value(before, "mlx_stack_broker_role", node="node-a", role="coordinator") == 1
     assert value(before, "mlx_stack_workers", model="syn", state="idle") == 2
     assert value(before, "mlx_stack_queue_depth", model="syn") == 0
     assert value(before, "mlx_stack_requests_total", model="syn", status="200") == 0

@@ -113,7 +113,7 @@ def test_models_lists_id_and_aliases(client: openai.OpenAI) -> None:
 
 def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> None:
     cluster, url = model_node
-    before = cluster.workers()[0]["counters"]
+    before = cluster.workers()[0].counters
     max_tokens = 400
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
             "model": "fast", "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
@@ -126,7 +126,7 @@ def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> 
     # Closing the response disconnects the client mid-stream.
 
     def cancelled() -> dict | None:
-        counters = cluster.workers()[0]["counters"]
+        counters = cluster.workers()[0].counters
         gone = counters.get("jobs_cancelled", 0) > before.get("jobs_cancelled", 0)
         return counters if gone else None
 

@@ -83,25 +83,25 @@ def start_nodes(mesh: HostMesh) -> dict[str, str]:
 
 @pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
 def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
-    leader = wait_for("one coordinator", mesh.coordinator, timeout=20)
-    assert leader["node_id"] == "node-a"
-    assert {p["node_id"] for p in leader["peers"]} == {"node-b", "node-c"}
+    coordinator = wait_for("one coordinator", mesh.coordinator, timeout=20)
+    assert coordinator.node_id == "node-a"
+    assert {p.node_id for p in coordinator.peers} == {"node-b", "node-c"}
     start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
-             lambda: len(mesh.status("node-a")["workers"]) == 6, timeout=30)
+             lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
 
 
 def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
     wait_for("one coordinator over mDNS", mesh.coordinator, timeout=20)
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
-             lambda: len(mesh.status("node-a")["workers"]) == 6, timeout=30)
+             lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
     report = kill_coordinator_under_streams(
         mesh, [urls["node-b"], urls["node-c"]], streams=100, tokens=60)
     print("hosts: kill -> first resumed token (heartbeat 0.5 s):", report)
     assert report["max_s"] <= 5.0, report
-    leader = wait_for("a new coordinator", mesh.coordinator, timeout=10)
-    assert leader["node_id"] == "node-b" and leader["epoch"] >= 2
+    coordinator = wait_for("a new coordinator", mesh.coordinator, timeout=10)
+    assert coordinator.node_id == "node-b" and coordinator.epoch >= 2
 
 
 
@@ -124,7 +124,7 @@ from common.control import ControlClient
 from common.meshkeys import load_keys
 settings = Settings.load()
 status = ControlClient(sys.argv[1], settings, load_keys(settings.home)).ask("status")
-print(status["role"] if status else "")
+print(status.role if status else "")
 """
 
 
@@ -144,7 +144,7 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
     fails."""
     wait_for("one coordinator", mesh.coordinator, timeout=20)
     start_nodes(mesh)
-    wait_for("6 workers at node-a", lambda: len(mesh.status("node-a")["workers"]) == 6,
+    wait_for("6 workers at node-a", lambda: len(mesh.status("node-a").workers) == 6,
              timeout=30)
 
     def client(node: str, seconds: float) -> subprocess.Popen[str]:
@@ -154,14 +154,14 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
 
     clients = {node: client(node, 14) for node in ("node-a", "node-c")}
     mesh.hosts.link("node-c", up=False)
-    wait_for("node-c coordinating its side", lambda: role_inside(mesh, "node-c") == "active",
+    wait_for("node-c coordinating its side", lambda: role_inside(mesh, "node-c") == "coordinator",
              timeout=15)
-    assert mesh.status("node-a")["role"] == "active"  # both sides have a coordinator
+    assert mesh.status("node-a").role == "coordinator"  # both sides have a coordinator
     apart = time.monotonic()
     wait_for("3 s apart", lambda: time.monotonic() - apart > 3, every=0.5)
     mesh.hosts.link("node-c", up=True)
-    leader = wait_for("one coordinator again", mesh.coordinator, timeout=20)
-    assert leader["node_id"] == "node-a"
+    coordinator = wait_for("one coordinator again", mesh.coordinator, timeout=20)
+    assert coordinator.node_id == "node-a"
     results = {node: json.loads(proc.communicate(timeout=90)[0])
                for node, proc in clients.items()}
     for node, served in results.items():

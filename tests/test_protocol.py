@@ -15,7 +15,7 @@ def frames(tag: bytes, command: int, body: object) -> list[bytes]:
 def test_round_trip_every_message() -> None:
     samples = [
         p.Ready(worker_id="w", node_id="n", model_id="m", aliases=["fast"], slots=2),
-        p.Heartbeat(active=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1}),
+        p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1}),
         p.Partial(job_id="j", seq=0, token_ids=[1, 2], text="hi"),
         p.Final(job_id="j", finish_reason="stop", usage={"prompt_tokens": 3}),
         p.Fail(job_id="j", error="boom", retryable=True),
@@ -38,8 +38,8 @@ def test_round_trip_every_message() -> None:
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\xc1"], "undecodable"),
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x92\x01\x02"], "not a map"),
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 1)], "exceeds"),
-    (frames(p.WORKER, p.Command.HEARTBEAT, {"active": "1"}), "bad type"),
-    (frames(p.WORKER, p.Command.HEARTBEAT, {"active": True}), "bad type"),
+    (frames(p.WORKER, p.Command.HEARTBEAT, {"running": "1"}), "bad type"),
+    (frames(p.WORKER, p.Command.HEARTBEAT, {"running": True}), "bad type"),
     (frames(p.WORKER, p.Command.HEARTBEAT, {"bogus": 1}), "unknown field"),
     (frames(p.WORKER, p.Command.PARTIAL, {"job_id": "j", "seq": 0, "token_ids": ["a"],
                                           "text": ""}), "bad type"),
@@ -72,7 +72,7 @@ def submit(request: object) -> list[bytes]:
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 1)], "oversize"),
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x91" * 2000 + b"\xc0"], "undecodable"),
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\xd4\x05\x01"], "undecodable"),  # ext
-    ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x81\xa6active"], "undecodable"),
+    ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x81\xa7running"], "undecodable"),
     ([p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x01"], "not_a_map"),
     (submit({"kind": "chat", "messages": nested(p.MAX_DEPTH)}), "too_deep"),
     (submit({"kind": msgpack.Timestamp(1)}), "bad_type"),
@@ -83,7 +83,7 @@ def submit(request: object) -> list[bytes]:
     (frames(p.WORKER, p.Command.HEARTBEAT, {"tokens_per_s": float("nan")}), "bad_value"),
     (frames(p.PEER, p.Command.ANNOUNCE, {"node_id": "n", "endpoint": "e",
                                         "started": float("inf")}), "bad_value"),
-    (frames(p.WORKER, p.Command.HEARTBEAT, {"active": 1.5}), "bad_type"),
+    (frames(p.WORKER, p.Command.HEARTBEAT, {"running": 1.5}), "bad_type"),
     (frames(p.WORKER, p.Command.HEARTBEAT, {"bogus": 1}), "unknown_field"),
     (frames(p.WORKER, p.Command.PARTIAL, {"job_id": "j"}), "missing_field"),
 ])

@@ -40,8 +40,8 @@ def test_a_burst_of_60_splits_evenly_over_3_equal_workers(cluster: Cluster) -> N
     assert set(counts) == {"node-a", "node-b", "node-c"}
     assert max(counts.values()) - min(counts.values()) <= 2, counts  # each 20 +- 1
     routes = cluster.control("routes", last=60)
-    assert len(routes) == 60 and all(len(r["candidates"]) == 3 for r in routes)
-    assert all(r["outcome"] == "ok" for r in routes)
+    assert len(routes) == 60 and all(len(r.candidates) == 3 for r in routes)
+    assert all(r.outcome == "ok" for r in routes)
 
 
 def test_less_free_memory_gets_less_work(cluster: Cluster) -> None:
@@ -70,7 +70,7 @@ def test_the_remote_penalty_only_breaks_ties(cluster: Cluster) -> None:
                 "model": "syn", "max_tokens": 60,
                 "messages": [{"role": "user", "content": "long"}]}))
             await asyncio.to_thread(wait_for, "the long job to be dispatched",
-                                    lambda: sum(w["in_flight"] for w in cluster.workers()) == 1,
+                                    lambda: sum(w.running for w in cluster.workers()) == 1,
                                     10)
             short = await client.post(f"{url}/v1/chat/completions", json={
                 "model": "syn", "max_tokens": 2,
@@ -87,8 +87,7 @@ def test_routing_history_has_scores_choice_and_wait(cluster: Cluster) -> None:
     routes = cluster.control("routes", last=5)
     assert len(routes) == 3
     for route in routes:
-        assert {"job_id", "model", "candidates", "worker_id", "node_id", "queue_wait_ms",
-                "retries", "outcome"} <= route.keys()
-        assert route["model"] == "syn" and route["outcome"] == "ok"
-        assert route["candidates"][0]["score"] >= 0
-    assert max(r["queue_wait_ms"] for r in routes) > 100  # the third waited for a slot
+        assert route.job_id and route.worker_id.startswith(route.node_id) and route.retries == 0
+        assert route.model == "syn" and route.outcome == "ok"
+        assert route.candidates[0].score >= 0
+    assert max(r.queue_wait_ms for r in routes) > 100  # the third waited for a slot

@@ -32,7 +32,7 @@ def assign(chooser: Chooser, workers: list[WorkerState], jobs: int, origin: str
     for n in range(jobs):
         chosen, _ = chooser.choose(workers, origin)
         assert chosen is not None
-        chosen.in_flight.add(f"job-{n}")
+        chosen.running.add(f"job-{n}")
         counts[chosen.info.node_id] += 1
     return counts
 
@@ -64,7 +64,7 @@ def test_the_remote_penalty_never_outweighs_one_job() -> None:
     """The local worker runs one job more: the next goes to the idle remote one
     (W_REMOTE x 100 would keep it local)."""
     local, remote = worker("local"), worker("remote")
-    local.in_flight.add("running")
+    local.running.add("running")
     chosen, scored = Chooser().choose([local, remote], "local")
     assert chosen is remote
     assert [round(s, 4) for _, s in scored] == [0.225, 0.135]
@@ -72,6 +72,6 @@ def test_the_remote_penalty_never_outweighs_one_job() -> None:
 
 def test_a_full_worker_is_never_chosen() -> None:
     full, other = worker("full", slots=1), worker("other", mem_free_gib=0.1)
-    full.in_flight.add("running")
+    full.running.add("running")
     chosen, scored = Chooser().choose([full, other], "full")
     assert chosen is other and [w for w, _ in scored] == [other]

@@ -69,13 +69,13 @@ def test_strangers_cannot_coordinate_serve_or_register(mesh: Mesh, tmp_path: Pat
     mesh.start("worker", *SYN, node="node-b")
     url = mesh.gateway(node="node-b")
 
-    leader = wait_for("node-a to coordinate", mesh.coordinator, timeout=20)
-    assert leader["node_id"] == "node-a"
-    wait_for("both members' workers", lambda: len(mesh.status("node-a")["workers"]) == 2,
+    coordinator = wait_for("node-a to coordinate", mesh.coordinator, timeout=20)
+    assert coordinator.node_id == "node-a"
+    wait_for("both members' workers", lambda: len(mesh.status("node-a").workers) == 2,
              timeout=30)
     # The rogues are in every member's static peers: their attempts are refused.
     wait_for("member brokers to refuse the rogues", lambda: all(
-        mesh.status(n)["counters"].get("handshake_refused", 0) > 0
+        mesh.status(n).counters.get("handshake_refused", 0) > 0
         for n in ("node-a", "node-b")), timeout=20)
 
     served = {chat(url).headers["x-mlx-stack-node"] for _ in range(20)}
@@ -83,8 +83,8 @@ def test_strangers_cannot_coordinate_serve_or_register(mesh: Mesh, tmp_path: Pat
 
     for node in ("node-a", "node-b"):
         status = mesh.status(node)
-        assert {p["node_id"] for p in status["peers"]} <= {"node-a", "node-b"}, status
-        assert all(w["node_id"] in ("node-a", "node-b") for w in status["workers"])
+        assert {p.node_id for p in status.peers} <= {"node-a", "node-b"}, status
+        assert all(w.node_id in ("node-a", "node-b") for w in status.workers)
     for node, env in rogues.items():
         settings = Settings.load(home=Path(env["MLX_STACK_HOME"]))
         rogue = ControlClient(mesh.broker_endpoint(node), settings,
@@ -94,23 +94,23 @@ def test_strangers_cannot_coordinate_serve_or_register(mesh: Mesh, tmp_path: Pat
         finally:
             rogue.close()
         # Alone in their own "meshes": no member peer, no job, only their own worker.
-        assert status["peers"] == [] and routes == [], status
-        assert [w["node_id"] for w in status["workers"]] == [node]
+        assert status.peers == [] and routes == [], status
+        assert [w.node_id for w in status.workers] == [node]
 
 
 def test_a_worker_without_the_secret_cannot_register(cluster_with_secret: Cluster,
                                                      tmp_path: Path) -> None:
     c = cluster_with_secret
     for name, secret in (("no-secret", None), ("foreign", new_secret())):
-        refused = c.control("status")["counters"].get("handshake_refused", 0)
+        refused = c.control("status").counters.get("handshake_refused", 0)
         worker = c.start("worker", *SYN, node=name, env=rogue_home(tmp_path, name, secret))
         wait_for(f"the broker to refuse the {name} worker", lambda r=refused: c.control(
-            "status")["counters"].get("handshake_refused", 0) > r, timeout=20)
+            "status").counters.get("handshake_refused", 0) > r, timeout=20)
         # ... and the worker says why, and what to do.
         wait_for(f"the {name} worker to explain", lambda w=worker: "mesh enable --join" in
                  w.output(), timeout=20)
     c.worker(*SYN, node="member")  # a member registers through the same port meanwhile
-    assert [w["node_id"] for w in c.workers()] == ["member"]
+    assert [w.node_id for w in c.workers()] == ["member"]
 
 
 def test_zap_turns_away_a_client_that_knows_only_the_public_key(
@@ -124,7 +124,7 @@ def test_zap_turns_away_a_client_that_knows_only_the_public_key(
     sock.connect(c.endpoint)
     try:
         sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id="x", op="status")))
-        wait_for("ZAP to refuse the impostor", lambda: c.control("status")["counters"].get(
+        wait_for("ZAP to refuse the impostor", lambda: c.control("status").counters.get(
             "handshake_refused", 0) >= 1, timeout=10)
         assert not sock.poll(500)  # and nothing came back to it
     finally:
@@ -257,9 +257,9 @@ def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
                                       env=rogue_home(tmp_path, "other-mesh", other))
         m.start_broker("node-a")
         m.start_broker("node-b")
-        leader = wait_for("node-a and node-b to find each other", m.coordinator, timeout=20)
-        assert leader["node_id"] == "node-a"
-        assert [p["node_id"] for p in leader["peers"]] == ["node-b"]
+        coordinator = wait_for("node-a and node-b to find each other", m.coordinator, timeout=20)
+        assert coordinator.node_id == "node-a"
+        assert [p.node_id for p in coordinator.peers] == ["node-b"]
 
         def advert_of_c() -> ServiceInfo | None:
             return zc.get_service_info(SERVICE, f"node-c.{SERVICE}", timeout=1000)
@@ -267,7 +267,7 @@ def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
         info = wait_for("node-c's mDNS record", advert_of_c, timeout=20)
         assert info.properties[b"mesh"].decode() == MeshKeys.from_secret(other).mesh_id
         assert info.properties[b"mesh"].decode() != m.keys.mesh_id  # type: ignore[union-attr]
-        assert [p["node_id"] for p in m.status("node-a")["peers"]] == ["node-b"]
+        assert [p.node_id for p in m.status("node-a").peers] == ["node-b"]
     finally:
         zc.close()
         close_and_report(m, request.node)

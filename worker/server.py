@@ -58,7 +58,7 @@ class Worker:
         self.aliases = aliases
         self.ctx = ctx or zmq.Context.instance()
         self.worker_id = f"{settings.node_id}-{engine.model_id}-{uuid.uuid4().hex[:6]}"
-        self.active: set[str] = set()
+        self.running: set[str] = set()
         """Jobs handed to the batch loop whose FINAL or FAIL has not been sent yet."""
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
@@ -150,12 +150,12 @@ class Worker:
                     counters = dict(self.counters)
                 tokens = counters.get("tokens_generated", 0)
                 self._send(p.Heartbeat(
-                    active=len(self.active), mem_free=self.memory()[1],
+                    running=len(self.running), mem_free=self.memory()[1],
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
                     kv_bytes=self.engine.kv_bytes,
                     counters={**counters, **self.engine.counters}))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
-        self._send(p.Disconnect())
+        self._send(p.Disconnect(reason=p.Reason.LEAVING))
         self._abandon_jobs()
         self.batch.put(None)
         batch.join(STOP_TIMEOUT)
@@ -179,10 +179,10 @@ class Worker:
         self.max_epoch = msg.epoch
         match msg:
             case p.Job():
-                self.active.add(msg.job_id)
+                self.running.add(msg.job_id)
                 self.batch.put(msg)
             case p.Cancel():
-                if msg.job_id in self.active:
+                if msg.job_id in self.running:
                     self.batch.put(msg)
             case p.Redirect() if msg.endpoint != self.broker.current:
                 self.broker.redirect(msg.endpoint)
@@ -200,12 +200,12 @@ class Worker:
             if isinstance(msg, p.Partial):
                 tokens += len(msg.token_ids)
             elif isinstance(msg, p.Final | p.Fail):
-                self.active.discard(msg.job_id)
+                self.running.discard(msg.job_id)
             self._send(msg)
         if tokens:
             self._count("tokens_generated", tokens)
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""
-        for job_id in self.active:
+        for job_id in self.running:
             self.batch.put(p.Cancel(job_id=job_id))

@@ -1,0 +1,142 @@
+"""What a broker reports over CONTROL, as typed records.
+
+The broker builds these, sends them as plain maps (:func:`plain`), and every reader (the
+``mlx-stack mesh`` commands, the gateway's ``/metrics``, ``/v1/models`` and dashboard,
+the tests) decodes them with :func:`common.plain.from_dict`, checked field by field like
+every message on the wire. A field renamed here is renamed for all of them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+COORDINATOR = "coordinator"
+STANDBY = "standby"
+"""The two roles of a broker."""
+
+
+@dataclass(kw_only=True, slots=True)
+class WorkerStatus:
+    """A registered worker, as its broker sees it."""
+
+    worker_id: str
+    node_id: str
+    model_id: str
+    aliases: list[str] = field(default_factory=list)
+    engine: str = "mlx"
+    slots: int = 1
+    running: int = 0
+    """Jobs the broker dispatched to it that have not ended: the broker's own count, which
+    routing uses, updated at dispatch time rather than at the next heartbeat."""
+    reported_running: int = 0
+    """The jobs running by the worker's last heartbeat (differs from ``running`` while a
+    JOB or FINAL is on the wire)."""
+    mem_total: int = 0
+    mem_free: int = 0
+    model_bytes: int = 0
+    tokens_per_s: float = 0.0
+    kv_bytes: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    last_heartbeat_s: float = 0.0
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a request may use for this worker's model."""
+        return (self.model_id, *self.aliases)
+
+    @property
+    def state(self) -> str:
+        """idle (no job), busy (jobs and a free slot) or full (every slot in use)."""
+        if self.running == 0:
+            return "idle"
+        return "full" if self.running >= self.slots else "busy"
+
+
+WORKER_STATES = ("idle", "busy", "full")
+
+
+@dataclass(kw_only=True, slots=True)
+class PeerStatus:
+    """Another broker heard from recently."""
+
+    node_id: str
+    endpoint: str
+    coordinator: bool = False
+    epoch: int = 0
+    priority: int = 0
+    last_seen_s: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class BrokerStatus:
+    """The answer to CONTROL ``status``: one broker, its peers and what it serves."""
+
+    node_id: str
+    endpoint: str
+    role: str
+    """:data:`COORDINATOR` or :data:`STANDBY`."""
+    coordinator: str
+    """Endpoint of the coordinator this broker knows (its own when it coordinates, "" when
+    a standby knows none yet)."""
+    epoch: int
+    priority: int = 0
+    peers: list[PeerStatus] = field(default_factory=list)
+    uptime_s: float = 0.0
+    workers: list[WorkerStatus] = field(default_factory=list)
+    queues: dict[str, int] = field(default_factory=dict)
+    """Jobs waiting for a free slot, by requested model name (empty queues left out)."""
+    jobs: int = 0
+    gateways: int = 0
+    counters: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    """Frames dropped, by reason (common/plain.py's and the broker's own)."""
+
+    @property
+    def coordinating(self) -> bool:
+        return self.role == COORDINATOR
+
+
+@dataclass(kw_only=True, slots=True)
+class Candidate:
+    """A worker that could take a job, with its routing score (lower wins)."""
+
+    worker_id: str
+    node_id: str
+    score: float
+
+
+@dataclass(kw_only=True, slots=True)
+class Route:
+    """One routing decision of the coordinator, for ``mlx-stack mesh routes``."""
+
+    job_id: str
+    request_id: str = ""
+    model: str
+    outcome: str = "running"
+    """running, then final, failed, cancelled, lost or expired."""
+    retries: int = 0
+    time: float = 0.0
+    """Wall-clock time of the first dispatch (seconds since the epoch)."""
+    worker_id: str = ""
+    node_id: str = ""
+    queue_wait_ms: float = 0.0
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelEntry:
+    """A name a request may use (a model id or an alias) and what it resolves to."""
+
+    id: str
+    model_id: str
+    engine: str = "mlx"
+    workers: int = 0
+
+
+def plain(record: Any) -> Any:
+    """A record, or a list of records, as the plain maps a CONTROL reply carries."""
+    if isinstance(record, list):
+        return [plain(r) for r in record]
+    return dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record
