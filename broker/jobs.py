@@ -256,7 +256,8 @@ class JobTable:
             return
         job.retries += 1
         self.counters["redispatched"] += 1
-        log_event(log, "job_redispatched", job=job.submit.job_id, reason=reason)
+        log_event(log, "job_redispatched", request=job.submit.request_id, job=job.submit.job_id,
+                  reason=reason)
         self.queues[job.submit.model].appendleft(job.submit.job_id)
 
     def _cancel(self, gateway: bytes, job_id: str) -> None:
@@ -294,7 +295,8 @@ class JobTable:
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.running.add(submit.job_id)
         if job.route is None:
-            job.route = Route(job_id=submit.job_id, model=submit.model, time=time.time())
+            job.route = Route(job_id=submit.job_id, request_id=submit.request_id,
+                              model=submit.model, time=time.time())
             self.routes.append(job.route)
         route = job.route
         route.retries = job.retries
@@ -302,8 +304,10 @@ class JobTable:
                                       score=round(s, 4)) for w, s in scored]
         route.worker_id, route.node_id = worker.info.worker_id, worker.info.node_id
         route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
+        log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,
+                  job=job.dispatch_id, worker=worker.info.worker_id)
         self._send(worker.identity, p.WORKER, p.Job(
-            job_id=job.dispatch_id, request=submit.request,
+            job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
         if job.gateway is not None:
             self._send(job.gateway, p.GATEWAY, p.Accepted(

@@ -183,6 +183,8 @@ class Job(Message):
     COMMAND: ClassVar[Command] = Command.JOB
     job_id: str
     request: dict[str, Any]
+    request_id: str = ""
+    """The HTTP request's id (``x-request-id``), for logs."""
     resume_token_ids: list[int] = field(default_factory=list)
     resume_text: str = ""
 
@@ -208,6 +210,9 @@ class Submit(Message):
     job_id: str
     model: str
     request: dict[str, Any]
+    request_id: str = ""
+    """The HTTP request's id (``x-request-id``), the same for every attempt: it names the
+    request in the logs of the gateway, the broker and the worker, and in the route log."""
     node_id: str = ""
     resume_token_ids: list[int] = field(default_factory=list)
     resume_text: str = ""

@@ -8,11 +8,10 @@ get their real HTTP status and every response names the node and worker that ser
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -20,20 +19,20 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from common import protocol as p
 from common.config import Settings
-from common.logs import log_event
 from common.status import ModelEntry
 from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
-from gateway.client import BrokerClient, JobError
+from gateway.client import BrokerClient, JobError, Served
+from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.shaping import Completion, collect, headers, sse
 
 T = TypeVar("T")
-log = logging.getLogger("gateway")
 
 
 class ClientGone(Exception):
@@ -60,53 +59,29 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
-class Completion:
-    """Shapes chunks and bodies of one chat or text completion, OpenAI style."""
+class SlotStream(EventSourceResponse):
+    """The SSE response of a streamed completion: it holds its client's stream slot and
+    frees it when the response is over, however it ends (finished, failed, client gone)."""
 
-    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
-        self.chat = chat
-        self.include_usage = include_usage
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.model = model
+    def __init__(self, events: AsyncIterator[bytes], slot: StreamSlot,
+                 headers: dict[str, str]) -> None:
+        super().__init__(events, sep="\n", headers=headers)
+        self.slot = slot
 
-    def _envelope(self, chunk: bool) -> dict[str, Any]:
-        kind = "chat.completion" if self.chat else "text_completion"
-        obj = f"{kind}.chunk" if chunk and self.chat else kind
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": None}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
-        if self.chat:
-            delta: dict[str, Any] = {"role": "assistant"} if role else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None,
-                      "finish_reason": finish_reason}
-        usage = {"usage": None} if self.include_usage else {}
-        return {**self._envelope(chunk=True), "choices": [choice], **usage}
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._envelope(chunk=True), "choices": [], "usage": usage}
-
-    def body(self, text: str, finish_reason: str, usage: dict[str, int]) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0, "logprobs": None, "finish_reason": finish_reason,
-                "message": {"role": "assistant", "content": text, "refusal": None}}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": finish_reason}
-        return {**self._envelope(chunk=False), "choices": [choice], "usage": usage}
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
 
 
-def served_by(accepted: p.Accepted) -> dict[str, str]:
-    """Response headers naming where a request ran."""
-    return {"x-mlx-stack-node": accepted.node_id, "x-mlx-stack-worker": accepted.worker_id}
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id_of(request: Request) -> str:
+    """The client's ``x-request-id`` when it sent a plain one, else a new id."""
+    given = request.headers.get("x-request-id", "")
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -135,38 +110,37 @@ def create_app(settings: Settings) -> FastAPI:
         refusal = limits.check_request(settings, body, generation)
         if refusal is not None:
             return refusal
-        release = None
+        slot = None
         if body.stream:
             peer = request.client.host if request.client else "unknown"
-            release = streams.acquire(peer)
-            if release is None:
+            slot = streams.acquire(peer)
+            if slot is None:
                 return streams.refusal(peer)
         response: Any = None
         try:
-            response = await answer(request, body, generation, chat, release)
+            response = await answer(request, body, generation, chat, slot)
         finally:
-            if release is not None and not isinstance(response, EventSourceResponse):
-                release()  # no stream opened (an error, or the client left)
+            if slot is not None and not isinstance(response, SlotStream):
+                slot.release()  # no stream opened (an error, or the client left)
         return response
 
     async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest,
                      generation: p.GenerationRequest, chat: bool,
-                     release: Callable[[], None] | None) -> Any:
-        """Run the job; a streamed answer calls ``release`` when its stream is over."""
-        events = metrics.observe(request, body.model, client.run(body.model, generation))
+                     slot: StreamSlot | None) -> Any:
+        """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
+        request_id = request_id_of(request)
+        events = metrics.observe(request, body.model,
+                                 client.run(body.model, generation, request_id))
         try:
-            accepted = await until_disconnect(request, anext(events))
-            assert isinstance(accepted, p.Accepted)
-            shape = Completion(chat, accepted.model_id, body.include_usage)
-            if release is not None:
-                return EventSourceResponse(stream(events, shape, release), sep="\n",
-                                           headers=served_by(accepted),
-                                           background=BackgroundTask(call_async, release))
-            text, final = await until_disconnect(request, collect(events))
+            served = await until_disconnect(request, anext(events))
+            assert isinstance(served, Served)
+            shape = Completion(chat, request_id, served.model_id, body.include_usage)
+            if slot is not None:
+                return SlotStream(sse(events, shape), slot, headers(request_id, served))
+            text, done = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.body(text, final.finish_reason, final.usage),
-                            headers=served_by(accepted))
+        return JSONResponse(shape.body(text, done), headers=headers(request_id, served))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
 
@@ -230,55 +204,3 @@ def create_app(settings: Settings) -> FastAPI:
 
     return app
 
-
-async def call_async(fn: Callable[[], None]) -> None:
-    """``fn`` as a background task run on the loop: Starlette runs a sync one in a worker
-    thread, a thread hop per streamed request for a counter decrement."""
-    fn()
-
-
-async def collect(events: AsyncIterator[p.Message]) -> tuple[str, p.Final]:
-    """Join a job's PARTIALs into the whole text."""
-    parts: list[str] = []
-    async for msg in events:
-        if isinstance(msg, p.Partial):
-            parts.append(msg.text)
-        elif isinstance(msg, p.Final):
-            return "".join(parts), msg
-    raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
-
-
-async def stream(events: AsyncIterator[p.Message], shape: Completion,
-                 release: Callable[[], None]) -> AsyncIterator[bytes]:
-    """SSE events of a streamed completion; a late failure becomes an error event.
-
-    Events are yielded as encoded bytes (sse-starlette passes bytes through untouched),
-    and the last chunk, the usage chunk and ``[DONE]`` leave in one write. ``release``
-    frees the client's stream slot when the stream ends, however it ends.
-    """
-
-    def data(obj: dict[str, Any]) -> bytes:
-        return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
-
-    if shape.chat:
-        yield data(shape.chunk("", role=True))
-    try:
-        async for msg in events:
-            if isinstance(msg, p.Partial) and msg.text:
-                yield data(shape.chunk(msg.text))
-            elif isinstance(msg, p.Final):
-                last = data(shape.chunk(None if shape.chat else "", msg.finish_reason))
-                if shape.include_usage:
-                    last += data(shape.usage_chunk(msg.usage))
-                yield last + DONE
-    except JobError as exc:
-        yield data(errors.job_error_body(exc)[1])
-    except Exception as exc:  # the headers are sent: an error event is all that is left
-        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
-        yield data(errors.error_body("internal error while streaming; see the gateway log",
-                                     "server_error", p.ErrorCode.INTERNAL))
-    finally:
-        release()
-
-
-DONE = b"data: [DONE]\n\n"

@@ -24,21 +24,21 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
 import zmq.asyncio
 
 from common import protocol as p
+from common.brokerlink import BrokerLink
 from common.config import Settings
 from common.control import ControlError, answer, question
 from common.logs import log_event
 from common.meshkeys import load_keys
-from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
 
 log = logging.getLogger("gateway")
 
-DRAIN = 1000
 RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
 
 
@@ -49,6 +49,35 @@ class JobError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A job stream's first event: where the request runs (the first worker that took it)."""
+
+    node_id: str
+    worker_id: str
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """More output: ``text`` and how many tokens it holds."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A job stream's last event: why generation stopped, and the token counts."""
+
+    finish_reason: str
+    usage: dict[str, int]
+
+
+JobEvent = Served | Piece | Done
+"""What :meth:`BrokerClient.run` yields: one Served, Pieces, one Done."""
 
 
 class _Lost:
@@ -103,15 +132,12 @@ class BrokerClient:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ctx = zmq.asyncio.Context.instance()
-        self.sock: zmq.asyncio.Socket | None = None
+        self.link = BrokerLink(settings, p.GATEWAY, load_keys(settings.home), p.Heartbeat,
+                               zmq.asyncio.Context.instance())
         self.streams: dict[str, _Inbox] = {}
         self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
-        self.heard = 0.0
         self.up = asyncio.Event()
         """Set while the broker answers; requests wait on it (up to the grace period)."""
-        self.session = ""
-        self.max_epoch = 0
         self.counters: dict[str, int] = {"broker_lost": 0}
         self.failovers: collections.Counter[str] = collections.Counter()
         """Requests resubmitted, by kind: ``mid_stream`` (the worker was lost after output
@@ -120,11 +146,8 @@ class BrokerClient:
         missing). Re-dispatches before the first token happen inside the broker and are
         counted there."""
         self._tasks: list[asyncio.Task[None]] = []
-        self._reconnect = False
-        self.broker = BrokerChoice(settings.broker_candidates)
-        self.monitor: zmq.asyncio.Socket | None = None
-        self.connected_at = 0.0
-        self.keys = load_keys(settings.home)
+        self._move_to: tuple[str, str] | None = None
+        """(reason, endpoint or "") of a move to another broker, for the reader to make."""
 
     async def start(self) -> None:
         self._connect()
@@ -136,33 +159,19 @@ class BrokerClient:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.sock is not None and self.monitor is not None:
-            self._send(p.Disconnect(reason=p.Reason.LEAVING))
-            close_watched(self.sock, self.monitor, linger=100)
+        if self.link.sock is not None:
+            self.link.send(p.Disconnect(reason=p.Reason.LEAVING))
+            self.link.close()
 
-    def _connect(self) -> None:
-        if self.sock is not None and self.monitor is not None:
-            close_watched(self.sock, self.monitor)
-        self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
-        self.monitor = watch_disconnects(self.sock)
-        self.sock.connect(self.broker.current)
+    def _connect(self, reason: str = "", to: str = "") -> None:
+        """Open the link (first call) or move it; the reader's poller follows."""
+        if self.link.sock is None:
+            self.link.connect()
+        else:
+            self.link.reconnect(reason, to)
         self.poller = zmq.asyncio.Poller()
-        self.poller.register(self.sock, zmq.POLLIN)
-        self.poller.register(self.monitor, zmq.POLLIN)
-        self.session = ""  # a new broker's first heartbeat is not a restart
-        self.max_epoch = 0  # fencing holds per connection: a restarted lone broker counts
-        # from 1 again, and its clients must not ignore it for ever
-        self.connected_at = time.monotonic()
-        # The same socket, synchronous: drains ready frames without a future per frame.
-        self._drain = zmq.Socket.shadow(self.sock.underlying)
-        self._send(p.Heartbeat())  # so the broker answers (and we know it) at once
-
-    def _send(self, msg: p.Message) -> None:
-        """Send without blocking; with no broker connected the frame is dropped (jobs are
-        resubmitted when the broker is back)."""
-        assert self.sock is not None
-        with contextlib.suppress(zmq.Again):
-            self.sock.send_multipart(p.encode(p.GATEWAY, msg), zmq.NOBLOCK)
+        self.poller.register(self.link.sock, zmq.POLLIN)
+        self.poller.register(self.link.monitor, zmq.POLLIN)
 
     async def _await_broker(self, deadline: float) -> None:
         """Wait (up to the grace period, within the deadline) for the broker to answer."""
@@ -173,41 +182,25 @@ class BrokerClient:
             await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_BROKER, (
-                f"no broker answers at {', '.join(self.broker.candidates)}; start one with "
-                "`mlx-stack up` or `mlx-stack broker`")) from None
+                f"no broker answers at {', '.join(self.link.broker.candidates)}; start one "
+                "with `mlx-stack up` or `mlx-stack broker`")) from None
 
     # ----------------------------------------------------------------- background
 
     async def _reader(self) -> None:
+        """The one task that reads the link and moves it (it owns the socket)."""
         while True:
-            if self._reconnect:
-                self._reconnect = False
-                self._connect()
+            if self._move_to is not None:
+                (reason, to), self._move_to = self._move_to, None
+                self._connect(reason, to)
             ready = dict(await self.poller.poll(100))
-            if self.monitor in ready and disconnected(self.monitor):
-                self._advance(f"{self.broker.current} closed the connection")
+            if self.link.monitor in ready and self.link.closed():
+                self._move(f"{self.link.endpoint} closed the connection")
                 continue
-            if self.sock not in ready:
-                continue
-            for _ in range(DRAIN):  # drain without awaiting: one wake-up, many frames
-                try:
-                    frames = self._drain.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_frames(frames)
-
-    def _on_frames(self, frames: list[bytes]) -> None:
-        try:
-            _, msg = p.decode(frames, p.FROM_BROKER)
-        except p.ProtocolError as exc:
-            log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
-            return
-        if msg.epoch < self.max_epoch:
-            return
-        self.max_epoch = msg.epoch
-        self.heard = time.monotonic()
-        self.up.set()
-        self._on_message(msg)
+            if self.link.sock in ready:
+                for msg in self.link.receive():
+                    self.up.set()
+                    self._on_message(msg)
 
     def _on_message(self, msg: p.Message) -> None:
         match msg:
@@ -216,16 +209,13 @@ class BrokerClient:
                 if future is not None and not future.done():
                     future.set_result(msg)
             case p.Heartbeat():
-                if msg.session != self.session:
-                    if self.session:
-                        self._lose_broker("broker restarted")
-                    self.session = msg.session
+                if self.link.restarted(msg):
+                    self._lose_broker("broker restarted")
             case p.Disconnect():
-                self._lose_broker("broker disconnected")
+                self._lose_broker(f"broker disconnected ({msg.reason or 'no reason'})")
             case p.Redirect():
-                if msg.endpoint != self.broker.current:
-                    self.broker.redirect(msg.endpoint)
-                    self._move(f"redirected to {msg.endpoint}")
+                if msg.endpoint != self.link.endpoint:
+                    self._move(f"redirected to {msg.endpoint}", to=msg.endpoint)
             case p.Accepted() | p.Partial() | p.Final() | p.Fail():
                 inbox = self.streams.get(msg.job_id)
                 if inbox is not None:
@@ -240,23 +230,17 @@ class BrokerClient:
             # Woken late, this loop itself was stalled (a huge body being parsed, say):
             # the broker's frames wait unread, so its silence is ours. Judge next time.
             stalled = now - slept > 2 * interval
-            last_word = max(self.heard, self.connected_at)
-            if not stalled and now - last_word > self.settings.peer_timeout:
-                self._advance(f"{self.broker.current} silent")
-            self._send(p.Heartbeat())
+            if not stalled and self._move_to is None and self.link.silent(now):
+                self._move(f"{self.link.endpoint} silent")
+            self.link.send(p.Heartbeat())
 
-    def _advance(self, reason: str) -> None:
-        """The broker in use is gone: try the next candidate."""
-        self.broker.advance()
-        self._move(reason)
-
-    def _move(self, reason: str) -> None:
-        """Use ``self.broker.current`` from now on; open jobs are resubmitted there."""
+    def _move(self, reason: str, to: str = "") -> None:
+        """Leave the broker in use (for ``to``, else the next candidate); open jobs are
+        resubmitted to the next one. The reader makes the move: it owns the socket."""
         if self.up.is_set() or self.streams:
             self._lose_broker(reason)
         self.up.clear()
-        self.connected_at = time.monotonic()
-        self._reconnect = True  # done by the reader, which owns the socket
+        self._move_to = (reason, to)
 
     def _lose_broker(self, reason: str) -> None:
         self.up.clear()
@@ -274,12 +258,12 @@ class BrokerClient:
         request_id = msg.request_id
         future: asyncio.Future[p.ControlReply] = asyncio.get_running_loop().create_future()
         self.controls[request_id] = future
-        self._send(msg)
+        self.link.send(msg)
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise JobError(p.ErrorCode.NO_BROKER,
-                           f"the broker at {self.broker.current} did not answer "
+                           f"the broker at {self.link.endpoint} did not answer "
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:
             self.controls.pop(request_id, None)
@@ -288,26 +272,33 @@ class BrokerClient:
         except ControlError as exc:
             raise JobError(p.ErrorCode.INVALID_REQUEST, str(exc)) from None
 
-    async def run(self, model: str, request: p.GenerationRequest) -> AsyncIterator[p.Message]:
-        """Run one request to its end, yielding ACCEPTED, PARTIAL... and FINAL messages.
+    async def run(self, model: str, request: p.GenerationRequest,
+                  request_id: str) -> AsyncIterator[JobEvent]:
+        """Run one request to its end: a job stream of one :class:`Served`, the
+        :class:`Piece` s of output and one :class:`Done`.
 
-        Resubmits lost jobs with resume tokens (see module docstring); the PARTIALs
-        yielded join into one unbroken stream. Raises :class:`JobError` when the request
-        cannot complete. Closing the iterator early cancels the job.
+        Resubmits lost jobs with resume tokens (see module docstring); the pieces join
+        into one unbroken stream whichever workers made them. Raises :class:`JobError`
+        when the request cannot complete. Closing the iterator early cancels the job.
+        ``request_id`` names the request in every process's logs and route records.
         """
         deadline = time.monotonic() + self.settings.request_timeout
         loop_deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         token_ids: list[int] = []
         text: list[str] = []
         attempts = 0
+        served = False
         while True:
             await self._await_broker(deadline)
             job_id = uuid.uuid4().hex
             inbox = self.streams[job_id] = _Inbox(loop_deadline)
+            log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
+                      model=model, attempt=attempts)
             done = False
             try:
-                self._send(p.Submit(
-                    job_id=job_id, model=model, request=request.to_dict(),
+                self.link.send(p.Submit(
+                    job_id=job_id, request_id=request_id, model=model,
+                    request=request.to_dict(),
                     node_id=self.settings.node_id, resume_token_ids=token_ids,
                     resume_text="".join(text), deadline=deadline - time.monotonic(),
                     attempt=attempts))
@@ -330,18 +321,22 @@ class BrokerClient:
                     if isinstance(msg, p.Partial):
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)
-                    done = isinstance(msg, p.Final)
-                    yield msg
-                    if done:
+                        yield Piece(msg.text, len(msg.token_ids))
+                    elif isinstance(msg, p.Accepted) and not served:
+                        served = True
+                        yield Served(msg.node_id, msg.worker_id, msg.model_id)
+                    elif isinstance(msg, p.Final):
+                        done = True
+                        yield Done(msg.finish_reason, msg.usage)
                         return
             finally:
                 del self.streams[job_id]
                 if not done:
-                    self._send(p.Cancel(job_id=job_id))
+                    self.link.send(p.Cancel(job_id=job_id))
             attempts += 1
             if attempts > self.settings.max_retries:
                 raise JobError(p.ErrorCode.WORKER_LOST,
                                f"gave up after {attempts} attempts; last error: {reason}")
             self.failovers[kind] += 1
-            log_event(log, "job_resubmitted", job=job_id, attempt=attempts, kind=kind,
+            log_event(log, "job_resubmitted", request=request_id, attempt=attempts, kind=kind,
                       resume_tokens=len(token_ids), reason=reason)

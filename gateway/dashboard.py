@@ -29,7 +29,7 @@ TIMEOUT = 1.0
 async def snapshot(client: BrokerClient) -> dict[str, Any]:
     """The coordinator, nodes, queues and recent routes, from the broker in use."""
     view: dict[str, Any] = {"gateway": {"node_id": client.settings.node_id,
-                                        "broker": client.broker.current},
+                                        "broker": client.link.endpoint},
                             "up": False, "error": None, "coordinator": None, "nodes": [],
                             "routes": []}
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Callable
 
 import msgpack
 from fastapi.responses import JSONResponse
@@ -73,23 +72,17 @@ class StreamLimit:
         self.limit = limit
         self.open: collections.Counter[str] = collections.Counter()
 
-    def acquire(self, client: str) -> Callable[[], None] | None:
-        """A release function for a new stream of ``client``, or None if it has too many.
-        Release is idempotent: the stream's end and the response's cleanup both call it."""
+    def acquire(self, client: str) -> StreamSlot | None:
+        """A slot for a new stream of ``client``, or None if it has too many open."""
         if self.open[client] >= self.limit:
             return None
         self.open[client] += 1
-        released = False
+        return StreamSlot(self, client)
 
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                self.open[client] -= 1
-                if self.open[client] <= 0:
-                    del self.open[client]
-
-        return release
+    def _release(self, client: str) -> None:
+        self.open[client] -= 1
+        if self.open[client] <= 0:
+            del self.open[client]
 
     def refusal(self, client: str) -> JSONResponse:
         return errors.error_response(
@@ -97,3 +90,17 @@ class StreamLimit:
             "one to finish, or raise MLX_STACK_MAX_STREAMS_PER_CLIENT.",
             type_="rate_limit_error", code="too_many_streams",
             headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+class StreamSlot:
+    """One open stream of one client. Whoever holds it releases it, once: the request
+    handler until the stream's response exists, then that response (gateway/app.py)."""
+
+    def __init__(self, limit: StreamLimit, client: str) -> None:
+        self._limit: StreamLimit | None = limit
+        self.client = client
+
+    def release(self) -> None:
+        if self._limit is not None:
+            self._limit._release(self.client)
+            self._limit = None

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import protocol as p
 from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
-from gateway.client import BrokerClient, JobError
+from gateway.client import BrokerClient, JobError, JobEvent, Piece
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""
@@ -62,21 +62,21 @@ class Metrics:
         return generate_latest(self.registry)  # no await in between: no other scrape's status
 
     async def observe(self, request: Request, model: str,
-                      events: AsyncIterator[p.Message]) -> AsyncIterator[p.Message]:
-        """Pass a job's messages through, recording time to first token and tokens, and
+                      events: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+        """Pass a job stream through, recording time to first token and tokens, and
         labelling the request with ``model`` once the mesh admitted it."""
         started = time.monotonic()
         first = True
         async with contextlib.aclosing(events):
             try:
-                async for msg in events:
+                async for event in events:
                     request.state.model = model
-                    if isinstance(msg, p.Partial) and msg.token_ids:
+                    if isinstance(event, Piece) and event.tokens:
                         if first:
                             self.ttft.labels(model).observe(time.monotonic() - started)
                             first = False
-                        self.tokens.labels(model).inc(len(msg.token_ids))
-                    yield msg
+                        self.tokens.labels(model).inc(event.tokens)
+                    yield event
             except JobError as exc:
                 if exc.code not in NOT_ADMITTED:
                     request.state.model = model

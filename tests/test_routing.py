@@ -7,6 +7,7 @@ import asyncio
 import collections
 
 import httpx
+import openai
 
 from tests.harness import Cluster, wait_for
 
@@ -91,3 +92,24 @@ def test_routing_history_has_scores_choice_and_wait(cluster: Cluster) -> None:
         assert route.model == "syn" and route.outcome == "ok"
         assert route.candidates[0].score >= 0
     assert max(r.queue_wait_ms for r in routes) > 100  # the third waited for a slot
+
+
+def test_one_request_id_names_a_request_from_http_to_the_worker(cluster: Cluster) -> None:
+    worker = cluster.start("worker", "--engine", "synthetic", "--model", "syn",
+                           env={"MLX_STACK_LOG_LEVEL": "debug"})
+    wait_for("the worker to register", cluster.workers)
+    client = openai.OpenAI(base_url=f"{cluster.gateway()}/v1", api_key="none", max_retries=0)
+    given = client.chat.completions.with_raw_response.create(
+        model="syn", max_tokens=3, messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"x-request-id": "trace-42"})
+    assert given.headers["x-request-id"] == "trace-42"
+    assert given.parse().id == "chatcmpl-trace-42"
+    with client.chat.completions.with_streaming_response.create(
+            model="syn", max_tokens=3, stream=True,
+            messages=[{"role": "user", "content": "hi"}]) as made:
+        made_id = made.headers["x-request-id"]
+        assert len(made_id) == 32 and all(c.id == f"chatcmpl-{made_id}" for c in made.parse())
+    routes = cluster.control("routes", last=2)
+    assert [r.request_id for r in routes] == ["trace-42", made_id]
+    wait_for("the worker to log both", lambda: "request=trace-42" in worker.output()
+             and f"request={made_id}" in worker.output())

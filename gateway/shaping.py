@@ -1,0 +1,112 @@
+"""OpenAI's shapes for a job's output: a chat or text completion as one JSON body, or as
+server-sent events. Nothing here knows the mesh protocol: it reads a job stream's events
+(:class:`gateway.client.Served`, :class:`~gateway.client.Piece`,
+:class:`~gateway.client.Done`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from common import protocol as p
+from common.logs import log_event
+from gateway import errors
+from gateway.client import Done, JobError, JobEvent, Piece, Served
+
+log = logging.getLogger("gateway")
+
+DONE = b"data: [DONE]\n\n"
+
+
+class Completion:
+    """Shapes chunks and bodies of one chat or text completion, OpenAI style."""
+
+    def __init__(self, chat: bool, request_id: str, model: str,
+                 include_usage: bool = False) -> None:
+        self.chat = chat
+        self.include_usage = include_usage
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        self.created = int(time.time())
+        self.model = model
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        obj = f"{kind}.chunk" if chunk and self.chat else kind
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": None}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None,
+              role: bool = False) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None,
+                      "finish_reason": finish_reason}
+        usage = {"usage": None} if self.include_usage else {}
+        return {**self._envelope(chunk=True), "choices": [choice], **usage}
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        return {**self._envelope(chunk=True), "choices": [], "usage": usage}
+
+    def body(self, text: str, done: Done) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0, "logprobs": None, "finish_reason": done.finish_reason,
+                "message": {"role": "assistant", "content": text, "refusal": None}}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None,
+                      "finish_reason": done.finish_reason}
+        return {**self._envelope(chunk=False), "choices": [choice], "usage": done.usage}
+
+
+def headers(request_id: str, served: Served) -> dict[str, str]:
+    """Response headers naming the request and where it ran."""
+    return {"x-request-id": request_id, "x-mlx-stack-node": served.node_id,
+            "x-mlx-stack-worker": served.worker_id}
+
+
+async def collect(events: AsyncIterator[JobEvent]) -> tuple[str, Done]:
+    """A job's pieces joined into the whole text, with how it ended."""
+    parts: list[str] = []
+    async for event in events:
+        if isinstance(event, Piece):
+            parts.append(event.text)
+        elif isinstance(event, Done):
+            return "".join(parts), event
+    raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
+
+
+def _data(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def sse(events: AsyncIterator[JobEvent], shape: Completion) -> AsyncIterator[bytes]:
+    """SSE events of a streamed completion; a late failure becomes an error event.
+
+    Events are yielded as encoded bytes (sse-starlette passes bytes through untouched),
+    and the last chunk, the usage chunk and ``[DONE]`` leave in one write.
+    """
+    if shape.chat:
+        yield _data(shape.chunk("", role=True))
+    try:
+        async for event in events:
+            if isinstance(event, Piece) and event.text:
+                yield _data(shape.chunk(event.text))
+            elif isinstance(event, Done):
+                last = _data(shape.chunk(None if shape.chat else "", event.finish_reason))
+                if shape.include_usage:
+                    last += _data(shape.usage_chunk(event.usage))
+                yield last + DONE
+    except JobError as exc:
+        yield _data(errors.job_error_body(exc)[1])
+    except Exception as exc:  # the headers are sent: an error event is all that is left
+        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
+        yield _data(errors.error_body("internal error while streaming; see the gateway log",
+                                      "server_error", p.ErrorCode.INTERNAL))
