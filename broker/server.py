@@ -7,8 +7,9 @@ The loop (zguide's Majordomo broker, with the gaps closed):
     (:mod:`broker.jobs`, no I/O), send what the table returns
     every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
 
-This module keeps the sockets, the roles, the peers and the election, CONTROL and the
-status; what happens to workers and jobs is decided in :class:`broker.jobs.JobTable`.
+This module keeps the sockets, the roles, the peers and the election; what happens to
+workers and jobs is decided in :class:`broker.jobs.JobTable`, and CONTROL questions are
+answered by :mod:`broker.control`.
 
 Several brokers (one per node) elect one coordinator (:mod:`broker.election`) from the
 ANNOUNCEs they send each other every interval. A standby broker serves nobody: it answers
@@ -29,12 +30,11 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from broker import control
 from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
@@ -43,7 +43,7 @@ from common.config import ENDPOINT, Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
-from common.status import COORDINATOR, STANDBY, BrokerStatus, PeerStatus, Route, plain
+from common.status import COORDINATOR, STANDBY
 from common.transport import (
     admit_members,
     configure,
@@ -145,9 +145,8 @@ class Broker:
         if isinstance(msg, p.Announce) and self._plausible(msg):
             self._heard(msg)
 
-    def _remove_peer(self, args: dict[str, Any]) -> bool:
+    def forget_peer(self, endpoint: str) -> bool:
         """Stop announcing to the peer and forget it; whether it was known at all."""
-        endpoint = peer_endpoint(args)
         known = self.peers.remove(endpoint) or endpoint in self.election.peers
         self.election.lost(endpoint)
         self._elect(time.monotonic())
@@ -279,7 +278,7 @@ class Broker:
     def _on_standby(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
         """Serve nobody: point the sender at the coordinator, or ask it to wait."""
         if isinstance(msg, p.Control):
-            self._send(identity, protocol, self._control(msg))
+            self._send(identity, protocol, control.answer(self, msg))
             return
         self.followers[identity] = protocol
         if self.coordinator:
@@ -292,7 +291,7 @@ class Broker:
     def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
         if isinstance(msg, p.Control) and identity not in self.gateways:
             # A one-off question (`mlx-stack mesh ...`): answer it, register nobody.
-            self._send(identity, p.GATEWAY, self._control(msg))
+            self._send(identity, p.GATEWAY, control.answer(self, msg))
             return
         if identity not in self.gateways:  # let a new gateway know at once we are here
             self._send(identity, p.GATEWAY, p.Heartbeat(session=self.session))
@@ -307,7 +306,7 @@ class Broker:
             case p.Cancel():
                 self._apply(self.table.cancel(identity, msg.job_id))
             case p.Control():
-                self._send(identity, p.GATEWAY, self._control(msg))
+                self._send(identity, p.GATEWAY, control.answer(self, msg))
             case p.Disconnect():
                 self._purge_gateway(identity, silent=False)
 
@@ -342,8 +341,9 @@ class Broker:
         self.peers.set_coordinator(decision.coordinator)
         coordinator = decision.follow.endpoint if decision.follow else ""
         if decision.changed:
-            log_event(log, "role_changed", logging.WARNING, role=self._role, epoch=self.epoch,
-                      coordinator=coordinator or self.endpoint)
+            log_event(log, "role_changed", logging.WARNING,
+                      role=COORDINATOR if decision.coordinator else STANDBY,
+                      epoch=self.epoch, coordinator=coordinator or self.endpoint)
         if decision.changed and decision.coordinator:
             # Those that waited on us as standby register and resubmit here now.
             for identity, protocol in self.followers.items():
@@ -370,54 +370,6 @@ class Broker:
         self.table.clear()
         self.gateways.clear()
 
-    # ----------------------------------------------------------------- control
-
-    def _control(self, msg: p.Control) -> p.ControlReply:
-        """Answer a CONTROL question from the table of operations below."""
-        operation = CONTROL_OPERATIONS.get(msg.op)
-        try:
-            if operation is None:
-                raise ValueError(f"unknown op {msg.op!r}")
-            result = operation(self, msg.args)
-        except ValueError as exc:
-            return p.ControlReply(
-                request_id=msg.request_id, ok=False, epoch=self.epoch,
-                error=f"{exc}; use {'|'.join(CONTROL_OPERATIONS)} "
-                "(add_peer and remove_peer with endpoint='tcp://host:port')")
-        return p.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
-                              epoch=self.epoch)
-
-    def _routes(self, args: dict[str, Any]) -> list[Route]:
-        last = args.get("last", 20)
-        last = last if isinstance(last, int) and last > 0 else 20
-        return list(self.table.routes)[-last:]
-
-    def _add_peer(self, args: dict[str, Any]) -> bool:
-        self.peers.restore(peer_endpoint(args))
-        return True
-
-    @property
-    def _role(self) -> str:
-        return COORDINATOR if self.coordinating else STANDBY
-
-    def status(self) -> BrokerStatus:
-        """This broker, its peers, workers, queues and counters (CONTROL ``status``)."""
-        now = time.monotonic()
-        return BrokerStatus(
-            node_id=self.settings.node_id, endpoint=self.advertise, role=self._role,
-            coordinator=self.advertise if self.coordinating else self.coordinator,
-            epoch=self.epoch, priority=self.settings.priority,
-            peers=[PeerStatus(node_id=b.node_id, endpoint=b.endpoint,
-                              coordinator=b.coordinator, epoch=b.epoch, priority=b.priority,
-                              last_seen_s=round(now - b.last_seen, 3))
-                   for b in self.election.live(now)],
-            uptime_s=round(time.time() - self.started, 1),
-            workers=[w.status(now) for w in self.table.workers.values()],
-            queues={m: len(q) for m, q in self.table.queues.items() if q},
-            jobs=len(self.table.jobs), gateways=len(self.gateways),
-            counters=dict(self.counters + self.table.counters),
-            rejected=dict(self.rejected + self.table.rejected))
-
     # ----------------------------------------------------------------- sending
 
     def _protocol_of(self, identity: bytes) -> bytes:
@@ -436,21 +388,3 @@ class Broker:
             self.counters["send_failed"] += 1
             log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)
 
-
-def peer_endpoint(args: dict[str, Any]) -> str:
-    """The ``endpoint`` argument of add_peer / remove_peer, checked."""
-    endpoint = args.get("endpoint")
-    if not (isinstance(endpoint, str) and ENDPOINT.fullmatch(endpoint)):
-        raise ValueError("bad arguments")
-    return endpoint
-
-
-CONTROL_OPERATIONS: dict[str, Callable[[Broker, dict[str, Any]], Any]] = {
-    "status": lambda broker, _: broker.status(),
-    "models": lambda broker, _: broker.table.models(),
-    "routes": Broker._routes,
-    "add_peer": Broker._add_peer,
-    "remove_peer": Broker._remove_peer,
-}
-"""CONTROL operations: read-only questions, and the static peers ``mlx-stack mesh add`` /
-``remove`` change."""
