@@ -126,6 +126,12 @@ class Partial(Message):
     text: str
     seq: int = 0
 
+    def absorb(self, later: Partial) -> None:
+        """Take in the output of the PARTIAL that follows this one: one frame (worker)
+        or one SSE event (gateway) for what came together."""
+        self.token_ids = self.token_ids + later.token_ids
+        self.text += later.text
+
 
 @dataclass(kw_only=True, slots=True)
 class Final(Message):

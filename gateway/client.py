@@ -121,8 +121,7 @@ class _Inbox:
             if not (isinstance(more, p.Partial) and more.seq == self.seq):
                 self._held = more
                 break
-            msg.token_ids = msg.token_ids + more.token_ids
-            msg.text += more.text
+            msg.absorb(more)
             self.seq += 1
         return msg
 

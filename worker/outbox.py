@@ -57,8 +57,7 @@ class Outbox:
                     open_partials[msg.job_id] = msg
                     out.append(msg)
                 else:
-                    merged.token_ids = merged.token_ids + msg.token_ids
-                    merged.text += msg.text
+                    merged.absorb(msg)
             else:
                 if isinstance(msg, Final | Fail):
                     open_partials.pop(msg.job_id, None)
