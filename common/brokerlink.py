@@ -10,12 +10,13 @@ last heard. What it does not do: decide. The role's own loop polls :attr:`sock` 
 
 The sockets come from the role's context: plain for the worker, which polls them
 itself, asyncio for the gateway, whose reader task awaits them. Either way the link sends
-and receives through a plain shadow of the socket with ``NOBLOCK``: no future per frame,
-and no role ever blocks on a broker that is not there.
+with ``NOBLOCK`` and drains what arrived through a plain shadow of the socket (no future
+per frame), so that no role ever blocks on a broker that is not there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -98,12 +99,20 @@ class BrokerLink:
         """Send without blocking; with no broker there the frame is dropped (and counted:
         the jobs it belongs to are resubmitted by their gateway)."""
         assert self.sock is not None, "connect() first"
+        # Sent through the role's own socket, not the plain shadow: an asyncio socket then
+        # re-checks for frames its reader awaits (a send can consume the edge of ZeroMQ's
+        # file descriptor, and the reader would sleep until its poll timed out). It
+        # answers with a finished future, whose exception is a refused frame.
         try:
-            self._io.send_multipart(p.encode(self.protocol, msg), zmq.NOBLOCK)
+            sent = self.sock.send_multipart(p.encode(self.protocol, msg), zmq.NOBLOCK)
+            refused = (isinstance(sent, asyncio.Future) and sent.done()
+                       and sent.exception() is not None)
         except zmq.Again:
-            self.counters["frames_unsent"] += 1
-            return False
-        return True
+            refused = True
+        if not refused:
+            return True
+        self.counters["frames_unsent"] += 1
+        return False
 
     def receive(self) -> list[p.Message]:
         """The messages waiting, decoded and fenced, without blocking. Malformed frames
