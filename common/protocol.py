@@ -153,6 +153,8 @@ class Fail(Message):
     error: str
     code: str = "internal_error"
     retryable: bool = False
+    param: str = ""
+    """The request field at fault, if one is (an OpenAI error's ``param``)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -299,6 +301,9 @@ class GenerationRequest:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    json_schema: dict[str, Any] | None = None
+    """The answer must be JSON matching this schema (``response_format``; json_object is
+    ``{"type": "object"}``), enforced while sampling (worker/grammar.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,7 +26,7 @@ from common.config import Settings
 from common.status import ModelEntry
 from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
-from gateway.client import BrokerClient, JobError, Served
+from gateway.client import BrokerClient, JobError, JobEvent, Served
 from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -73,6 +73,13 @@ class SlotStream(EventSourceResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.slot.release()
+
+
+async def resume(first: JobEvent, rest: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
+    """A job stream again, with its ``first`` event put back in front."""
+    yield first
+    async for event in rest:
+        yield event
 
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -136,7 +143,11 @@ def create_app(settings: Settings) -> FastAPI:
             assert isinstance(served, Served)
             shape = Completion(chat, request_id, served.model_id, body.include_usage)
             if slot is not None:
-                return SlotStream(sse(events, shape), slot, headers(request_id, served))
+                # The status waits for the first output: a request the worker refuses
+                # (a format it cannot honour) is still a 400, not an error event in a 200.
+                first = await until_disconnect(request, anext(events))
+                return SlotStream(sse(resume(first, events), shape), slot,
+                                  headers(request_id, served))
             text, done = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it

@@ -45,10 +45,12 @@ RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
 class JobError(Exception):
     """A request that cannot complete; ``code`` is a :class:`common.protocol.ErrorCode`."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
+        """The request field at fault, if one is."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +318,7 @@ class BrokerClient:
                             reason, kind = msg.error, "mid_stream"
                             break
                         done = True
-                        raise JobError(msg.code, msg.error)
+                        raise JobError(msg.code, msg.error, msg.param or None)
                     if isinstance(msg, p.Partial):
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)

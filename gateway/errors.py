@@ -47,7 +47,7 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
 
 def job_error_body(exc: JobError) -> tuple[int, dict[str, Any]]:
     status, type_ = STATUS.get(exc.code, (500, "server_error"))
-    param = "model" if exc.code == ErrorCode.MODEL_NOT_FOUND else None
+    param = "model" if exc.code == ErrorCode.MODEL_NOT_FOUND else exc.param
     return status, error_body(exc.message, type_, exc.code, param)
 
 

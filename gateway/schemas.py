@@ -1,8 +1,8 @@
 """OpenAI request bodies, validated, and their translation into a GenerationRequest.
 
 Unknown fields are ignored (clients send many), but a field we cannot honour with a
-non-default value (``n > 1``, ``logprobs``, ``echo``, image content) is refused with a
-clear 400 rather than silently dropped.
+non-default value (``n > 1``, ``logprobs``, ``echo``, image content, a JSON schema the
+grammar library cannot compile) is refused with a clear 400 rather than silently dropped.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.constraints import ANY_OBJECT, SchemaError, json_grammar
 from common.protocol import GenerationRequest
 
 
@@ -107,6 +108,30 @@ class _Common(BaseModel):
                 "frequency_penalty": self.frequency_penalty}
 
 
+def json_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON schema a ``response_format`` asks for (None for plain text), checked to
+    compile, so that a format the server cannot enforce is a 400 before anything runs."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ANY_OBJECT
+    if kind != "json_schema":
+        raise Unsupported("response_format", f"response_format type {kind!r} is not "
+                          "supported; use 'text', 'json_object' or 'json_schema'")
+    spec = response_format.get("json_schema") if response_format else None
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise Unsupported("response_format", "response_format 'json_schema' needs "
+                          "json_schema.schema, a JSON schema object")
+    try:
+        json_grammar(schema)
+    except SchemaError as exc:
+        raise Unsupported("response_format",
+                          f"this JSON schema cannot be enforced: {exc}") from None
+    return schema
+
+
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -118,14 +143,12 @@ class ChatCompletionRequest(_Common):
         self._check()
         if self.tool_choice not in (None, "auto", "none"):
             raise Unsupported("tool_choice", "only tool_choice 'auto' or 'none' is supported")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise Unsupported("response_format", "only response_format type 'text' is "
-                              "supported")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
         tools = None if self.tool_choice == "none" else self.tools
         return GenerationRequest(
             kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
-            tools=tools, **self._params(max_tokens))
+            tools=tools, json_schema=json_schema(self.response_format),
+            **self._params(max_tokens))
 
 
 class CompletionRequest(_Common):

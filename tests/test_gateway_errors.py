@@ -83,7 +83,10 @@ def test_json_that_is_not_an_object_is_400(url: str) -> None:
     ({**GOOD, "logprobs": True}, "logprobs"),
     ({**GOOD, "logit_bias": {"50": 2}}, "logit_bias"),
     ({**GOOD, "tool_choice": "required"}, "tool_choice"),
-    ({**GOOD, "response_format": {"type": "json_object"}}, "response_format"),
+    ({**GOOD, "response_format": {"type": "json_schema",
+                                  "json_schema": {"schema": {"type": "strng"}}}},
+     "response_format"),
+    ({**GOOD, "response_format": {"type": "xml"}}, "response_format"),
     ({**GOOD, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
 ])

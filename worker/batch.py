@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from common import protocol as p
 from common.logs import log_event
-from worker.engine import Engine
+from worker.engine import Engine, RequestRefused
 from worker.runner import JobRun
 
 log = logging.getLogger("worker")
@@ -84,7 +84,12 @@ class BatchLoop:
             if not run.open():
                 self._count("jobs_done")
                 return
-            seq = self.engine.insert(run.prompt, run.request, run.budget)
+            seq = self.engine.insert(run.prompt, run.request, run.budget, run.prompt_len)
+        except RequestRefused as exc:
+            self._count("jobs_refused")
+            send(p.Fail(job_id=job.job_id, error=str(exc), code=p.ErrorCode.INVALID_REQUEST,
+                        param=exc.param))
+            return
         except Exception as exc:  # a bad request or an engine error fails the job only
             self._fail(job.job_id, exc, send)
             return

@@ -27,6 +27,15 @@ class Detokenizer(Protocol):
     def finalize(self) -> None: ...
 
 
+class RequestRefused(ValueError):
+    """The engine cannot honour what the request asks (``param`` names the field): the
+    client gets a 400 naming it, not an engine error and not an answer that ignores it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """One sequence's share of an engine step."""
@@ -60,9 +69,12 @@ class Engine(Protocol):
         """A fresh streaming detokenizer."""
         ...
 
-    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,
+               prompt_len: int) -> int:
         """Start generating after ``prompt`` (at most ``max_tokens``, > 0, with the
-        request's sampling); returns the sequence's id. Raises if the request cannot run."""
+        request's sampling and constraints); returns the sequence's id. The first
+        ``prompt_len`` tokens are the request's own prompt, the rest were generated before
+        (a resumed stream). Raises :class:`RequestRefused` for what it cannot honour."""
         ...
 
     def remove(self, seq: int) -> None:

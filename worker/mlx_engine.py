@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+import llguidance
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load
@@ -28,9 +29,11 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
 
+from common.constraints import SchemaError, json_grammar
 from common.protocol import GenerationRequest
 from worker.capacity import slots_for_memory
-from worker.engine import Detokenizer, Step
+from worker.engine import Detokenizer, RequestRefused, Step
+from worker.grammar import GrammarProcessor, ll_tokenizer
 
 PREFILL_STEP = 512
 """Prompt tokens per sequence prefilled between two decode steps. mlx-lm's default (2048)
@@ -77,7 +80,10 @@ class MlxEngine:
     def __init__(self, path: Path, model_id: str, *, max_slots: int, prompt_cache_bytes: int,
                  free_memory: int) -> None:
         self.model_id = model_id
+        self.path = path
         self.model, self.tokenizer = load(str(path))
+        self._ll_tokenizer: llguidance.LLTokenizer | None = None
+        """llguidance's view of the vocabulary, made at the first constrained request."""
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self.kv_per_token = kv_bytes_per_token(self.model)
         self.slots = slots_for_memory(free_memory, self.kv_per_token, prompt_cache_bytes,
@@ -103,7 +109,8 @@ class MlxEngine:
     def detokenizer(self) -> Detokenizer:
         return self.tokenizer.detokenizer
 
-    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,
+               prompt_len: int) -> int:
         if self._batch is None:
             # Made in the batch loop's thread, which makes every later call: MLX streams
             # belong to the thread that creates them.
@@ -116,12 +123,24 @@ class MlxEngine:
             presence_penalty=request.presence_penalty or None,
             frequency_penalty=request.frequency_penalty or None,
         )
+        if request.json_schema is not None:
+            processors.append(self._grammar(request.json_schema, prompt_len))
         (seq,) = self._batch.insert(
             [rest], max_tokens=[max_tokens], caches=[cache],
             all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
             logits_processors=[processors], stop_sequences=[self._eos])
         self._running.add(seq)
         return seq
+
+    def _grammar(self, schema: dict, prompt_len: int) -> GrammarProcessor:
+        """The processor that keeps the answer within ``schema``."""
+        try:
+            grammar = json_grammar(schema)
+        except SchemaError as exc:  # the gateway compiled it too: only a newer library
+            raise RequestRefused("response_format", str(exc)) from None
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = ll_tokenizer(self.path, list(self.tokenizer.eos_token_ids))
+        return GrammarProcessor(self._ll_tokenizer, grammar, prompt_len)
 
     def remove(self, seq: int) -> None:
         if seq not in self._running or self._batch is None:

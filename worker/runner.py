@@ -63,6 +63,8 @@ class JobRun:
         self._resume = list(job.resume_token_ids)
         self.prompt = self._prompt + self._resume
         """What the engine continues: the request's prompt and the tokens already sent."""
+        self.prompt_len = len(self._prompt)
+        """Where the request's own prompt ends in :attr:`prompt`."""
         self.budget = request.max_tokens - len(self._resume)
         """Tokens the engine may still generate."""
         self.new_tokens = 0

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from common.protocol import GenerationRequest
-from worker.engine import Step
+from worker.engine import RequestRefused, Step
 
 VOCAB = 50_000
 BYTE_TOKENS = 256
@@ -80,7 +80,11 @@ class SyntheticEngine:
     def detokenizer(self) -> SyntheticDetokenizer:
         return SyntheticDetokenizer()
 
-    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int) -> int:
+    def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,
+               prompt_len: int) -> int:
+        if request.json_schema is not None:
+            raise RequestRefused("response_format", "the synthetic engine cannot constrain "
+                                 "its output; use response_format 'text' or a real model")
         if FAULT.encode() in bytes(t for t in prompt if t < BYTE_TOKENS):
             raise RuntimeError("synthetic engine error (fault switch in the prompt)")
         seq = next(self._ids)

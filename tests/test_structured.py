@@ -1,0 +1,125 @@
+"""Structured output (``response_format``) with real inference on the default model, and
+through the official ``openai`` client: the answer is JSON that matches the schema, also
+when the stream is resumed on another worker after its first one is SIGKILLed; a schema
+the grammar library cannot compile, or an engine that cannot constrain, is a 400 that
+names ``response_format``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import openai
+import pytest
+
+from tests.harness import Cluster, close_and_report
+from tests.test_batching import client_for, start_worker
+
+pytestmark = pytest.mark.model
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 16},
+                    "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "hobbies"],
+    "additionalProperties": False,
+}
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+
+
+def person_format() -> dict[str, Any]:
+    return {"type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
+         request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, dict[str, Any]]]:
+    """Two real workers of the default model, and a synthetic one (alias ``syn``)."""
+    c = Cluster(tmp_path_factory.mktemp("structured"),
+                env={"MLX_STACK_MODELS_DIR": str(models_dir)})
+    try:
+        c.broker()
+        procs = dict(start_worker(c)[::-1] for _ in range(2))
+        c.worker("--engine", "synthetic", "--model", "syn")
+        yield c, {"url": c.gateway(), "procs": procs}
+    finally:
+        close_and_report(c, request.node)
+
+
+def test_json_schema_answers_match_the_schema_streamed_or_not(mesh) -> None:
+    client = client_for(mesh[1]["url"])
+    whole = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=80,
+        response_format=person_format())
+    text = whole.choices[0].message.content
+    jsonschema_rs.validate(PERSON, json.loads(text))
+    assert whole.choices[0].finish_reason == "stop"
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=80,
+        response_format=person_format(), stream=True) if c.choices]
+    assert "".join(parts) == text  # the same grammar, the same greedy path
+    free = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=80)
+    assert free.choices[0].message.content != text  # the constraint changed the answer
+
+
+def test_json_object_is_a_json_object(mesh) -> None:
+    answer = client_for(mesh[1]["url"]).chat.completions.create(
+        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=80, messages=ASK,
+        response_format={"type": "json_object"})
+    assert answer.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("model", "schema", "says"), [
+    ("SmolLM2-135M-Instruct", {"type": "strng"}, "Invalid type: strng"),
+    ("SmolLM2-135M-Instruct", {"$ref": "#/$defs/nowhere"}, "does not exist"),
+    ("syn", PERSON, "cannot constrain"),
+])
+def test_a_format_that_cannot_be_honoured_is_a_400_naming_it(mesh, model: str,
+                                                             schema: dict, says: str,
+                                                             stream: bool) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        client_for(mesh[1]["url"]).chat.completions.create(
+            model=model, messages=ASK, max_tokens=8, stream=stream,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "x", "schema": schema}})
+    assert refused.value.body["param"] == "response_format"
+    assert says in refused.value.body["message"]
+
+
+def test_a_constrained_stream_resumed_after_its_worker_is_killed_matches_the_schema(
+        mesh) -> None:
+    cluster, state = mesh
+    client = client_for(state["url"])
+    reference = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=80,
+        response_format=person_format()).choices[0].message.content
+    parts: list[str] = []
+    killed = threading.Event()
+    with client.chat.completions.with_streaming_response.create(
+            model="SmolLM2-135M-Instruct", messages=ASK, temperature=0, max_tokens=80,
+            response_format=person_format(), stream=True) as response:
+        victim = state["procs"][response.headers["x-mlx-stack-worker"]]
+        for chunk in response.parse():
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+                if len(parts) == 4 and not killed.is_set():
+                    victim.kill(signal.SIGKILL)
+                    killed.set()
+    assert killed.is_set() and not victim.alive()
+    assert "".join(parts) == reference
+    jsonschema_rs.validate(PERSON, json.loads(reference))
+    routes = cluster.control("routes", last=5)
+    assert any(r.outcome == "worker_lost" for r in routes)
