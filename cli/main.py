@@ -126,6 +126,9 @@ def worker(
         help="Synthetic engine: report this much memory instead of the machine's.")] = 0.0,
     mem_free_gb: Annotated[float, typer.Option(
         help="Synthetic engine: report this much free memory (with --mem-total-gb).")] = 0.0,
+    tool_parser: Annotated[str, typer.Option(
+        help="Synthetic engine: the mlx-lm tool parser (json_tools, mistral...) whose "
+        "tool calls a [[say]] script may write.", show_default=False)] = "",
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -139,7 +142,8 @@ def worker(
                    log_level=log_level, max_slots=max_slots)
     gib = 1024**3
     options = SyntheticOptions(slots, rate, ttft, int(mem_total_gb * gib),
-                               int(mem_free_gb * gib)) if engine == "synthetic" else None
+                               int(mem_free_gb * gib), tool_parser
+                               ) if engine == "synthetic" else None
     try:
         main(cfg, model, alias, options)
     except ValueError as exc:

@@ -43,3 +43,30 @@ def json_grammar(schema: dict[str, Any]) -> str:
     if failed:
         raise SchemaError("; ".join(messages))
     return grammar
+
+
+def tool_call_grammar(start: str, end: str, tools: list[dict[str, Any]],
+                      name: str = "") -> str:
+    """The grammar of one tool call written as ``start {"name": ..., "arguments": {...}}
+    end`` (the JSON-bodied families, such as Qwen's and Hermes' ``<tool_call>``), for
+    ``tool_choice`` required (any of ``tools``) or naming one function (``name``)."""
+    options = []
+    for tool in tools:
+        function = tool.get("function", tool)
+        if name and function.get("name") != name:
+            continue
+        options.append({"type": "object", "additionalProperties": False,
+                        "required": ["name", "arguments"],
+                        "properties": {"name": {"const": function.get("name")},
+                                       "arguments": function.get("parameters")
+                                       or {"type": "object"}}})
+    if not options:
+        raise SchemaError(f"no tool named {name!r} among the request's tools")
+    body = options[0] if len(options) == 1 else {"anyOf": options}
+    lark = (f"start: {json.dumps(start + chr(10))} call {json.dumps(chr(10) + end)}\n"
+            f"call: %json {json.dumps(body)}\n")
+    grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar)
+    if failed:
+        raise SchemaError("; ".join(messages))
+    return grammar

@@ -125,12 +125,16 @@ class Partial(Message):
     token_ids: list[int]
     text: str
     seq: int = 0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """Tool calls completed in this output, parsed by the worker: each ``{"index", "id",
+    "name", "arguments"}`` (arguments as a JSON string, as OpenAI sends them)."""
 
     def absorb(self, later: Partial) -> None:
         """Take in the output of the PARTIAL that follows this one: one frame (worker)
         or one SSE event (gateway) for what came together."""
         self.token_ids = self.token_ids + later.token_ids
         self.text += later.text
+        self.tool_calls = self.tool_calls + later.tool_calls
 
 
 @dataclass(kw_only=True, slots=True)
@@ -294,6 +298,9 @@ class GenerationRequest:
     messages: list[dict[str, Any]] = field(default_factory=list)
     prompt: str = ""
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "auto"
+    """OpenAI's: "auto", "required", or ``{"type": "function", "function": {"name"}}``
+    ("none" arrives as no tools)."""
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0

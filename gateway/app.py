@@ -148,10 +148,10 @@ def create_app(settings: Settings) -> FastAPI:
                 first = await until_disconnect(request, anext(events))
                 return SlotStream(sse(resume(first, events), shape), slot,
                                   headers(request_id, served))
-            text, done = await until_disconnect(request, collect(events))
+            text, calls, done = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.body(text, done), headers=headers(request_id, served))
+        return JSONResponse(shape.body(text, calls, done), headers=headers(request_id, served))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
 

@@ -64,10 +64,12 @@ class Served:
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """More output: ``text`` and how many tokens it holds."""
+    """More output: ``text``, how many tokens it holds, and the tool calls it completed
+    (``{"index", "id", "name", "arguments"}``)."""
 
     text: str
     tokens: int
+    tool_calls: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +324,7 @@ class BrokerClient:
                     if isinstance(msg, p.Partial):
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)
-                        yield Piece(msg.text, len(msg.token_ids))
+                        yield Piece(msg.text, len(msg.token_ids), msg.tool_calls)
                     elif isinstance(msg, p.Accepted) and not served:
                         served = True
                         yield Served(msg.node_id, msg.worker_id, msg.model_id)

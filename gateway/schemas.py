@@ -141,13 +141,24 @@ class ChatCompletionRequest(_Common):
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
-        if self.tool_choice not in (None, "auto", "none"):
-            raise Unsupported("tool_choice", "only tool_choice 'auto' or 'none' is supported")
+        choice = self.tool_choice or "auto"
+        if choice not in ("auto", "none") and not self.tools:
+            raise Unsupported("tool_choice", "tool_choice needs tools")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            names = [(t.get("function") or {}).get("name") for t in self.tools or []]
+            if choice.get("type") != "function" or name not in names:
+                raise Unsupported("tool_choice", "tool_choice must name one of the "
+                                  f"request's tools ({', '.join(map(str, names))})")
+        elif choice not in ("auto", "none", "required"):
+            raise Unsupported("tool_choice", f"tool_choice {choice!r} is not one of "
+                              "'auto', 'none', 'required' or a named function")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
-        tools = None if self.tool_choice == "none" else self.tools
+        tools = None if choice == "none" else self.tools
         return GenerationRequest(
             kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
-            tools=tools, json_schema=json_schema(self.response_format),
+            tools=tools, tool_choice=choice if tools else "auto",
+            json_schema=json_schema(self.response_format),
             **self._params(max_tokens))
 
 

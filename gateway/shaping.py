@@ -39,11 +39,15 @@ class Completion:
                 "system_fingerprint": None}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False) -> dict[str, Any]:
+              role: bool = False, tool_calls: list[dict[str, Any]] | None = None
+              ) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [{"index": call["index"], **function_call(call)}
+                                       for call in tool_calls]
             choice = {"index": 0, "delta": delta, "logprobs": None,
                       "finish_reason": finish_reason}
         else:
@@ -55,15 +59,25 @@ class Completion:
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage}
 
-    def body(self, text: str, done: Done) -> dict[str, Any]:
+    def body(self, text: str, tool_calls: list[dict[str, Any]], done: Done) -> dict[str, Any]:
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "refusal": None,
+                                       "content": text if text or not tool_calls else None}
+            if tool_calls:
+                message["tool_calls"] = [function_call(call) for call in tool_calls]
             choice: dict[str, Any] = {
                 "index": 0, "logprobs": None, "finish_reason": done.finish_reason,
-                "message": {"role": "assistant", "content": text, "refusal": None}}
+                "message": message}
         else:
             choice = {"index": 0, "text": text, "logprobs": None,
                       "finish_reason": done.finish_reason}
         return {**self._envelope(chunk=False), "choices": [choice], "usage": done.usage}
+
+
+def function_call(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call as OpenAI's chat completions show it."""
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]}}
 
 
 def headers(request_id: str, served: Served) -> dict[str, str]:
@@ -72,14 +86,17 @@ def headers(request_id: str, served: Served) -> dict[str, str]:
             "x-mlx-stack-worker": served.worker_id}
 
 
-async def collect(events: AsyncIterator[JobEvent]) -> tuple[str, Done]:
-    """A job's pieces joined into the whole text, with how it ended."""
+async def collect(events: AsyncIterator[JobEvent]
+                  ) -> tuple[str, list[dict[str, Any]], Done]:
+    """A job's pieces joined: the whole text, the tool calls, and how it ended."""
     parts: list[str] = []
+    calls: list[dict[str, Any]] = []
     async for event in events:
         if isinstance(event, Piece):
             parts.append(event.text)
+            calls += event.tool_calls
         elif isinstance(event, Done):
-            return "".join(parts), event
+            return "".join(parts), calls, event
     raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
@@ -97,8 +114,8 @@ async def sse(events: AsyncIterator[JobEvent], shape: Completion) -> AsyncIterat
         yield _data(shape.chunk("", role=True))
     try:
         async for event in events:
-            if isinstance(event, Piece) and event.text:
-                yield _data(shape.chunk(event.text))
+            if isinstance(event, Piece) and (event.text or event.tool_calls):
+                yield _data(shape.chunk(event.text or None, tool_calls=event.tool_calls))
             elif isinstance(event, Done):
                 last = _data(shape.chunk(None if shape.chat else "", event.finish_reason))
                 if shape.include_usage:

@@ -24,7 +24,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "MLX_STACK_MAX_BODY_BYTES": str(LIMIT), "MLX_STACK_MAX_TOKENS_LIMIT": "1000"})
     try:
         c.broker()
-        c.worker("--engine", "synthetic", "--model", "syn", "--slots", "8", "--rate", "100")
+        c.worker("--engine", "synthetic", "--model", "syn", "--slots", "8", "--rate", "100",
+                 "--tool-parser", "json_tools")
         yield c.gateway("--max-messages", str(MAX_MESSAGES),
                         "--max-streams-per-client", str(MAX_STREAMS))
     finally:

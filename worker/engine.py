@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from common.protocol import GenerationRequest
+from worker.tools import ToolFormat
 
 
 class Detokenizer(Protocol):
@@ -60,6 +61,8 @@ class Engine(Protocol):
     """KV cache memory in use (running sequences and the prompt cache), for load reports."""
     counters: dict[str, int]
     """The engine's own counters (prompt cache hits...), sent with every heartbeat."""
+    tool_format: ToolFormat | None
+    """How the model writes a tool call; None when its chat template has no tools."""
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for chat requests)."""

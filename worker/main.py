@@ -12,6 +12,7 @@ from common.config import Settings
 from worker.engine import Engine
 from worker.server import Worker, system_memory
 from worker.synthetic import SyntheticEngine
+from worker.tools import family
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class SyntheticOptions:
     """Memory to report instead of the machine's (bytes; 0 = the real figures), so that
     routing by memory headroom can be tested on one machine."""
     mem_free: int = 0
+    tool_parser: str = ""
+    """mlx-lm tool parser whose calls a script may write (``--tool-parser``)."""
 
 
 def main(settings: Settings, model: str | None, aliases: list[str] | None,
@@ -36,7 +39,8 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
     memory = None
     if synthetic is not None:
         engine = SyntheticEngine(model or "synthetic", synthetic.slots, synthetic.rate,
-                                 synthetic.ttft)
+                                 synthetic.ttft, family(synthetic.tool_parser)
+                                 if synthetic.tool_parser else None)
         default_aliases: list[str] = []
         if synthetic.mem_total:
             fixed = (synthetic.mem_total, synthetic.mem_free)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import llguidance
 import mlx.core as mx
@@ -29,11 +30,12 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
 
-from common.constraints import SchemaError, json_grammar
+from common.constraints import SchemaError, json_grammar, tool_call_grammar
 from common.protocol import GenerationRequest
 from worker.capacity import slots_for_memory
 from worker.engine import Detokenizer, RequestRefused, Step
 from worker.grammar import GrammarProcessor, ll_tokenizer
+from worker.tools import of_tokenizer
 
 PREFILL_STEP = 512
 """Prompt tokens per sequence prefilled between two decode steps. mlx-lm's default (2048)
@@ -82,6 +84,7 @@ class MlxEngine:
         self.model_id = model_id
         self.path = path
         self.model, self.tokenizer = load(str(path))
+        self.tool_format = of_tokenizer(self.tokenizer)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         """llguidance's view of the vocabulary, made at the first constrained request."""
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
@@ -124,7 +127,9 @@ class MlxEngine:
             frequency_penalty=request.frequency_penalty or None,
         )
         if request.json_schema is not None:
-            processors.append(self._grammar(request.json_schema, prompt_len))
+            processors.append(self._grammar(json_grammar, request.json_schema, prompt_len))
+        elif request.tools and request.tool_choice != "auto":
+            processors.append(self._grammar(self._forced_call, request, prompt_len))
         (seq,) = self._batch.insert(
             [rest], max_tokens=[max_tokens], caches=[cache],
             all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
@@ -132,12 +137,24 @@ class MlxEngine:
         self._running.add(seq)
         return seq
 
-    def _grammar(self, schema: dict, prompt_len: int) -> GrammarProcessor:
-        """The processor that keeps the answer within ``schema``."""
+    def _forced_call(self, request: GenerationRequest) -> str:
+        """The grammar of the tool call ``tool_choice`` requires."""
+        fmt = self.tool_format
+        if fmt is None or fmt.start != "<tool_call>":
+            raise SchemaError("a call can be required only of models that write "
+                              "<tool_call> JSON (json_tools)")
+        choice = request.tool_choice
+        name = choice.get("function", {}).get("name", "") if isinstance(choice, dict) else ""
+        return tool_call_grammar(fmt.start, fmt.end, request.tools or [], name)
+
+    def _grammar(self, build: Callable[[Any], str], spec: Any,
+                 prompt_len: int) -> GrammarProcessor:
+        """The processor that keeps the answer within the grammar ``build(spec)``."""
         try:
-            grammar = json_grammar(schema)
-        except SchemaError as exc:  # the gateway compiled it too: only a newer library
-            raise RequestRefused("response_format", str(exc)) from None
+            grammar = build(spec)
+        except SchemaError as exc:
+            param = "response_format" if build is json_grammar else "tool_choice"
+            raise RequestRefused(param, str(exc)) from None
         if self._ll_tokenizer is None:
             self._ll_tokenizer = ll_tokenizer(self.path, list(self.tokenizer.eos_token_ids))
         return GrammarProcessor(self._ll_tokenizer, grammar, prompt_len)

@@ -1,13 +1,18 @@
-"""One job's life on a worker: resume seam, stop sequences, usage, cancellation.
+"""One job's life on a worker: resume seam, tool calls, stop sequences, usage, cancellation.
 
 A :class:`JobRun` turns the tokens an engine samples for one job into PARTIALs and one
 FINAL (or a retryable FAIL when cancelled). The batch loop (:mod:`worker.batch`) feeds it.
+The text goes through two scanners: tool calls are cut out and parsed first (when the
+request has tools, :mod:`worker.tools`), then stop sequences are looked for in the
+content that is left.
 
 A resumed job (``resume_token_ids`` set) continues a stream that another worker began.
 The client has seen ``resume_text``; a streaming detokenizer holds back bytes of an
 unfinished character or word, so the tokens sent can run ahead of the text sent. The new
 worker therefore feeds the resume tokens to its own detokenizer, first sends whatever of
-their text the client has not seen, and scans for stop sequences across the seam.
+their text the client has not seen, and scans for stop sequences across the seam. Tool
+calls among the resume tokens are parsed again, not sent again: the next call gets the
+next index.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from common.protocol import (
     Partial,
     from_dict,
 )
-from worker.engine import Engine
+from worker.engine import Engine, RequestRefused
+from worker.tools import ToolScanner
 
 
 class _StopScanner:
@@ -68,9 +74,21 @@ class JobRun:
         self.budget = request.max_tokens - len(self._resume)
         """Tokens the engine may still generate."""
         self.new_tokens = 0
+        self._tools = None
+        if request.tools:
+            if engine.tool_format is None:
+                raise RequestRefused("tools", f"the chat template of {engine.model_id} has "
+                                     "no tool calling; use a model whose template has, or "
+                                     "send the request without tools")
+            self._tools = ToolScanner(engine.tool_format, request.tools)
         self._detok = engine.detokenizer()
         for token in self._resume:
             self._detok.add_token(token)
+        self._content = ""
+        """The output without its tool calls: what stop sequences are looked for in."""
+        self._calls: list[dict] = []
+        self._scan(final=False)
+        self._calls.clear()  # made before the resume seam: the client has them
         self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
         self._pending: list[int] = []
 
@@ -108,14 +126,28 @@ class JobRun:
         self.send(Fail(job_id=self.job_id, error="cancelled", code=ErrorCode.CANCELLED,
                         retryable=True))
 
+    def _scan(self, final: bool) -> None:
+        """Move new output text into content and tool calls."""
+        if self._tools is None:
+            self._content = self._detok.text
+            return
+        content, calls = self._tools.feed(self._detok.text, final)
+        self._content += content
+        self._calls += calls
+
     def _flush(self, final: bool) -> bool:
-        text, stopped = self._scanner.release(self._detok.text, final)
-        if text or self._pending:
-            self.send(Partial(job_id=self.job_id, token_ids=list(self._pending), text=text))
+        self._scan(final)
+        text, stopped = self._scanner.release(self._content, final)
+        if text or self._pending or self._calls:
+            self.send(Partial(job_id=self.job_id, token_ids=list(self._pending), text=text,
+                              tool_calls=list(self._calls)))
             self._pending.clear()
+            self._calls.clear()
         return stopped
 
     def _final(self, finish_reason: str) -> None:
+        if finish_reason == "stop" and self._tools is not None and self._tools.calls:
+            finish_reason = "tool_calls"
         completion = len(self._resume) + self.new_tokens
         self.send(Final(job_id=self.job_id, finish_reason=finish_reason, usage={
             "prompt_tokens": len(self._prompt),

@@ -16,12 +16,17 @@ from dataclasses import dataclass
 
 from common.protocol import GenerationRequest
 from worker.engine import RequestRefused, Step
+from worker.tools import ToolFormat
 
 VOCAB = 50_000
 BYTE_TOKENS = 256
 FAULT = "[[synthetic-engine-error]]"
 """A prompt containing this makes the synthetic engine raise: the fault switch for tests
 of how engine errors reach the client."""
+SAY = "[[say]]"
+"""A prompt containing this makes the synthetic engine write what follows it (its last
+occurrence), one byte a token, then end the sequence: scripted output, such as a model
+family's tool-call text, for tests of what the worker does with it."""
 
 
 def next_token(sequence: list[int]) -> int:
@@ -31,8 +36,8 @@ def next_token(sequence: list[int]) -> int:
 
 
 def word(token: int) -> str:
-    """The text of a synthetic token: one word."""
-    return f" w{token}"
+    """The text of a synthetic token: one word, or one byte of a script (:data:`SAY`)."""
+    return chr(token) if token < BYTE_TOKENS else f" w{token}"
 
 
 class SyntheticDetokenizer:
@@ -52,6 +57,8 @@ class _Sequence:
     left: int
     due: float
     """When its next token is due (monotonic seconds)."""
+    script: bytes | None = None
+    """What is left to say (:data:`SAY`), or None for synthetic words."""
 
 
 class SyntheticEngine:
@@ -63,8 +70,10 @@ class SyntheticEngine:
     kv_bytes = 0
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
-                 ttft: float = 0.0) -> None:
+                 ttft: float = 0.0, tool_format: ToolFormat | None = None) -> None:
         self.model_id = model_id
+        self.tool_format = tool_format
+        """Set from ``--tool-parser``: the family whose tool calls a script may write."""
         self.slots = slots
         self.rate = rate
         self.ttft = ttft
@@ -88,7 +97,8 @@ class SyntheticEngine:
         if FAULT.encode() in bytes(t for t in prompt if t < BYTE_TOKENS):
             raise RuntimeError("synthetic engine error (fault switch in the prompt)")
         seq = next(self._ids)
-        self._running[seq] = _Sequence(list(prompt), max_tokens, time.monotonic() + self.ttft)
+        self._running[seq] = _Sequence(list(prompt), max_tokens, time.monotonic() + self.ttft,
+                                       _script(prompt, prompt_len))
         return seq
 
     def remove(self, seq: int) -> None:
@@ -105,7 +115,14 @@ class SyntheticEngine:
         for seq, s in list(self._running.items()):
             if s.due > now:
                 continue
-            token = next_token(s.tokens)
+            if s.script == b"":  # said it all: the end of the sequence
+                del self._running[seq]
+                steps.append(Step(seq, None, done=True))
+                continue
+            if s.script is None:
+                token = next_token(s.tokens)
+            else:
+                token, s.script = s.script[0], s.script[1:]
             s.tokens.append(token)
             s.left -= 1
             s.due += 1.0 / self.rate if self.rate > 0 else 0.0
@@ -113,3 +130,13 @@ class SyntheticEngine:
                 del self._running[seq]
             steps.append(Step(seq, token, done=s.left == 0))
         return steps
+
+
+def _script(prompt: list[int], prompt_len: int) -> bytes | None:
+    """What a :data:`SAY` prompt still has to say (after what was generated before a
+    resume), or None."""
+    text = bytes(t for t in prompt[:prompt_len] if t < BYTE_TOKENS)
+    at = text.rfind(SAY.encode())
+    if at < 0:
+        return None
+    return text[at + len(SAY):][len(prompt) - prompt_len:]

@@ -1,0 +1,170 @@
+"""Tool calls through the official ``openai`` client.
+
+The parsing path runs a synthetic worker that writes a given family's tool-call text
+(Qwen/Hermes ``<tool_call>`` JSON, mlx-lm's ``json_tools`` parser) from a ``[[say]]``
+script, also across a SIGKILL of the worker mid-stream. The template path runs real
+inference on a copy of the default model whose chat template renders tools (a
+Qwen2.5-style template on SmolLM2's weights, which share its ChatML framing): a required
+call, its result, and the model's final answer."""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.harness import Cluster, Proc, wait_for
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}]
+TEMPLATE = Path(__file__).parent / "data" / "chatml_tools.jinja"
+
+
+def call(name: str, **arguments: Any) -> str:
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments})}\n</tool_call>'
+
+
+def say(*parts: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": "[[say]]" + "".join(parts)}]
+
+
+def client_for(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@dataclass
+class Tooly:
+    cluster: Cluster
+    client: openai.OpenAI
+    procs: dict[str, Proc]
+    """The ``tooly`` workers' processes by worker id."""
+
+
+@pytest.fixture
+def tooly(cluster: Cluster) -> Tooly:
+    """Two synthetic workers of model ``tooly`` that write json_tools calls, and one
+    ``plain`` worker without a tool format."""
+    procs = {}
+    for _ in range(2):
+        before = {w.worker_id for w in cluster.workers()}
+        proc = cluster.worker("--engine", "synthetic", "--model", "tooly", "--rate", "40",
+                              "--tool-parser", "json_tools")
+        (worker_id,) = {w.worker_id for w in cluster.workers()} - before
+        procs[worker_id] = proc
+    cluster.worker("--engine", "synthetic", "--model", "plain")
+    return Tooly(cluster, client_for(cluster.gateway()), procs)
+
+
+def test_a_tool_call_is_parsed_into_tool_calls(tooly) -> None:
+    client = tooly.client
+    answer = client.chat.completions.create(
+        model="tooly", tools=WEATHER, messages=say("Checking.", call("get_weather", city="Paris")))
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Checking."
+    (made,) = choice.message.tool_calls
+    assert made.type == "function" and made.function.name == "get_weather"
+    assert json.loads(made.function.arguments) == {"city": "Paris"}
+    assert made.id.startswith("call_")
+
+
+def test_streamed_tool_calls_arrive_as_deltas_in_order(tooly) -> None:
+    client = tooly.client
+    chunks = list(client.chat.completions.create(
+        model="tooly", tools=WEATHER, stream=True,
+        messages=say("Two cities: ", call("get_weather", city="Oslo"), " and ",
+                     call("get_weather", city="Lima"))))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert content == "Two cities:  and "
+    assert [(d.index, json.loads(d.function.arguments)["city"]) for d in deltas] == [
+        (0, "Oslo"), (1, "Lima")]
+    assert len({d.id for d in deltas}) == 2
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_each_tool_call_arrives_once_when_the_worker_dies_between_them(tooly) -> None:
+    client = tooly.client
+    script = ("First ", call("get_weather", city="Rome"), " then ", "x" * 40,
+              call("get_weather", city="Kyiv"), " done.")
+    deltas, content = [], []
+    with client.chat.completions.with_streaming_response.create(
+            model="tooly", tools=WEATHER, stream=True, messages=say(*script)) as response:
+        victim = tooly.procs[response.headers["x-mlx-stack-worker"]]
+        for chunk in response.parse():
+            delta = chunk.choices[0].delta if chunk.choices else None
+            if delta and delta.tool_calls:
+                deltas += delta.tool_calls
+                if len(deltas) == 1:
+                    victim.kill(signal.SIGKILL)
+            if delta and delta.content:
+                content.append(delta.content)
+    assert [(d.index, json.loads(d.function.arguments)["city"]) for d in deltas] == [
+        (0, "Rome"), (1, "Kyiv")]
+    assert "".join(content) == "First  then " + "x" * 40 + " done."
+    assert not victim.alive()
+    assert any(r.outcome == "worker_lost" for r in tooly.cluster.control("routes", last=3))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tools_for_a_model_without_tool_calling_are_a_400_naming_tools(tooly,
+                                                                       stream: bool) -> None:
+    client = tooly.client
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="plain", tools=WEATHER, stream=stream,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.body["param"] == "tools"
+    assert "no tool calling" in refused.value.body["message"]
+
+
+def tool_model(models_dir: Path, into: Path) -> Path:
+    """The default model's directory with a chat template that renders tools."""
+    source = models_dir / "SmolLM2-135M-Instruct"
+    into.mkdir()
+    for item in source.iterdir():
+        if item.name not in ("chat_template.jinja", "tokenizer_config.json"):
+            (into / item.name).symlink_to(item)
+    config = json.loads((source / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    config["tool_parser_type"] = "json_tools"
+    (into / "tokenizer_config.json").write_text(json.dumps(config))
+    (into / "chat_template.jinja").write_text(TEMPLATE.read_text())
+    return into
+
+
+@pytest.mark.model
+def test_a_real_model_calls_a_tool_then_answers_with_its_result(cluster: Cluster,
+                                                                models_dir: Path,
+                                                                tmp_path: Path) -> None:
+    path = tool_model(models_dir, tmp_path / "smol-tools")
+    cluster.worker("--model", str(path))
+    cluster.worker("--model", str(models_dir / "SmolLM2-135M-Instruct"))
+    client = client_for(cluster.gateway())
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    asked = client.chat.completions.create(model="smol-tools", messages=ask, tools=WEATHER,
+                                           tool_choice="required", temperature=0,
+                                           max_tokens=60)
+    (made,) = asked.choices[0].message.tool_calls
+    assert made.function.name == "get_weather"
+    assert set(json.loads(made.function.arguments)) == {"city"}
+    assert asked.choices[0].finish_reason == "tool_calls"
+    bare = client.chat.completions.create(model="smol-tools", messages=ask, max_tokens=1)
+    assert asked.usage.prompt_tokens > bare.usage.prompt_tokens + 40  # the tools rendered
+    history = [*ask, asked.choices[0].message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": made.id, "content": "Sunny, 21 C"}]
+    final = client.chat.completions.create(model="smol-tools", messages=history,
+                                           tools=WEATHER, temperature=0, max_tokens=40)
+    assert final.choices[0].message.content and not final.choices[0].message.tool_calls
+    assert final.usage.prompt_tokens > asked.usage.prompt_tokens  # the result rendered
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=ask,
+                                       tools=WEATHER, max_tokens=8)
+    assert refused.value.body["param"] == "tools"
+    wait_for("nothing left running", lambda: all(w.running == 0 for w in cluster.workers()))
