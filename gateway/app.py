@@ -11,7 +11,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -29,8 +29,10 @@ from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError, JobEvent, Served
 from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
+from gateway.responses import ResponsesRequest
+from gateway.responses import Shape as ResponseShape
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.shaping import Completion, collect, headers, sse
+from gateway.shaping import Completion, Shape, collect, headers
 
 T = TypeVar("T")
 
@@ -113,6 +115,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
                        chat: bool) -> Any:
+        return await run(request, body, lambda request_id, served: Completion(
+            chat, request_id, served.model_id, body.include_usage))
+
+    async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
+                  shape_for: Callable[[str, Served], Shape]) -> Any:
+        """Check ``body``, hold a stream slot if it streams, and answer it in the shape
+        ``shape_for(request_id, served)`` makes."""
         generation = body.to_generation(settings.default_max_tokens)
         refusal = limits.check_request(settings, body, generation)
         if refusal is not None:
@@ -125,33 +134,32 @@ def create_app(settings: Settings) -> FastAPI:
                 return streams.refusal(peer)
         response: Any = None
         try:
-            response = await answer(request, body, generation, chat, slot)
+            response = await answer(request, body.model, generation, shape_for, slot)
         finally:
             if slot is not None and not isinstance(response, SlotStream):
                 slot.release()  # no stream opened (an error, or the client left)
         return response
 
-    async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest,
-                     generation: p.GenerationRequest, chat: bool,
+    async def answer(request: Request, model: str, generation: p.GenerationRequest,
+                     shape_for: Callable[[str, Served], Shape],
                      slot: StreamSlot | None) -> Any:
         """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
         request_id = request_id_of(request)
-        events = metrics.observe(request, body.model,
-                                 client.run(body.model, generation, request_id))
+        events = metrics.observe(request, model, client.run(model, generation, request_id))
         try:
             served = await until_disconnect(request, anext(events))
             assert isinstance(served, Served)
-            shape = Completion(chat, request_id, served.model_id, body.include_usage)
+            shape = shape_for(request_id, served)
             if slot is not None:
                 # The status waits for the first output: a request the worker refuses
                 # (a format it cannot honour) is still a 400, not an error event in a 200.
                 first = await until_disconnect(request, anext(events))
-                return SlotStream(sse(resume(first, events), shape), slot,
+                return SlotStream(shape.stream(resume(first, events)), slot,
                                   headers(request_id, served))
             text, calls, done = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.body(text, calls, done), headers=headers(request_id, served))
+        return JSONResponse(shape.whole(text, calls, done), headers=headers(request_id, served))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
 
@@ -159,6 +167,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         """Create a chat completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=True)
+
+    @v1.post("/responses")
+    async def responses(request: Request, body: ResponsesRequest) -> Any:
+        """Create a model response (the Responses API, stateless; streamed with
+        ``stream: true`` as typed events)."""
+        return await run(request, body.to_chat(), lambda request_id, served: ResponseShape(
+            request_id, body, served.model_id))
 
     @v1.post("/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:

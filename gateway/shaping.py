@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from common import protocol as p
 from common.logs import log_event
@@ -19,6 +19,15 @@ from gateway.client import Done, JobError, JobEvent, Piece, Served
 log = logging.getLogger("gateway")
 
 DONE = b"data: [DONE]\n\n"
+
+
+class Shape(Protocol):
+    """How one API shows a job's output: streamed, or as one body."""
+
+    def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]: ...
+
+    def whole(self, text: str, tool_calls: list[dict[str, Any]], done: Done
+              ) -> dict[str, Any]: ...
 
 
 class Completion:
@@ -59,7 +68,10 @@ class Completion:
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage}
 
-    def body(self, text: str, tool_calls: list[dict[str, Any]], done: Done) -> dict[str, Any]:
+    def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
+        return sse(job, self)
+
+    def whole(self, text: str, tool_calls: list[dict[str, Any]], done: Done) -> dict[str, Any]:
         if self.chat:
             message: dict[str, Any] = {"role": "assistant", "refusal": None,
                                        "content": text if text or not tool_calls else None}
