@@ -32,6 +32,7 @@ import psutil
 
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 from worker.batch import BatchLoop
 from worker.blas import preload_openblas
 from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
@@ -48,7 +49,7 @@ def free_port() -> int:
 def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
                  ) -> tuple[float, float, int]:
     """One request through the worker's batch loop in this process (no sockets)."""
-    request = p.GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens,
+    request = GenerationRequest(kind="chat", messages=MESSAGES, max_tokens=max_tokens,
                                   temperature=0.0)
     stamps: list[float] = []
     start = time.perf_counter()

@@ -47,6 +47,7 @@ import httpx
 import psutil
 
 from common import protocol as p
+from common.generation import GenerationRequest
 from common.meshkeys import new_secret
 from tests.harness import Cluster, Proc, free_port, wait_for
 from worker.batch import BatchLoop
@@ -182,7 +183,7 @@ def direct(engine: SyntheticEngine, requests: int, concurrency: int,
                 return
             content = f"request {i}"
             jobs[str(i)] = (time.perf_counter(), content, [])
-        request = p.GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
+        request = GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
             {"role": "user", "content": content}])
         loop.put(p.Job(job_id=str(i), request=request.to_dict()))
 

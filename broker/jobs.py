@@ -26,6 +26,7 @@ from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 from common.logs import log_event
 from common.status import Candidate, ModelEntry, Route
 
@@ -108,7 +109,7 @@ class JobTable:
             return self._sent()
 
         try:
-            p.from_dict(p.GenerationRequest, submit.request)
+            p.from_dict(GenerationRequest, submit.request)
         except p.ProtocolError as exc:
             return refuse(p.ErrorCode.INVALID_REQUEST, str(exc))
         if submit.job_id in self.jobs:

@@ -128,6 +128,9 @@ class Partial(Message):
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
     """Tool calls completed in this output, parsed by the worker: each ``{"index", "id",
     "name", "arguments"}`` (arguments as a JSON string, as OpenAI sends them)."""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """When the request asked: one entry per token of ``token_ids``, in OpenAI's shape
+    (``{"token", "logprob", "bytes", "top_logprobs"}``)."""
 
     def absorb(self, later: Partial) -> None:
         """Take in the output of the PARTIAL that follows this one: one frame (worker)
@@ -135,6 +138,7 @@ class Partial(Message):
         self.token_ids = self.token_ids + later.token_ids
         self.text += later.text
         self.tool_calls = self.tool_calls + later.tool_calls
+        self.logprobs = self.logprobs + later.logprobs
 
 
 @dataclass(kw_only=True, slots=True)
@@ -284,36 +288,6 @@ class Announce(Message):
     priority: int = 0
     started: float = 0.0
     coordinator: bool = False
-
-
-@dataclass(kw_only=True, slots=True)
-class GenerationRequest:
-    """What a worker generates: the body of ``Job.request`` / ``Submit.request``.
-
-    The gateway turns an OpenAI request into this (validated, defaults filled in), so a
-    worker never parses HTTP-level JSON and every engine reads the same fields.
-    """
-
-    kind: str  # "chat" (messages) or "completion" (prompt)
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    prompt: str = ""
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] = "auto"
-    """OpenAI's: "auto", "required", or ``{"type": "function", "function": {"name"}}``
-    ("none" arrives as no tools)."""
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    json_schema: dict[str, Any] | None = None
-    """The answer must be JSON matching this schema (``response_format``; json_object is
-    ``{"type": "object"}``), enforced while sampling (worker/grammar.py)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 class ErrorCode(enum.StrEnum):

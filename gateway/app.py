@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 from common.status import ModelEntry
 from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
@@ -116,7 +117,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
                        chat: bool) -> Any:
         return await run(request, body, lambda request_id, served: Completion(
-            chat, request_id, served.model_id, body.include_usage))
+            chat, request_id, served.model_id, body.include_usage,
+            logprobs=bool(getattr(body, "logprobs", False))))
 
     async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
                   shape_for: Callable[[str, Served], Shape]) -> Any:
@@ -140,7 +142,7 @@ def create_app(settings: Settings) -> FastAPI:
                 slot.release()  # no stream opened (an error, or the client left)
         return response
 
-    async def answer(request: Request, model: str, generation: p.GenerationRequest,
+    async def answer(request: Request, model: str, generation: GenerationRequest,
                      shape_for: Callable[[str, Served], Shape],
                      slot: StreamSlot | None) -> Any:
         """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
@@ -156,10 +158,10 @@ def create_app(settings: Settings) -> FastAPI:
                 first = await until_disconnect(request, anext(events))
                 return SlotStream(shape.stream(resume(first, events)), slot,
                                   headers(request_id, served))
-            text, calls, done = await until_disconnect(request, collect(events))
+            answer = await until_disconnect(request, collect(events))
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.whole(text, calls, done), headers=headers(request_id, served))
+        return JSONResponse(shape.whole(answer), headers=headers(request_id, served))
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
 

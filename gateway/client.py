@@ -34,6 +34,7 @@ from common import protocol as p
 from common.brokerlink import BrokerLink
 from common.config import Settings
 from common.control import ControlError, answer, question
+from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
 
@@ -70,6 +71,7 @@ class Piece:
     text: str
     tokens: int
     tool_calls: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +277,7 @@ class BrokerClient:
         except ControlError as exc:
             raise JobError(p.ErrorCode.INVALID_REQUEST, str(exc)) from None
 
-    async def run(self, model: str, request: p.GenerationRequest,
+    async def run(self, model: str, request: GenerationRequest,
                   request_id: str) -> AsyncIterator[JobEvent]:
         """Run one request to its end: a job stream of one :class:`Served`, the
         :class:`Piece` s of output and one :class:`Done`.
@@ -324,7 +326,8 @@ class BrokerClient:
                     if isinstance(msg, p.Partial):
                         token_ids.extend(msg.token_ids)
                         text.append(msg.text)
-                        yield Piece(msg.text, len(msg.token_ids), msg.tool_calls)
+                        yield Piece(msg.text, len(msg.token_ids), msg.tool_calls,
+                                    msg.logprobs)
                     elif isinstance(msg, p.Accepted) and not served:
                         served = True
                         yield Served(msg.node_id, msg.worker_id, msg.model_id)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 from gateway import errors
 from gateway.errors import RETRY_AFTER_S
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -32,7 +33,7 @@ ENVELOPE_BYTES = 4096
 
 
 def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRequest,
-                  generation: p.GenerationRequest) -> JSONResponse | None:
+                  generation: GenerationRequest) -> JSONResponse | None:
     """The 400 error for a request over a limit or not carriable, or None if it is fine."""
     if isinstance(body, ChatCompletionRequest) and len(body.messages) > settings.max_messages:
         return errors.error_response(

@@ -22,6 +22,7 @@ from common.logs import log_event
 from common.protocol import ErrorCode
 from gateway.client import Done, JobError, JobEvent, Piece
 from gateway.schemas import ChatCompletionRequest, Unsupported
+from gateway.shaping import Whole
 
 log = logging.getLogger("gateway")
 
@@ -248,8 +249,9 @@ class Shape:
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
         return events(job, self)
 
-    def whole(self, text: str, calls: list[dict[str, Any]], done: Done) -> dict[str, Any]:
+    def whole(self, answer: Whole) -> dict[str, Any]:
         """The Response object of a request that did not stream."""
+        text, calls, done = answer.text, answer.tool_calls, answer.done
         if text:
             item = self._message()
             item.update(status="completed", content=[

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.constraints import ANY_OBJECT, SchemaError, json_grammar
-from common.protocol import GenerationRequest
+from common.generation import GenerationRequest
 
 
 class Unsupported(ValueError):
@@ -78,7 +78,6 @@ class _Common(BaseModel):
     n: int = Field(default=1, ge=1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logprobs: Any = None
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -95,8 +94,6 @@ class _Common(BaseModel):
     def _check(self) -> None:
         if self.n != 1:
             raise Unsupported("n", "only n=1 is supported; send several requests instead")
-        if self.logprobs not in (None, False, 0):
-            raise Unsupported("logprobs", "logprobs are not supported")
         if self.logit_bias:
             raise Unsupported("logit_bias", "logit_bias is not supported")
 
@@ -138,6 +135,8 @@ class ChatCompletionRequest(_Common):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
@@ -153,11 +152,14 @@ class ChatCompletionRequest(_Common):
         elif choice not in ("auto", "none", "required"):
             raise Unsupported("tool_choice", f"tool_choice {choice!r} is not one of "
                               "'auto', 'none', 'required' or a named function")
+        if self.top_logprobs and not self.logprobs:
+            raise Unsupported("top_logprobs", "top_logprobs needs logprobs: true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max
         tools = None if choice == "none" else self.tools
         return GenerationRequest(
             kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
             tools=tools, tool_choice=choice if tools else "auto",
+            logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
             json_schema=json_schema(self.response_format),
             **self._params(max_tokens))
 
@@ -165,11 +167,15 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: bool = False
+    logprobs: Any = None
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
         if self.echo:
             raise Unsupported("echo", "echo is not supported")
+        if self.logprobs not in (None, False, 0):
+            raise Unsupported("logprobs", "logprobs on text completions are not supported; "
+                              "use chat completions with logprobs: true")
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from common import protocol as p
@@ -21,22 +22,32 @@ log = logging.getLogger("gateway")
 DONE = b"data: [DONE]\n\n"
 
 
+@dataclass(frozen=True, slots=True)
+class Whole:
+    """A job's whole output, for an answer that does not stream."""
+
+    text: str
+    tool_calls: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]]
+    done: Done
+
+
 class Shape(Protocol):
     """How one API shows a job's output: streamed, or as one body."""
 
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]: ...
 
-    def whole(self, text: str, tool_calls: list[dict[str, Any]], done: Done
-              ) -> dict[str, Any]: ...
+    def whole(self, answer: Whole) -> dict[str, Any]: ...
 
 
 class Completion:
     """Shapes chunks and bodies of one chat or text completion, OpenAI style."""
 
     def __init__(self, chat: bool, request_id: str, model: str,
-                 include_usage: bool = False) -> None:
+                 include_usage: bool = False, logprobs: bool = False) -> None:
         self.chat = chat
         self.include_usage = include_usage
+        self.logprobs = logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
         self.created = int(time.time())
         self.model = model
@@ -47,9 +58,12 @@ class Completion:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
+    def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        return {"content": entries, "refusal": None} if self.logprobs else None
+
     def chunk(self, text: str | None, finish_reason: str | None = None,
-              role: bool = False, tool_calls: list[dict[str, Any]] | None = None
-              ) -> dict[str, Any]:
+              role: bool = False, tool_calls: list[dict[str, Any]] | None = None,
+              logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
@@ -57,7 +71,8 @@ class Completion:
             if tool_calls:
                 delta["tool_calls"] = [{"index": call["index"], **function_call(call)}
                                        for call in tool_calls]
-            choice = {"index": 0, "delta": delta, "logprobs": None,
+            choice = {"index": 0, "delta": delta,
+                      "logprobs": self._logprobs(logprobs or []) if logprobs else None,
                       "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None,
@@ -71,17 +86,20 @@ class Completion:
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
         return sse(job, self)
 
-    def whole(self, text: str, tool_calls: list[dict[str, Any]], done: Done) -> dict[str, Any]:
+    def whole(self, answer: Whole) -> dict[str, Any]:
+        done = answer.done
         if self.chat:
+            calls = answer.tool_calls
             message: dict[str, Any] = {"role": "assistant", "refusal": None,
-                                       "content": text if text or not tool_calls else None}
-            if tool_calls:
-                message["tool_calls"] = [function_call(call) for call in tool_calls]
+                                       "content": answer.text if answer.text or not calls
+                                       else None}
+            if calls:
+                message["tool_calls"] = [function_call(call) for call in calls]
             choice: dict[str, Any] = {
-                "index": 0, "logprobs": None, "finish_reason": done.finish_reason,
-                "message": message}
+                "index": 0, "logprobs": self._logprobs(answer.logprobs),
+                "finish_reason": done.finish_reason, "message": message}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
+            choice = {"index": 0, "text": answer.text, "logprobs": None,
                       "finish_reason": done.finish_reason}
         return {**self._envelope(chunk=False), "choices": [choice], "usage": done.usage}
 
@@ -98,17 +116,18 @@ def headers(request_id: str, served: Served) -> dict[str, str]:
             "x-mlx-stack-worker": served.worker_id}
 
 
-async def collect(events: AsyncIterator[JobEvent]
-                  ) -> tuple[str, list[dict[str, Any]], Done]:
-    """A job's pieces joined: the whole text, the tool calls, and how it ended."""
+async def collect(events: AsyncIterator[JobEvent]) -> Whole:
+    """A job's pieces joined: the whole text, tool calls, log-probabilities, the end."""
     parts: list[str] = []
     calls: list[dict[str, Any]] = []
+    logprobs: list[dict[str, Any]] = []
     async for event in events:
         if isinstance(event, Piece):
             parts.append(event.text)
             calls += event.tool_calls
+            logprobs += event.logprobs
         elif isinstance(event, Done):
-            return "".join(parts), calls, event
+            return Whole("".join(parts), calls, logprobs, event)
     raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
@@ -126,8 +145,9 @@ async def sse(events: AsyncIterator[JobEvent], shape: Completion) -> AsyncIterat
         yield _data(shape.chunk("", role=True))
     try:
         async for event in events:
-            if isinstance(event, Piece) and (event.text or event.tool_calls):
-                yield _data(shape.chunk(event.text or None, tool_calls=event.tool_calls))
+            if isinstance(event, Piece) and (event.text or event.tool_calls or event.logprobs):
+                yield _data(shape.chunk(event.text or None, tool_calls=event.tool_calls,
+                                        logprobs=event.logprobs))
             elif isinstance(event, Done):
                 last = _data(shape.chunk(None if shape.chat else "", event.finish_reason))
                 if shape.include_usage:

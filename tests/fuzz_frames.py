@@ -15,12 +15,13 @@ import msgpack
 from hypothesis import strategies as st
 
 from common import protocol as p
+from common.generation import GenerationRequest
 
 FUZZ_MODEL = "fuzz-model"
 """Every seed names this model, never the one the test serves, so a fake READY or SUBMIT
 that stays valid cannot take the real worker's place or its slots."""
 
-REQUEST = p.GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}],
+REQUEST = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}],
                               max_tokens=3).to_dict()
 SEEDS: list[tuple[bytes, p.Message]] = [
     (p.WORKER, p.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,

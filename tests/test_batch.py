@@ -4,13 +4,14 @@ a job leaves the batch alone (finished, stopped, cancelled or failed), the other
 from __future__ import annotations
 
 from common import protocol as p
+from common.generation import GenerationRequest
 from tests.batchloop import RunningLoop
 from tests.harness import wait_for
 from worker.synthetic import FAULT, SyntheticEngine, next_token, word
 
 
 def job(job_id: str, prompt: str, max_tokens: int = 20, stop: list[str] | None = None) -> p.Job:
-    request = p.GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens,
+    request = GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens,
                                   stop=stop or [])
     return p.Job(job_id=job_id, request=request.to_dict())
 

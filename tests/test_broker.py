@@ -15,6 +15,7 @@ import zmq
 from common import protocol as p
 from common.config import Settings
 from common.control import ControlClient, ControlError
+from common.generation import GenerationRequest
 from tests.harness import Cluster, wait_for
 
 
@@ -206,7 +207,7 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
         sock = c.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(c.endpoint)
-        request = p.GenerationRequest(kind="completion", prompt="x", max_tokens=10).to_dict()
+        request = GenerationRequest(kind="completion", prompt="x", max_tokens=10).to_dict()
 
         def submit(job_id: str, attempt: int) -> None:
             sock.send_multipart(p.encode(p.GATEWAY, p.Submit(

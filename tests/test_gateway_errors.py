@@ -81,7 +81,7 @@ def test_json_that_is_not_an_object_is_400(url: str) -> None:
 
 @pytest.mark.parametrize("body, param", [
     ({**GOOD, "n": 2}, "n"),
-    ({**GOOD, "logprobs": True}, "logprobs"),
+    ({**GOOD, "top_logprobs": 2}, "top_logprobs"),
     ({**GOOD, "logit_bias": {"50": 2}}, "logit_bias"),
     ({**GOOD, "tool_choice": "required"}, "tool_choice"),
     ({**GOOD, "response_format": {"type": "json_schema",

@@ -8,9 +8,10 @@ import pytest
 from broker.jobs import JobTable, Send
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 
 GW = b"gateway"
-REQUEST = p.GenerationRequest(kind="completion", prompt="x", max_tokens=4).to_dict()
+REQUEST = GenerationRequest(kind="completion", prompt="x", max_tokens=4).to_dict()
 
 
 def table(**settings: object) -> JobTable:

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 
 from common import protocol as p
+from common.generation import GenerationRequest
 
 
 def frames(tag: bytes, command: int, body: object) -> list[bytes]:
@@ -101,12 +102,12 @@ def test_plain_data_at_the_limits_is_accepted() -> None:
 
 
 def test_generation_request_is_validated() -> None:
-    ok = p.GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}])
-    assert p.from_dict(p.GenerationRequest, ok.to_dict()) == ok
+    ok = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}])
+    assert p.from_dict(GenerationRequest, ok.to_dict()) == ok
     with pytest.raises(p.ProtocolError, match="max_tokens"):
-        p.from_dict(p.GenerationRequest, {"kind": "chat", "max_tokens": "many"})
+        p.from_dict(GenerationRequest, {"kind": "chat", "max_tokens": "many"})
     with pytest.raises(p.ProtocolError, match="seed"):
-        p.from_dict(p.GenerationRequest, {"kind": "chat", "seed": 1.5})
+        p.from_dict(GenerationRequest, {"kind": "chat", "seed": 1.5})
 
 
 def test_a_lone_surrogate_is_not_plain_data() -> None:

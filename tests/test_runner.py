@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common import protocol as p
+from common.generation import GenerationRequest
 from tests.batchloop import RunningLoop
 from worker.synthetic import SyntheticEngine, next_token, word
 
@@ -35,7 +36,7 @@ class LaggingEngine(SyntheticEngine):
 def run(engine: SyntheticEngine, max_tokens: int = 12, stop: list[str] | None = None,
         resume: list[int] | None = None, resume_text: str = "",
         cancel_after: int | None = None) -> tuple[list[p.Message], list[int], str]:
-    request = p.GenerationRequest(kind="completion", prompt="abc", max_tokens=max_tokens,
+    request = GenerationRequest(kind="completion", prompt="abc", max_tokens=max_tokens,
                                   stop=stop or [])
     job = p.Job(job_id="j", request=request.to_dict(), resume_token_ids=resume or [],
                 resume_text=resume_text)

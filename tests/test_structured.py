@@ -123,3 +123,22 @@ def test_a_constrained_stream_resumed_after_its_worker_is_killed_matches_the_sch
     jsonschema_rs.validate(PERSON, json.loads(reference))
     routes = cluster.control("routes", last=5)
     assert any(r.outcome == "worker_lost" for r in routes)
+
+
+def test_each_token_has_its_logprob_and_the_most_likely_alternatives(mesh) -> None:
+    client = client_for(mesh[1]["url"])
+    ask = {"model": "SmolLM2-135M-Instruct", "messages": ASK, "temperature": 0,
+           "max_tokens": 12, "logprobs": True, "top_logprobs": 3}
+    answer = client.chat.completions.create(**ask)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens == 12
+    assert "".join(t.token for t in content) == answer.choices[0].message.content
+    for t in content:
+        tops = [a.logprob for a in t.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and t.logprob <= 0
+        assert t.top_logprobs[0].token == t.token and tops[0] == t.logprob  # greedy
+    streamed = [e for c in client.chat.completions.create(**ask, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(t.token, t.logprob) for t in content]
+    plain = client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None

@@ -112,7 +112,7 @@ class BatchLoop:
             run = self._runs.get(step.seq)
             if run is None:
                 continue
-            if step.token is not None and run.add(step.token):  # a stop sequence: FINAL sent
+            if step.token is not None and run.add(step.token, step.logprob):  # a stop: FINAL sent
                 if step.done:
                     self._forget(step.seq)
                 else:

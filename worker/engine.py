@@ -11,9 +11,9 @@ every engine and live in :mod:`worker.runner`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from common.protocol import GenerationRequest
+from common.generation import GenerationRequest
 from worker.tools import ToolFormat
 
 
@@ -48,6 +48,8 @@ class Step:
     done: bool
     """The engine has dropped the sequence: end of sequence, or its ``max_tokens`` reached
     (then ``token`` is the last one)."""
+    logprob: dict[str, Any] | None = None
+    """The token's log-probability in OpenAI's shape, when the request asked for it."""
 
 
 class Engine(Protocol):

@@ -31,7 +31,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
 
 from common.constraints import SchemaError, json_grammar, tool_call_grammar
-from common.protocol import GenerationRequest
+from common.generation import GenerationRequest
 from worker.capacity import slots_for_memory
 from worker.engine import Detokenizer, RequestRefused, Step
 from worker.grammar import GrammarProcessor, ll_tokenizer
@@ -99,6 +99,8 @@ class MlxEngine:
         self._eos = StopSequences([(t,) for t in self.tokenizer.eos_token_ids])
         self._batch: BatchGenerator | None = None
         self._running: set[int] = set()
+        self._logprobs: dict[int, int] = {}
+        """Sequences that asked for log-probabilities, with how many alternatives."""
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":
@@ -135,6 +137,8 @@ class MlxEngine:
             all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
             logits_processors=[processors], stop_sequences=[self._eos])
         self._running.add(seq)
+        if request.logprobs:
+            self._logprobs[seq] = request.top_logprobs
         return seq
 
     def _forced_call(self, request: GenerationRequest) -> str:
@@ -163,6 +167,7 @@ class MlxEngine:
         if seq not in self._running or self._batch is None:
             return
         self._running.discard(seq)
+        self._logprobs.pop(seq, None)
         for cache, tokens in self._batch.remove([seq], return_prompt_caches=True).values():
             self._keep(tokens, cache)
 
@@ -172,18 +177,41 @@ class MlxEngine:
         _, responses = self._batch.next()
         steps = []
         for r in responses:
+            logprob = self._logprob(r.uid, r.token, r.logprobs)
             if r.finish_reason is None:
-                steps.append(Step(r.uid, r.token, done=False))
+                steps.append(Step(r.uid, r.token, done=False, logprob=logprob))
                 continue
             self._running.discard(r.uid)
+            self._logprobs.pop(r.uid, None)
             self._keep(r.all_tokens, r.prompt_cache)
             eos = r.finish_reason == "stop"  # the only stop sequences given are EOS tokens
-            steps.append(Step(r.uid, None if eos else r.token, done=True))
+            steps.append(Step(r.uid, None if eos else r.token, done=True, logprob=logprob))
         self.kv_bytes = self._batch.prompt_cache_nbytes + self._prompt_cache.nbytes
         return steps
 
     def wait(self) -> float | None:
         return 0.0 if self._running else None
+
+    def _logprob(self, seq: int, token: int, logprobs: mx.array) -> dict[str, Any] | None:
+        """``token``'s entry in OpenAI's shape, if ``seq`` asked for log-probabilities:
+        its own and the ``top`` most likely tokens' (after the request's logits
+        processors: a constrained request shows the constrained distribution)."""
+        top = self._logprobs.get(seq)
+        if top is None:
+            return None
+        alternatives = []
+        if top:
+            best = mx.argpartition(-logprobs, top - 1)[:top]
+            values = logprobs[best].tolist()
+            alternatives = sorted(zip(best.tolist(), values, strict=True),
+                                  key=lambda pair: -pair[1])
+        return {**self._token_entry(token, logprobs[token].item()),
+                "top_logprobs": [self._token_entry(t, v) for t, v in alternatives]}
+
+    def _token_entry(self, token: int, logprob: float) -> dict[str, Any]:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": max(logprob, -9999.0),
+                "bytes": list(text.encode())}
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         """The KV cache of the longest prefix of ``prompt`` computed here before (a copy),

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from common.generation import GenerationRequest
 from common.protocol import (
     ErrorCode,
     Fail,
     Final,
-    GenerationRequest,
     Job,
     Message,
     Partial,
@@ -91,6 +91,7 @@ class JobRun:
         self._calls.clear()  # made before the resume seam: the client has them
         self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
         self._pending: list[int] = []
+        self._logprobs: list[dict] = []
 
     def open(self) -> bool:
         """Send what the resume seam owes the client; False when that already ended the job
@@ -103,11 +104,13 @@ class JobRun:
             return False
         return True
 
-    def add(self, token: int) -> bool:
-        """A new token; True when a stop sequence ended the job (FINAL sent: drop the
-        sequence from the engine)."""
+    def add(self, token: int, logprob: dict | None = None) -> bool:
+        """A new token (with its log-probability entry if the request asked); True when a
+        stop sequence ended the job (FINAL sent: drop the sequence from the engine)."""
         self.new_tokens += 1
         self._pending.append(token)
+        if logprob is not None:
+            self._logprobs.append(logprob)
         self._detok.add_token(token)
         if self._flush(final=False):
             self._final("stop")
@@ -140,9 +143,10 @@ class JobRun:
         text, stopped = self._scanner.release(self._content, final)
         if text or self._pending or self._calls:
             self.send(Partial(job_id=self.job_id, token_ids=list(self._pending), text=text,
-                              tool_calls=list(self._calls)))
+                              tool_calls=list(self._calls), logprobs=list(self._logprobs)))
             self._pending.clear()
             self._calls.clear()
+            self._logprobs.clear()
         return stopped
 
     def _final(self, finish_reason: str) -> None:

@@ -14,7 +14,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-from common.protocol import GenerationRequest
+from common.generation import GenerationRequest
 from worker.engine import RequestRefused, Step
 from worker.tools import ToolFormat
 
@@ -59,6 +59,8 @@ class _Sequence:
     """When its next token is due (monotonic seconds)."""
     script: bytes | None = None
     """What is left to say (:data:`SAY`), or None for synthetic words."""
+    logprobs: bool = False
+    """Whether the request asked for log-probabilities (each token is certain: 0.0)."""
 
 
 class SyntheticEngine:
@@ -98,7 +100,7 @@ class SyntheticEngine:
             raise RuntimeError("synthetic engine error (fault switch in the prompt)")
         seq = next(self._ids)
         self._running[seq] = _Sequence(list(prompt), max_tokens, time.monotonic() + self.ttft,
-                                       _script(prompt, prompt_len))
+                                       _script(prompt, prompt_len), request.logprobs)
         return seq
 
     def remove(self, seq: int) -> None:
@@ -128,7 +130,10 @@ class SyntheticEngine:
             s.due += 1.0 / self.rate if self.rate > 0 else 0.0
             if s.left == 0:
                 del self._running[seq]
-            steps.append(Step(seq, token, done=s.left == 0))
+            logprob = {"token": word(token), "logprob": 0.0,
+                       "bytes": list(word(token).encode()), "top_logprobs": []
+                       } if s.logprobs else None
+            steps.append(Step(seq, token, done=s.left == 0, logprob=logprob))
         return steps
 
 
