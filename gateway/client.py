@@ -292,6 +292,12 @@ class BrokerClient:
         token_ids: list[int] = []
         text: list[str] = []
         attempts = 0
+        """Submissions so far (SUBMIT.attempt > 0 lets a resubmission past the queue bound)."""
+        lost_workers = 0
+        """Attempts whose worker died under them: the only losses that count against
+        max_retries. A lost or restarted broker, a redirect or a lost frame is the mesh's
+        doing and costs the request nothing but time (its deadline still holds); workers
+        dying one after the other under the same request may be the request's doing."""
         served = False
         while True:
             await self._await_broker(deadline)
@@ -340,9 +346,13 @@ class BrokerClient:
                 if not done:
                     self.link.send(p.Cancel(job_id=job_id))
             attempts += 1
-            if attempts > self.settings.max_retries:
-                raise JobError(p.ErrorCode.WORKER_LOST,
-                               f"gave up after {attempts} attempts; last error: {reason}")
+            if kind == "mid_stream":
+                lost_workers += 1
+                if lost_workers > self.settings.max_retries:
+                    raise JobError(p.ErrorCode.WORKER_LOST, (
+                        f"gave up after {lost_workers} workers were lost under this "
+                        f"request (max_retries={self.settings.max_retries}); last error: "
+                        f"{reason}"))
             self.failovers[kind] += 1
             log_event(log, "job_resubmitted", request=request_id, attempt=attempts, kind=kind,
                       resume_tokens=len(token_ids), reason=reason)

@@ -205,6 +205,28 @@ def test_when_retries_run_out_the_stream_ends_with_an_error_not_a_hang(tmp_path)
         assert s.error is None and not s.done, s.error
         errors = [chunk["error"] for chunk in s.chunks if "error" in chunk]
         assert len(errors) == 1 and errors[0]["code"] == "worker_lost", errors
-        assert "gave up after 2 attempts" in errors[0]["message"]
+        assert "gave up after 2 workers were lost" in errors[0]["message"]
+    finally:
+        c.close()
+
+
+def test_broker_restarts_never_use_up_a_requests_retries(tmp_path) -> None:
+    """max_retries = 1, and the broker is SIGKILLed and restarted three times under one
+    stream: losses that are the mesh's doing cost the request time, not attempts, and the
+    stream ends with its exact text."""
+    c = Cluster(tmp_path, env={"MLX_STACK_MAX_RETRIES": "1"})
+    try:
+        broker = c.broker()
+        nodes(c, "node-a", rate=20)
+        s = Stream(c.gateway(), "outlives its brokers", 120).start()
+        for restart in range(3):
+            seen = len(s.text.split())
+            wait_for(f"tokens before restart {restart}",
+                     lambda n=seen: len(s.text.split()) >= n + 3 or s.closed, timeout=30)
+            assert not s.closed, s.chunks[-1]  # it ended early: an error event
+            broker.kill(signal.SIGKILL)
+            broker = c.broker()
+        s.wait(timeout=90)
+        assert s.text == expected_text("outlives its brokers", 120)
     finally:
         c.close()
