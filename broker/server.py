@@ -34,7 +34,7 @@ import uuid
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from broker import control
+from broker import control, epochs
 from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
@@ -97,7 +97,8 @@ class Broker:
         others = [e for e in settings.peer_list if e != self.advertise]
         self.election = Election(
             BrokerInfo(node_id=settings.node_id, endpoint=self.advertise,
-                       priority=settings.priority, started=self.started),
+                       priority=settings.priority, started=self.started,
+                       epoch=epochs.load(settings.home)),
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
             now=time.monotonic() - (0 if others or settings.mdns_interfaces
@@ -121,7 +122,9 @@ class Broker:
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
         self._stopping = False
+        self._saved_epoch = -1
         self.election.decide(time.monotonic())
+        self._save_epoch()
 
     def _announcement(self) -> p.Announce:
         me = self.election.me
@@ -338,6 +341,7 @@ class Broker:
         if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
             self.counters["announce_unsent"] += unsent
         decision = self.election.decide(now)
+        self._save_epoch()
         self.peers.set_coordinator(decision.coordinator)
         coordinator = decision.follow.endpoint if decision.follow else ""
         if decision.changed:
@@ -355,6 +359,11 @@ class Broker:
             for identity, protocol in self.followers.items():
                 self._send(identity, protocol, p.Redirect(endpoint=coordinator))
         self.coordinator = coordinator
+
+    def _save_epoch(self) -> None:
+        if self.epoch != self._saved_epoch:
+            epochs.save(self.settings.home, self.epoch)
+            self._saved_epoch = self.epoch
 
     def _hand_over(self, coordinator: str) -> None:
         """Step down: send every worker and gateway to the new coordinator. Gateways

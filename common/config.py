@@ -89,6 +89,7 @@ class Settings:
     """Seconds a job for a known model waits for a worker to come back before HTTP 503."""
     request_timeout: float = 600.0
     max_retries: int = 3
+    """Workers a request may lose before it fails (a lost broker never counts)."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get HTTP 413 before they are parsed."""
     max_messages: int = 1024

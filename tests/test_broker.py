@@ -261,3 +261,12 @@ def test_control_refuses_unknown_operations_and_bad_arguments(cluster: Cluster) 
         asker.ask("add_peer", endpoint="not an endpoint")
     assert cluster.control("routes", last=-1) == []  # a bad count falls back to the default
     assert cluster.control("status").role == "coordinator"
+
+
+def test_a_restarted_lone_broker_takes_a_higher_epoch(cluster: Cluster) -> None:
+    """Epochs survive a restart (kept in the node's home), so a lone broker that comes
+    back is not fenced off as older by those that saw its earlier term."""
+    first = cluster.control("status").epoch
+    cluster.procs[0].kill(signal.SIGKILL)
+    cluster.broker()
+    assert cluster.control("status").epoch > first >= 1
