@@ -19,6 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+FORGET_AFTER = 10
+"""Peers silent for this many timeouts are forgotten (they are long dead to the
+election already; mDNS or a restart brings them back)."""
+MAX_PEERS = 256
+"""Most peers remembered: a flood of made-up endpoints evicts the stalest."""
+
 
 @dataclass(slots=True)
 class BrokerInfo:
@@ -68,6 +74,8 @@ class Election:
         info.last_seen = now
         self.peers[info.endpoint] = info
         self.max_epoch = max(self.max_epoch, info.epoch)
+        while len(self.peers) > MAX_PEERS:
+            del self.peers[min(self.peers, key=lambda e: self.peers[e].last_seen)]
 
     def lost(self, endpoint: str) -> None:
         """A peer's connection closed (its process died): it is no longer live."""
@@ -78,6 +86,9 @@ class Election:
 
     def decide(self, now: float) -> Decision:
         """Whether this broker should coordinate now, and whom to follow otherwise."""
+        for endpoint in [e for e, peer in self.peers.items()
+                         if now - peer.last_seen > FORGET_AFTER * self.timeout]:
+            del self.peers[endpoint]
         live = self.live(now)
         coordinators = sorted((p for p in live if p.coordinator and p.epoch >= 0),
                               key=lambda p: p.rank)

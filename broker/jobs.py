@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Iterable
 
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
@@ -34,6 +35,12 @@ log = logging.getLogger("broker")
 
 ROUTE_HISTORY = 1000
 MAX_SLOTS = 1024
+MODEL_MEMORY = 600.0
+"""Seconds a model name is still known (a request for it waits the grace period rather
+than a 404) after its last worker left."""
+MAX_MODELS = 1024
+"""Most model names remembered: a flood of names (resubmissions name any model) evicts
+the longest unserved, never grows memory."""
 
 Send = tuple[bytes, bytes, p.Message]
 """A message to send: (ROUTER identity, protocol tag, message)."""
@@ -48,7 +55,8 @@ class JobTable:
         self.jobs: dict[str, JobState] = {}
         self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
             collections.deque)
-        self.known_models: set[str] = set()
+        self.known_models: dict[str, float] = {}
+        """Model names served lately, with when a live worker last had them."""
         self.routes: collections.deque[Route] = collections.deque(maxlen=ROUTE_HISTORY)
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
@@ -116,7 +124,7 @@ class JobTable:
             return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
         if submit.attempt and submit.model not in self.known_models:
             # Admitted before under another coordinator: its workers are on their way.
-            self.known_models.add(submit.model)
+            self._know([submit.model], now)
         if submit.model not in self.known_models:
             return refuse(p.ErrorCode.MODEL_NOT_FOUND,
                           f"The model '{submit.model}' does not exist in this mesh. "
@@ -161,6 +169,11 @@ class JobTable:
                 job_id=job.submit.job_id, code=p.ErrorCode.DEADLINE,
                 error="the request's deadline passed while it ran"))
         live = set().union(*(w.names for w in self.workers.values()))
+        self._know(live, now)
+        for model in [m for m, seen in self.known_models.items() if now - seen > MODEL_MEMORY]:
+            del self.known_models[model]
+        for model in [m for m, q in self.queues.items() if not q and m not in live]:
+            del self.queues[model]
         for model, queue in list(self.queues.items()):
             for job_id in list(queue):
                 job = self.jobs[job_id]
@@ -223,7 +236,7 @@ class JobTable:
             mem_free=ready.mem_free, last_seen=now,
         )
         self.workers[identity] = worker
-        self.known_models |= worker.names
+        self._know(worker.names, now)
         log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
                   model=ready.model_id, slots=ready.slots, engine=ready.engine)
 
@@ -260,6 +273,13 @@ class JobTable:
         log_event(log, "job_redispatched", request=job.submit.request_id, job=job.submit.job_id,
                   reason=reason)
         self.queues[job.submit.model].appendleft(job.submit.job_id)
+
+    def _know(self, names: Iterable[str], now: float) -> None:
+        """Remember ``names`` as served at ``now``, within :data:`MAX_MODELS`."""
+        for name in names:
+            self.known_models[name] = now
+        while len(self.known_models) > MAX_MODELS:
+            del self.known_models[min(self.known_models, key=self.known_models.__getitem__)]
 
     def _cancel(self, gateway: bytes, job_id: str) -> None:
         job = self.jobs.get(job_id)

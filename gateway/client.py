@@ -148,8 +148,9 @@ class BrokerClient:
         """Requests resubmitted, by kind: ``mid_stream`` (the worker was lost after output
         reached us, or after the broker's own re-dispatches ran out), ``coordinator`` (the
         broker died, restarted or redirected us) and ``lost_frame`` (a PARTIAL went
-        missing). Re-dispatches before the first token happen inside the broker and are
-        counted there."""
+        missing). Re-dispatches before the first token happen inside the broker; they are
+        counted here (``pre_token``) when a second ACCEPTED names the new worker, so a new
+        coordinator does not reset them."""
         self._tasks: list[asyncio.Task[None]] = []
         self._move_to: tuple[str, str] | None = None
         """(reason, endpoint or "") of a move to another broker, for the reader to make."""
@@ -305,7 +306,7 @@ class BrokerClient:
             inbox = self.streams[job_id] = _Inbox(loop_deadline)
             log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
                       model=model, attempt=attempts)
-            done = False
+            done = accepted = False
             try:
                 self.link.send(p.Submit(
                     job_id=job_id, request_id=request_id, model=model,
@@ -334,9 +335,13 @@ class BrokerClient:
                         text.append(msg.text)
                         yield Piece(msg.text, len(msg.token_ids), msg.tool_calls,
                                     msg.logprobs)
-                    elif isinstance(msg, p.Accepted) and not served:
-                        served = True
-                        yield Served(msg.node_id, msg.worker_id, msg.model_id)
+                    elif isinstance(msg, p.Accepted):
+                        if accepted:  # the coordinator gave the job to another worker
+                            self.failovers["pre_token"] += 1
+                        accepted = True
+                        if not served:
+                            served = True
+                            yield Served(msg.node_id, msg.worker_id, msg.model_id)
                     elif isinstance(msg, p.Final):
                         done = True
                         yield Done(msg.finish_reason, msg.usage)

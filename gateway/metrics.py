@@ -31,7 +31,7 @@ UNKNOWN = "unknown"
 not become label values (one time series each)."""
 NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-GATEWAY_FAILOVERS = ("mid_stream", "coordinator", "lost_frame")
+FAILOVERS = ("pre_token", "mid_stream", "coordinator", "lost_frame")
 
 
 class Metrics:
@@ -139,14 +139,13 @@ class MeshCollector:
         changes.add_metric([], self.client.counters["broker_lost"])
         yield changes
         failovers = CounterMetricFamily(
-            "mlx_stack_failovers", "Requests moved to another worker, by kind: pre_token "
-            "(re-dispatched by the coordinator, counted since it took over), mid_stream "
-            "and coordinator (resubmitted by this gateway with resume tokens), lost_frame.",
-            labels=["kind"])
-        for kind in GATEWAY_FAILOVERS:
+            "mlx_stack_failovers", "Requests of this gateway moved to another worker, by "
+            "kind: pre_token (re-dispatched by the coordinator before any output), "
+            "mid_stream and coordinator (resubmitted with resume tokens after a lost worker "
+            "or a lost broker), lost_frame. Counted here, so a coordinator change does not "
+            "reset them.", labels=["kind"])
+        for kind in FAILOVERS:
             failovers.add_metric([kind], self.client.failovers[kind])
-        if status:
-            failovers.add_metric(["pre_token"], status.counters.get("redispatched", 0))
         yield failovers
         if status:
             yield from broker_families(status)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.election import BrokerInfo, Election
+from broker.election import FORGET_AFTER, MAX_PEERS, BrokerInfo, Election
 
 T = 1.5  # liveness timeout
 HOLD = 5.0
@@ -64,3 +64,13 @@ def test_after_a_partition_heals_the_lower_ranked_active_steps_down() -> None:
     assert not decision.coordinator and decision.changed and decision.follow.node_id == "a"
     b.heard(info("a", priority=1, coordinator=True, epoch=7), 3.5)
     assert not b.decide(3.5).changed
+
+
+def test_silent_peers_are_forgotten_and_a_flood_of_endpoints_stays_bounded() -> None:
+    e = Election(info("me"), timeout=1.0, hold_down=1.0, now=0.0)
+    e.heard(info("old"), 0.0)
+    e.decide(FORGET_AFTER + 1.0)
+    assert e.peers == {}
+    for n in range(MAX_PEERS + 100):
+        e.heard(info(f"flood-{n}"), 20.0 + n)
+    assert len(e.peers) == MAX_PEERS and "tcp://flood-0:4100" not in e.peers

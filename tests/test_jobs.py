@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.jobs import JobTable, Send
+from broker.jobs import MAX_MODELS, MODEL_MEMORY, JobTable, Send
 from common import protocol as p
 from common.config import Settings
 from common.generation import GenerationRequest
@@ -166,3 +166,16 @@ def test_a_job_past_its_deadline_is_cancelled_and_504() -> None:
     sends = t.tick(2.5)
     assert [type(m) for _, _, m in sends] == [p.Cancel, p.Fail]
     assert to_gateway(sends)[0].code == p.ErrorCode.DEADLINE
+
+
+def test_a_model_long_unserved_is_forgotten_and_a_flood_of_names_stays_bounded() -> None:
+    t = table()
+    ready(t, "w")
+    t.worker_message(b"w", p.Disconnect(), 1.0)
+    t.tick(1.0)
+    assert "m" in t.known_models  # a moment ago: a request waits the grace
+    t.tick(2.0 + MODEL_MEMORY)
+    assert "m" not in t.known_models and "m" not in t.queues
+    for n in range(MAX_MODELS + 50):  # resubmissions may name anything
+        submit(t, f"j{n}", model=f"made-up-{n}", attempt=1, now=3.0 + n)
+    assert len(t.known_models) == MAX_MODELS and "made-up-0" not in t.known_models

@@ -101,3 +101,20 @@ def test_without_a_broker_local_metrics_are_served_and_up_is_0(cluster: Cluster)
     back = wait_for("the broker to be up again in /metrics", lambda: (
         s if value(s := scrape(url), "mlx_stack_broker_up") == 1 else None))
     assert value(back, "mlx_stack_broker_changes_total") >= 1
+
+
+def test_pre_token_failovers_are_counted_by_the_gateway_and_survive_a_new_coordinator(
+        cluster: Cluster) -> None:
+    slow = cluster.worker("--engine", "synthetic", "--model", "syn", "--ttft", "30")
+    url = cluster.gateway()
+    stream = Stream(url, "patience", 10).start()
+    wait_for("the job on the slow worker", lambda: any(
+        w.running for w in cluster.workers()))
+    nodes(cluster, "node-b")
+    slow.kill(signal.SIGKILL)  # before its first token: the coordinator re-dispatches
+    stream.wait()
+    assert stream.text == expected_text("patience", 10)
+    assert value(scrape(url), "mlx_stack_failovers_total", kind="pre_token") == 1
+    cluster.procs[0].kill(signal.SIGKILL)  # the broker: a new coordinator, counters at 0
+    cluster.broker()
+    assert value(scrape(url), "mlx_stack_failovers_total", kind="pre_token") == 1
