@@ -86,6 +86,7 @@ class Discovery:
         except Exception as exc:  # a closed zeroconf during shutdown, a name clash...
             log_event(log, "mdns_register_failed", logging.WARNING, error=repr(exc))
         published = False
+        failing = False
         while not self.closed.wait(0.5):
             want = self.coordinating.is_set()
             try:
@@ -95,7 +96,13 @@ class Discovery:
                     self.zc.unregister_service(self.alias)
                 published = want
             except Exception as exc:
-                log_event(log, "mdns_alias_failed", logging.INFO, error=repr(exc))
+                # While two coordinators overlap (a partition healing) this fails every
+                # turn until one steps down: say it once, not twice a second.
+                log_event(log, "mdns_alias_failed", logging.DEBUG if failing else logging.INFO,
+                          error=repr(exc), retrying_every_s=0.5)
+                failing = True
+            else:
+                failing = False
 
     def _changed(self, zeroconf: Zeroconf, service_type: str, name: str,
                  state_change: ServiceStateChange) -> None:
