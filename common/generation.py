@@ -27,6 +27,8 @@ class GenerationRequest:
     tool_choice: str | dict[str, Any] = "auto"
     """OpenAI's: "auto", "required", or ``{"type": "function", "function": {"name"}}``
     ("none" arrives as no tools)."""
+    parallel_tool_calls: bool = True
+    """False: the answer ends at its first tool call."""
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0

@@ -57,6 +57,7 @@ class ResponsesRequest(BaseModel):
             "model": self.model, "messages": messages, "stream": self.stream,
             "temperature": self.temperature, "top_p": self.top_p,
             "max_tokens": self.max_output_tokens,
+            "parallel_tool_calls": self.parallel_tool_calls,
             "stream_options": {"include_usage": True} if self.stream else None}
         if self.tools:
             body["tools"] = [_chat_tool(t, i) for i, t in enumerate(self.tools)]

@@ -137,6 +137,7 @@ class ChatCompletionRequest(_Common):
     response_format: dict[str, Any] | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    parallel_tool_calls: bool = True
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
@@ -159,6 +160,7 @@ class ChatCompletionRequest(_Common):
         return GenerationRequest(
             kind="chat", messages=[m.to_template(i) for i, m in enumerate(self.messages)],
             tools=tools, tool_choice=choice if tools else "auto",
+            parallel_tool_calls=self.parallel_tool_calls,
             logprobs=bool(self.logprobs), top_logprobs=self.top_logprobs or 0,
             json_schema=json_schema(self.response_format),
             **self._params(max_tokens))

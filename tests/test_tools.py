@@ -113,6 +113,17 @@ def test_each_tool_call_arrives_once_when_the_worker_dies_between_them(tooly) ->
     assert any(r.outcome == "worker_lost" for r in tooly.cluster.control("routes", last=3))
 
 
+def test_without_parallel_tool_calls_the_answer_ends_at_its_first_call(tooly) -> None:
+    answer = tooly.client.chat.completions.create(
+        model="tooly", tools=WEATHER, parallel_tool_calls=False,
+        messages=say(call("get_weather", city="Oslo"), call("get_weather", city="Lima"),
+                     " and more text"))
+    (made,) = answer.choices[0].message.tool_calls
+    assert json.loads(made.function.arguments) == {"city": "Oslo"}
+    assert answer.choices[0].finish_reason == "tool_calls"
+    assert answer.usage.completion_tokens < len(call("get_weather", city="Oslo")) + 8
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_tools_for_a_model_without_tool_calling_are_a_400_naming_tools(tooly,
                                                                        stream: bool) -> None:

@@ -106,7 +106,8 @@ class JobRun:
 
     def add(self, token: int, logprob: dict | None = None) -> bool:
         """A new token (with its log-probability entry if the request asked); True when a
-        stop sequence ended the job (FINAL sent: drop the sequence from the engine)."""
+        stop sequence, or the one tool call a request without parallel tool calls may
+        make, ended the job (FINAL sent: drop the sequence from the engine)."""
         self.new_tokens += 1
         self._pending.append(token)
         if logprob is not None:
@@ -147,7 +148,9 @@ class JobRun:
             self._pending.clear()
             self._calls.clear()
             self._logprobs.clear()
-        return stopped
+        one_call = (self._tools is not None and self._tools.calls > 0
+                    and not self.request.parallel_tool_calls)
+        return stopped or one_call
 
     def _final(self, finish_reason: str) -> None:
         if finish_reason == "stop" and self._tools is not None and self._tools.calls:
