@@ -129,9 +129,12 @@ class MlxEngine:
             frequency_penalty=request.frequency_penalty or None,
         )
         if request.json_schema is not None:
-            processors.append(self._grammar(json_grammar, request.json_schema, prompt_len))
+            schema = request.json_schema
+            processors.append(self._constrain("response_format", lambda: json_grammar(schema),
+                                              prompt_len))
         elif request.tools and request.tool_choice != "auto":
-            processors.append(self._grammar(self._forced_call, request, prompt_len))
+            processors.append(self._constrain("tool_choice", lambda: self._forced_call(request),
+                                              prompt_len))
         (seq,) = self._batch.insert(
             [rest], max_tokens=[max_tokens], caches=[cache],
             all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
@@ -151,13 +154,13 @@ class MlxEngine:
         name = choice.get("function", {}).get("name", "") if isinstance(choice, dict) else ""
         return tool_call_grammar(fmt.start, fmt.end, request.tools or [], name)
 
-    def _grammar(self, build: Callable[[Any], str], spec: Any,
-                 prompt_len: int) -> GrammarProcessor:
-        """The processor that keeps the answer within the grammar ``build(spec)``."""
+    def _constrain(self, param: str, grammar_of: Callable[[], str],
+                   prompt_len: int) -> GrammarProcessor:
+        """The processor that keeps the answer within the grammar ``grammar_of()`` builds
+        for the request field ``param`` (named in the 400 when it cannot be built)."""
         try:
-            grammar = build(spec)
+            grammar = grammar_of()
         except SchemaError as exc:
-            param = "response_format" if build is json_grammar else "tool_choice"
             raise RequestRefused(param, str(exc)) from None
         if self._ll_tokenizer is None:
             self._ll_tokenizer = ll_tokenizer(self.path, list(self.tokenizer.eos_token_ids))
