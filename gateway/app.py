@@ -118,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
                        chat: bool) -> Any:
         return await run(request, body, lambda request_id, served: Completion(
             chat, request_id, served.model_id, body.include_usage,
-            logprobs=bool(body.logprobs)))
+            logprobs=body.logprobs not in (None, False)))
 
     async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
                   shape_for: Callable[[str, Served], Shape]) -> Any:

@@ -1,7 +1,7 @@
 """OpenAI request bodies, validated, and their translation into a GenerationRequest.
 
 Unknown fields are ignored (clients send many), but a field we cannot honour with a
-non-default value (``n > 1``, ``logprobs``, ``echo``, image content, a JSON schema the
+non-default value (``n > 1``, ``echo``, image content, a JSON schema the
 grammar library cannot compile) is refused with a clear 400 rather than silently dropped.
 """
 
@@ -169,19 +169,20 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str]
     echo: bool = False
-    logprobs: Any = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    """Legacy log-probabilities: each token's own and its ``logprobs`` most likely
+    alternatives."""
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()
         if self.echo:
             raise Unsupported("echo", "echo is not supported")
-        if self.logprobs not in (None, False, 0):
-            raise Unsupported("logprobs", "logprobs on text completions are not supported; "
-                              "use chat completions with logprobs: true")
         prompt = self.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise Unsupported("prompt", "send one prompt per request")
             prompt = prompt[0]
         return GenerationRequest(kind="completion", prompt=prompt,
+                                 logprobs=self.logprobs is not None,
+                                 top_logprobs=self.logprobs or 0,
                                  **self._params(self.max_tokens or default_max))

@@ -49,6 +49,8 @@ class Completion:
         self.include_usage = include_usage
         self.logprobs = logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
+        self._offset = 0
+        """Characters of text shown so far: a text completion's ``text_offset``."""
         self.created = int(time.time())
         self.model = model
 
@@ -59,7 +61,21 @@ class Completion:
                 "system_fingerprint": None}
 
     def _logprobs(self, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-        return {"content": entries, "refusal": None} if self.logprobs else None
+        """``entries`` (the worker's chat-style log-probabilities) in this API's shape:
+        chat's ``content`` list, or the columns of legacy text completions."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return {"content": entries, "refusal": None}
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offset)
+            self._offset += len(entry["token"])
+        return {"tokens": [e["token"] for e in entries],
+                "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]}
+                                 for e in entries],
+                "text_offset": offsets}
 
     def chunk(self, text: str | None, finish_reason: str | None = None,
               role: bool = False, tool_calls: list[dict[str, Any]] | None = None,
@@ -75,7 +91,8 @@ class Completion:
                       "logprobs": self._logprobs(logprobs or []) if logprobs else None,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None,
+            choice = {"index": 0, "text": text or "",
+                      "logprobs": self._logprobs(logprobs) if logprobs else None,
                       "finish_reason": finish_reason}
         usage = {"usage": None} if self.include_usage else {}
         return {**self._envelope(chunk=True), "choices": [choice], **usage}
@@ -99,7 +116,8 @@ class Completion:
                 "index": 0, "logprobs": self._logprobs(answer.logprobs),
                 "finish_reason": done.finish_reason, "message": message}
         else:
-            choice = {"index": 0, "text": answer.text, "logprobs": None,
+            choice = {"index": 0, "text": answer.text,
+                      "logprobs": self._logprobs(answer.logprobs),
                       "finish_reason": done.finish_reason}
         return {**self._envelope(chunk=False), "choices": [choice], "usage": done.usage}
 

@@ -96,6 +96,15 @@ def test_unsupported_parameters_are_400(url: str, body: dict, param: str) -> Non
     assert_openai_error(response, 400, "unsupported_parameter", param)
 
 
+@pytest.mark.parametrize("body, param", [
+    ({"model": "syn", "prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"model": "syn", "prompt": "hi", "echo": True}, "echo"),
+])
+def test_unsupported_completion_parameters_are_400(url: str, body: dict, param: str) -> None:
+    response = httpx.post(f"{url}/v1/completions", json=body)
+    assert_openai_error(response, 400, param=param)
+
+
 def test_max_tokens_over_the_limit_is_400(url: str) -> None:
     response = httpx.post(f"{url}/v1/chat/completions", json={**GOOD, "max_tokens": 5000})
     assert_openai_error(response, 400, "invalid_value", "max_tokens")

@@ -142,3 +142,23 @@ def test_each_token_has_its_logprob_and_the_most_likely_alternatives(mesh) -> No
     assert [(e.token, e.logprob) for e in streamed] == [(t.token, t.logprob) for t in content]
     plain = client.chat.completions.create(**{**ask, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
+
+
+def test_text_completions_give_legacy_logprobs(mesh) -> None:
+    client = client_for(mesh[1]["url"])
+    ask = {"model": "SmolLM2-135M-Instruct", "prompt": "The capital of France is",
+           "temperature": 0, "max_tokens": 8, "logprobs": 2}
+    answer = client.completions.create(**ask)
+    choice = answer.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == answer.usage.completion_tokens == 8
+    assert "".join(lp.tokens) == choice.text
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, logprob, tops in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs,
+                                    strict=True):
+        assert len(tops) == 2 and logprob <= 0 and tops[token] == logprob  # greedy
+    streamed = [c.choices[0].logprobs for c in client.completions.create(**ask, stream=True)
+                if c.choices[0].logprobs]
+    assert [t for c in streamed for t in c.tokens] == lp.tokens
+    assert [o for c in streamed for o in c.text_offset] == lp.text_offset
+    assert client.completions.create(**{**ask, "logprobs": None}).choices[0].logprobs is None

@@ -125,6 +125,34 @@ def test_without_parallel_tool_calls_the_answer_ends_at_its_first_call(tooly) ->
 
 
 @pytest.mark.parametrize("stream", [False, True])
+def test_langchain_binds_a_tool_calls_it_and_answers_with_its_result(tooly,
+                                                                      stream: bool) -> None:
+    """LangChain's ChatOpenAI parses the call with its own code, runs the tool and sends
+    the result back as a ``tool`` message. The script's second turn is in the tool's
+    result: the synthetic engine says what follows the prompt's last ``[[say]]``."""
+    from langchain_core.messages import HumanMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city now."""
+        return f"[[say]]It is sunny in {city}."
+
+    model = ChatOpenAI(model="tooly", base_url=f"{tooly.cluster.gateway()}/v1", api_key="x",
+                       max_retries=0, timeout=60, streaming=stream)
+    bound = model.bind_tools([get_weather])
+    messages = [HumanMessage(say("Let me look. ", call("get_weather", city="Oslo"))[0]["content"])]
+    asked = bound.invoke(messages)
+    (made,) = asked.tool_calls
+    assert (made["name"], made["args"]) == ("get_weather", {"city": "Oslo"})
+    assert asked.content == "Let me look. "
+    messages += [asked, get_weather.invoke(made)]
+    final = bound.invoke(messages)
+    assert final.content == "It is sunny in Oslo." and not final.tool_calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
 def test_tools_for_a_model_without_tool_calling_are_a_400_naming_tools(tooly,
                                                                        stream: bool) -> None:
     client = tooly.client

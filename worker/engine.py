@@ -70,8 +70,8 @@ class Engine(Protocol):
         """The prompt's token ids (chat template applied for chat requests)."""
         ...
 
-    def detokenizer(self) -> Detokenizer:
-        """A fresh streaming detokenizer."""
+    def detokenizer(self, request: GenerationRequest) -> Detokenizer:
+        """A fresh streaming detokenizer for ``request``'s output."""
         ...
 
     def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,

@@ -111,8 +111,17 @@ class MlxEngine:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         return list(self.tokenizer.encode(request.prompt))
 
-    def detokenizer(self) -> Detokenizer:
-        return self.tokenizer.detokenizer
+    def detokenizer(self, request: GenerationRequest) -> Detokenizer:
+        detokenizer = self.tokenizer.detokenizer
+        if request.kind == "completion":
+            # mlx-lm's streaming detokenizers drop the leading space of an answer, right
+            # after a chat template's "assistant\n" but wrong for a text completion: the
+            # prompt "The capital of France is" goes on with " Paris", not "Paris".
+            if hasattr(detokenizer, "trim_space"):  # SentencePiece
+                detokenizer.trim_space = False
+            if hasattr(detokenizer, "_maybe_trim_space"):  # byte-level BPE
+                detokenizer._maybe_trim_space = lambda text: text
+        return detokenizer
 
     def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,
                prompt_len: int) -> int:

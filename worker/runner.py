@@ -81,7 +81,7 @@ class JobRun:
                                      "no tool calling; use a model whose template has, or "
                                      "send the request without tools")
             self._tools = ToolScanner(engine.tool_format, request.tools)
-        self._detok = engine.detokenizer()
+        self._detok = engine.detokenizer(request)
         for token in self._resume:
             self._detok.add_token(token)
         self._content = ""

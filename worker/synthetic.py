@@ -88,7 +88,7 @@ class SyntheticEngine:
             str(m.get("content", "")) for m in request.messages)
         return list(text.encode("utf-8"))
 
-    def detokenizer(self) -> SyntheticDetokenizer:
+    def detokenizer(self, request: GenerationRequest) -> SyntheticDetokenizer:
         return SyntheticDetokenizer()
 
     def insert(self, prompt: list[int], request: GenerationRequest, max_tokens: int,
