@@ -55,6 +55,7 @@ def status(broker: Broker, _: dict[str, Any] | None = None) -> BrokerStatus:
         uptime_s=round(time.time() - broker.started, 1),
         workers=[w.status(now) for w in table.workers.values()],
         queues={m: len(q) for m, q in table.queues.items() if q},
+        known_models=sorted({*table.known_models, *broker.mesh_models}),
         jobs=len(table.jobs), gateways=len(broker.gateways),
         counters=dict(broker.counters + table.counters),
         rejected=dict(broker.rejected + table.rejected))

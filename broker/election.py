@@ -36,6 +36,8 @@ class BrokerInfo:
     started: float
     epoch: int = 0
     coordinator: bool = False
+    seq: int = 0
+    """The announcement's number in its broker's process (``started``)."""
     first_seen: float = 0.0
     last_seen: float = 0.0
 
@@ -65,10 +67,12 @@ class Election:
         self.max_epoch = me.epoch
 
     def heard(self, info: BrokerInfo, now: float) -> None:
-        """Record an announcement from a peer."""
+        """Record an announcement from a peer (unless it is older than one heard)."""
         if info.endpoint == self.me.endpoint:
             return
         known = self.peers.get(info.endpoint)
+        if known is not None and known.started == info.started and info.seq < known.seq:
+            return
         alive = known is not None and now - known.last_seen <= self.timeout
         info.first_seen = known.first_seen if alive and known else now
         info.last_seen = now

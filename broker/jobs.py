@@ -124,7 +124,7 @@ class JobTable:
             return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
         if submit.attempt and submit.model not in self.known_models:
             # Admitted before under another coordinator: its workers are on their way.
-            self._know([submit.model], now)
+            self.know([submit.model], now)
         if submit.model not in self.known_models:
             return refuse(p.ErrorCode.MODEL_NOT_FOUND,
                           f"The model '{submit.model}' does not exist in this mesh. "
@@ -169,7 +169,7 @@ class JobTable:
                 job_id=job.submit.job_id, code=p.ErrorCode.DEADLINE,
                 error="the request's deadline passed while it ran"))
         live = set().union(*(w.names for w in self.workers.values()))
-        self._know(live, now)
+        self.know(live, now)
         for model in [m for m, seen in self.known_models.items() if now - seen > MODEL_MEMORY]:
             del self.known_models[model]
         for model in [m for m, q in self.queues.items() if not q and m not in live]:
@@ -236,7 +236,7 @@ class JobTable:
             mem_free=ready.mem_free, last_seen=now,
         )
         self.workers[identity] = worker
-        self._know(worker.names, now)
+        self.know(worker.names, now)
         log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
                   model=ready.model_id, slots=ready.slots, engine=ready.engine)
 
@@ -274,8 +274,9 @@ class JobTable:
                   reason=reason)
         self.queues[job.submit.model].appendleft(job.submit.job_id)
 
-    def _know(self, names: Iterable[str], now: float) -> None:
-        """Remember ``names`` as served at ``now``, within :data:`MAX_MODELS`."""
+    def know(self, names: Iterable[str], now: float) -> None:
+        """Remember ``names`` as served at ``now``, within :data:`MAX_MODELS`: a request for
+        one waits the grace period for a worker rather than a 404."""
         for name in names:
             self.known_models[name] = now
         while len(self.known_models) > MAX_MODELS:

@@ -47,7 +47,10 @@ class PeerLinks:
         if endpoint in self.sockets or endpoint in self.removed or endpoint == self.advertise:
             return
         sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
-        sock.setsockopt(zmq.SNDHWM, 10)  # announcements go stale: never queue many
+        # Announcements go stale: never queue many, and none for a peer not connected (a
+        # broker that starts must not read a backlog of what was true before).
+        sock.setsockopt(zmq.SNDHWM, 10)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
         monitor = watch_disconnects(sock)
         sock.connect(endpoint)
         self.sockets[endpoint] = sock
@@ -77,7 +80,7 @@ class PeerLinks:
 
     def announce(self, frames: list[bytes]) -> int:
         """Link any broker mDNS found since, then send ``frames`` (an encoded ANNOUNCE) on
-        every link; returns how many links were too backed up to take it."""
+        every link; returns how many links were down or too backed up to take it."""
         for endpoint in self.discovery.take() if self.discovery else ():
             self.add(endpoint)
         unsent = 0

@@ -27,32 +27,26 @@ and counted as ``handler_error``, never allowed to stop the loop that serves eve
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import time
 import uuid
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
-from broker import control, epochs
+from broker import announce, control, epochs
 from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
 from common import protocol as p
-from common.config import ENDPOINT, Settings, is_loopback
+from common.config import Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
 from common.status import COORDINATOR, STANDBY
-from common.transport import (
-    admit_members,
-    configure,
-)
+from common.transport import admit_members, configure, refused_peers, watch_refusals
 
 log = logging.getLogger("broker")
-
-"""What a broker endpoint in an ANNOUNCE must look like: workers and gateways would be
-redirected there."""
 
 
 class Broker:
@@ -62,6 +56,8 @@ class Broker:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
         self.table = JobTable(settings)
+        # This node's workers are loading: a request for their models waits for them.
+        self.table.know(settings.expected_models, time.monotonic())
         self.gateways: dict[bytes, float] = {}
         """Live gateways: identity -> when they expire (monotonic seconds)."""
         self.purged_gateways: set[bytes] = set()
@@ -105,10 +101,7 @@ class Broker:
                                     else settings.peer_timeout))
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
-        # Connections turned away by CURVE/ZAP (no secret, a foreign one, not a member).
-        self.refusals = self.socket.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | zmq.EVENT_HANDSHAKE_FAILED_AUTH, f"inproc://refusals-{self.session}")
+        self.refusals = watch_refusals(self.socket)
         self.poller.register(self.refusals, zmq.POLLIN)
         self.peers = PeerLinks(self.ctx, settings, self.keys, self.advertise, self.poller,
                                Discovery(Advert(
@@ -121,22 +114,30 @@ class Broker:
         """Endpoint of the coordinator this standby follows ("" while it knows none)."""
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
+        self.mesh_models: list[str] = []
+        """The models the coordinator last announced: known here if this one takes over."""
+        self._seq = itertools.count(1)
         self._stopping = False
         self._saved_epoch = -1
         self.election.decide(time.monotonic())
         self._save_epoch()
 
     def _announcement(self) -> p.Announce:
-        me = self.election.me
-        return p.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
-                          started=me.started, coordinator=me.coordinator, epoch=self.epoch)
+        return announce.announcement(self.election, self.epoch, next(self._seq),
+                                     self.table.known_models)
 
     def _heard(self, msg: p.Announce) -> None:
         if msg.endpoint in self.peers.removed:
             return
-        self.election.heard(BrokerInfo(
-            node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
-            started=msg.started, epoch=msg.epoch, coordinator=msg.coordinator), time.monotonic())
+        before = self.election.peers.get(msg.endpoint)
+        now = time.monotonic()
+        self.election.heard(announce.info(msg), now)
+        if msg.coordinator:
+            self.mesh_models = msg.models
+        if msg.coordinator != (before is not None and before.coordinator):
+            # A coordinator appeared or stepped down: redirect our followers now, not at
+            # the next tick (up to one interval that every stream of this node waits).
+            self._elect(now)
 
     def _on_peer_reply(self, frames: list[bytes]) -> None:
         """An announcement a peer sent back on our own link to it."""
@@ -208,13 +209,9 @@ class Broker:
         self._stopping = True
 
     def _count_refusals(self) -> None:
-        while True:
-            try:
-                event = parse_monitor_message(self.refusals.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
+        for peer in refused_peers(self.refusals):
             self.counters["handshake_refused"] += 1
-            log_event(log, "connection_refused", logging.INFO, peer=event["endpoint"],
+            log_event(log, "connection_refused", logging.INFO, peer=peer,
                       reason="no mesh secret, a foreign one, or not a member")
 
     def _on_frames(self, frames: list[bytes]) -> None:
@@ -254,14 +251,11 @@ class Broker:
         return self.followers.get(identity)
 
     def _plausible(self, msg: p.Announce) -> bool:
-        """Whether an ANNOUNCE describes a broker one could be redirected to, with an epoch
-        that leaves room for one more (a higher one, taken over, would not be on the
-        wire: every peer would refuse this broker's messages)."""
-        if (ENDPOINT.fullmatch(msg.endpoint) and 0 <= msg.epoch < p.INT_MAX
-                and msg.started >= 0):
-            return True
-        self._reject("bad_announce", f"endpoint={msg.endpoint[:80]!r} epoch={msg.epoch}")
-        return False
+        """Whether to believe an ANNOUNCE (:func:`broker.announce.doubt`)."""
+        doubt = announce.doubt(msg)
+        if doubt is not None:
+            self._reject("bad_announce", doubt)
+        return doubt is None
 
     def _on_message(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
         if isinstance(msg, p.Announce):
@@ -336,12 +330,18 @@ class Broker:
         for identity in list(self.gateways):
             self._send(identity, p.GATEWAY, beat)
 
-    def _elect(self, now: float) -> None:
-        """Announce ourselves, then act on the election's verdict."""
+    def _announce(self) -> None:
         if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
             self.counters["announce_unsent"] += unsent
+
+    def _elect(self, now: float) -> None:
+        """Announce ourselves, then act on the election's verdict (and announce a new
+        role at once: the standbys redirect their workers and gateways when they hear it)."""
+        self._announce()
         decision = self.election.decide(now)
         self._save_epoch()
+        if decision.changed:
+            self._announce()
         self.peers.set_coordinator(decision.coordinator)
         coordinator = decision.follow.endpoint if decision.follow else ""
         if decision.changed:
@@ -349,6 +349,7 @@ class Broker:
                       role=COORDINATOR if decision.coordinator else STANDBY,
                       epoch=self.epoch, coordinator=coordinator or self.endpoint)
         if decision.changed and decision.coordinator:
+            self.table.know(self.mesh_models, now)
             # Those that waited on us as standby register and resubmit here now.
             for identity, protocol in self.followers.items():
                 self._send(identity, protocol, p.Disconnect(reason=p.Reason.COORDINATING))

@@ -74,7 +74,8 @@ def up(
     children.append(Child("gateway", role_argv("gateway")))
     env = child_env({"home": cfg.home, "node_id": cfg.node_id, "log_level": cfg.log_level,
                      "gateway_port": cfg.gateway_port, "gateway_host": cfg.gateway_host,
-                     "broker_port": cfg.broker_port})
+                     "broker_port": cfg.broker_port,
+                     "expect_models": ",".join(n for _, mid, al in served for n in [mid, *al])})
     shown = "localhost" if cfg.gateway_host in ("127.0.0.1", "0.0.0.0") else cfg.gateway_host
     base = f"http://{shown}:{cfg.gateway_port}/v1"
     names = "\n".join(f"  {mid}" + (f" (aliases: {', '.join(al)})" if al else "")
@@ -82,7 +83,7 @@ def up(
     banner = (f"[green]mlx-stack is serving[/green] on node {cfg.node_id}:\n{names}\n"
               f"  export OPENAI_API_BASE={base}\nCtrl-C stops everything.")
     health = f"http://127.0.0.1:{cfg.gateway_port}/health"
-    sys.exit(Supervisor(children, env, err).run(health, banner))
+    sys.exit(Supervisor(children, env, err).run(health, [mid for _, mid, _ in served], banner))
 
 
 @app.command()

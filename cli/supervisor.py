@@ -10,6 +10,7 @@ minute of good health).
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -60,12 +61,13 @@ class Supervisor:
         self.console = console
         self.stopping = threading.Event()
 
-    def run(self, health_url: str, banner: str) -> int:
+    def run(self, health_url: str, models: list[str], banner: str) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: self.stopping.set())
         for child in self.children:
             child.start(self.env)
-        threading.Thread(target=self._announce, args=(health_url, banner), daemon=True).start()
+        threading.Thread(target=self._announce, args=(health_url, models, banner),
+                         daemon=True).start()
         while not self.stopping.wait(0.2):
             self._reap(time.monotonic())
         self._stop_all()
@@ -104,16 +106,17 @@ class Supervisor:
                 child.proc.kill()
                 child.proc.wait()
 
-    def _announce(self, health_url: str, banner: str) -> None:
-        """Print the banner once the gateway answers /health with a served model."""
+    def _announce(self, health_url: str, models: list[str], banner: str) -> None:
+        """Print the banner once the gateway's /health lists every one of ``models``: the
+        node serves them all, not merely one."""
         while not self.stopping.is_set():
             try:
                 with urllib.request.urlopen(health_url, timeout=2) as response:
-                    if response.status == 200:
+                    if set(models) <= set(json.load(response).get("models", [])):
                         self.console.print(banner)
                         return
-            except (urllib.error.URLError, OSError):
-                pass
+            except (urllib.error.URLError, OSError, ValueError):
+                pass  # not up yet (503 is an HTTPError, a URLError)
             self.stopping.wait(0.5)
 
 

@@ -105,6 +105,10 @@ class Settings:
     next turn pays only for its new tokens; 0 turns the prompt cache off."""
     max_tokens_limit: int = 32768
     default_max_tokens: int = 512
+    expect_models: str = ""
+    """Model names (ids and aliases, comma-separated) this node's workers will serve, set
+    by ``mlx-stack up``: a request for one that arrives while they load waits the grace
+    period instead of a 404."""
     log_level: str = "warning"
     api_keys: str = dataclasses.field(default="", repr=False)  # never in logs or tracebacks
     """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
@@ -157,6 +161,10 @@ class Settings:
     @property
     def peer_list(self) -> list[str]:
         return [p.strip() for p in self.peers.split(",") if p.strip()]
+
+    @property
+    def expected_models(self) -> list[str]:
+        return [m.strip() for m in self.expect_models.split(",") if m.strip()]
 
     @property
     def api_key_list(self) -> list[str]:

@@ -43,7 +43,7 @@ GATEWAY = b"MLXS-G2"
 """Protocol tag of gateway <-> broker traffic."""
 WORKER = b"MLXS-W2"
 """Protocol tag of worker <-> broker traffic."""
-PEER = b"MLXS-B2"
+PEER = b"MLXS-B3"
 """Protocol tag of broker <-> broker traffic."""
 PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
 
@@ -288,6 +288,12 @@ class Announce(Message):
     priority: int = 0
     started: float = 0.0
     coordinator: bool = False
+    seq: int = 0
+    """Counts this process's announcements: one that arrives after a later one (they
+    travel on two connections) is stale and ignored."""
+    models: list[str] = field(default_factory=list)
+    """A coordinator's model names served lately: a standby that takes over makes a
+    request for one wait for the workers to register, rather than answer 404."""
 
 
 class ErrorCode(enum.StrEnum):

@@ -87,6 +87,10 @@ class BrokerStatus:
     workers: list[WorkerStatus] = field(default_factory=list)
     queues: dict[str, int] = field(default_factory=dict)
     """Jobs waiting for a free slot, by requested model name (empty queues left out)."""
+    known_models: list[str] = field(default_factory=list)
+    """Names a request waits for (the grace period) rather than a 404, were this broker
+    to coordinate: served lately, this node's expected models, and a standby's
+    coordinator's announced ones."""
     jobs: int = 0
     gateways: int = 0
     counters: dict[str, int] = field(default_factory=dict)

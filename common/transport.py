@@ -127,6 +127,25 @@ def _explain_refusal(endpoint: bytes) -> None:
               "`mlx-stack mesh token` prints on a member")
 
 
+def watch_refusals(sock: zmq.Socket) -> zmq.Socket:
+    """A PAIR socket that becomes readable when a listening ``sock`` turns a connection
+    away at the handshake (CURVE/ZAP: no secret, a foreign one, not a member)."""
+    return sock.get_monitor_socket(
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        | zmq.EVENT_HANDSHAKE_FAILED_AUTH, f"inproc://refusals-{uuid.uuid4().hex}")
+
+
+def refused_peers(monitor: zmq.Socket) -> list[str]:
+    """Drain a :func:`watch_refusals` socket: the address of each connection turned away."""
+    peers = []
+    while True:
+        try:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            return peers
+        peers.append(event["endpoint"].decode(errors="replace"))
+
+
 def close_watched(sock: zmq.Socket, monitor: zmq.Socket, linger: int = 0) -> None:
     """Close a socket and its disconnect monitor."""
     sock.disable_monitor()

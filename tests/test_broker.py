@@ -133,6 +133,28 @@ def test_known_model_whose_worker_returns_within_grace_is_served(cluster: Cluste
         assert pending.result(timeout=30).status_code == 200
 
 
+def test_a_model_this_node_expects_waits_for_its_loading_worker(tmp_path) -> None:
+    """``mlx-stack up`` names the models its workers will serve: a request that arrives
+    while they load waits for them; a model never named is still a 404 at once."""
+    import concurrent.futures as cf
+
+    c = Cluster(tmp_path, env={"MLX_STACK_EXPECT_MODELS": "syn,quick"})
+    try:
+        c.broker()
+        url = c.gateway(healthy=False)  # no worker yet: /health is 503
+        with pytest.raises(openai.NotFoundError):
+            client(url).chat.completions.create(
+                model="gpt-9", messages=[{"role": "user", "content": "hi"}])
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(chat, url, "quick")
+            wait_for("the request to wait at the broker",
+                     lambda: c.control("status").queues.get("quick"))
+            c.worker("--engine", "synthetic", "--model", "syn", "--alias", "quick")
+            assert pending.result(timeout=30).status_code == 200
+    finally:
+        c.close()
+
+
 def test_unknown_model_is_404_at_once_listing_models(cluster: Cluster) -> None:
     cluster.worker("--engine", "synthetic", "--model", "syn")
     url = cluster.gateway()

@@ -58,8 +58,6 @@ def test_up_serves_restarts_a_dead_child_and_stops_everything(
                "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"},
               tmp_path / "up.log")
     try:
-        wait_for("the banner", lambda: f"OPENAI_API_BASE=http://localhost:{port}/v1"
-                 in up.output() or (not up.alive() and pytest.fail(up.output())), timeout=120)
         client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
                                max_retries=0, timeout=60)
 
@@ -69,7 +67,20 @@ def test_up_serves_restarts_a_dead_child_and_stops_everything(
                     {"role": "user", "content": "What is the capital of France?"}],
             ).choices[0].message.content
 
+        def answers() -> bool:
+            if not up.alive():
+                pytest.fail(up.output())
+            try:
+                return bool(client.models.list())
+            except openai.APIConnectionError:
+                return False
+
+        # As a new user would: ask as soon as the endpoint answers, while the worker may
+        # still be loading (the broker knows the model will come: no 404).
+        wait_for("GET /v1/models to answer", answers, timeout=120)
         assert "Paris" in ask()
+        wait_for("the banner", lambda: f"OPENAI_API_BASE=http://localhost:{port}/v1"
+                 in up.output(), timeout=60)
         first = roles(up.pid)
         assert sorted(first.values()) == ["broker", "gateway", "worker"]
         worker = next(pid for pid, role in first.items() if role == "worker")

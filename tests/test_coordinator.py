@@ -107,6 +107,34 @@ def test_coordinator_killed_mid_stream_every_stream_resumes(mesh: Mesh) -> None:
     assert coordinator.node_id == "node-b" and coordinator.epoch >= 2
 
 
+def test_a_model_served_a_moment_ago_waits_for_a_worker_under_the_new_coordinator(
+        mesh: Mesh) -> None:
+    """Its only node died with the coordinator: the new coordinator knows the model from
+    the old one's ANNOUNCEs, so a new request for it waits the grace period for a worker
+    (here one that starts on node-b) instead of a 404."""
+    import concurrent.futures as cf
+
+    wait_for("one coordinator", mesh.coordinator, timeout=10)
+    worker = mesh.start("worker", "--engine", "synthetic", "--model", "solo", node="node-a")
+    url = f"http://127.0.0.1:{free_port()}"
+    mesh.start("gateway", "--port", url.rsplit(":", 1)[1], node="node-b")
+    ask = {"model": "solo", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+    wait_for("solo served", lambda: healthy(url) and httpx.post(
+        f"{url}/v1/chat/completions", json=ask, timeout=10).status_code == 200, timeout=30)
+    wait_for("the coordinator to announce solo",
+             lambda: "solo" in mesh.status("node-b").known_models)
+    worker.kill(signal.SIGKILL)
+    mesh.brokers["node-a"].kill(signal.SIGKILL)
+    wait_for("node-b to coordinate", lambda: (s := mesh.status("node-b")) and s.coordinating)
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=ask, timeout=30)
+        wait_for("the request to wait at node-b",
+                 lambda: mesh.status("node-b").queues.get("solo"), timeout=10)
+        mesh.start("worker", "--engine", "synthetic", "--model", "solo", node="node-b")
+        response = pending.result(timeout=30)
+        assert response.status_code == 200, response.text
+
+
 def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
                                    tokens: int) -> dict[str, float]:
     """Run ``streams`` synthetic streams over ``urls``; once all flow, SIGKILL node-a's

@@ -74,3 +74,18 @@ def test_silent_peers_are_forgotten_and_a_flood_of_endpoints_stays_bounded() -> 
     for n in range(MAX_PEERS + 100):
         e.heard(info(f"flood-{n}"), 20.0 + n)
     assert len(e.peers) == MAX_PEERS and "tcp://flood-0:4100" not in e.peers
+
+
+def test_an_announcement_older_than_one_heard_is_ignored() -> None:
+    """Announcements travel on two connections (a broker's own link and its replies on
+    ours), so an older one may arrive last: it must not undo a takeover heard already,
+    nor let a better-ranked broker take the role before its hold-down."""
+    a = Election(info("a", priority=1), T, HOLD, now=0)
+    later = info("b", coordinator=True, epoch=1)
+    later.seq = 9
+    a.heard(later, 1.0)
+    earlier = info("b", coordinator=False, epoch=0)
+    earlier.seq = 8
+    a.heard(earlier, 1.1)
+    decision = a.decide(1.1)
+    assert not decision.coordinator and decision.follow.node_id == "b"

@@ -144,17 +144,7 @@ def test_no_broker_is_a_503_after_the_grace_period(tmp_path) -> None:
     c = Cluster(tmp_path, env={"MLX_STACK_GRACE": "1",
                                "MLX_STACK_BROKER_ENDPOINT": f"tcp://127.0.0.1:{free_port()}"})
     try:
-        port = free_port()
-        c.start("gateway", "--port", str(port))
-        url = f"http://127.0.0.1:{port}"
-
-        def answering() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=5).status_code == 503
-            except httpx.TransportError:
-                return False
-
-        wait_for("the gateway to answer", answering)
+        url = c.gateway(healthy=False)
         started = time.monotonic()
         response = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
             "model": "syn", "messages": [{"role": "user", "content": "hi"}]})
