@@ -73,7 +73,12 @@ class BrokerLink:
         if self.sock is not None and self.monitor is not None:
             close_watched(self.sock, self.monitor)
         self.sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
-        self.monitor = watch_disconnects(self.sock)
+        # A broker elsewhere that refuses the connection is dead: a standby may redirect
+        # here in the instant before it learns that the coordinator died. Move on at once
+        # rather than after the silence. (This node's own broker is waited for: there is
+        # nowhere better to go, and a retry loop would spin.)
+        self.monitor = watch_disconnects(
+            self.sock, refusals=self.broker.current != self.broker.candidates[0])
         self.sock.connect(self.broker.current)
         self._io = zmq.Socket.shadow(self.sock.underlying)
         # Fencing and sessions hold per connection: a restarted lone broker counts epochs
@@ -148,7 +153,7 @@ class BrokerLink:
 
     def closed(self) -> bool:
         """Whether the connection was lost (the broker's process died, or ZMTP heartbeats
-        timed out): known in milliseconds, without waiting out the silence."""
+        timed out) or refused: known in milliseconds, without waiting out the silence."""
         return self.monitor is not None and disconnected(self.monitor)
 
     def silent(self, now: float) -> bool:

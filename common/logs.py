@@ -16,7 +16,7 @@ def setup(role: str, level: str = "warning") -> logging.Logger:
     """Configure the root logger for a role's process and return the role's logger."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {role} %(message)s", "%H:%M:%S")
+        logging.Formatter(f"%(asctime)s.%(msecs)03d %(levelname)s {role} %(message)s", "%H:%M:%S")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

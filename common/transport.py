@@ -86,20 +86,24 @@ _last_key_hint = 0.0
 log = logging.getLogger("transport")
 
 
-def watch_disconnects(sock: zmq.Socket) -> zmq.Socket:
+def watch_disconnects(sock: zmq.Socket, refusals: bool = False) -> zmq.Socket:
     """A PAIR socket that becomes readable when ``sock`` loses an established connection:
     its peer process died (the kernel closed the TCP connection) or ZMTP heartbeats timed
     out. A killed process is then known in milliseconds instead of after the heartbeat
     liveness; our own heartbeats remain the judge for peers that hang without dying.
-    Failed CURVE handshakes are reported too, so that a wrong secret is explained."""
+    Failed CURVE handshakes are reported too, so that a wrong secret is explained. With
+    ``refusals``, so is a connection refused (nobody listens there: the process is dead)."""
+    events = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
     # A unique address: pyzmq's default derives it from the socket's file descriptor,
     # which the socket this one replaces may just have freed.
-    return sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED,
-                                   f"inproc://monitor-{uuid.uuid4().hex}")
+    return sock.get_monitor_socket(
+        events | zmq.EVENT_CONNECT_RETRIED if refusals else events,
+        f"inproc://monitor-{uuid.uuid4().hex}")
 
 
 def disconnected(monitor: zmq.Socket) -> bool:
-    """Drain a :func:`watch_disconnects` socket; whether a disconnection was reported."""
+    """Drain a :func:`watch_disconnects` socket; whether a disconnection (or a refused
+    connection, if watched) was reported."""
     seen = False
     sync = monitor if not isinstance(monitor, zmq.asyncio.Socket) else zmq.Socket.shadow(
         monitor.underlying)
@@ -110,7 +114,7 @@ def disconnected(monitor: zmq.Socket) -> bool:
             return seen
         if event["event"] & HANDSHAKE_FAILED:
             _explain_refusal(event["endpoint"])
-        seen = seen or event["event"] == zmq.EVENT_DISCONNECTED
+        seen = seen or event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
 
 
 def _explain_refusal(endpoint: bytes) -> None:

@@ -201,11 +201,14 @@ class BrokerClient:
                 self._connect(reason, to)
             ready = dict(await self.poller.poll(100))
             if self.link.monitor in ready and self.link.closed():
-                self._move(f"{self.link.endpoint} closed the connection")
+                self._move(f"{self.link.endpoint} closed or refused the connection")
                 continue
             if self.link.sock in ready:
                 for msg in self.link.receive():
-                    self.up.set()
+                    if not isinstance(msg, p.Redirect | p.Disconnect):
+                        # A broker that sends us away is not up for us: jobs woken now
+                        # would be submitted to it and lost, unseen by the move after.
+                        self.up.set()
                     self._on_message(msg)
 
     def _on_message(self, msg: p.Message) -> None:

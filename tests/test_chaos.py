@@ -19,7 +19,8 @@ STREAMS = 300
 TOKENS = 40
 
 
-async def one(client: httpx.AsyncClient, url: str, i: int) -> tuple[str, list[str], dict]:
+async def one(client: httpx.AsyncClient, url: str, i: int,
+              tokens: int = TOKENS) -> tuple[str, list[str], dict]:
     """(text, finish reasons, usage) of stream ``i``; raises on any error."""
     content = f"chaos stream {i}"
     text: list[str] = []
@@ -27,7 +28,7 @@ async def one(client: httpx.AsyncClient, url: str, i: int) -> tuple[str, list[st
     usage: dict = {}
     done = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json={
-            "model": "syn", "max_tokens": TOKENS, "stream": True,
+            "model": "syn", "max_tokens": tokens, "stream": True,
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": content}]}) as response:
         assert response.status_code == 200, await response.aread()

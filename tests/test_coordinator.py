@@ -139,9 +139,10 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
                                    tokens: int) -> dict[str, float]:
     """Run ``streams`` synthetic streams over ``urls``; once all flow, SIGKILL node-a's
     broker (the coordinator). Asserts every stream equals its unbroken sequence; returns,
-    over the streams, the time from the kill to each one's first resumed token (the end
-    of its longest stall: tokens already on their way still arrive in the first
-    milliseconds)."""
+    over the streams, each one's stall: its longest wait between two tokens from the kill
+    on, which is how long its client saw it stop (the tokens already on their way arrive
+    in the first milliseconds after the kill, then the stream waits for its resubmission;
+    an uninterrupted stream at 20 tokens/s still waits 0.05 s between tokens)."""
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     killed: list[float] = []
 
@@ -160,11 +161,13 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
     texts = asyncio.run(main())
     for i, text in enumerate(texts):
         assert text == expected_text(f"failover {i}", tokens), i
-    gaps = [max(itertools.pairwise(a), key=lambda pair: pair[1] - pair[0])[1] - killed[0]
-            for a in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
-            if len(a) > 1]
+    gaps = [max(b - a for a, b in itertools.pairwise(times))
+            for times in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
+            if len(times) > 1]
     return {"streams": len(gaps), "min_s": round(min(gaps), 3),
-            "median_s": round(statistics.median(gaps), 3), "max_s": round(max(gaps), 3)}
+            "median_s": round(statistics.median(gaps), 3),
+            "p90_s": round(statistics.quantiles(gaps, n=10)[-1], 3),
+            "max_s": round(max(gaps), 3)}
 
 
 def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ class Worker:
                 self._forward(self.outbox.take())
             now = time.monotonic()
             if events.get(self.link.monitor) and self.link.closed():
-                self._connect(f"{self.link.endpoint} closed the connection")
+                self._connect(f"{self.link.endpoint} closed or refused the connection")
             elif self.link.silent(now):
                 self._connect(f"{self.link.endpoint} silent")
             if now >= next_beat:
