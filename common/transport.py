@@ -82,7 +82,11 @@ def admit_members(ctx: zmq.Context, keys: MeshKeys) -> ThreadAuthenticator:
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 KEY_HINT_EVERY_S = 30.0
+KEY_HINT_AFTER = 3
+"""Handshakes failed in a row before the hint: a broker killed in mid-handshake fails
+one too (then refuses connections), a secret that differs fails every one."""
 _last_key_hint = 0.0
+_failed_in_a_row = 0
 log = logging.getLogger("transport")
 
 
@@ -93,7 +97,7 @@ def watch_disconnects(sock: zmq.Socket, refusals: bool = False) -> zmq.Socket:
     liveness; our own heartbeats remain the judge for peers that hang without dying.
     Failed CURVE handshakes are reported too, so that a wrong secret is explained. With
     ``refusals``, so is a connection refused (nobody listens there: the process is dead)."""
-    events = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED
+    events = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
     # A unique address: pyzmq's default derives it from the socket's file descriptor,
     # which the socket this one replaces may just have freed.
     return sock.get_monitor_socket(
@@ -114,15 +118,25 @@ def disconnected(monitor: zmq.Socket) -> bool:
             return seen
         if event["event"] & HANDSHAKE_FAILED:
             _explain_refusal(event["endpoint"])
+        elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            _handshake_succeeded()
         seen = seen or event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
 
 
+def _handshake_succeeded() -> None:
+    global _failed_in_a_row
+    _failed_in_a_row = 0
+
+
 def _explain_refusal(endpoint: bytes) -> None:
-    """A broker turned us away at the handshake: almost always a mesh secret that differs
-    (or exists on one side only). Say so, at most every 30 s while it goes on."""
-    global _last_key_hint
+    """A broker turned us away at the handshake again and again: almost always a mesh
+    secret that differs (or exists on one side only). Say so, at most every 30 s while it
+    goes on."""
+    global _last_key_hint, _failed_in_a_row
+    _failed_in_a_row += 1
     now = time.monotonic()
-    if now - _last_key_hint < KEY_HINT_EVERY_S and _last_key_hint:
+    if _failed_in_a_row < KEY_HINT_AFTER or (
+            now - _last_key_hint < KEY_HINT_EVERY_S and _last_key_hint):
         return
     _last_key_hint = now
     log_event(log, "handshake_refused", logging.WARNING, broker=endpoint.decode(errors="replace"),
