@@ -94,7 +94,7 @@ class Broker:
         self.election = Election(
             BrokerInfo(node_id=settings.node_id, endpoint=self.advertise,
                        priority=settings.priority, started=self.started,
-                       epoch=epochs.load(settings.home)),
+                       epoch=epochs.load(settings.home, settings.broker_port)),
             timeout=settings.peer_timeout, hold_down=settings.hold_down,
             # Alone, there is nobody to listen for: coordinate at once.
             now=time.monotonic() - (0 if others or settings.mdns_interfaces
@@ -363,7 +363,7 @@ class Broker:
 
     def _save_epoch(self) -> None:
         if self.epoch != self._saved_epoch:
-            epochs.save(self.settings.home, self.epoch)
+            epochs.save(self.settings.home, self.settings.broker_port, self.epoch)
             self._saved_epoch = self.epoch
 
     def _hand_over(self, coordinator: str) -> None:
