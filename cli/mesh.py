@@ -25,6 +25,7 @@ from cli.console import err, out, settings
 from common import meshview
 from common.config import ENDPOINT, Settings, is_loopback, update_config_file
 from common.control import ControlClient, ControlError
+from common.discovery import ALIAS
 from common.meshkeys import (
     MeshSecretError,
     load_keys,
@@ -41,7 +42,8 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DISABLED = 1, 2, 3, 4
 
 mesh = typer.Typer(
     name="mesh", no_args_is_help=True,
-    help="Join this Mac to a mesh and look at it: status, nodes, routes, peers, token.\n\n"
+    help="Join this Mac to a mesh and look at it: status, nodes, routes, peers, token, "
+    "key.\n\n"
     "Exit codes: 0 done, 1 refused / unknown node, 2 bad usage, 3 no broker answered, "
     "4 the mesh is not enabled here.")
 
@@ -132,6 +134,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
         asker.close()
     keys = asker.keys
     view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
+            "url": f"http://{ALIAS.rstrip('.') if keys else 'localhost'}:{cfg.gateway_port}/v1",
             "coordinator": meshview.coordinator(st), "nodes": meshview.nodes(st),
             "models": meshview.models(st), "jobs": st.jobs}
     if json_:
@@ -141,7 +144,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
     lead = view["coordinator"]
     out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead['node_id'] or '?')}"
               f"[/green] ({escape(lead['endpoint'] or 'none known')}), epoch {lead['epoch']}, "
-              f"{st.jobs} jobs running or queued")
+              f"{st.jobs} jobs running or queued\nClients use it with:\n{client_setup(cfg)}")
     out.print(nodes_table(view["nodes"]))
     table = Table(title="Models")
     for column in ("Model", "Engine", "Workers", "Slots", "Queued"):
@@ -279,13 +282,15 @@ def enable(
     if current is not None and secret != current:
         err.print("[yellow]this Mac leaves its previous mesh for the new one[/yellow]")
     save_secret(cfg.home, secret)
-    update_config_file(cfg.home, broker_host="0.0.0.0", mdns_interfaces=interface or "all",
+    update_config_file(cfg.home, broker_host="0.0.0.0", gateway_host="0.0.0.0",
+                       mdns_interfaces=interface or "all",
                        **({"priority": priority} if priority is not None else {}))
     keys = load_keys(cfg.home)
     assert keys is not None
     out.print(f"mesh [bold]{keys.mesh_id}[/bold] enabled; secret in {secret_path(cfg.home)} "
               "(mode 0600).\nRestart `mlx-stack up` to apply. On the next Mac run:\n"
-              "  mlx-stack mesh enable --join $TOKEN   (TOKEN: `mlx-stack mesh token` here)")
+              "  mlx-stack mesh enable --join $TOKEN   (TOKEN: `mlx-stack mesh token` here)\n"
+              f"The endpoint then answers the LAN with the mesh's key:\n{client_setup(cfg)}")
 
 
 @mesh.command()
@@ -296,8 +301,30 @@ def disable(home: Home = None) -> None:
         out.print("the mesh is not enabled on this Mac; nothing to do")
         return
     secret_path(cfg.home).unlink()
-    update_config_file(cfg.home, broker_host=None, mdns_interfaces=None, priority=None)
+    update_config_file(cfg.home, broker_host=None, gateway_host=None, mdns_interfaces=None,
+                       priority=None)
     out.print("mesh disabled; restart `mlx-stack up` to serve this Mac alone")
+
+
+def client_setup(cfg: Settings) -> str:
+    """How a client on the LAN points at the mesh: its URL and key, as shell exports."""
+    keys = load_keys(cfg.home)
+    if keys is None:
+        return f"  export OPENAI_BASE_URL=http://localhost:{cfg.gateway_port}/v1"
+    return (f"  export OPENAI_BASE_URL=http://{ALIAS.rstrip('.')}:{cfg.gateway_port}/v1\n"
+            f"  export OPENAI_API_KEY=$(mlx-stack mesh key)   # on a member; or paste it")
+
+
+@mesh.command()
+def key(home: Home = None) -> None:
+    """Print the mesh's API key: every gateway of the mesh accepts it from the LAN (clients
+    on a Mac's own loopback need none). Derived from the mesh secret: share it with the
+    people who may use the mesh, not the join token."""
+    cfg = settings(home=home)
+    require_enabled(cfg)
+    keys = load_keys(cfg.home)
+    assert keys is not None
+    print(keys.api_key)
 
 
 @mesh.command()

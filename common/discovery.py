@@ -70,34 +70,46 @@ class Discovery:
                                  properties={"mesh": advert.mesh, "node": advert.node_id})
         self.browser = ServiceBrowser(self.zc, SERVICE, handlers=[self._changed])
         self.coordinating = threading.Event()
+        self.changed = threading.Event()
+        """Wakes the publishing thread: the alias moves within the failover, not a poll later."""
         self.closed = threading.Event()
         # Registration probes names for ~1.5 s: never hold the broker loop for it.
         threading.Thread(target=self._publish, daemon=True, name="mdns-publish").start()
 
     def set_coordinator(self, coordinating: bool) -> None:
         """Publish (or withdraw) the ``mlx-stack.local`` alias pointing at this broker."""
-        (self.coordinating.set if coordinating else self.coordinating.clear)()
+        if coordinating != self.coordinating.is_set():
+            (self.coordinating.set if coordinating else self.coordinating.clear)()
+            self.changed.set()
 
     def _publish(self) -> None:
-        """Register this broker, then keep the alias in step with :meth:`set_coordinator`
-        (a name still held by the previous coordinator makes a registration fail: retry)."""
+        """Register this broker, then keep the alias in step with :meth:`set_coordinator`.
+
+        The alias is registered without probing for a conflict (``cooperating_responders``):
+        the previous coordinator may have died without withdrawing it, and its records stay
+        in every cache for their TTL (two minutes). Our announcement carries the cache-flush
+        bit, so listeners (a Mac's resolver, another broker) replace the dead one's address
+        at once. The one that steps down sends goodbye packets for its own."""
         try:
             self.zc.register_service(self.info, allow_name_change=True)
         except Exception as exc:  # a closed zeroconf during shutdown, a name clash...
             log_event(log, "mdns_register_failed", logging.WARNING, error=repr(exc))
         published = False
         failing = False
-        while not self.closed.wait(0.5):
+        while not self.closed.is_set():
+            self.changed.wait(0.5)
+            self.changed.clear()
+            if self.closed.is_set():
+                return
             want = self.coordinating.is_set()
             try:
                 if want and not published:
-                    self.zc.register_service(self.alias)
+                    self.zc.register_service(self.alias, cooperating_responders=True)
                 elif published and not want:
                     self.zc.unregister_service(self.alias)
                 published = want
             except Exception as exc:
-                # While two coordinators overlap (a partition healing) this fails every
-                # turn until one steps down: say it once, not twice a second.
+                # Retried at every wake-up until it works: say it once, not every turn.
                 log_event(log, "mdns_alias_failed", logging.DEBUG if failing else logging.INFO,
                           error=repr(exc), retrying_every_s=0.5)
                 failing = True
@@ -128,5 +140,6 @@ class Discovery:
 
     def close(self) -> None:
         self.closed.set()
+        self.changed.set()
         self.browser.cancel()
         self.zc.close()

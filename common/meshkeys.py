@@ -7,7 +7,9 @@ The mesh id published over mDNS is a hash of the public key: meshes sharing a LA
 see each other, and the id gives nothing away.
 
 The secret lives in ``<home>/mesh.secret`` (mode 0600). It leaves the machine only as a
-join token (``mlx-stack mesh token``), printed on request and never logged.
+join token (``mlx-stack mesh token``), printed on request and never logged. The mesh's
+HTTP API key is derived from it too (another purpose, so the key gives the secret away no
+more than the CURVE keys do): LAN clients present it to any gateway of the mesh.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from zmq.utils import z85
 SECRET_FILE = "mesh.secret"
 SECRET_BYTES = 32
 TOKEN_PREFIX = "mlxs1-"
+API_KEY_PREFIX = "mlxs-key-"
 _CHECK_BYTES = 3
 
 
@@ -38,11 +41,16 @@ class MeshKeys:
 
     public: bytes
     secret: bytes = field(repr=False)
+    api_key: str = field(default="", repr=False)
+    """The mesh's HTTP API key: every gateway of the mesh accepts it from the LAN, so a
+    client may use any node or ``mlx-stack.local`` (``mlx-stack mesh key`` prints it)."""
 
     @classmethod
     def from_secret(cls, secret: bytes) -> MeshKeys:
         curve_secret = z85.encode(_derive(secret, b"curve-key"))
-        return cls(public=zmq.curve_public(curve_secret), secret=curve_secret)
+        api_key = API_KEY_PREFIX + base64.urlsafe_b64encode(
+            _derive(secret, b"api-key")[:24]).decode()
+        return cls(public=zmq.curve_public(curve_secret), secret=curve_secret, api_key=api_key)
 
     @property
     def mesh_id(self) -> str:

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 from common import protocol as p
 from common.config import Settings
 from common.generation import GenerationRequest
+from common.meshkeys import load_keys
 from common.status import ModelEntry
 from gateway import dashboard, errors, limits
 from gateway.auth import ApiKeys
@@ -163,7 +164,8 @@ def create_app(settings: Settings) -> FastAPI:
             return Response(status_code=499)  # nobody is left to read it
         return JSONResponse(shape.whole(answer), headers=headers(request_id, served))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list))])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list,
+                                                               load_keys(settings.home)))])
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:

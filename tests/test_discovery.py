@@ -1,15 +1,16 @@
-"""mDNS discovery on loopback only (zeroconf pinned to 127.0.0.1): while two brokers both
-coordinate (a partition that has not healed yet), the one that cannot take the
-``mlx-stack.local`` alias says so once, not every half second."""
+"""mDNS discovery on loopback only (zeroconf pinned to 127.0.0.1): the ``mlx-stack.local``
+alias follows the coordinator. While two brokers both coordinate (a partition that has
+not healed yet) the newer one takes the name at once, without a conflict to retry and
+log; the one that steps down withdraws only its own record."""
 
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
+from zeroconf import Zeroconf
 
-from common.discovery import Advert, Discovery
+from common.discovery import COORDINATOR, SERVICE, Advert, Discovery
 from tests.harness import wait_for
 
 
@@ -18,20 +19,29 @@ def advert(node: str, port: int) -> Advert:
                   priority=0, started=0.0)
 
 
-def test_two_coordinators_overlapping_log_the_alias_clash_once(
+def test_the_alias_follows_the_newest_coordinator_without_a_clash(
         caplog: pytest.LogCaptureFixture) -> None:
     first = Discovery(advert("node-a", 47101), "127.0.0.1")
     second = Discovery(advert("node-b", 47102), "127.0.0.1")
+    listener = Zeroconf(interfaces=["127.0.0.1"])  # a resolver that keeps its cache
+
+    def alias_port() -> int | None:
+        info = listener.get_service_info(SERVICE, COORDINATOR, timeout=500)
+        return info.port if info else None
+
     try:
-        first.set_coordinator(True)
-        wait_for("node-a to hold the alias", lambda: first.zc.registry.async_get_info_name(
-            first.alias.name) is not None, timeout=10)
         with caplog.at_level(logging.DEBUG, logger="discovery"):
+            first.set_coordinator(True)
+            wait_for("the alias at node-a", lambda: alias_port() == 47101, timeout=10)
             second.set_coordinator(True)
-            time.sleep(4.0)  # eight retries' worth: what is logged over time is the point
-        clashes = [r for r in caplog.records
-                   if r.levelno >= logging.INFO and "mdns_alias_failed" in r.getMessage()]
-        assert len(clashes) == 1, [r.getMessage() for r in clashes]
+            wait_for("the alias at node-b", lambda: alias_port() == 47102, timeout=10)
+            first.set_coordinator(False)
+            wait_for("node-a to withdraw its record", lambda: first.zc.registry
+                     .async_get_info_name(first.alias.name) is None, timeout=10)
+            assert alias_port() == 47102
+        assert not [r.getMessage() for r in caplog.records
+                    if "mdns_alias_failed" in r.getMessage()]
     finally:
+        listener.close()
         first.close()
         second.close()

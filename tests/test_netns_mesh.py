@@ -4,6 +4,7 @@ processes in each, mDNS on the veth interfaces only, no configuration naming pee
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -170,3 +171,86 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
         assert served and all(code == 200 for code, _ in served), (node, served)
     assert "node-c" in {by for _, by in results["node-c"]}  # served on its own side
     assert {by for _, by in results["node-a"]} <= {"node-a", "node-b", "node-c"}
+
+
+LAN_CLIENT = """
+import json, sys, time, httpx
+from zeroconf import AddressResolverIPv4, Zeroconf
+interface, port, key = sys.argv[1], sys.argv[2], sys.argv[3]
+zc = Zeroconf(interfaces=[interface])  # as a Mac's resolver: one cache, kept throughout
+
+def resolve(other_than):
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        resolver = AddressResolverIPv4("mlx-stack.local.")
+        resolver.request(zc, 1000)
+        found = resolver.parsed_addresses()
+        if found and found[0] != other_than:
+            return found[0]
+        time.sleep(0.1)
+    return None
+
+def ask(address, key):
+    headers = {"Authorization": "Bearer " + key} if key else {}
+    try:
+        r = httpx.post("http://%s:%s/v1/chat/completions" % (address, port), timeout=30,
+                       headers=headers, json={"model": "syn", "max_tokens": 3,
+                       "messages": [{"role": "user", "content": "hi"}]})
+        return [r.status_code, r.headers.get("x-mlx-stack-node", "")]
+    except httpx.HTTPError as exc:
+        return [0, repr(exc)]
+
+previous = None
+while sys.stdin.readline():  # each line: resolve the name anew (a new address), then ask
+    address = resolve(previous)
+    print(json.dumps({"address": address, "with_key": ask(address, key),
+                      "without_key": ask(address, "")}), flush=True)
+    previous = address
+zc.close()
+"""
+
+
+def test_a_lan_client_reaches_the_mesh_at_mlx_stack_local_with_the_mesh_key(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A fourth host runs no node. It resolves ``mlx-stack.local`` over mDNS to the
+    coordinator and is served there with the mesh's key (401 without). The coordinator's
+    node is SIGKILLed: the same resolver, its cache kept, finds the new coordinator under
+    the name (its announcement flushes the dead one's record) and is served there."""
+    with netns.Hosts([*NODES, "client"]) as hosts:
+        mesh = HostMesh(tmp_path, hosts)
+        mesh.env["MLX_STACK_GATEWAY_HOST"] = "0.0.0.0"  # as `mlx-stack mesh enable` sets
+        client = None
+        try:
+            mesh.start_brokers()
+            wait_for("one coordinator", mesh.coordinator, timeout=20)
+            for node in NODES:
+                mesh.start("worker", "--engine", "synthetic", "--model", "syn", node=node)
+                mesh.start("gateway", "--port", "4000", node=node)
+            for node in NODES:
+                wait_for(f"gateway {node}", lambda n=node: healthy(mesh.gateway_url(n)),
+                         timeout=30)
+            client = subprocess.Popen(hosts.exec_argv("client", [
+                sys.executable, "-c", LAN_CLIENT, hosts.addr["client"], "4000",
+                mesh.keys.api_key]), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True, cwd=ROOT, env=mesh.env)
+
+            def turn() -> dict:
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                return json.loads(client.stdout.readline())
+
+            first = turn()
+            assert first["address"] == hosts.addr["node-a"], first
+            assert first["with_key"][0] == 200 and first["without_key"][0] == 401, first
+            for proc in mesh.procs:
+                if proc.name.startswith("node-a-"):
+                    proc.kill(signal.SIGKILL)
+            second = turn()
+            assert second["address"] == hosts.addr["node-b"], second
+            assert second["with_key"] == [200, second["with_key"][1]], second
+            assert second["without_key"][0] == 401, second
+        finally:
+            if client is not None:
+                client.kill()
+                client.wait(5)
+            close_and_report(mesh, request.node)

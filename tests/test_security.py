@@ -226,9 +226,19 @@ def test_api_keys(tmp_path: Path, request: pytest.FixtureRequest) -> None:
 
 def test_gateway_warns_when_exposed_without_a_key() -> None:
     exposed = Settings(gateway_host="0.0.0.0")
-    assert "without an API key" in (exposure_warning(exposed) or "")
-    assert exposure_warning(Settings(gateway_host="0.0.0.0", api_keys="k")) is None
-    assert exposure_warning(Settings(gateway_host="127.0.0.1")) is None
+    assert "without an API key" in (exposure_warning(exposed, None) or "")
+    assert exposure_warning(Settings(gateway_host="0.0.0.0", api_keys="k"), None) is None
+    assert exposure_warning(Settings(gateway_host="127.0.0.1"), None) is None
+    # With the mesh enabled a LAN client needs the mesh's key: not exposed.
+    assert exposure_warning(exposed, MeshKeys.from_secret(new_secret())) is None
+
+
+def test_the_mesh_key_is_derived_from_the_secret() -> None:
+    secret = new_secret()
+    key = MeshKeys.from_secret(secret).api_key
+    assert key == MeshKeys.from_secret(secret).api_key  # every node derives the same
+    assert key != MeshKeys.from_secret(new_secret()).api_key
+    assert key.startswith("mlxs-key-") and secret.hex() not in key
 
 
 def test_broker_refuses_the_network_without_a_secret(tmp_path: Path) -> None:
