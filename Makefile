@@ -4,12 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint bench openblas chromium
+.PHONY: run test lint bench openblas chromium systemd-analyze
 
 run: $(VENV)/.installed openblas
 	$(BIN)/mlx-stack up
 
-test: $(VENV)/.installed-test openblas chromium
+test: $(VENV)/.installed-test openblas chromium systemd-analyze
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -29,26 +29,31 @@ $(VENV)/.installed-test: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@ $(VENV)/.installed
 
+# A Debian package the product or the tests want, installed when missing (Linux, as root
+# with apt-get), else a note saying what is lost: $(call apt_need,CHECK,PACKAGE,WHY,LOSS).
+# No commas inside the arguments.
+define apt_need
+	@if [ "$$(uname)" = Linux ] && ! $(1) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing $(2) ($(3))"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
+	  else \
+	    echo "note: $(2) is missing: $(4). Debian/Ubuntu: sudo apt-get install $(2)"; \
+	  fi; \
+	fi
+endef
+
 # Linux only: MLX's CPU backend runs prompts ~13x faster with a real OpenBLAS than with
 # its bundled reference BLAS (worker/blas.py loads it). macOS uses Metal: nothing to do.
 openblas:
-	@if [ "$$(uname)" = Linux ] && ! ldconfig -p | grep -q 'libopenblas\.so\.0'; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing libopenblas0-pthread (fast CPU inference)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread >/dev/null; \
-	  else \
-	    echo "note: no OpenBLAS found; CPU inference will be slow. Debian/Ubuntu: sudo apt-get install libopenblas0-pthread"; \
-	  fi; \
-	fi
+	$(call apt_need,sh -c "ldconfig -p | grep -q 'libopenblas\.so\.0'",libopenblas0-pthread,fast CPU inference,CPU inference will be slow)
 
 # The dashboard test (tests/test_dashboard.py) drives a real headless chromium through
 # Playwright; it uses the distribution's browser, never `playwright install` downloads.
 chromium:
-	@if [ "$$(uname)" = Linux ] && ! command -v chromium >/dev/null; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing chromium (headless browser for the dashboard test)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	  else \
-	    echo "note: no chromium found; the dashboard test will be skipped. Debian/Ubuntu: sudo apt-get install chromium"; \
-	  fi; \
-	fi
+	$(call apt_need,command -v chromium,chromium,headless browser for the dashboard test,the dashboard test will be skipped)
+
+# The unit-file test (tests/test_install.py) checks the systemd units `mlx-stack install`
+# writes with `systemd-analyze verify`, from the distribution's systemd package.
+systemd-analyze:
+	$(call apt_need,command -v systemd-analyze,systemd,systemd-analyze checks the rendered units,the unit check will be skipped)

@@ -11,7 +11,7 @@ from common.config import Settings
 
 def main(settings: Settings) -> None:
     """Run a broker in the foreground until SIGINT/SIGTERM."""
-    logs.setup("broker", settings.log_level)
+    logs.setup("broker", settings.log_level, settings.log_file)
     broker = Broker(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())

@@ -6,6 +6,7 @@ Every option also reads an environment variable ``MLX_STACK_<NAME>`` and the fil
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from cli import node
 from cli.console import err, settings
 from cli.mesh import mesh
 
@@ -54,19 +56,17 @@ def up(
 
     A child that dies is restarted; Ctrl-C or SIGTERM stops everything.
     """
+    from cli.node import UP_PID
+    from cli.services import resolve_workers
     from cli.supervisor import Child, Supervisor, child_env, role_argv
-    from worker.models import resolve_model
 
     cfg = settings(home=home, node_id=node_id, log_level=log_level, gateway_port=port,
                    gateway_host=host, broker_port=broker_port)
-    served = []
-    for spec in model or [None]:
-        try:  # pull/convert here, once, with progress on this terminal
-            _, model_id, aliases = resolve_model(spec, cfg.models_path)
-        except (ValueError, RuntimeError) as exc:
-            err.print(f"[red]cannot serve {spec or 'the default model'}:[/red] {exc}")
-            raise typer.Exit(1) from None
-        served.append((spec, model_id, aliases))
+    try:  # pull/convert here, once, with progress on this terminal
+        served = resolve_workers(model or [None], cfg.models_path)
+    except (ValueError, RuntimeError) as exc:
+        err.print(f"[red]cannot serve:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from None
     children = [Child("broker", role_argv("broker"))]
     children += [Child(f"worker {model_id}", role_argv("worker", *(["--model", spec] if spec
                                                                    else [])))
@@ -83,7 +83,14 @@ def up(
     banner = (f"[green]mlx-stack is serving[/green] on node {cfg.node_id}:\n{names}\n"
               f"  export OPENAI_API_BASE={base}\nCtrl-C stops everything.")
     health = f"http://127.0.0.1:{cfg.gateway_port}/health"
-    sys.exit(Supervisor(children, env, err).run(health, [mid for _, mid, _ in served], banner))
+    pid_file = cfg.home / UP_PID  # for `mlx-stack down` and `status`
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(str(os.getpid()))
+    try:
+        code = Supervisor(children, env, err).run(health, [mid for _, mid, _ in served], banner)
+    finally:
+        pid_file.unlink(missing_ok=True)
+    sys.exit(code)
 
 
 @app.command()
@@ -187,3 +194,7 @@ def pull(home: Home = None) -> None:
 
     path = ensure_default_model(settings(home=home).models_path, err)
     err.print(f"default model ready in {path}")
+
+
+for command in (node.install, node.uninstall, node.status, node.logs, node.down):
+    app.command()(command)

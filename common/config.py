@@ -110,6 +110,9 @@ class Settings:
     by ``mlx-stack up``: a request for one that arrives while they load waits the grace
     period instead of a 404."""
     log_level: str = "warning"
+    log_file: str = ""
+    """Where a role logs instead of stderr, capped and rotated (set for the services
+    ``mlx-stack install`` writes: ``<home>/logs/<role>.log``)."""
     api_keys: str = dataclasses.field(default="", repr=False)  # never in logs or tracebacks
     """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
 

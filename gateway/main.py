@@ -15,7 +15,7 @@ from gateway.auth import exposure_warning
 
 def main(settings: Settings) -> None:
     """Serve the OpenAI API on ``gateway_host:gateway_port`` until SIGINT/SIGTERM."""
-    logs.setup("gateway", settings.log_level)
+    logs.setup("gateway", settings.log_level, settings.log_file)
     if warning := exposure_warning(settings, load_keys(settings.home)):
         print(warning, file=sys.stderr, flush=True)
     uvicorn.run(create_app(settings), host=settings.gateway_host, port=settings.gateway_port,

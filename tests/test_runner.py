@@ -29,7 +29,7 @@ class LaggingDetokenizer:
 
 
 class LaggingEngine(SyntheticEngine):
-    def detokenizer(self) -> LaggingDetokenizer:  # type: ignore[override]
+    def detokenizer(self, request: GenerationRequest) -> LaggingDetokenizer:  # type: ignore[override]
         return LaggingDetokenizer()
 
 

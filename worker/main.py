@@ -34,7 +34,7 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
          synthetic: SyntheticOptions | None = None) -> None:
     """Load ``model`` (or start a synthetic engine under that name) and serve it to the
     broker until SIGINT/SIGTERM."""
-    logs.setup("worker", settings.log_level)
+    logs.setup("worker", settings.log_level, settings.log_file)
     engine: Engine
     memory = None
     if synthetic is not None:

@@ -1,0 +1,178 @@
+"""This node's roles as OS services: one description, rendered for launchd and systemd.
+
+A node is a broker, a gateway and one worker per model, as under ``mlx-stack up``; run as
+services, the OS starts them at login or boot and restarts whichever dies. Each service is
+described once (:class:`Service`: its command line, environment and log), and rendered
+from that: a LaunchAgent plist on macOS (``KeepAlive``, ``RunAtLoad``) and a user unit on
+Linux (``Restart=always``). ``deploy/`` holds examples of both, written by
+:func:`write_examples` (a test keeps them in step).
+
+Paths come from the running interpreter (``python -m cli`` of this installation) and the
+node's settings. Each role logs to ``<home>/logs/<role>.log``, capped and rotated by the
+role itself (``log_file``); what the OS catches on stdout and stderr (a crash's traceback)
+goes to ``<home>/logs/<role>.out``.
+"""
+
+from __future__ import annotations
+
+import plistlib
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.config import ENV_PREFIX, Settings
+
+LABEL_PREFIX = "com.mlx-stack."
+UNIT_PREFIX = "mlx-stack-"
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    """One role of this node as the OS runs it."""
+
+    role: str
+    """``broker``, ``gateway`` or ``worker-<model>``: the name in logs and commands."""
+    argv: list[str]
+    env: dict[str, str]
+    home: Path
+
+    @property
+    def log(self) -> Path:
+        return self.home / "logs" / f"{self.role}.log"
+
+    @property
+    def out(self) -> Path:
+        return self.home / "logs" / f"{self.role}.out"
+
+    @property
+    def label(self) -> str:
+        """The launchd label (also the plist's file name)."""
+        return LABEL_PREFIX + self.role
+
+    @property
+    def unit(self) -> str:
+        """The systemd unit's name."""
+        return f"{UNIT_PREFIX}{self.role}.service"
+
+
+def services(cfg: Settings, workers: list[tuple[str | None, str, list[str]]],
+             overrides: dict[str, object], python: str = sys.executable) -> list[Service]:
+    """The services of this node: its broker, one worker per ``(spec, model_id,
+    aliases)`` (spec None: the default model) and its gateway. ``overrides`` are the
+    settings given as flags, which the services get as ``MLX_STACK_*`` variables (the
+    rest they read from ``config.toml`` as every role does)."""
+    base = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in overrides.items() if v is not None}
+    base[f"{ENV_PREFIX}HOME"] = str(cfg.home)
+    base["PYTHONUNBUFFERED"] = "1"
+    expected = ",".join(n for _, model_id, aliases in workers for n in [model_id, *aliases])
+
+    def service(role: str, *args: str, **env: str) -> Service:
+        log = str(cfg.home / "logs" / f"{role}.log")
+        return Service(role, [python, "-m", "cli", *args], {
+            **base, f"{ENV_PREFIX}LOG_FILE": log, **env}, cfg.home)
+
+    return [service("broker", "broker", **{f"{ENV_PREFIX}EXPECT_MODELS": expected}),
+            *(service(f"worker-{safe(model_id)}", "worker",
+                      *(["--model", spec] if spec else [])) for spec, model_id, _ in workers),
+            service("gateway", "gateway")]
+
+
+def resolve_workers(specs: list[str | None], models_dir: Path, pull: bool = True
+                    ) -> list[tuple[str | None, str, list[str]]]:
+    """``(spec, model id, aliases)`` of each model to serve (the default model pulled and
+    converted here, with progress on this terminal, unless ``pull`` is false); ValueError
+    or RuntimeError saying why one cannot be served."""
+    from worker.default_model import DEFAULT_ALIASES, DEFAULT_MODEL_ID
+    from worker.models import resolve_model
+
+    out: list[tuple[str | None, str, list[str]]] = []
+    for spec in specs:
+        if not pull and (not spec or spec in ("default", DEFAULT_MODEL_ID)):
+            out.append((spec, DEFAULT_MODEL_ID, list(DEFAULT_ALIASES)))
+            continue
+        _, model_id, aliases = resolve_model(spec, models_dir)
+        out.append((spec, model_id, aliases))
+    return out
+
+
+def safe(name: str) -> str:
+    """``name`` as a piece of a launchd label and a unit name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def plist(service: Service) -> bytes:
+    """The LaunchAgent: started at login (RunAtLoad), restarted whenever it exits
+    (KeepAlive), at most every 5 s (ThrottleInterval)."""
+    return plistlib.dumps({
+        "Label": service.label,
+        "ProgramArguments": service.argv,
+        "EnvironmentVariables": service.env,
+        "WorkingDirectory": str(service.home),
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "ThrottleInterval": 5,
+        "ProcessType": "Interactive",  # inference must not be throttled as background work
+        "StandardOutPath": str(service.out),
+        "StandardErrorPath": str(service.out),
+    })
+
+
+def unit(service: Service) -> str:
+    """The systemd user unit: started with the user's session (default.target) and
+    restarted whenever it exits."""
+    env = "\n".join(f"Environment={_quote(f'{k}={v}')}" for k, v in service.env.items())
+    return f"""[Unit]
+Description=mlx-stack {service.role}
+After=network-online.target
+
+[Service]
+ExecStart={" ".join(_quote(a) for a in service.argv)}
+{env}
+WorkingDirectory={service.home}
+Restart=always
+RestartSec=1
+StandardOutput=append:{service.out}
+StandardError=append:{service.out}
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def _quote(word: str) -> str:
+    """A word as systemd reads it: double quotes when it has spaces or quotes."""
+    if re.fullmatch(r"[A-Za-z0-9_./:=,+@%-]+", word):
+        return word
+    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_unit(text: str) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of a rendered unit: what a test runs to check the units."""
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "ExecStart":
+            argv = shlex.split(value)
+        elif key == "Environment":
+            name, _, val = shlex.split(value)[0].partition("=")
+            env[name] = val
+    return argv, env
+
+
+def write_examples(deploy: Path) -> list[Path]:
+    """Render ``deploy/``'s examples: the services of a node serving the default model,
+    for a user ``you`` with a checkout at ``~/mlx-stack`` (on a Mac and on Linux)."""
+    written = []
+    for kind, user in (("launchd", Path("/Users/you")), ("systemd", Path("/home/you"))):
+        cfg = Settings(home=user / ".mlx-stack", node_id="mac-mini-1")
+        for s in services(cfg, [(None, "SmolLM2-135M-Instruct", ["fast", "standard"])], {},
+                          python=str(user / "mlx-stack" / ".venv" / "bin" / "python")):
+            path, data = ((deploy / kind / f"{s.label}.plist", plist(s)) if kind == "launchd"
+                          else (deploy / kind / s.unit, unit(s).encode()))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            written.append(path)
+    return written
