@@ -202,6 +202,12 @@ class Cluster:
                 endpoint, Settings.load(home=self.tmp / "home"), self.keys, self.ctx)
         return client.ask(op, timeout, **args)
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers of a client from the network: the mesh's key, if it has a secret
+        (a gateway asks it of every client beyond loopback)."""
+        return {"Authorization": f"Bearer {self.keys.api_key}"} if self.keys else {}
+
     def workers(self) -> list[WorkerStatus]:
         status = self.try_control("status")
         return status.workers if status else []

@@ -148,7 +148,7 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
 
     async def main() -> list[str]:
         limits = httpx.Limits(max_connections=streams + 10)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=60, limits=limits, headers=mesh.auth) as client:
             flowing = [asyncio.Event() for _ in range(streams)]
             tasks = [asyncio.create_task(stream(client, urls[i % len(urls)], i, tokens,
                                                 arrivals[i], flowing[i]))

@@ -211,7 +211,8 @@ def test_500_streams_survive_a_storm_of_faults_across_three_hosts(mesh: HostMesh
     async def main() -> tuple[list, list[str]]:
         gate = asyncio.Semaphore(CONCURRENCY)
         limits = httpx.Limits(max_connections=CONCURRENCY + 10)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=120, limits=limits,
+                                     headers=mesh.auth) as client:
             async def bounded(i: int) -> tuple:
                 async with gate:
                     return await one(client, urls[i % len(urls)], i, TOKENS)

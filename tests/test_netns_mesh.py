@@ -110,9 +110,9 @@ def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
 
 CLIENT = """
 import json, sys, time, httpx
-url, seconds = sys.argv[1], float(sys.argv[2])
+url, seconds, key = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 results, end = [], time.monotonic() + seconds
-with httpx.Client(timeout=60) as client:
+with httpx.Client(timeout=60, headers={"Authorization": "Bearer " + key}) as client:
     while time.monotonic() < end:
         r = client.post(url + "/v1/chat/completions", json={"model": "syn", "max_tokens": 5,
                         "messages": [{"role": "user", "content": "hi"}]})
@@ -153,7 +153,7 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
     def client(node: str, seconds: float) -> subprocess.Popen[str]:
         return subprocess.Popen(mesh.hosts.exec_argv(node, [
             sys.executable, "-c", CLIENT, f"http://{mesh.hosts.addr[node]}:4000",
-            str(seconds)]), stdout=subprocess.PIPE, text=True)
+            str(seconds), mesh.keys.api_key]), stdout=subprocess.PIPE, text=True)
 
     clients = {node: client(node, 14) for node in ("node-a", "node-c")}
     mesh.hosts.link("node-c", up=False)
