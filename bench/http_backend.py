@@ -3,7 +3,10 @@
 LiteLLM comparison did). A raw ASGI app under uvicorn, as lean as an OpenAI-shaped
 streaming server gets in Python: no framework, one SSE event per token.
 
-    .venv/bin/python -m bench.http_backend --port 4300 --rate 50 --ttft 0.02
+    .venv/bin/python -m bench.http_backend --port 4300 --rate 50 --ttft 0.02 [--slots 32]
+
+It serves at most ``--slots`` streams at once (more wait their turn, as on a worker), and
+``GET /stats`` answers how many it has started: how a router spread its load.
 """
 
 from __future__ import annotations
@@ -21,10 +24,24 @@ from worker.synthetic import next_token, word
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
 
-def make_app(rate: float, ttft: float) -> Any:
+def make_app(rate: float, ttft: float, slots: int = 1024) -> Any:
+    seats = asyncio.Semaphore(slots)
+    started = [0]
+
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/stats":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body",
+                        "body": json.dumps({"started": started[0]}).encode()})
+            return
+        started[0] += 1
+        async with seats:
+            await stream(receive, send)
+
+    async def stream(receive: Any, send: Any) -> None:
         body = b""
         while True:
             message = await receive()
@@ -65,8 +82,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--ttft", type=float, default=0.02)
+    parser.add_argument("--slots", type=int, default=1024)
     args = parser.parse_args()
-    uvicorn.run(make_app(args.rate, args.ttft), host="127.0.0.1", port=args.port,
+    uvicorn.run(make_app(args.rate, args.ttft, args.slots), host="127.0.0.1", port=args.port,
                 log_level="warning", access_log=False)
 
 
