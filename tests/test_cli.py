@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -51,9 +52,9 @@ def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.model
 def test_up_serves_restarts_a_dead_child_and_stops_everything(
         tmp_path: Path, models_dir: Path) -> None:
-    port = free_port()
+    port, broker_port = free_port(), free_port()
     up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
-                     "--broker-port", str(free_port()), "--node-id", "solo"],
+                     "--broker-port", str(broker_port), "--node-id", "solo"],
               {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
                "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"},
               tmp_path / "up.log")
@@ -91,7 +92,12 @@ def test_up_serves_restarts_a_dead_child_and_stops_everything(
         assert "Paris" in ask()  # waits within the grace period for the new worker
         assert "worker" in up.output() and "restarting" in up.output()
         children = [psutil.Process(pid) for pid in roles(up.pid)]
-        assert up.stop(timeout=15) == 0
+        env = {"MLX_STACK_HOME": str(tmp_path / "home"),
+               "MLX_STACK_BROKER_PORT": str(broker_port)}
+        status = json.loads(run_cli("status", "--json", env=env).stdout)
+        assert status["foreground_up_pid"] == up.pid and status["mesh"]["role"] == "coordinator"
+        assert run_cli("down", env=env).returncode == 0  # as a user stops it from elsewhere
+        assert up.popen.wait(30) == 0
         for child in children:
             assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     finally:
