@@ -66,13 +66,14 @@ class Election:
         self.peers: dict[str, BrokerInfo] = {}
         self.max_epoch = me.epoch
 
-    def heard(self, info: BrokerInfo, now: float) -> None:
-        """Record an announcement from a peer (unless it is older than one heard)."""
+    def heard(self, info: BrokerInfo, now: float) -> bool:
+        """Record an announcement from a peer; False when it is ignored (our own, or older
+        than one heard from the same process)."""
         if info.endpoint == self.me.endpoint:
-            return
+            return False
         known = self.peers.get(info.endpoint)
         if known is not None and known.started == info.started and info.seq < known.seq:
-            return
+            return False
         alive = known is not None and now - known.last_seen <= self.timeout
         info.first_seen = known.first_seen if alive and known else now
         info.last_seen = now
@@ -80,6 +81,7 @@ class Election:
         self.max_epoch = max(self.max_epoch, info.epoch)
         while len(self.peers) > MAX_PEERS:
             del self.peers[min(self.peers, key=lambda e: self.peers[e].last_seen)]
+        return True
 
     def lost(self, endpoint: str) -> None:
         """A peer's connection closed (its process died): it is no longer live."""

@@ -129,9 +129,9 @@ class Broker:
     def _heard(self, msg: p.Announce) -> None:
         if msg.endpoint in self.peers.removed:
             return
-        before = self.election.peers.get(msg.endpoint)
-        now = time.monotonic()
-        self.election.heard(announce.info(msg), now)
+        before, now = self.election.peers.get(msg.endpoint), time.monotonic()
+        if not self.election.heard(announce.info(msg), now):
+            return
         if msg.coordinator:
             self.mesh_models = msg.models
         if msg.coordinator != (before is not None and before.coordinator):

@@ -57,7 +57,7 @@ def up(
     A child that dies is restarted; Ctrl-C or SIGTERM stops everything.
     """
     from cli.node import UP_PID
-    from cli.services import resolve_workers
+    from cli.services import expected_names, resolve_workers
     from cli.supervisor import Child, Supervisor, child_env, role_argv
 
     cfg = settings(home=home, node_id=node_id, log_level=log_level, gateway_port=port,
@@ -75,7 +75,7 @@ def up(
     env = child_env({"home": cfg.home, "node_id": cfg.node_id, "log_level": cfg.log_level,
                      "gateway_port": cfg.gateway_port, "gateway_host": cfg.gateway_host,
                      "broker_port": cfg.broker_port,
-                     "expect_models": ",".join(n for _, mid, al in served for n in [mid, *al])})
+                     "expect_models": expected_names(served)})
     shown = "localhost" if cfg.gateway_host in ("127.0.0.1", "0.0.0.0") else cfg.gateway_host
     base = f"http://{shown}:{cfg.gateway_port}/v1"
     names = "\n".join(f"  {mid}" + (f" (aliases: {', '.join(al)})" if al else "")

@@ -18,6 +18,13 @@ from pathlib import Path
 from cli.services import LABEL_PREFIX, UNIT_PREFIX, Service, plist, unit
 
 QUERY_TIMEOUT_S = 10.0
+CHANGE_TIMEOUT_S = 120.0
+"""For a command that stops or starts a service: the OS waits for the old process to exit
+(launchd up to 20 s, systemd up to 90 s) before it answers."""
+
+
+class ServiceError(RuntimeError):
+    """A launchctl or systemctl command failed; the message names it and what it said."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,14 +39,17 @@ class State:
 
 @dataclass
 class Plan:
-    """Files to write and delete, then commands to run, in that order."""
+    """In this order: commands that stop services, files to delete and to write, then
+    commands that (re)load and start services. A service is stopped while its file still
+    exists: systemd cannot stop a unit whose file is gone."""
 
-    writes: dict[Path, bytes] = field(default_factory=dict)
+    stops: list[list[str]] = field(default_factory=list)
     deletes: list[Path] = field(default_factory=list)
-    commands: list[list[str]] = field(default_factory=list)
+    writes: dict[Path, bytes] = field(default_factory=dict)
+    starts: list[list[str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.writes or self.deletes or self.commands)
+        return bool(self.stops or self.deletes or self.writes or self.starts)
 
 
 class Manager:
@@ -80,7 +90,7 @@ class Manager:
 
     def halt(self, name: str) -> Plan:
         """Stop the service ``name`` until the next login or install (``down``)."""
-        return Plan(commands=self.stop(name))
+        return Plan(stops=self.stop(name))
 
     def installed(self) -> list[Path]:
         """This node's service files present now."""
@@ -93,20 +103,37 @@ class Manager:
         return path.name.removesuffix(".plist")
 
     def apply(self, plan: Plan, dry_run: bool, say: Callable[[str], object]) -> None:
-        """Carry ``plan`` out, saying each step (with ``dry_run``, only say them)."""
+        """Carry ``plan`` out, saying each step (with ``dry_run``, only say them); stop at
+        the first command that fails, with :class:`ServiceError`."""
+        for argv in plan.stops:
+            self._run_step(argv, dry_run, say, ok_if_absent=True)
+        for path in plan.deletes:
+            say(f"delete {path}")
+            if not dry_run:
+                path.unlink(missing_ok=True)
         for path, data in plan.writes.items():
             say(f"write {path}")
             if not dry_run:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-        for path in plan.deletes:
-            say(f"delete {path}")
-            if not dry_run:
-                path.unlink(missing_ok=True)
-        for argv in plan.commands:
-            say("run " + shlex.join(argv))
-            if not dry_run:
-                subprocess.run(argv, check=False, timeout=QUERY_TIMEOUT_S)
+        for argv in plan.starts:
+            self._run_step(argv, dry_run, say, ok_if_absent=False)
+
+    @staticmethod
+    def _run_step(argv: list[str], dry_run: bool, say: Callable[[str], object],
+                  ok_if_absent: bool) -> None:
+        """Run one command; a stop may find the service gone already (not an error)."""
+        say("run " + shlex.join(argv))
+        if dry_run:
+            return
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, check=False,
+                                  timeout=CHANGE_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise ServiceError(f"`{shlex.join(argv)}` failed: {exc}") from None
+        if done.returncode != 0 and not ok_if_absent:
+            raise ServiceError(f"`{shlex.join(argv)}` exited with {done.returncode}: "
+                               f"{(done.stderr or done.stdout).strip()[:300]}")
 
 
 class Launchd(Manager):
@@ -184,7 +211,7 @@ class Systemd(Manager):
         return [["systemctl", "--user", "disable", "--now", name]]
 
     def halt(self, name: str) -> Plan:
-        return Plan(commands=[["systemctl", "--user", "stop", name]])
+        return Plan(stops=[["systemctl", "--user", "stop", name]])
 
 
 MANAGERS: dict[str, type[Manager]] = {"launchd": Launchd, "systemd": Systemd}
@@ -198,7 +225,7 @@ def plan(manager: Manager, wanted: list[Service], present: dict[Path, bytes],
     out = Plan()
     paths = {manager.path(s): manager.render(s) for s in wanted}
     for path in sorted(present.keys() - paths.keys()):
-        out.commands += manager.stop(manager.name_of(path))
+        out.stops += manager.stop(manager.name_of(path))
         out.deletes.append(path)
     starts = []
     for path, data in paths.items():
@@ -209,16 +236,16 @@ def plan(manager: Manager, wanted: list[Service], present: dict[Path, bytes],
         if fresh or not state.running:
             starts += manager.start(path, fresh, state)
     if manager.reload and (out.writes or out.deletes):
-        out.commands.append(manager.reload)
-    out.commands += starts
+        out.starts.append(manager.reload)
+    out.starts += starts
     return out
 
 
 def uninstall_plan(manager: Manager, present: list[Path]) -> Plan:
     """Stop and delete every service of this node."""
-    return Plan(deletes=list(present), commands=[
-        *(argv for path in present for argv in manager.stop(manager.name_of(path))),
-        *([manager.reload] if manager.reload and present else [])])
+    return Plan(stops=[argv for path in present for argv in manager.stop(manager.name_of(path))],
+                deletes=list(present),
+                starts=[manager.reload] if manager.reload and present else [])
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | None:

@@ -288,7 +288,8 @@ def enable(
     keys = load_keys(cfg.home)
     assert keys is not None
     out.print(f"mesh [bold]{keys.mesh_id}[/bold] enabled; secret in {secret_path(cfg.home)} "
-              "(mode 0600).\nRestart `mlx-stack up` to apply. On the next Mac run:\n"
+              "(mode 0600).\nRestart `mlx-stack up` (or `mlx-stack down && mlx-stack install` "
+              "for services) to apply. On the next Mac run:\n"
               "  mlx-stack mesh enable --join $TOKEN   (TOKEN: `mlx-stack mesh token` here)\n"
               f"The endpoint then answers the LAN with the mesh's key:\n{client_setup(cfg)}")
 

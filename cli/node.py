@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from cli.console import err, out, settings
-from cli.managers import MANAGERS, Manager, plan, uninstall_plan
+from cli.managers import MANAGERS, Manager, Plan, ServiceError, plan, uninstall_plan
 from cli.services import LABEL_PREFIX, UNIT_PREFIX, services
 from common.control import ControlClient, ControlError
 from common.meshkeys import load_keys
@@ -87,7 +87,9 @@ def install(
     if dry_run:  # plain print: whole lines to copy, never wrapped
         for path, data in todo.writes.items():
             print(f"# {path}\n{data.decode()}")
-    mgr.apply(todo, dry_run, print)
+    else:  # the OS opens each service's <role>.out there before the role runs
+        (cfg.home / "logs").mkdir(parents=True, exist_ok=True)
+    apply(mgr, todo, dry_run)
     if not dry_run:
         out.print(f"installed {len(wanted)} services ({mgr.name}); logs in "
                   f"{cfg.home / 'logs'}; `mlx-stack status` shows them")
@@ -104,7 +106,7 @@ def uninstall(home: Home = None, manager_name: ManagerName = None,
     if not present:
         out.print("no mlx-stack services are installed; nothing to do")
         return
-    mgr.apply(uninstall_plan(mgr, present), dry_run, print)
+    apply(mgr, uninstall_plan(mgr, present), dry_run)
 
 
 def status(home: Home = None, manager_name: ManagerName = None, json_: Json = False) -> None:
@@ -200,28 +202,38 @@ def down(home: Home = None, manager_name: ManagerName = None) -> None:
     for path in mgr.installed():
         name = mgr.name_of(path)
         if mgr.state(name).loaded:
-            mgr.apply(mgr.halt(name), False, print)
+            apply(mgr, mgr.halt(name), False)
             stopped += 1
     pid = foreground_up(cfg.home)
     if pid:
-        os.kill(pid, signal.SIGTERM)
         try:
+            os.kill(pid, signal.SIGTERM)
             psutil.Process(pid).wait(20)
         except psutil.TimeoutExpired:
             err.print(f"[yellow]mlx-stack up (pid {pid}) is still stopping[/yellow]")
-        except psutil.NoSuchProcess:
-            pass
+        except (OSError, psutil.Error):
+            pass  # it ended meanwhile
         out.print(f"stopped `mlx-stack up` (pid {pid})")
     elif not stopped:
         out.print("nothing runs here: no loaded services, no `mlx-stack up`")
 
 
+def apply(mgr: Manager, todo: Plan, dry_run: bool) -> None:
+    """Carry out ``todo``, printing each step; a failed command exits 1 with its error."""
+    try:
+        mgr.apply(todo, dry_run, print)
+    except ServiceError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(1) from None
+
+
 def foreground_up(home: Path) -> int:
-    """The pid of a running ``mlx-stack up`` of this home, or 0."""
+    """The pid of a running ``mlx-stack up`` of this home, or 0 (also when the pid file is
+    stale and the pid now belongs to another process)."""
     try:
         pid = int((home / UP_PID).read_text().strip())
-        return pid if psutil.pid_exists(pid) else 0
-    except (OSError, ValueError):
+        return pid if "up" in psutil.Process(pid).cmdline() else 0
+    except (OSError, ValueError, psutil.Error):
         return 0
 
 
@@ -233,8 +245,11 @@ def uptime(pid: int) -> float:
 
 
 def last_error(home: Path, role: str) -> str:
-    """The last error line of a role's logs (its own log, then what the OS caught)."""
-    for path in (home / "logs" / f"{role}.out", home / "logs" / f"{role}.log"):
+    """The last error line of a role's logs: its own log and what the OS caught, the
+    newer file first."""
+    paths = [p for p in (home / "logs" / f"{role}.log", home / "logs" / f"{role}.out")
+             if p.exists()]
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
             lines = path.read_text(errors="replace").splitlines()[-2000:]
         except OSError:

@@ -1,7 +1,8 @@
 """This node's roles as OS services: one description, rendered for launchd and systemd.
 
 A node is a broker, a gateway and one worker per model, as under ``mlx-stack up``; run as
-services, the OS starts them at login or boot and restarts whichever dies. Each service is
+services, the OS starts them when the user logs in (on Linux at boot too, once
+``loginctl enable-linger`` is set for the user) and restarts whichever dies. Each service is
 described once (:class:`Service`: its command line, environment and log), and rendered
 from that: a LaunchAgent plist on macOS (``KeepAlive``, ``RunAtLoad``) and a user unit on
 Linux (``Restart=always``). ``deploy/`` holds examples of both, written by
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import plistlib
 import re
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +66,7 @@ def services(cfg: Settings, workers: list[tuple[str | None, str, list[str]]],
     base = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in overrides.items() if v is not None}
     base[f"{ENV_PREFIX}HOME"] = str(cfg.home)
     base["PYTHONUNBUFFERED"] = "1"
-    expected = ",".join(n for _, model_id, aliases in workers for n in [model_id, *aliases])
+    expected = expected_names(workers)
 
     def service(role: str, *args: str, **env: str) -> Service:
         log = str(cfg.home / "logs" / f"{role}.log")
@@ -79,6 +79,11 @@ def services(cfg: Settings, workers: list[tuple[str | None, str, list[str]]],
             service("gateway", "gateway")]
 
 
+def expected_names(workers: list[tuple[str | None, str, list[str]]]) -> str:
+    """Every name the workers will serve (ids and aliases), as ``expect_models`` wants."""
+    return ",".join(n for _, model_id, aliases in workers for n in [model_id, *aliases])
+
+
 def resolve_workers(specs: list[str | None], models_dir: Path, pull: bool = True
                     ) -> list[tuple[str | None, str, list[str]]]:
     """``(spec, model id, aliases)`` of each model to serve (the default model pulled and
@@ -89,10 +94,14 @@ def resolve_workers(specs: list[str | None], models_dir: Path, pull: bool = True
 
     out: list[tuple[str | None, str, list[str]]] = []
     for spec in specs:
-        if not pull and (not spec or spec in ("default", DEFAULT_MODEL_ID)):
-            out.append((spec, DEFAULT_MODEL_ID, list(DEFAULT_ALIASES)))
+        if not spec or spec in ("default", DEFAULT_MODEL_ID):  # one way to say it
+            if pull:
+                resolve_model(None, models_dir)
+            out.append((None, DEFAULT_MODEL_ID, list(DEFAULT_ALIASES)))
             continue
         _, model_id, aliases = resolve_model(spec, models_dir)
+        if spec and Path(spec).expanduser().is_dir():  # a service runs in another directory
+            spec = str(Path(spec).expanduser().resolve())
         out.append((spec, model_id, aliases))
     return out
 
@@ -125,7 +134,6 @@ def unit(service: Service) -> str:
     env = "\n".join(f"Environment={_quote(f'{k}={v}')}" for k, v in service.env.items())
     return f"""[Unit]
 Description=mlx-stack {service.role}
-After=network-online.target
 
 [Service]
 ExecStart={" ".join(_quote(a) for a in service.argv)}
@@ -146,20 +154,6 @@ def _quote(word: str) -> str:
     if re.fullmatch(r"[A-Za-z0-9_./:=,+@%-]+", word):
         return word
     return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def parse_unit(text: str) -> tuple[list[str], dict[str, str]]:
-    """(argv, environment) of a rendered unit: what a test runs to check the units."""
-    argv: list[str] = []
-    env: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        if key == "ExecStart":
-            argv = shlex.split(value)
-        elif key == "Environment":
-            name, _, val = shlex.split(value)[0].partition("=")
-            env[name] = val
-    return argv, env
 
 
 def write_examples(deploy: Path) -> list[Path]:

@@ -107,14 +107,17 @@ class Settings:
     default_max_tokens: int = 512
     expect_models: str = ""
     """Model names (ids and aliases, comma-separated) this node's workers will serve, set
-    by ``mlx-stack up``: a request for one that arrives while they load waits the grace
-    period instead of a 404."""
+    by ``mlx-stack up`` and ``install``: while this node's broker coordinates (a lone Mac,
+    or the coordinator's node), a request for one that arrives while they load waits the
+    grace period instead of a 404."""
     log_level: str = "warning"
     log_file: str = ""
     """Where a role logs instead of stderr, capped and rotated (set for the services
     ``mlx-stack install`` writes: ``<home>/logs/<role>.log``)."""
     api_keys: str = dataclasses.field(default="", repr=False)  # never in logs or tracebacks
-    """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated; empty = open."""
+    """Keys the gateway accepts as ``Authorization: Bearer``, comma-separated, from every
+    client; empty = open on loopback (and, once the mesh is enabled, the mesh's key from
+    the network: ``gateway/auth.py``)."""
 
     def __post_init__(self) -> None:
         """Refuse values that would break the mesh later, where the cause is hard to see

@@ -95,8 +95,9 @@ def watch_disconnects(sock: zmq.Socket, refusals: bool = False) -> zmq.Socket:
     its peer process died (the kernel closed the TCP connection) or ZMTP heartbeats timed
     out. A killed process is then known in milliseconds instead of after the heartbeat
     liveness; our own heartbeats remain the judge for peers that hang without dying.
-    Failed CURVE handshakes are reported too, so that a wrong secret is explained. With
-    ``refusals``, so is a connection refused (nobody listens there: the process is dead)."""
+    Failed CURVE handshakes are reported too, so that a wrong secret is explained (and
+    successful ones, which reset that explanation's count). With ``refusals``, so is a
+    connection refused (nobody listens there: the process is dead)."""
     events = zmq.EVENT_DISCONNECTED | HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
     # A unique address: pyzmq's default derives it from the socket's file descriptor,
     # which the socket this one replaces may just have freed.
@@ -148,9 +149,7 @@ def _explain_refusal(endpoint: bytes) -> None:
 def watch_refusals(sock: zmq.Socket) -> zmq.Socket:
     """A PAIR socket that becomes readable when a listening ``sock`` turns a connection
     away at the handshake (CURVE/ZAP: no secret, a foreign one, not a member)."""
-    return sock.get_monitor_socket(
-        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-        | zmq.EVENT_HANDSHAKE_FAILED_AUTH, f"inproc://refusals-{uuid.uuid4().hex}")
+    return sock.get_monitor_socket(HANDSHAKE_FAILED, f"inproc://refusals-{uuid.uuid4().hex}")
 
 
 def refused_peers(monitor: zmq.Socket) -> list[str]:

@@ -119,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
                        chat: bool) -> Any:
         return await run(request, body, lambda request_id, served: Completion(
             chat, request_id, served.model_id, body.include_usage,
-            logprobs=body.logprobs not in (None, False)))
+            logprobs=body.logprobs is not None and body.logprobs is not False))
 
     async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
                   shape_for: Callable[[str, Served], Shape]) -> Any:

@@ -205,7 +205,7 @@ class BrokerClient:
                 continue
             if self.link.sock in ready:
                 for msg in self.link.receive():
-                    if not isinstance(msg, p.Redirect | p.Disconnect):
+                    if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
                         # A broker that sends us away is not up for us: jobs woken now
                         # would be submitted to it and lost, unseen by the move after.
                         self.up.set()

@@ -171,7 +171,12 @@ class CompletionRequest(_Common):
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
     """Legacy log-probabilities: each token's own and its ``logprobs`` most likely
-    alternatives."""
+    alternatives (0: its own only)."""
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _no_logprobs(cls, value: Any) -> Any:
+        return None if value is False else value  # some clients send false for "none"
 
     def to_generation(self, default_max: int) -> GenerationRequest:
         self._check()

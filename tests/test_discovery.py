@@ -1,7 +1,8 @@
 """mDNS discovery on loopback only (zeroconf pinned to 127.0.0.1): the ``mlx-stack.local``
 alias follows the coordinator. While two brokers both coordinate (a partition that has
 not healed yet) the newer one takes the name at once, without a conflict to retry and
-log; the one that steps down withdraws only its own record."""
+log; the one that steps down withdraws its records. (Here they differ by port; between
+Macs they differ by address, and the address record is what a client resolves.)"""
 
 from __future__ import annotations
 

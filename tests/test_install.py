@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import plistlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cli.services import parse_unit, write_examples
+from cli.services import write_examples
 from tests.harness import ROOT, Proc, free_port, wait_for
 
 STAND_IN = r"""#!/bin/sh
@@ -48,11 +49,29 @@ exit 0
 """
 
 
+def parse_unit(text: str) -> tuple[list[str], dict[str, str], Path]:
+    """(argv, environment, stdout file) of a rendered unit, as systemd reads them."""
+    argv: list[str] = []
+    env: dict[str, str] = {}
+    out = Path()
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key == "ExecStart":
+            argv = shlex.split(value)
+        elif key == "Environment":
+            name, _, val = shlex.split(value)[0].partition("=")
+            env[name] = val
+        elif key == "StandardOutput":
+            out = Path(value.removeprefix("append:"))
+    return argv, env, out
+
+
 class Machine:
     """A user's home with the stand-ins on PATH; runs ``mlx-stack`` there."""
 
     def __init__(self, tmp: Path, models_dir: Path) -> None:
         self.user = tmp / "user"
+        self.models_dir = models_dir
         self.home = self.user / ".mlx-stack"
         self.home.mkdir(parents=True)
         (self.home / "config.toml").write_text(f'models_dir = "{models_dir}"\n')
@@ -101,17 +120,21 @@ def test_launch_agents_parse_and_say_how_each_role_runs(machine: Machine) -> Non
         assert agent["StandardErrorPath"] == str(machine.home / "logs" / f"{role}.out")
     assert plists["com.mlx-stack.broker.plist"]["EnvironmentVariables"][
         "MLX_STACK_EXPECT_MODELS"] == "SmolLM2-135M-Instruct,fast,standard"
+    assert (machine.home / "logs").is_dir()  # launchd opens StandardOutPath there
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed (Debian: apt-get install systemd)")
-def test_systemd_units_pass_systemd_analyze_verify(machine: Machine) -> None:
+def test_systemd_units_pass_systemd_analyze_verify(machine: Machine, tmp_path: Path) -> None:
     machine.run("install", "--manager", "systemd")
     units = sorted((machine.user / ".config" / "systemd" / "user").glob("*.service"))
     assert [u.name for u in units] == ["mlx-stack-broker.service", "mlx-stack-gateway.service",
                                        "mlx-stack-worker-SmolLM2-135M-Instruct.service"]
-    done = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
-                          capture_output=True, text=True, timeout=60)
+    runtime = tmp_path / "run"  # a user manager's runtime directory, for --user
+    runtime.mkdir(mode=0o700)
+    done = subprocess.run(["systemd-analyze", "--user", "verify", *map(str, units)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)})
     assert done.returncode == 0, done.stderr
     assert "mlx-stack" not in done.stderr, done.stderr  # no warning about our units
 
@@ -125,10 +148,23 @@ def test_install_and_uninstall_twice_change_nothing_the_second_time(
     assert len(loads) == 3, first
     machine.run("install", "--manager", manager)
     assert not [c for c in machine.commands() if " print " not in c and " show " not in c]
-    # Another model's worker replaces the default one's: only the changed services move.
-    done = machine.run("install", "--manager", manager, "--model", "SmolLM2-135M-Instruct",
-                       "--port", "4556")
-    assert "write" in done.stdout
+    # A second model: its worker is added and the broker (which expects its names)
+    # rewritten; the gateway and the first worker are left alone.
+    other = machine.user / "other-model"
+    other.symlink_to(machine.models_dir / "SmolLM2-135M-Instruct", target_is_directory=True)
+    done = machine.run("install", "--manager", manager, "--model", "default",
+                       "--model", str(other))
+    changed = {line.rsplit("/", 1)[1] for line in done.stdout.splitlines()
+               if line.startswith("write ")}
+    assert not any("gateway" in c for c in changed), changed
+    assert any("other-model" in c for c in changed) and any("broker" in c for c in changed)
+    # ... and dropped again: its service is stopped before its file goes.
+    machine.run("install", "--manager", manager)
+    commands = machine.commands()
+    stopped = [c for c in commands if " bootout " in c or " disable " in c]
+    assert [c for c in stopped if "other-model" in c] == stopped[:1], commands
+    assert not any("gateway" in c or "SmolLM2" in c for c in commands
+                   if " print " not in c and " show " not in c), commands
     machine.run("uninstall", "--manager", manager)
     stops = [c for c in machine.commands() if " bootout " in c or " disable " in c]
     assert len(stops) == 3, machine.commands()
@@ -174,9 +210,9 @@ def test_the_roles_serve_when_started_exactly_as_the_units_say(machine: Machine,
         for name in ("mlx-stack-broker.service",
                      "mlx-stack-worker-SmolLM2-135M-Instruct.service",
                      "mlx-stack-gateway.service"):
-            argv, env = parse_unit((units / name).read_text())
-            procs.append(Proc(name, argv, {"PATH": os.environ["PATH"], **env},
-                              tmp_path / f"{name}.stdout"))
+            argv, env, out = parse_unit((units / name).read_text())
+            # stdout and stderr where systemd puts them: install made the directory
+            procs.append(Proc(name, argv, {"PATH": os.environ["PATH"], **env}, out))
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
                                max_retries=0, timeout=60)
 

@@ -162,3 +162,5 @@ def test_text_completions_give_legacy_logprobs(mesh) -> None:
     assert [t for c in streamed for t in c.tokens] == lp.tokens
     assert [o for c in streamed for o in c.text_offset] == lp.text_offset
     assert client.completions.create(**{**ask, "logprobs": None}).choices[0].logprobs is None
+    own = client.completions.create(**{**ask, "logprobs": 0}).choices[0].logprobs
+    assert own.tokens == lp.tokens and own.top_logprobs == [{}] * len(lp.tokens)

@@ -116,7 +116,9 @@ class MlxEngine:
         if request.kind == "completion":
             # mlx-lm's streaming detokenizers drop the leading space of an answer, right
             # after a chat template's "assistant\n" but wrong for a text completion: the
-            # prompt "The capital of France is" goes on with " Paris", not "Paris".
+            # prompt "The capital of France is" goes on with " Paris", not "Paris". (Its
+            # naive fallback, for tokenizers of neither kind, decodes with the Hugging
+            # Face tokenizer, which may still drop it.)
             if hasattr(detokenizer, "trim_space"):  # SentencePiece
                 detokenizer.trim_space = False
             if hasattr(detokenizer, "_maybe_trim_space"):  # byte-level BPE
