@@ -13,11 +13,13 @@ mesh of Macs, and a bound on what a peer must store."""
 
 def announcement(election: Election, epoch: int, seq: int,
                  known_models: dict[str, float]) -> p.Announce:
-    """This broker's ANNOUNCE number ``seq``; a coordinator's names the models it served
-    lately."""
+    """This broker's ANNOUNCE number ``seq``, naming the models it knows, most recent
+    first: a coordinator's served lately (a standby that takes over knows them), a
+    standby's its node's workers will serve (the coordinator knows them while they
+    load)."""
     me = election.me
     models = sorted(known_models, key=known_models.__getitem__, reverse=True
-                    )[:MODELS_ANNOUNCED] if me.coordinator else []
+                    )[:MODELS_ANNOUNCED]
     return p.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
                       started=me.started, coordinator=me.coordinator, epoch=epoch, seq=seq,
                       models=models)

@@ -134,6 +134,8 @@ class Broker:
             return
         if msg.coordinator:
             self.mesh_models = msg.models
+        elif self.coordinating:  # a standby's node expects these: wait for its workers
+            self.table.know(msg.models, now)
         if msg.coordinator != (before is not None and before.coordinator):
             # A coordinator appeared or stepped down: redirect our followers now, not at
             # the next tick (up to one interval that every stream of this node waits).
@@ -195,9 +197,9 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        for identity in [*self.table.workers, *self.gateways]:
-            self._send(identity, self._protocol_of(identity),
-                       p.Disconnect(reason=p.Reason.LEAVING))
+        for identity, protocol in [*((w, p.WORKER) for w in self.table.workers),
+                                   *((g, p.GATEWAY) for g in self.gateways)]:
+            self._send(identity, protocol, p.Disconnect(reason=p.Reason.LEAVING))
         self.peers.close()
         self.socket.disable_monitor()
         self.refusals.close(linger=0)
@@ -381,9 +383,6 @@ class Broker:
         self.gateways.clear()
 
     # ----------------------------------------------------------------- sending
-
-    def _protocol_of(self, identity: bytes) -> bytes:
-        return p.WORKER if identity in self.table.workers else p.GATEWAY
 
     def _apply(self, sends: list[Send]) -> None:
         """Send what a job table transition produced."""

@@ -107,9 +107,9 @@ class Settings:
     default_max_tokens: int = 512
     expect_models: str = ""
     """Model names (ids and aliases, comma-separated) this node's workers will serve, set
-    by ``mlx-stack up`` and ``install``: while this node's broker coordinates (a lone Mac,
-    or the coordinator's node), a request for one that arrives while they load waits the
-    grace period instead of a 404."""
+    by ``mlx-stack up`` and ``install``: a request for one that arrives while they load
+    waits the grace period instead of a 404 (a standby's broker announces them to the
+    coordinator)."""
     log_level: str = "warning"
     log_file: str = ""
     """Where a role logs instead of stderr, capped and rotated (set for the services

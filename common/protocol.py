@@ -292,8 +292,9 @@ class Announce(Message):
     """Counts this process's announcements: one that arrives after a later one (they
     travel on two connections) is stale and ignored."""
     models: list[str] = field(default_factory=list)
-    """A coordinator's model names served lately: a standby that takes over makes a
-    request for one wait for the workers to register, rather than answer 404."""
+    """Model names the sender knows: a coordinator's served lately (a standby that takes
+    over makes a request for one wait for the workers rather than answer 404), a
+    standby's expected from its node's loading workers (the coordinator does the same)."""
 
 
 class ErrorCode(enum.StrEnum):

@@ -135,6 +135,34 @@ def test_a_model_served_a_moment_ago_waits_for_a_worker_under_the_new_coordinato
         assert response.status_code == 200, response.text
 
 
+def test_a_standby_nodes_expected_model_waits_at_the_coordinator(tmp_path: Path) -> None:
+    """``up`` on a node whose broker is a standby: the coordinator learns from its
+    ANNOUNCE the names that node's workers will serve, so a request sent while they load
+    waits for them (a name nobody expects is still a 404 at once)."""
+    import concurrent.futures as cf
+
+    m = Mesh(tmp_path, {"node-a": 2, "node-b": 1})
+    try:
+        m.start_broker("node-a")
+        m.brokers["node-b"] = m.start("broker", node="node-b",
+                                      env={"MLX_STACK_EXPECT_MODELS": "late"})
+        wait_for("the coordinator to know late", lambda: (s := m.status("node-a"))
+                 and s.coordinating and "late" in s.known_models, timeout=20)
+        url = m.gateway(node="node-b", healthy=False)  # no worker yet: /health is 503
+        ask = {"max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json={**ask, "model": "never"},
+                          timeout=10).status_code == 404
+        with cf.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{url}/v1/chat/completions",
+                                  json={**ask, "model": "late"}, timeout=30)
+            wait_for("the request to wait at node-a",
+                     lambda: m.status("node-a").queues.get("late"), timeout=10)
+            m.start("worker", "--engine", "synthetic", "--model", "late", node="node-b")
+            assert pending.result(timeout=30).status_code == 200
+    finally:
+        m.close()
+
+
 def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
                                    tokens: int) -> dict[str, float]:
     """Run ``streams`` synthetic streams over ``urls``; once all flow, SIGKILL node-a's
