@@ -87,7 +87,9 @@ class JobTable:
             case p.Partial():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    job.streamed = True
+                    # The "started" PARTIAL carries no output: the client has seen nothing,
+                    # and the job may still run again elsewhere unseen.
+                    job.streamed = job.streamed or bool(msg.token_ids or msg.text)
                     job.tokens += len(msg.token_ids)
                     if job.gateway is not None:
                         msg.job_id = job.submit.job_id

@@ -118,7 +118,12 @@ class Heartbeat(Message):
 @dataclass(kw_only=True, slots=True)
 class Partial(Message):
     """worker -> broker -> gateway: more of a job's output. ``seq`` counts from 0 per job
-    (numbered by the worker as it sends; a gap tells the gateway a frame was lost)."""
+    (numbered by the worker as it sends; a gap tells the gateway a frame was lost).
+
+    A PARTIAL with no output (no tokens, no text) says the job started: the worker's engine
+    took the request, so it will not be refused any more. The gateway answers a stream's
+    HTTP status and headers then, during the prefill, so that the first token leaves in
+    one write, as it does from a model's own server."""
 
     COMMAND: ClassVar[Command] = Command.PARTIAL
     job_id: str

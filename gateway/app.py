@@ -154,8 +154,9 @@ def create_app(settings: Settings) -> FastAPI:
             assert isinstance(served, Served)
             shape = shape_for(request_id, served)
             if slot is not None:
-                # The status waits for the first output: a request the worker refuses
-                # (a format it cannot honour) is still a 400, not an error event in a 200.
+                # The status waits until the worker started the job (its empty PARTIAL,
+                # sent before the prefill): a request the worker refuses (a format it
+                # cannot honour) is still a 400, not an error event in a 200.
                 first = await until_disconnect(request, anext(events))
                 return SlotStream(shape.stream(resume(first, events)), slot,
                                   headers(request_id, served))

@@ -67,6 +67,22 @@ def test_idle_worker_killed_is_purged_and_next_request_goes_to_a_live_one(
     assert survivor.alive()
 
 
+def test_a_stream_answers_its_status_once_the_worker_started_not_at_the_first_token(
+        cluster: Cluster) -> None:
+    # A first token 60 s away: the client still has its 200, headers and first chunk at
+    # once, as from a model's own server (the worker's "started" PARTIAL, before prefill).
+    cluster.worker("--engine", "synthetic", "--model", "syn", "--ttft", "60")
+    url = cluster.gateway()
+    fast = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=10)
+    with fast.chat.completions.create(model="syn", max_tokens=3, stream=True, messages=[
+            {"role": "user", "content": "hi"}]) as stream:
+        assert stream.response.status_code == 200
+        assert stream.response.headers["x-mlx-stack-worker"]
+        first = next(iter(stream))
+        assert first.choices[0].delta.role == "assistant"
+        assert not first.choices[0].delta.content
+
+
 def test_job_waits_for_a_free_slot_then_completes(cluster: Cluster) -> None:
     cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "1", "--rate", "50")
     url = cluster.gateway()

@@ -107,6 +107,10 @@ def test_a_worker_lost_before_the_first_token_re_dispatches_silently() -> None:
     ready(t, "w2")
     first = jobs_to(submit(t, "a"))["a/0"]
     other = "w2" if first == "w1" else "w1"
+    # The worker said the job started (an empty PARTIAL): still nothing reached the client.
+    started = t.worker_message(first.encode(), p.Partial(job_id="a/0", token_ids=[], text=""),
+                               0.5)
+    assert [m.token_ids for m in to_gateway(started)] == [[]]
     sends = t.worker_message(first.encode(), p.Disconnect(), 1.0)
     assert jobs_to(sends) == {"a/1": other}  # a new dispatch id: the old one is stale
     assert [type(m) for m in to_gateway(sends)] == [p.Accepted]  # no FAIL: nothing was sent

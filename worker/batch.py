@@ -95,6 +95,7 @@ class BatchLoop:
             return
         self._runs[seq] = run
         self._seqs[job.job_id] = seq
+        run.started()
 
     def _step(self) -> None:
         try:

@@ -92,6 +92,8 @@ class JobRun:
         self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
         self._pending: list[int] = []
         self._logprobs: list[dict] = []
+        self._sent = False
+        """Whether a PARTIAL went out (the resume seam's text or any token)."""
 
     def open(self) -> bool:
         """Send what the resume seam owes the client; False when that already ended the job
@@ -103,6 +105,12 @@ class JobRun:
             self.end(eos=False)
             return False
         return True
+
+    def started(self) -> None:
+        """The engine took the job: say so with an empty PARTIAL (see
+        :class:`~common.protocol.Partial`), unless the resume seam already sent output."""
+        if not self._sent:
+            self.send(Partial(job_id=self.job_id, token_ids=[], text=""))
 
     def add(self, token: int, logprob: dict | None = None) -> bool:
         """A new token (with its log-probability entry if the request asked); True when a
@@ -148,6 +156,7 @@ class JobRun:
             self._pending.clear()
             self._calls.clear()
             self._logprobs.clear()
+            self._sent = True
         one_call = (self._tools is not None and self._tools.calls > 0
                     and not self.request.parallel_tool_calls)
         return stopped or one_call
