@@ -8,15 +8,14 @@ last heard. What it does not do: decide. The role's own loop polls :attr:`sock` 
 :attr:`monitor`, reads :meth:`receive`, and calls :meth:`reconnect` when
 :meth:`closed` or :meth:`silent` says the broker is gone, or a REDIRECT names another.
 
-The sockets come from the role's context: plain for the worker, which polls them
-itself, asyncio for the gateway, whose reader task awaits them. Either way the link sends
-with ``NOBLOCK`` and drains what arrived through a plain shadow of the socket (no future
-per frame), so that no role ever blocks on a broker that is not there.
+The sockets are plain ones: the worker polls them itself, the gateway's event loop
+watches their file descriptors (gateway/client.py). The link sends with ``NOBLOCK`` and
+drains what arrived without blocking, so that no role ever blocks on a broker that is
+not there.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
@@ -53,7 +52,6 @@ class BrokerLink:
         self.ctx = ctx or zmq.Context.instance()
         self.broker = BrokerChoice(settings.broker_candidates)
         self.sock: zmq.Socket | None = None
-        self._io: zmq.Socket | None = None
         self.monitor: zmq.Socket | None = None
         self.max_epoch = 0
         self.session = ""
@@ -80,7 +78,6 @@ class BrokerLink:
         self.monitor = watch_disconnects(
             self.sock, refusals=self.broker.current != self.broker.candidates[0])
         self.sock.connect(self.broker.current)
-        self._io = zmq.Socket.shadow(self.sock.underlying)
         # Fencing and sessions hold per connection: a restarted lone broker counts epochs
         # from 1 again, and its clients must not ignore it for ever.
         self.max_epoch = 0
@@ -104,20 +101,12 @@ class BrokerLink:
         """Send without blocking; with no broker there the frame is dropped (and counted:
         the jobs it belongs to are resubmitted by their gateway)."""
         assert self.sock is not None, "connect() first"
-        # Sent through the role's own socket, not the plain shadow: an asyncio socket then
-        # re-checks for frames its reader awaits (a send can consume the edge of ZeroMQ's
-        # file descriptor, and the reader would sleep until its poll timed out). It
-        # answers with a finished future, whose exception is a refused frame.
         try:
-            sent = self.sock.send_multipart(p.encode(self.protocol, msg), zmq.NOBLOCK)
-            refused = (isinstance(sent, asyncio.Future) and sent.done()
-                       and sent.exception() is not None)
+            self.sock.send_multipart(p.encode(self.protocol, msg), zmq.NOBLOCK)
         except zmq.Again:
-            refused = True
-        if not refused:
-            return True
-        self.counters["frames_unsent"] += 1
-        return False
+            self.counters["frames_unsent"] += 1
+            return False
+        return True
 
     def receive(self) -> list[p.Message]:
         """The messages waiting, decoded and fenced, without blocking. Malformed frames
@@ -126,7 +115,7 @@ class BrokerLink:
         out: list[p.Message] = []
         for _ in range(DRAIN):
             try:
-                frames = self._io.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             try:

@@ -22,7 +22,6 @@ import time
 import uuid
 
 import zmq
-import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
@@ -110,11 +109,9 @@ def disconnected(monitor: zmq.Socket) -> bool:
     """Drain a :func:`watch_disconnects` socket; whether a disconnection (or a refused
     connection, if watched) was reported."""
     seen = False
-    sync = monitor if not isinstance(monitor, zmq.asyncio.Socket) else zmq.Socket.shadow(
-        monitor.underlying)
     while True:
         try:
-            event = parse_monitor_message(sync.recv_multipart(zmq.NOBLOCK))
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
             return seen
         if event["event"] & HANDSHAKE_FAILED:
