@@ -45,4 +45,6 @@ class GenerationRequest:
     ``{"type": "object"}``), enforced while sampling (worker/grammar.py)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as a dict for a frame. Shallow: the values are plain data that msgpack
+        only reads (``asdict`` deep-copied every message, 0.1 ms of a request's CPU)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
