@@ -52,14 +52,15 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0,
 
 
 class Proc:
-    """A role process; stderr goes to ``log``."""
+    """A role process run from the tree ``root``; stderr goes to ``log``."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path,
+                 root: Path = ROOT) -> None:
         self.name = name
         self.log = log
         self._log_file = log.open("wb")
         self.popen = subprocess.Popen(argv, env=env, stdout=self._log_file,
-                                      stderr=subprocess.STDOUT, cwd=ROOT,
+                                      stderr=subprocess.STDOUT, cwd=root,
                                       start_new_session=True)
 
     @property
@@ -113,10 +114,12 @@ class Cluster:
     """One broker's world: the broker, workers and gateways of one or more nodes."""
 
     def __init__(self, tmp: Path, env: dict[str, str] | None = None,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, root: Path = ROOT) -> None:
         """``secret``: the mesh secret every process of this cluster holds (None: none,
-        plain ZeroMQ on loopback)."""
+        plain ZeroMQ on loopback). ``root``: the source tree its roles run from
+        (``python -m cli`` there; ``bench.ab_commits`` runs two commits side by side)."""
         self.tmp = tmp
+        self.root = root
         tmp.mkdir(parents=True, exist_ok=True)
         self.keys = MeshKeys.from_secret(secret) if secret else None
         if secret:
@@ -137,7 +140,7 @@ class Cluster:
         name = f"{role}-{len(self.procs)}"
         proc = Proc(name, [sys.executable, "-m", "cli", role, *args],
                     {**self.env, "MLX_STACK_NODE_ID": node, **(env or {})},
-                    self.tmp / f"{name}.log")
+                    self.tmp / f"{name}.log", self.root)
         self.procs.append(proc)
         return proc
 
