@@ -89,7 +89,8 @@ class JobTable:
                 if job is not None:
                     # The "started" PARTIAL carries no output: the client has seen nothing,
                     # and the job may still run again elsewhere unseen.
-                    job.streamed = job.streamed or bool(msg.token_ids or msg.text)
+                    job.streamed = job.streamed or bool(
+                        msg.token_ids or msg.text or msg.tool_calls)
                     job.tokens += len(msg.token_ids)
                     if job.gateway is not None:
                         msg.job_id = job.submit.job_id

@@ -117,7 +117,11 @@ class _Inbox:
 
     async def next(self) -> p.Message | _Lost:
         """The next message. PARTIALs already queued behind it come merged into it (one
-        SSE event for what arrived together), and a PARTIAL out of sequence is a loss."""
+        SSE event for what arrived together), and a PARTIAL out of sequence is a loss.
+        Each dispatch's worker numbers from 0: an ACCEPTED (a dispatch, the first or one
+        after a worker was lost before any output) starts the count again. The broker
+        drops an earlier dispatch's frames, and its ACCEPTED comes before the new worker's
+        PARTIALs on the same connection."""
         msg, self._held = self._held, None
         if msg is None:
             if self.queue.empty():
@@ -125,6 +129,8 @@ class _Inbox:
                     msg = await self.queue.get()
             else:
                 msg = self.queue.get_nowait()
+        if isinstance(msg, p.Accepted):
+            self.seq = 0
         if not isinstance(msg, p.Partial):
             return msg
         if msg.seq != self.seq:
@@ -235,6 +241,8 @@ class BrokerClient:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(LOOK_AGAIN_S):
                         await self._readable.wait()
+            else:  # frames keep coming: let the streams and handlers run between batches
+                await asyncio.sleep(0)
             if self.link.closed():
                 self._move(f"{self.link.endpoint} closed or refused the connection")
                 continue

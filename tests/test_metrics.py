@@ -108,13 +108,17 @@ def test_pre_token_failovers_are_counted_by_the_gateway_and_survive_a_new_coordi
     slow = cluster.worker("--engine", "synthetic", "--model", "syn", "--ttft", "30")
     url = cluster.gateway()
     stream = Stream(url, "patience", 10).start()
-    wait_for("the job on the slow worker", lambda: any(
-        w.running for w in cluster.workers()))
+    # The headers came: the slow worker's "started" PARTIAL reached the gateway.
+    assert stream.first.wait(10) and stream.headers, stream.error
     nodes(cluster, "node-b")
     slow.kill(signal.SIGKILL)  # before its first token: the coordinator re-dispatches
     stream.wait()
     assert stream.text == expected_text("patience", 10)
-    assert value(scrape(url), "mlx_stack_failovers_total", kind="pre_token") == 1
+    after = scrape(url)
+    assert value(after, "mlx_stack_failovers_total", kind="pre_token") == 1
+    # The new worker's PARTIALs count from 0 again; the gateway resubmitted nothing.
+    assert value(after, "mlx_stack_failovers_total", kind="lost_frame") == 0
+    assert value(after, "mlx_stack_failovers_total", kind="mid_stream") == 0
     cluster.procs[0].kill(signal.SIGKILL)  # the broker: a new coordinator, counters at 0
     cluster.broker()
     assert value(scrape(url), "mlx_stack_failovers_total", kind="pre_token") == 1
