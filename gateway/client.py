@@ -43,6 +43,7 @@ from common.control import ControlError, answer, question
 from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
+from gateway.inbox import Inbox, Lost
 
 log = logging.getLogger("gateway")
 
@@ -94,65 +95,13 @@ JobEvent = Served | Piece | Done
 """What :meth:`BrokerClient.run` yields: one Served, Pieces, one Done."""
 
 
-class _Lost:
-    """Stands for a job attempt that cannot go on (broker lost, frame lost): resubmit.
-    ``kind`` names the failover in the metrics."""
-
-    def __init__(self, reason: str, kind: str = "coordinator") -> None:
-        self.reason = reason
-        self.kind = kind
-
-
-class _Inbox:
-    """The messages of one job attempt, as the reader task delivers them."""
-
-    def __init__(self, deadline: float) -> None:
-        self.queue: asyncio.Queue[p.Message | _Lost] = asyncio.Queue()
-        self.deadline = deadline  # loop time
-        self.seq = 0
-        self._held: p.Message | _Lost | None = None
-
-    def put(self, msg: p.Message | _Lost) -> None:
-        self.queue.put_nowait(msg)
-
-    async def next(self) -> p.Message | _Lost:
-        """The next message. PARTIALs already queued behind it come merged into it (one
-        SSE event for what arrived together), and a PARTIAL out of sequence is a loss.
-        Each dispatch's worker numbers from 0: an ACCEPTED (a dispatch, the first or one
-        after a worker was lost before any output) starts the count again. The broker
-        drops an earlier dispatch's frames, and its ACCEPTED comes before the new worker's
-        PARTIALs on the same connection."""
-        msg, self._held = self._held, None
-        if msg is None:
-            if self.queue.empty():
-                async with asyncio.timeout_at(self.deadline):
-                    msg = await self.queue.get()
-            else:
-                msg = self.queue.get_nowait()
-        if isinstance(msg, p.Accepted):
-            self.seq = 0
-        if not isinstance(msg, p.Partial):
-            return msg
-        if msg.seq != self.seq:
-            return _Lost(f"expected PARTIAL {self.seq}, got {msg.seq}", "lost_frame")
-        self.seq += 1
-        while not self.queue.empty():
-            more = self.queue.get_nowait()
-            if not (isinstance(more, p.Partial) and more.seq == self.seq):
-                self._held = more
-                break
-            msg.absorb(more)
-            self.seq += 1
-        return msg
-
-
 class BrokerClient:
     """Submits jobs and control queries to the broker; see the module docstring."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.link = BrokerLink(settings, p.GATEWAY, load_keys(settings.home), p.Heartbeat)
-        self.streams: dict[str, _Inbox] = {}
+        self.streams: dict[str, Inbox] = {}
         self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
         self.up = asyncio.Event()
         """Set while the broker answers; requests wait on it (up to the grace period)."""
@@ -299,7 +248,7 @@ class BrokerClient:
         self.counters["broker_lost"] += 1
         log_event(log, "broker_lost", logging.WARNING, reason=reason, open_jobs=len(self.streams))
         for inbox in self.streams.values():
-            inbox.put(_Lost(reason))
+            inbox.put(Lost(reason))
 
     # ----------------------------------------------------------------- public
 
@@ -349,7 +298,7 @@ class BrokerClient:
         while True:
             await self._await_broker(deadline)
             job_id = uuid.uuid4().hex
-            inbox = self.streams[job_id] = _Inbox(loop_deadline)
+            inbox = self.streams[job_id] = Inbox(loop_deadline)
             log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
                       model=model, attempt=attempts)
             done = accepted = False
@@ -367,7 +316,7 @@ class BrokerClient:
                         raise JobError(p.ErrorCode.DEADLINE, (
                             f"the request did not complete within "
                             f"{self.settings.request_timeout:g} s")) from None
-                    if isinstance(msg, _Lost):
+                    if isinstance(msg, Lost):
                         reason, kind = msg.reason, msg.kind
                         break
                     if isinstance(msg, p.Fail):
