@@ -159,10 +159,12 @@ class BrokerClient:
         """Send on the link; a send can consume the descriptor's "look again" while frames
         wait, so wake the reader if they do."""
         self.link.send(msg)
-        if self.link.sock is not None and self.link.sock.EVENTS & zmq.POLLIN:
+        if self._waiting(self.link.sock):
             self._readable.set()
 
-    def _waiting(self, sock: zmq.Socket | None) -> bool:
+    @staticmethod
+    def _waiting(sock: zmq.Socket | None) -> bool:
+        """Whether frames wait on ``sock`` (which also re-arms its descriptor)."""
         return sock is not None and bool(sock.EVENTS & zmq.POLLIN)
 
     async def _await_broker(self, deadline: float) -> None:

@@ -92,8 +92,6 @@ class JobRun:
         self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
         self._pending: list[int] = []
         self._logprobs: list[dict] = []
-        self._sent = False
-        """Whether a PARTIAL went out (the resume seam's text or any token)."""
 
     def open(self) -> bool:
         """Send what the resume seam owes the client; False when that already ended the job
@@ -108,9 +106,9 @@ class JobRun:
 
     def started(self) -> None:
         """The engine took the job: say so with an empty PARTIAL (see
-        :class:`~common.protocol.Partial`), unless the resume seam already sent output."""
-        if not self._sent:
-            self.send(Partial(job_id=self.job_id, token_ids=[], text=""))
+        :class:`~common.protocol.Partial`). After a resume seam's text it changes nothing:
+        the gateway answered its status long ago, and empty output shows nothing."""
+        self.send(Partial(job_id=self.job_id, token_ids=[], text=""))
 
     def add(self, token: int, logprob: dict | None = None) -> bool:
         """A new token (with its log-probability entry if the request asked); True when a
@@ -156,7 +154,6 @@ class JobRun:
             self._pending.clear()
             self._calls.clear()
             self._logprobs.clear()
-            self._sent = True
         one_call = (self._tools is not None and self._tools.calls > 0
                     and not self.request.parallel_tool_calls)
         return stopped or one_call
