@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
-from common.config import Settings
+from common.config import Settings, is_loopback
 from common.generation import GenerationRequest
 from common.logs import log_event
 from common.status import Candidate, ModelEntry, Route
@@ -44,6 +44,16 @@ the longest unserved, never grows memory."""
 
 Send = tuple[bytes, bytes, p.Message]
 """A message to send: (ROUTER identity, protocol tag, message)."""
+
+
+def reply_to(submit: p.Submit, worker_node: str) -> str:
+    """The gateway's stream endpoint for a worker on ``worker_node``, if it can reach it:
+    a loopback endpoint only from the gateway's own node (elsewhere it would name the
+    worker's own machine)."""
+    host = submit.reply_to.removeprefix("tcp://").rpartition(":")[0]
+    if not host or (is_loopback(host) and worker_node != submit.node_id):
+        return ""
+    return submit.reply_to
 
 
 class JobTable:
@@ -89,11 +99,8 @@ class JobTable:
                 if job is not None:
                     # The "started" PARTIAL carries no output: the client has seen nothing,
                     # and the job may still run again elsewhere unseen.
-                    job.streamed = job.streamed or bool(
-                        msg.token_ids or msg.text or msg.tool_calls)
-                    job.tokens += len(msg.token_ids)
-                    if job.gateway is not None:
-                        msg.job_id = job.submit.job_id
+                    job.streamed = job.streamed or msg.has_output
+                    if job.gateway is not None and not msg.direct:
                         self._send(job.gateway, p.GATEWAY, msg)
             case p.Final():
                 job = self._job_of(worker, msg.job_id)
@@ -268,7 +275,8 @@ class JobTable:
         if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
             self._finish(job, p.Fail(
                 job_id=job.submit.job_id, code=p.ErrorCode.WORKER_LOST, retryable=True,
-                error=f"{reason} after {job.tokens} tokens; resubmit with resume tokens"),
+                error=f"{reason} after output reached the client; resubmit with resume "
+                "tokens"),
                 "worker_lost")
             return
         job.retries += 1
@@ -331,13 +339,14 @@ class JobTable:
         route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
         log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,
                   job=job.dispatch_id, worker=worker.info.worker_id)
+        if job.gateway is not None:  # first: the worker may stream to the gateway directly
+            self._send(job.gateway, p.GATEWAY, p.Accepted(
+                job_id=job.dispatch_id, node_id=worker.info.node_id,
+                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
         self._send(worker.identity, p.WORKER, p.Job(
             job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
-            resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text))
-        if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, p.Accepted(
-                job_id=submit.job_id, node_id=worker.info.node_id,
-                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
+            resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text,
+            reply_to=reply_to(submit, worker.info.node_id)))
 
     def _release(self, job: JobState) -> None:
         if job.worker is not None and job.worker in self.workers:
@@ -345,10 +354,10 @@ class JobTable:
         job.worker = None
 
     def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
-        """End a job: tell its gateway, free its slot, record the outcome."""
+        """End a job: tell its gateway, free its slot, record the outcome. A worker's
+        FINAL or FAIL keeps its dispatch id, the broker's own FAIL has the job id."""
         self._release(job)
         if job.gateway is not None:
-            msg.job_id = job.submit.job_id
             self._send(job.gateway, p.GATEWAY, msg)
         self._forget(job, outcome if job.gateway is not None else "cancelled")
 

@@ -60,7 +60,6 @@ class JobState:
     dispatch_id: str = ""
     streamed: bool = False
     """Whether any output reached the gateway: then only the gateway may resume it."""
-    tokens: int = 0
     retries: int = 0
     route: Route | None = None
     """Its entry in the route log, made at its first dispatch."""

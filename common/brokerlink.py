@@ -27,12 +27,17 @@ from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.transport import BrokerChoice, close_watched, configure, disconnected, watch_disconnects
+from common.transport import (
+    BrokerChoice,
+    close_watched,
+    configure,
+    disconnected,
+    receive,
+    watch_disconnects,
+)
 
 log = logging.getLogger("brokerlink")
 
-DRAIN = 1000
-"""Messages read per wake-up, so that timers still run under any load."""
 MAX_BACKOFF = 8.0
 """Longest extra wait for a broker after reconnecting (capped exponential backoff)."""
 
@@ -113,17 +118,7 @@ class BrokerLink:
         and frames from a broker older than the newest epoch seen are dropped (counted)."""
         assert self.sock is not None, "connect() first"
         out: list[p.Message] = []
-        for _ in range(DRAIN):
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                _, msg = p.decode(frames, p.FROM_BROKER)
-            except p.ProtocolError as exc:
-                self.counters["frames_dropped"] += 1
-                log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
-                continue
+        for msg in receive(self.sock, p.FROM_BROKER, self._refused):
             if msg.epoch < self.max_epoch:
                 self.counters["stale_epoch"] += 1
                 continue
@@ -132,6 +127,10 @@ class BrokerLink:
             self.backoff = 0.0
             out.append(msg)
         return out
+
+    def _refused(self, exc: p.ProtocolError) -> None:
+        self.counters["frames_dropped"] += 1
+        log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
 
     def restarted(self, beat: p.Heartbeat) -> bool:
         """Whether ``beat`` comes from another broker process than the earlier ones on

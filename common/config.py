@@ -69,6 +69,10 @@ class Settings:
     """Where workers and gateways connect first; defaults to this node's broker."""
     broker_advertise: str = ""
     """How other nodes reach this broker; defaults to tcp://<broker_host>:<broker_port>."""
+    stream_port: int = 0
+    """Where the gateway takes the output that workers stream to it directly, on
+    broker_host and reached at broker_advertise's host; 0 = any free port. A worker that
+    cannot reach it sends through the broker instead (one more hop per token)."""
     peers: str = ""
     """Other brokers' endpoints, comma-separated (static peers, for networks without
     multicast); workers and gateways fall back to them when their broker is silent."""
@@ -134,7 +138,7 @@ class Settings:
             problems.append("max_slots must be 1..1024")
         if self.prompt_cache_bytes < 0:
             problems.append("prompt_cache_bytes must be >= 0 (0 turns the prompt cache off)")
-        for name in ("gateway_port", "broker_port"):
+        for name in ("gateway_port", "broker_port", "stream_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number, 0..65535")
         if problems:

@@ -117,8 +117,10 @@ class Heartbeat(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Partial(Message):
-    """worker -> broker -> gateway: more of a job's output. ``seq`` counts from 0 per job
-    (numbered by the worker as it sends; a gap tells the gateway a frame was lost).
+    """worker -> gateway (direct) or worker -> broker -> gateway (relayed): more of a
+    job's output. ``job_id`` is the dispatch id (``<job id>/<n>``, see :class:`Job`);
+    ``seq`` counts from 0 per dispatch (numbered by the worker as it sends; a gap tells
+    the gateway a frame was lost).
 
     A PARTIAL with no output (no tokens, no text) says the job started: the worker's engine
     took the request, so it will not be refused any more. The gateway answers a stream's
@@ -136,6 +138,15 @@ class Partial(Message):
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """When the request asked: one entry per token of ``token_ids``, in OpenAI's shape
     (``{"token", "logprob", "bytes", "top_logprobs"}``)."""
+    direct: bool = False
+    """Set on the broker's copy of a directly streamed job's first output: the broker
+    learns that output reached the gateway (the job can no longer be re-dispatched
+    unseen) and forwards nothing."""
+
+    @property
+    def has_output(self) -> bool:
+        """Whether this carries output (else it is the "started" PARTIAL)."""
+        return bool(self.token_ids or self.text or self.tool_calls)
 
     def absorb(self, later: Partial) -> None:
         """Take in the output of the PARTIAL that follows this one: one frame (worker)
@@ -148,12 +159,18 @@ class Partial(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Final(Message):
-    """worker -> broker -> gateway: the job ended normally. Frees the worker's slot."""
+    """worker -> broker -> gateway: the job ended normally. Frees the worker's slot.
+
+    A directly streamed job's worker sends it on both ways: straight to the gateway after
+    the last PARTIAL, and to the broker. ``parts`` (how many PARTIALs the dispatch sent)
+    lets the gateway take whichever comes first once it has every PARTIAL, and tells it
+    that some were lost when they do not follow."""
 
     COMMAND: ClassVar[Command] = Command.FINAL
     job_id: str
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
+    parts: int = 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -199,7 +216,11 @@ class Reason(enum.StrEnum):
 class Job(Message):
     """broker -> worker: run ``request``. With resume tokens, continue a stream that another
     worker started: the tokens are appended to the prompt, ``resume_text`` is what the
-    client has already seen of them."""
+    client has already seen of them.
+
+    ``job_id`` is the dispatch id, ``<job id>/<n>`` for the job's n-th dispatch: frames of
+    an earlier dispatch (a worker that was purged but was only slow) never pass for the
+    current one."""
 
     COMMAND: ClassVar[Command] = Command.JOB
     job_id: str
@@ -208,6 +229,10 @@ class Job(Message):
     """The HTTP request's id (``x-request-id``), for logs."""
     resume_token_ids: list[int] = field(default_factory=list)
     resume_text: str = ""
+    reply_to: str = ""
+    """The gateway's stream endpoint (:attr:`Submit.reply_to`), when this worker can reach
+    it: stream the output there, not through the broker (which would add a hop to every
+    token). Empty: send everything to the broker."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -239,11 +264,15 @@ class Submit(Message):
     resume_text: str = ""
     deadline: float = 600.0
     attempt: int = 0
+    reply_to: str = ""
+    """Where workers may stream this job's PARTIALs and FINAL straight to the gateway (a
+    ``tcp://`` endpoint its ROUTER binds); empty: through the broker only."""
 
 
 @dataclass(kw_only=True, slots=True)
 class Accepted(Message):
-    """broker -> gateway: the job was dispatched to this worker."""
+    """broker -> gateway: the job was dispatched to this worker; ``job_id`` is the
+    dispatch id (:class:`Job`)."""
 
     COMMAND: ClassVar[Command] = Command.ACCEPTED
     job_id: str
@@ -359,6 +388,8 @@ FROM_BROKER = Allowed({
                         Command.REDIRECT}),
     PEER: frozenset({Command.ANNOUNCE}),
 })
+TO_GATEWAY = Allowed({WORKER: frozenset({Command.PARTIAL, Command.FINAL})})
+"""What a gateway's stream socket takes: the output workers stream to it directly."""
 _COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
 
 

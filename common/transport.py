@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -28,9 +29,11 @@ from zmq.utils.monitor import parse_monitor_message
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.protocol import MAX_BODY_BYTES
+from common.protocol import MAX_BODY_BYTES, Allowed, Message, ProtocolError, decode
 
 HWM = 100_000
+DRAIN = 1000
+"""Messages read per wake-up, so that a role's timers and other work still run under load."""
 
 
 def configure(sock: zmq.Socket, settings: Settings, keys: MeshKeys | None) -> zmq.Socket:
@@ -56,6 +59,24 @@ def configure(sock: zmq.Socket, settings: Settings, keys: MeshKeys | None) -> zm
         else:
             sock.curve_serverkey = keys.public
     return sock
+
+
+def receive(sock: zmq.Socket, allowed: Allowed, refused: Callable[[ProtocolError], None],
+            envelope: int = 0) -> list[Message]:
+    """Up to :data:`DRAIN` messages waiting on ``sock``, without blocking, decoded against
+    ``allowed`` after ``envelope`` routing frames; ``refused`` hears of each one that is
+    not valid (it is dropped)."""
+    out: list[Message] = []
+    for _ in range(DRAIN):
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        try:
+            out.append(decode(frames[envelope:], allowed)[1])
+        except ProtocolError as exc:
+            refused(exc)
+    return out
 
 
 class _Members:

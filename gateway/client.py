@@ -5,8 +5,12 @@ readable, then receives without blocking, and that alone replaces the socket whe
 broker falls silent. Replies are routed by job id to per-job queues and by request id to
 CONTROL futures.
 
-The socket is a plain one, watched with the event loop's own ``add_reader`` on ZeroMQ's
-file descriptor: no future, poller or reader registration per wake-up (pyzmq's asyncio
+Workers stream a job's output straight to the gateway's stream socket when they can
+reach it (gateway/streams.py); the inbox (gateway/inbox.py) puts what comes both ways
+back in order.
+
+The sockets are plain ones, watched with the event loop's own ``add_reader`` on ZeroMQ's
+file descriptors: no future, poller or reader registration per wake-up (pyzmq's asyncio
 poller makes all three), which on a small machine was a tenth of a millisecond on every
 token's way. That descriptor only says "look again", and any send can consume it while
 frames wait: so the reader checks ``ZMQ_EVENTS`` before it sleeps, every send pokes it
@@ -44,6 +48,7 @@ from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
 from gateway.inbox import Inbox, Lost
+from gateway.streams import StreamSocket
 
 log = logging.getLogger("gateway")
 
@@ -100,7 +105,10 @@ class BrokerClient:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.link = BrokerLink(settings, p.GATEWAY, load_keys(settings.home), p.Heartbeat)
+        self.keys = load_keys(settings.home)
+        self.link = BrokerLink(settings, p.GATEWAY, self.keys, p.Heartbeat)
+        self.stream_socket: StreamSocket | None = None
+        """Where workers stream output to this gateway (bound by :meth:`start`)."""
         self.streams: dict[str, Inbox] = {}
         self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
         self.up = asyncio.Event()
@@ -121,6 +129,8 @@ class BrokerClient:
         self._watched: list[int] = []
 
     async def start(self) -> None:
+        self.stream_socket = StreamSocket(self.settings, self.keys, self.link.ctx)
+        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._readable.set)
         self._connect()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
 
@@ -134,6 +144,9 @@ class BrokerClient:
             self._unwatch()
             self.link.send(p.Disconnect(reason=p.Reason.LEAVING))
             self.link.close()
+        if self.stream_socket is not None:
+            asyncio.get_running_loop().remove_reader(self.stream_socket.fd)
+            self.stream_socket.close()
 
     def _connect(self, reason: str = "", to: str = "") -> None:
         """Open the link (first call) or move it; the event loop watches the new one."""
@@ -167,6 +180,13 @@ class BrokerClient:
         """Whether frames wait on ``sock`` (which also re-arms its descriptor)."""
         return sock is not None and bool(sock.EVENTS & zmq.POLLIN)
 
+    def _streamed(self) -> bool:
+        """Whether frames wait on the stream socket."""
+        return self.stream_socket is not None and self.stream_socket.waiting()
+
+    def _reply_to(self) -> str:
+        return self.stream_socket.endpoint if self.stream_socket is not None else ""
+
     async def _await_broker(self, deadline: float) -> None:
         """Wait (up to the grace period, within the deadline) for the broker to answer."""
         if self.up.is_set():
@@ -188,7 +208,8 @@ class BrokerClient:
                 (reason, to), self._move_to = self._move_to, None
                 self._connect(reason, to)
             self._readable.clear()
-            if not (self._waiting(self.link.sock) or self._waiting(self.link.monitor)):
+            if not (self._waiting(self.link.sock) or self._waiting(self.link.monitor)
+                    or self._streamed()):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(LOOK_AGAIN_S):
                         await self._readable.wait()
@@ -203,6 +224,10 @@ class BrokerClient:
                         # A broker that sends us away is not up for us: jobs woken now
                         # would be submitted to it and lost, unseen by the move after.
                         self.up.set()
+                    self._on_message(msg)
+            if self._streamed():  # after the link: a dispatch's ACCEPTED comes that way
+                assert self.stream_socket is not None
+                for msg in self.stream_socket.receive():
                     self._on_message(msg)
 
     def _on_message(self, msg: p.Message) -> None:
@@ -220,7 +245,8 @@ class BrokerClient:
                 if msg.endpoint != self.link.endpoint:
                     self._move(f"redirected to {msg.endpoint}", to=msg.endpoint)
             case p.Accepted() | p.Partial() | p.Final() | p.Fail():
-                inbox = self.streams.get(msg.job_id)
+                # A worker's messages name the dispatch, <job id>/<n>.
+                inbox = self.streams.get(msg.job_id.partition("/")[0])
                 if inbox is not None:
                     inbox.put(msg)
 
@@ -310,7 +336,7 @@ class BrokerClient:
                     request=request.to_dict(),
                     node_id=self.settings.node_id, resume_token_ids=token_ids,
                     resume_text="".join(text), deadline=deadline - time.monotonic(),
-                    attempt=attempts))
+                    attempt=attempts, reply_to=self._reply_to()))
                 while True:
                     try:
                         msg = await inbox.next()

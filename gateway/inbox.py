@@ -1,16 +1,33 @@
 """One job attempt's messages at the gateway, as the broker client's reader delivers them.
 
-The reader task puts every message of a job attempt here; the request's task takes them
-one by one. PARTIALs are checked for sequence (a gap is a lost frame: the request is
-resubmitted with what the client has seen) and those that arrived together are merged
-into one, so that one SSE event carries them.
+They come two ways: from the broker (ACCEPTED, FAIL, FINAL, and relayed PARTIALs) and
+straight from the worker (PARTIALs and FINAL, gateway/streams.py), so they need not
+arrive in the order they were sent. The inbox puts them back in order:
+
+- every worker message names its dispatch (``<job id>/<n>``, see :class:`~common.protocol.Job`).
+  A dispatch's frames are taken after its ACCEPTED (held until it comes), an earlier
+  dispatch's are dropped, and a new dispatch after output reached the client is a loss
+  (the broker could not know, so it ran the job again from the start: resubmit from
+  what the client has seen);
+- PARTIALs must come in sequence (a gap is a lost frame: resubmit), and those that
+  arrived together are merged into one, so that one SSE event carries them;
+- a FINAL is taken once every PARTIAL it counts (``parts``) has been: the broker's copy
+  may overtake the last direct PARTIALs. If they do not follow within
+  :data:`FINAL_WAIT_S`, they were lost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 
 from common import protocol as p
+
+FINAL_WAIT_S = 2.0
+"""Longest a FINAL waits for the PARTIALs it counts (on their direct way, normally the
+faster one) before they count as lost."""
+
+Message = p.Accepted | p.Partial | p.Final | p.Fail
 
 
 class Lost:
@@ -22,44 +39,95 @@ class Lost:
         self.kind = kind
 
 
+def dispatch_of(job_id: str) -> int | None:
+    """The dispatch number of a worker's message (None for the broker's own)."""
+    number = job_id.rpartition("/")[2] if "/" in job_id else ""
+    return int(number) if number.isdigit() else None
+
+
 class Inbox:
     """The messages of one job attempt, as the reader task delivers them."""
 
     def __init__(self, deadline: float) -> None:
-        self.queue: asyncio.Queue[p.Message | Lost] = asyncio.Queue()
+        self.queue: asyncio.Queue[Message | Lost] = asyncio.Queue()
         self.deadline = deadline  # loop time
+        self.dispatch = -1
+        """The dispatch whose ACCEPTED came last: the one whose frames are taken."""
         self.seq = 0
-        self._held: p.Message | Lost | None = None
+        """The next PARTIAL expected of it."""
+        self.output = False
+        """Whether output of this attempt was taken (went to the client)."""
+        self._ready: collections.deque[Message | Lost] = collections.deque()
+        """Taken before the queue: held frames whose turn came."""
+        self._early: list[Message] = []
+        """Frames of a dispatch whose ACCEPTED has not come yet."""
+        self._final: p.Final | None = None
+        self._final_by = 0.0
 
-    def put(self, msg: p.Message | Lost) -> None:
+    def put(self, msg: Message | Lost) -> None:
         self.queue.put_nowait(msg)
 
-    async def next(self) -> p.Message | Lost:
-        """The next message. PARTIALs already queued behind it come merged into it (one
-        SSE event for what arrived together), and a PARTIAL out of sequence is a loss.
-        Each dispatch's worker numbers from 0: an ACCEPTED (a dispatch, the first or one
-        after a worker was lost before any output) starts the count again. The broker
-        drops an earlier dispatch's frames, and its ACCEPTED comes before the new worker's
-        PARTIALs on the same connection."""
-        msg, self._held = self._held, None
-        if msg is None:
-            if self.queue.empty():
-                async with asyncio.timeout_at(self.deadline):
-                    msg = await self.queue.get()
-            else:
-                msg = self.queue.get_nowait()
-        if isinstance(msg, p.Accepted):
-            self.seq = 0
-        if not isinstance(msg, p.Partial):
+    async def next(self) -> Message | Lost:
+        """The next message in order (see the module docstring); raises TimeoutError at
+        the deadline."""
+        while True:
+            if self._final is not None and self._final.parts <= self.seq:
+                final, self._final = self._final, None
+                return final
+            msg = await self._get()
+            if isinstance(msg, Lost):
+                return msg
+            number = dispatch_of(msg.job_id)
+            if number is not None and number != self.dispatch:
+                if number < self.dispatch:
+                    continue  # an earlier dispatch's frame, late
+                if not isinstance(msg, p.Accepted):
+                    self._early.append(msg)
+                    continue
+                if self.output:
+                    return Lost("the job was dispatched again after its output reached "
+                                "the client", "mid_stream")
+                self.dispatch, self.seq, self._final = number, 0, None
+                self._ready.extend(m for m in self._early if dispatch_of(m.job_id) == number)
+                self._early = [m for m in self._early if dispatch_of(m.job_id) > number]
+                return msg
+            if isinstance(msg, p.Partial):
+                return self._partial(msg)
+            if isinstance(msg, p.Final) and msg.parts > self.seq:
+                self._final = msg
+                self._final_by = asyncio.get_running_loop().time() + FINAL_WAIT_S
+                continue
             return msg
+
+    async def _get(self) -> Message | Lost:
+        if self._ready:
+            return self._ready.popleft()
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        until = self.deadline if self._final is None else min(self.deadline, self._final_by)
+        try:
+            async with asyncio.timeout_at(until):
+                return await self.queue.get()
+        except TimeoutError:
+            if until < self.deadline:
+                return Lost(f"PARTIALs {self.seq}..{self._final.parts - 1} did not follow "
+                            "their FINAL", "lost_frame")
+            raise
+
+    def _partial(self, msg: p.Partial) -> p.Partial | Lost:
+        """Check ``msg``'s place in the sequence and merge the PARTIALs queued behind it."""
         if msg.seq != self.seq:
             return Lost(f"expected PARTIAL {self.seq}, got {msg.seq}", "lost_frame")
         self.seq += 1
-        while not self.queue.empty():
-            more = self.queue.get_nowait()
-            if not (isinstance(more, p.Partial) and more.seq == self.seq):
-                self._held = more
+        while self._ready or not self.queue.empty():
+            if not self._ready:
+                self._ready.append(self.queue.get_nowait())
+            more = self._ready[0]
+            if not (isinstance(more, p.Partial) and more.job_id == msg.job_id
+                    and more.seq == self.seq):
                 break
+            self._ready.popleft()
             msg.absorb(more)
             self.seq += 1
+        self.output = self.output or msg.has_output
         return msg

@@ -220,3 +220,23 @@ def test_broker_restarts_never_use_up_a_requests_retries(tmp_path) -> None:
         assert s.text == expected_text("outlives its brokers", 120)
     finally:
         c.close()
+
+
+def test_streams_go_direct_to_a_reachable_gateway_and_through_the_broker_otherwise(
+        cluster: Cluster) -> None:
+    """node-a's worker streams straight to node-a's gateway. node-b's worker cannot reach
+    it (loopback names another machine, as far as the broker knows): its output goes
+    through the broker. Both streams are exact."""
+    procs = nodes(cluster, "node-a", "node-b", rate=400)
+    url = cluster.gateway(node="node-a")
+    streams = [Stream(url, f"way {i}", 12).start() for i in range(8)]  # both workers' slots
+    for stream in streams:
+        stream.wait()
+        assert stream.text == expected_text(stream.content, 12)
+    wait_for("the workers' next heartbeats", lambda: sum(
+        w.counters.get("jobs_started", 0) for w in cluster.workers()) >= 8)
+    ways = {w.node_id: (w.counters.get("jobs_direct", 0), w.counters.get("jobs_relayed", 0))
+            for w in cluster.workers()}
+    assert ways["node-a"][0] > 0 and ways["node-a"][1] == 0, ways
+    assert ways["node-b"][0] == 0 and ways["node-b"][1] > 0, ways
+    assert all(p.alive() for p in procs.values())

@@ -136,7 +136,7 @@ def test_a_worker_lost_mid_stream_fails_the_job_for_the_gateway_to_resume(how: s
         sends = t.tick(10.0)  # the other one spoke at 10.0; this one is silent since 0.1
     (fail,) = to_gateway(sends)
     assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
-    assert "after 2 tokens" in fail.error and jobs_to(sends) == {}
+    assert "after output reached the client" in fail.error and jobs_to(sends) == {}
     assert t.jobs == {} and t.routes[-1].outcome == "worker_lost"
 
 
@@ -150,7 +150,7 @@ def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> No
     assert t.workers[b"w"].running == {"a"}  # not before the worker stops
     sends = t.worker_message(b"w", p.Fail(job_id="a/0", error="cancelled", retryable=True,
                                           code=p.ErrorCode.CANCELLED), 1.0)
-    assert to_gateway(sends) == [p.Accepted(job_id="b", node_id="w", worker_id="w",
+    assert to_gateway(sends) == [p.Accepted(job_id="b/0", node_id="w", worker_id="w",
                                             model_id="m")]
     assert jobs_to(sends) == {"b/0": "w"}
 
@@ -183,3 +183,32 @@ def test_a_model_long_unserved_is_forgotten_and_a_flood_of_names_stays_bounded()
     for n in range(MAX_MODELS + 50):  # resubmissions may name anything
         submit(t, f"j{n}", model=f"made-up-{n}", attempt=1, now=3.0 + n)
     assert len(t.known_models) == MAX_MODELS and "made-up-0" not in t.known_models
+
+
+def test_a_direct_streams_first_output_is_counted_not_forwarded() -> None:
+    # The worker streamed straight to the gateway and told the broker with a copy of its
+    # first output: nothing goes to the gateway twice, and a loss now means a resume.
+    t = table()
+    ready(t, "w1")
+    ready(t, "w2")
+    worker = jobs_to(submit(t, "a"))["a/0"]
+    copy = p.Partial(job_id="a/0", token_ids=[7], text="hi", direct=True)
+    assert t.worker_message(worker.encode(), copy, 0.1) == []
+    (fail,) = to_gateway(t.worker_message(worker.encode(), p.Disconnect(), 0.2))
+    assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
+
+
+@pytest.mark.parametrize(("reply_to", "worker_node", "given"), [
+    ("tcp://10.0.0.2:5000", "elsewhere", "tcp://10.0.0.2:5000"),
+    ("tcp://127.0.0.1:5000", "gw-node", "tcp://127.0.0.1:5000"),
+    ("tcp://127.0.0.1:5000", "elsewhere", ""),  # would name the worker's own machine
+    ("", "gw-node", ""),
+])
+def test_a_job_names_the_gateways_stream_endpoint_only_where_it_is_reachable(
+        reply_to: str, worker_node: str, given: str) -> None:
+    t = table()
+    t.worker_message(b"w", p.Ready(worker_id="w", node_id=worker_node, model_id="m"), 0.0)
+    sends = t.submit(GW, p.Submit(job_id="a", model="m", request=REQUEST, node_id="gw-node",
+                                  reply_to=reply_to), 0.0)
+    (job,) = [m for _, _, m in sends if isinstance(m, p.Job)]
+    assert job.reply_to == given

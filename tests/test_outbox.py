@@ -29,6 +29,7 @@ def test_merges_partials_per_job_and_numbers_them() -> None:
     out = box.take()
     assert [(type(m).__name__, m.job_id, getattr(m, "seq", None)) for m in out] == [
         ("Partial", "a", 1), ("Final", "a", None), ("Partial", "b", 1)]
+    assert out[1].parts == 2  # the gateway waits for both of a's PARTIALs before the end
     box.close()
 
 

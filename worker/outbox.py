@@ -6,7 +6,8 @@ lock and wake the I/O loop (one byte on a pipe the loop polls) only when the lis
 empty. An idle worker therefore sends each token at once, and a busy one sends, as one
 PARTIAL per job, whatever accumulated while it was sending the previous batch.
 
-PARTIALs are numbered here, as they are sent, so that merging keeps ``seq`` contiguous.
+PARTIALs are numbered here, as they are sent, so that merging keeps ``seq`` contiguous;
+a FINAL says how many there were (``parts``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class Outbox:
             else:
                 if isinstance(msg, Final | Fail):
                     open_partials.pop(msg.job_id, None)
-                    self._seq.pop(msg.job_id, None)
+                    parts = self._seq.pop(msg.job_id, 0)
+                    if isinstance(msg, Final):
+                        msg.parts = parts
                 out.append(msg)
         return out
 

@@ -6,7 +6,8 @@ long prefill and a busy worker is as alive (or as dead) to the broker as an idle
 
     main thread:  poll the broker link (common/brokerlink.py) + outbox;
                   JOB and CANCEL -> batch loop; outbox messages (merged PARTIALs,
-                  FINAL) -> broker; heartbeat; another broker when this one is lost
+                  FINAL) -> the job's gateway or the broker (worker/streams.py);
+                  heartbeat; another broker when this one is lost
     batch loop:   every running job decoded together; PARTIAL/FINAL into the outbox
 """
 
@@ -30,6 +31,7 @@ from common.meshkeys import load_keys
 from worker.batch import BatchLoop
 from worker.engine import Engine
 from worker.outbox import Outbox
+from worker.streams import Streams
 
 log = logging.getLogger("worker")
 
@@ -61,8 +63,10 @@ class Worker:
         self.outbox = Outbox()
         self.batch = BatchLoop(engine, self.outbox.put, self._count)
         self._stopping = threading.Event()
-        self.link = BrokerLink(settings, p.WORKER, load_keys(settings.home), self._ready, ctx)
+        keys = load_keys(settings.home)
+        self.link = BrokerLink(settings, p.WORKER, keys, self._ready, ctx)
         self.poller = zmq.Poller()
+        self.streams = Streams(settings, keys, self.link.ctx, self.poller)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -110,6 +114,8 @@ class Worker:
                     self._on_broker(msg)
             if events.get(self.outbox.fd):
                 self._forward(self.outbox.take())
+            for job_id in self.streams.lost(events):
+                self.batch.put(p.Cancel(job_id=job_id))
             now = time.monotonic()
             if events.get(self.link.monitor) and self.link.closed():
                 self._connect(f"{self.link.endpoint} closed or refused the connection")
@@ -123,7 +129,8 @@ class Worker:
                     running=len(self.running), mem_free=self.memory()[1],
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
                     kv_bytes=self.engine.kv_bytes,
-                    counters={**counters, **self.link.counters, **self.engine.counters}))
+                    counters={**counters, **self.link.counters, **self.streams.counters,
+                              **self.engine.counters}))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         self.link.send(p.Disconnect(reason=p.Reason.LEAVING))  # before the cancelled FAILs
         self._abandon_jobs()
@@ -131,6 +138,7 @@ class Worker:
         batch.join(STOP_TIMEOUT)
         self._forward(self.outbox.take())
         self.outbox.close()
+        self.streams.close()
         self.link.close(linger=200)
 
     def stop(self) -> None:
@@ -142,6 +150,7 @@ class Worker:
                 log_event(log, "job_started", logging.DEBUG, request=msg.request_id,
                           job=msg.job_id)
                 self.running.add(msg.job_id)
+                self.streams.start(msg)
                 self.batch.put(msg)
             case p.Cancel():
                 if msg.job_id in self.running:
@@ -154,15 +163,16 @@ class Worker:
                 self._abandon_jobs()
                 self.link.send(self._ready())
 
-    def _forward(self, messages: list[p.Message]) -> None:
-        """Send the batch loop's messages to the broker; a FINAL/FAIL ends a job here."""
+    def _forward(self, messages: list[p.Partial | p.Final | p.Fail]) -> None:
+        """Send the batch loop's messages their way; a FINAL/FAIL ends a job here."""
         tokens = 0
         for msg in messages:
             if isinstance(msg, p.Partial):
                 tokens += len(msg.token_ids)
-            elif isinstance(msg, p.Final | p.Fail):
+            else:
                 self.running.discard(msg.job_id)
-            self.link.send(msg)
+            if not self.streams.send(msg, self.link.send):
+                self.batch.put(p.Cancel(job_id=msg.job_id))
         if tokens:
             self._count("tokens_generated", tokens)
 

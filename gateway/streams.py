@@ -1,0 +1,76 @@
+"""The gateway's stream socket: where workers send a job's output straight to it.
+
+Every SUBMIT names this socket's endpoint (``reply_to``); a worker that can reach it
+streams the job's PARTIALs and FINAL here rather than through the broker, which saves
+every token a hop through one more process (worker/streams.py says what the broker
+still hears). The socket is a ROUTER, the mesh's kind of server socket: with a mesh
+secret it speaks CURVE and admits members only, like a broker's. It binds where this
+node's broker binds (the network the workers are on), on ``stream_port`` or any free
+port, and is advertised at the broker's advertised host.
+
+Nothing received is trusted: frames are decoded against :data:`common.protocol.TO_GATEWAY`
+and whatever fails is counted and dropped. Which frames belong to which job attempt is
+the inbox's business (gateway/inbox.py).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from common import protocol as p
+from common.config import Settings, is_loopback
+from common.logs import log_event
+from common.meshkeys import MeshKeys
+from common.transport import admit_members, configure, receive
+
+log = logging.getLogger("gateway")
+
+
+class StreamSocket:
+    """The bound ROUTER and the endpoint workers reach it at."""
+
+    def __init__(self, settings: Settings, keys: MeshKeys | None, ctx: zmq.Context) -> None:
+        # Without a secret, nothing but loopback (the broker refuses to start otherwise).
+        local = is_loopback(settings.broker_host) or keys is None
+        host = "127.0.0.1" if local else settings.broker_host
+        host = "*" if host in ("0.0.0.0", "") else host
+        self.auth: ThreadAuthenticator | None = admit_members(ctx, keys) if keys else None
+        self.sock = configure(ctx.socket(zmq.ROUTER), settings, keys)
+        port = settings.stream_port or "*"
+        try:
+            self.sock.bind(f"tcp://{host}:{port}")
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ValueError(f"cannot listen for worker streams on {host}:{port}: "
+                             f"{exc.strerror}; choose another stream_port (0 = any free "
+                             "port)") from None
+        bound = self.sock.getsockopt_string(zmq.LAST_ENDPOINT).rpartition(":")[2]
+        advertised = "tcp://127.0.0.1:0" if local else settings.advertise
+        self.endpoint = f"{advertised.rpartition(':')[0]}:{bound}"
+        """What SUBMITs name as ``reply_to``."""
+        self.dropped = 0
+        """Frames refused (malformed, or not what a worker may send here)."""
+
+    @property
+    def fd(self) -> int:
+        return self.sock.FD
+
+    def waiting(self) -> bool:
+        """Whether frames wait (which also re-arms the descriptor)."""
+        return bool(self.sock.EVENTS & zmq.POLLIN)
+
+    def receive(self) -> list[p.Message]:
+        """The messages waiting (PARTIALs and FINALs), decoded, without blocking."""
+        return receive(self.sock, p.TO_GATEWAY, self._refused, envelope=1)
+
+    def _refused(self, exc: p.ProtocolError) -> None:
+        self.dropped += 1
+        log_event(log, "frame_dropped", logging.DEBUG, reason=exc.reason)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
