@@ -94,13 +94,16 @@ class JobTable:
                 worker.mem_free, worker.reported_running = msg.mem_free, msg.running
                 worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
                 worker.kv_bytes = msg.kv_bytes
+                for dispatch_id in msg.streamed:
+                    if (job := self._job_of(worker, dispatch_id)) is not None:
+                        job.streamed = True
             case p.Partial():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
                     # The "started" PARTIAL carries no output: the client has seen nothing,
                     # and the job may still run again elsewhere unseen.
                     job.streamed = job.streamed or msg.has_output
-                    if job.gateway is not None and not msg.direct:
+                    if job.gateway is not None:
                         self._send(job.gateway, p.GATEWAY, msg)
             case p.Final():
                 job = self._job_of(worker, msg.job_id)

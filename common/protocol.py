@@ -113,6 +113,12 @@ class Heartbeat(Message):
     kv_bytes: int = 0
     """KV cache memory the worker's engine holds (running requests and prompt cache)."""
     counters: dict[str, int] = field(default_factory=dict)
+    streamed: list[str] = field(default_factory=list)
+    """Dispatch ids of the worker's jobs whose first output went straight to their gateway
+    since its last heartbeat: from now on only the gateway may resume them. (Told here,
+    not per job: a message to the broker beside every first token cost that token a
+    fifth of a millisecond on a small Mac. Until then, a job whose worker dies is run
+    again from its start, and the gateway, which saw output, resumes it instead.)"""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -138,11 +144,6 @@ class Partial(Message):
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """When the request asked: one entry per token of ``token_ids``, in OpenAI's shape
     (``{"token", "logprob", "bytes", "top_logprobs"}``)."""
-    direct: bool = False
-    """Set on the broker's copy of a directly streamed job's first output: the broker
-    learns that output reached the gateway (the job can no longer be re-dispatched
-    unseen) and forwards nothing."""
-
     @property
     def has_output(self) -> bool:
         """Whether this carries output (else it is the "started" PARTIAL)."""

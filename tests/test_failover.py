@@ -240,3 +240,36 @@ def test_streams_go_direct_to_a_reachable_gateway_and_through_the_broker_otherwi
     assert ways["node-a"][0] > 0 and ways["node-a"][1] == 0, ways
     assert ways["node-b"][0] == 0 and ways["node-b"][1] > 0, ways
     assert all(p.alive() for p in procs.values())
+
+
+def test_a_worker_lost_before_its_heartbeat_told_of_direct_output_is_resumed(
+        tmp_path) -> None:
+    """The output went straight to the gateway, and the worker died before its first
+    heartbeat (3 s after it started) told the coordinator: the coordinator takes the job
+    for one that sent nothing and runs it again from its start. The gateway, which sent
+    the client output, sees the new dispatch and resumes the job from there instead."""
+    interval = 3.0
+    cluster = Cluster(tmp_path, env={"MLX_STACK_HEARTBEAT_INTERVAL": str(interval),
+                                     "MLX_STACK_HEARTBEAT_LIVENESS": "2"})
+    try:
+        cluster.broker()
+        started = time.monotonic()
+        (worker,) = nodes(cluster, "node-a", rate=20).values()
+        url = cluster.gateway()
+        # One request first: the worker's connection to the gateway is then up, and the
+        # stream below goes direct.
+        assert httpx.post(f"{url}/v1/completions", timeout=30, json={
+            "model": "syn", "prompt": "warm", "max_tokens": 1}).status_code == 200
+        stream = Stream(url, "quick now", 30).start()
+        wait_for("a token", lambda: stream.text)
+        worker.kill(signal.SIGKILL)
+        if time.monotonic() - started > interval:
+            pytest.skip("too slow a machine: the worker's first heartbeat may have gone")
+        nodes(cluster, "node-b", rate=20)
+        stream.wait()
+        assert stream.text == expected_text("quick now", 30)
+        assert cluster.control("status").counters.get("redispatched") == 1
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert 'mlx_stack_failovers_total{kind="mid_stream"} 1.0' in metrics
+    finally:
+        cluster.close()

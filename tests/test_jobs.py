@@ -185,15 +185,14 @@ def test_a_model_long_unserved_is_forgotten_and_a_flood_of_names_stays_bounded()
     assert len(t.known_models) == MAX_MODELS and "made-up-0" not in t.known_models
 
 
-def test_a_direct_streams_first_output_is_counted_not_forwarded() -> None:
-    # The worker streamed straight to the gateway and told the broker with a copy of its
-    # first output: nothing goes to the gateway twice, and a loss now means a resume.
+def test_a_job_whose_output_went_direct_is_resumed_by_its_gateway_once_heard_of() -> None:
+    # The worker streamed straight to the gateway and said so in its heartbeat: a loss
+    # now means a resume from what the client saw, not a run from the start.
     t = table()
     ready(t, "w1")
     ready(t, "w2")
     worker = jobs_to(submit(t, "a"))["a/0"]
-    copy = p.Partial(job_id="a/0", token_ids=[7], text="hi", direct=True)
-    assert t.worker_message(worker.encode(), copy, 0.1) == []
+    assert t.worker_message(worker.encode(), p.Heartbeat(streamed=["a/0", "x/0"]), 0.1) == []
     (fail,) = to_gateway(t.worker_message(worker.encode(), p.Disconnect(), 0.2))
     assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
 

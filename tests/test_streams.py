@@ -67,7 +67,7 @@ def test_with_nobody_listening_the_broker_relays_everything() -> None:
         messages = [started("a/0"), output("a/0", 1), p.Final(job_id="a/0",
                                                               finish_reason="stop", parts=2)]
         assert all(s.send(m) for m in messages)
-        assert s.to_broker == messages and not any(m.direct for m in messages[:2])
+        assert s.to_broker == messages and s.streams.streamed() == []
         assert s.streams.counters["jobs_relayed"] == 1
     finally:
         s.close()
@@ -87,7 +87,7 @@ def connected() -> Iterator[tuple[Setup, StreamSocket]]:
         s.close()
 
 
-def test_a_connected_job_streams_direct_and_tells_the_broker_its_first_output(
+def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
         connected: tuple[Setup, StreamSocket]) -> None:
     s, gateway = connected
     final = p.Final(job_id="a/0", finish_reason="stop", parts=3)
@@ -98,10 +98,11 @@ def test_a_connected_job_streams_direct_and_tells_the_broker_its_first_output(
         got += gateway.receive()
     assert [(type(m).__name__, getattr(m, "seq", None)) for m in got] == [
         ("Partial", 0), ("Partial", 1), ("Partial", 2), ("Final", None)]
-    # The broker: the first output (to know the job can no longer rerun unseen) and
-    # the FINAL (a free slot, and the gateway's guard against lost PARTIALs).
-    assert [(type(m).__name__, getattr(m, "direct", None)) for m in s.to_broker] == [
-        ("Partial", True), ("Final", None)]
+    # The broker: the FINAL (a free slot, and the gateway's guard against lost
+    # PARTIALs), and in the next heartbeat that output began (the job can no longer
+    # run again unseen), once.
+    assert s.to_broker == [final]
+    assert s.streams.streamed() == ["a/0"] and s.streams.streamed() == []
 
 
 def test_a_dropped_direct_connection_cancels_its_jobs(

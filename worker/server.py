@@ -130,7 +130,8 @@ class Worker:
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
                     kv_bytes=self.engine.kv_bytes,
                     counters={**counters, **self.link.counters, **self.streams.counters,
-                              **self.engine.counters}))
+                              **self.engine.counters},
+                    streamed=self.streams.streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         self.link.send(p.Disconnect(reason=p.Reason.LEAVING))  # before the cancelled FAILs
         self._abandon_jobs()

@@ -5,9 +5,10 @@ thread wake-up, about half a millisecond of a first token's time on a small Mac.
 SUBMIT names the gateway's stream endpoint, the broker passes it on in the JOB when this
 worker can reach it, and the worker keeps one DEALER per gateway endpoint.
 
-The broker still hears what it must: a copy of the first output (marked ``direct``: from
-then on the job cannot be run again unseen), every FINAL (the slot is free; forwarded,
-it also tells the gateway how many PARTIALs to wait for) and every FAIL (only there).
+The broker still hears what it must: which jobs streamed output (in the next heartbeat:
+from then on a job cannot be run again unseen), every FINAL (the slot is free;
+forwarded, it also tells the gateway how many PARTIALs to wait for) and every FAIL
+(only there).
 
 A job's way is chosen at its first message and kept, so that its frames stay in order:
 direct when the socket to its gateway is connected (``ZMQ_IMMEDIATE``: a send with no
@@ -64,7 +65,8 @@ class Streams:
         self.ways: dict[str, str] = {}
         """Job -> the endpoint it streams to, :data:`RELAYED` or :data:`BROKEN`."""
         self.announced: set[str] = set()
-        """Direct jobs whose first output the broker has been told of."""
+        """Direct jobs whose output began: told to the broker (:meth:`streamed`), or to be."""
+        self._unannounced: list[str] = []
         self.counters: collections.Counter[str] = collections.Counter()
         """Jobs by way: ``jobs_direct``, ``jobs_relayed``; ``streams_lost``: direct jobs
         whose connection failed (reported in the worker's heartbeats)."""
@@ -118,9 +120,13 @@ class Streams:
             broker(msg)
         elif sent and job_id not in self.announced and msg.has_output:
             self.announced.add(job_id)
-            msg.direct = True
-            broker(msg)
+            self._unannounced.append(job_id)
         return sent or way in (RELAYED, BROKEN)
+
+    def streamed(self) -> list[str]:
+        """The direct jobs whose output began since the last call (for the heartbeat)."""
+        jobs, self._unannounced = self._unannounced, []
+        return jobs
 
     def lost(self, ready: dict) -> list[str]:
         """The direct jobs whose connection dropped (``ready`` is what the poller
