@@ -12,7 +12,9 @@ back in order.
 The sockets are plain ones, watched with the event loop's own ``add_reader`` on ZeroMQ's
 file descriptors: no future, poller or reader registration per wake-up (pyzmq's asyncio
 poller makes all three), which on a small machine was a tenth of a millisecond on every
-token's way. That descriptor only says "look again", and any send can consume it while
+token's way. The descriptor's callback reads what waits and delivers it at once, so a
+token reaches its request's task in the next turn of the loop, not after the reader
+task's turn. That descriptor only says "look again", and any send can consume it while
 frames wait: so the reader checks ``ZMQ_EVENTS`` before it sleeps, every send pokes it
 when frames wait, and it never sleeps longer than :data:`LOOK_AGAIN_S`.
 
@@ -130,7 +132,7 @@ class BrokerClient:
 
     async def start(self) -> None:
         self.stream_socket = StreamSocket(self.settings, self.keys, self.link.ctx)
-        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._readable.set)
+        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._deliver)
         self._connect()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
 
@@ -158,8 +160,8 @@ class BrokerClient:
         assert self.link.sock is not None and self.link.monitor is not None
         loop = asyncio.get_running_loop()
         self._watched = [self.link.sock.FD, self.link.monitor.FD]
-        for fd in self._watched:
-            loop.add_reader(fd, self._readable.set)
+        loop.add_reader(self.link.sock.FD, self._deliver)
+        loop.add_reader(self.link.monitor.FD, self._readable.set)
         self._readable.set()  # the hello may already have been answered
 
     def _unwatch(self) -> None:
@@ -218,17 +220,25 @@ class BrokerClient:
             if self.link.closed():
                 self._move(f"{self.link.endpoint} closed or refused the connection")
                 continue
-            if self._waiting(self.link.sock):
-                for msg in self.link.receive():
-                    if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
-                        # A broker that sends us away is not up for us: jobs woken now
-                        # would be submitted to it and lost, unseen by the move after.
-                        self.up.set()
-                    self._on_message(msg)
-            if self._streamed():  # after the link: a dispatch's ACCEPTED comes that way
-                assert self.stream_socket is not None
-                for msg in self.stream_socket.receive():
-                    self._on_message(msg)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        """Read what waits on the link and the stream socket, and deliver it (from the
+        descriptors' callback and the reader). When more waits than one read takes, the
+        reader comes back for it after a turn of the loop."""
+        if self._waiting(self.link.sock):
+            for msg in self.link.receive():
+                if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
+                    # A broker that sends us away is not up for us: jobs woken now
+                    # would be submitted to it and lost, unseen by the move after.
+                    self.up.set()
+                self._on_message(msg)
+        if self._streamed():  # after the link: a dispatch's ACCEPTED comes that way
+            assert self.stream_socket is not None
+            for msg in self.stream_socket.receive():
+                self._on_message(msg)
+        if self._waiting(self.link.sock) or self._streamed():
+            self._readable.set()
 
     def _on_message(self, msg: p.Message) -> None:
         match msg:
