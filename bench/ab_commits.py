@@ -27,13 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.routing import pct, provenance, stream_once
+from bench.routing import interleaved, pct, provenance
 from bench.vs_litellm import BACKENDS, RATE, SLOTS, TOKENS, TTFT, Systems
 from tests.harness import ROOT, Cluster
-
-WARM = 20
 
 
 def checkout(rev: str, into: Path) -> Path:
@@ -54,22 +50,6 @@ def mesh(tmp: Path, root: Path) -> tuple[Cluster, str]:
         cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", str(SLOTS),
                        "--rate", str(RATE), "--ttft", str(TTFT))
     return cluster, cluster.gateway()
-
-
-async def interleaved(urls: list[str], streams: int) -> list[list[float]]:
-    """Time to first token (ms) of ``streams`` sequential streams per url, one to each url
-    in turn, the first url of each turn rotating."""
-    ttfts: list[list[float]] = [[] for _ in urls]
-    async with httpx.AsyncClient(timeout=60) as client:
-        for i in range(WARM):
-            for url in urls:
-                await stream_once(client, url, f"warm {i}", TOKENS)
-        for i in range(streams):
-            for j in range(len(urls)):
-                k = (i + j) % len(urls)
-                done = await stream_once(client, urls[k], f"request {i}", TOKENS)
-                ttfts[k].append(done.ttft * 1000)
-    return ttfts
 
 
 def figures(ttfts: list[float], base: list[float]) -> dict[str, float]:
@@ -101,7 +81,8 @@ def main() -> None:
                                     checkout(rev, Path(tmp) / f"tree-{i}"))
                 meshes.append(cluster)
                 urls.append(url)
-            ttfts = asyncio.run(interleaved(urls, args.streams))
+            runs = asyncio.run(interleaved(urls, args.streams, TOKENS))
+            ttfts = [[r.ttft * 1000 for r in system] for system in runs]
         finally:
             for cluster in meshes:
                 cluster.close()

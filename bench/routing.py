@@ -147,6 +147,23 @@ async def stream_once(client: httpx.AsyncClient, url: str, content: str,
                     response.headers.get("x-mlx-stack-node", ""))
 
 
+async def interleaved(urls: list[str], streams: int, max_tokens: int, warm: int = 20
+                      ) -> list[list[Streamed]]:
+    """``streams`` sequential streams to each url (after ``warm`` more), one to each url
+    in turn, the first url of each turn rotating: every system's figure is taken over the
+    same minutes, whatever the machine's drift."""
+    runs: list[list[Streamed]] = [[] for _ in urls]
+    async with httpx.AsyncClient(timeout=60) as client:
+        for i in range(warm):
+            for url in urls:
+                await stream_once(client, url, f"warm {i}", max_tokens)
+        for i in range(streams):
+            for j in range(len(urls)):
+                k = (i + j) % len(urls)
+                runs[k].append(await stream_once(client, urls[k], f"request {i}", max_tokens))
+    return runs
+
+
 async def load(urls: list[str], requests: int, concurrency: int, max_tokens: int
                ) -> tuple[list[Streamed], float]:
     """Run ``requests`` streams, ``concurrency`` at a time, round-robin over ``urls``."""

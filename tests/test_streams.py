@@ -1,9 +1,11 @@
 """A job's way out of the worker, with real sockets: straight to the gateway's stream
-socket when it is connected, through the broker when not, and cancelled when a direct
-connection drops (what was in flight is lost)."""
+socket when it is connected, through the broker when not (the first job for a gateway
+opens the connection), and cancelled when a direct connection drops (what was in flight
+is lost)."""
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +16,7 @@ from common.config import Settings
 from common.meshkeys import MeshKeys, new_secret
 from common.transport import configure
 from gateway.streams import StreamSocket
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 from worker import streams as streams_module
 from worker.streams import Streams
 
@@ -36,17 +38,20 @@ def output(job_id: str, seq: int) -> p.Partial:
 class Setup:
     def __init__(self) -> None:
         self.ctx = zmq.Context()
-        self.poller = zmq.Poller()
-        self.streams = Streams(SETTINGS, None, self.ctx, self.poller)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.streams = Streams(SETTINGS, None, self.ctx, self.count)
         self.to_broker: list[p.Message] = []
 
-    def send(self, msg: p.Partial | p.Final | p.Fail) -> bool:
+    def count(self, key: str) -> None:
+        self.counters[key] += 1
+
+    def send(self, msg: p.Partial | p.Final | p.Fail) -> list[str]:
         return self.streams.send(msg, self.to_broker.append)
 
     def connect(self, gateway: StreamSocket) -> None:
         """Start jobs until one's first message goes direct: the connection is up."""
         for n in range(100):
-            self.streams.start(job(f"warm/{n}", gateway.endpoint))
+            self.streams.expect(job(f"warm/{n}", gateway.endpoint))
             self.send(started(f"warm/{n}"))
             self.send(p.Final(job_id=f"warm/{n}", finish_reason="stop"))
             if gateway.sock.poll(50):
@@ -63,12 +68,15 @@ class Setup:
 def test_with_nobody_listening_the_broker_relays_everything() -> None:
     s = Setup()
     try:
-        s.streams.start(job("a/0", f"tcp://127.0.0.1:{free_port()}"))
-        messages = [started("a/0"), output("a/0", 1), p.Final(job_id="a/0",
-                                                              finish_reason="stop", parts=2)]
-        assert all(s.send(m) for m in messages)
-        assert s.to_broker == messages and s.streams.streamed() == []
-        assert s.streams.counters["jobs_relayed"] == 1
+        endpoint = f"tcp://127.0.0.1:{free_port()}"
+        for n in range(2):  # the first opens the connection, the second finds it down
+            s.streams.expect(job(f"a/{n}", endpoint))
+            messages = [started(f"a/{n}"), output(f"a/{n}", 1),
+                        p.Final(job_id=f"a/{n}", finish_reason="stop", parts=2)]
+            assert [s.send(m) for m in messages] == [[], [], []]
+            assert s.to_broker == messages and s.streams.streamed() == []
+            s.to_broker.clear()
+        assert s.counters["jobs_relayed"] == 2
     finally:
         s.close()
 
@@ -80,7 +88,7 @@ def connected() -> Iterator[tuple[Setup, StreamSocket]]:
     gateway = StreamSocket(SETTINGS, None, s.ctx)
     try:
         s.connect(gateway)
-        s.streams.start(job("a/0", gateway.endpoint))
+        s.streams.expect(job("a/0", gateway.endpoint))
         yield s, gateway
     finally:
         gateway.close()
@@ -92,7 +100,7 @@ def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
     s, gateway = connected
     final = p.Final(job_id="a/0", finish_reason="stop", parts=3)
     for msg in (started("a/0"), output("a/0", 1), output("a/0", 2), final):
-        assert s.send(msg)
+        assert s.send(msg) == []
     got: list[p.Message] = []
     while len(got) < 4 and gateway.sock.poll(5000):
         got += gateway.receive()
@@ -101,28 +109,30 @@ def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
     # The broker: the FINAL (a free slot, and the gateway's guard against lost
     # PARTIALs), and in the next heartbeat that output began (the job can no longer
     # run again unseen), once.
-    assert s.to_broker == [final]
+    assert s.to_broker == [final] and final.parts == 3
     assert s.streams.streamed() == ["a/0"] and s.streams.streamed() == []
 
 
 def test_a_dropped_direct_connection_cancels_its_jobs(
         connected: tuple[Setup, StreamSocket]) -> None:
     s, gateway = connected
-    assert s.send(started("a/0"))
+    s.streams.expect(job("b/0", gateway.endpoint))
+    assert s.send(started("a/0")) == [] and s.send(started("b/0")) == []
     gateway.close()  # the gateway's process died: frames in flight are gone
-    lost: list[str] = []
-    for _ in range(50):
-        lost = s.streams.lost(dict(s.poller.poll(100)))
-        if lost:
+    cancel: list[str] = []
+    for n in range(1, 200):  # its monitor tells before a send: a moment after the close
+        cancel = s.send(output("a/0", n))
+        if cancel:
             break
-    assert lost == ["a/0"]
-    # Until the cancellation ends it, its output is dropped, not sent out of order
-    # through the broker; the cancellation's FAIL goes to the broker.
-    assert s.send(output("a/0", 1)) and s.to_broker == []
+        s.streams.sockets[gateway.endpoint][1].poll(20)
+    assert sorted(cancel) == ["a/0", "b/0"]
+    # Until the cancellations end them, their output is dropped, not sent out of order
+    # through the broker; the cancellations' FAILs go to the broker.
+    assert s.send(output("b/0", 1)) == [] and s.to_broker == []
     s.send(p.Fail(job_id="a/0", error="cancelled", code=p.ErrorCode.CANCELLED,
                   retryable=True))
     assert [type(m) for m in s.to_broker] == [p.Fail]
-    assert s.streams.counters["streams_lost"] == 1
+    assert s.counters["streams_lost"] == 2
 
 
 def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
@@ -164,10 +174,39 @@ def test_connections_no_job_uses_any_more_are_closed(monkeypatch) -> None:
     s = Setup()
     try:
         old, busy, new = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-        s.streams.start(job("a/0", old))
-        s.send(p.Fail(job_id="a/0", error="refused", code=p.ErrorCode.INVALID_REQUEST))
-        s.streams.start(job("b/0", busy))
-        s.streams.start(job("c/0", new))
+        for name, endpoint in (("a/0", old), ("b/0", busy), ("c/0", new)):
+            s.streams.expect(job(name, endpoint))
+            s.send(started(name))
+            if name == "a/0":
+                s.send(p.Final(job_id="a/0", finish_reason="stop"))
         assert list(s.streams.sockets) == [busy, new]
     finally:
+        s.close()
+
+
+def test_a_connection_that_dropped_and_came_back_still_cancels_its_jobs() -> None:
+    # The gateway restarted on the same port: sends succeed again, but what was in
+    # flight when the connection dropped is gone, and the new gateway never knew the job.
+    port = free_port()
+    settings = Settings(heartbeat_interval=0.2, stream_port=port)
+    s = Setup()
+    gateway = StreamSocket(settings, None, s.ctx)
+    try:
+        s.connect(gateway)
+        s.streams.expect(job("a/0", gateway.endpoint))
+        assert s.send(started("a/0")) == []
+        gateway.close()
+
+        def rebound() -> StreamSocket | None:  # ZeroMQ frees the port a moment later
+            try:
+                return StreamSocket(settings, None, s.ctx)
+            except ValueError:
+                return None
+
+        gateway = wait_for("the gateway's port to be free", rebound, timeout=10)
+        sock, _ = s.streams.sockets[gateway.endpoint]
+        assert sock.poll(5000, zmq.POLLOUT)  # connected again (ZMQ_IMMEDIATE)
+        assert s.send(output("a/0", 1)) == ["a/0"]
+    finally:
+        gateway.close()
         s.close()

@@ -62,8 +62,8 @@ class Outbox:
             else:
                 if isinstance(msg, Final | Fail):
                     open_partials.pop(msg.job_id, None)
-                    parts = self._seq.pop(msg.job_id, 0)
-                    if isinstance(msg, Final):
+                    parts = self._seq.pop(msg.job_id, None)
+                    if isinstance(msg, Final) and parts is not None:  # else: sent direct
                         msg.parts = parts
                 out.append(msg)
         return out

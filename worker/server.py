@@ -6,9 +6,10 @@ long prefill and a busy worker is as alive (or as dead) to the broker as an idle
 
     main thread:  poll the broker link (common/brokerlink.py) + outbox;
                   JOB and CANCEL -> batch loop; outbox messages (merged PARTIALs,
-                  FINAL) -> the job's gateway or the broker (worker/streams.py);
-                  heartbeat; another broker when this one is lost
-    batch loop:   every running job decoded together; PARTIAL/FINAL into the outbox
+                  FINAL) -> broker; heartbeat; another broker when this one is lost
+    batch loop:   every running job decoded together; PARTIAL/FINAL straight to the
+                  job's gateway or, relayed by the broker, into the outbox
+                  (worker/streams.py)
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ class Worker:
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
         self.outbox = Outbox()
-        self.batch = BatchLoop(engine, self.outbox.put, self._count)
+        self.batch = BatchLoop(engine, self._emit, self._count)
         self._stopping = threading.Event()
         keys = load_keys(settings.home)
         self.link = BrokerLink(settings, p.WORKER, keys, self._ready, ctx)
         self.poller = zmq.Poller()
-        self.streams = Streams(settings, keys, self.link.ctx, self.poller)
+        self.streams = Streams(settings, keys, self.link.ctx, self._count)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -114,8 +115,6 @@ class Worker:
                     self._on_broker(msg)
             if events.get(self.outbox.fd):
                 self._forward(self.outbox.take())
-            for job_id in self.streams.lost(events):
-                self.batch.put(p.Cancel(job_id=job_id))
             now = time.monotonic()
             if events.get(self.link.monitor) and self.link.closed():
                 self._connect(f"{self.link.endpoint} closed or refused the connection")
@@ -129,7 +128,7 @@ class Worker:
                     running=len(self.running), mem_free=self.memory()[1],
                     tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
                     kv_bytes=self.engine.kv_bytes,
-                    counters={**counters, **self.link.counters, **self.streams.counters,
+                    counters={**counters, **self.link.counters,
                               **self.engine.counters},
                     streamed=self.streams.streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
@@ -139,7 +138,8 @@ class Worker:
         batch.join(STOP_TIMEOUT)
         self._forward(self.outbox.take())
         self.outbox.close()
-        self.streams.close()
+        if not batch.is_alive():  # its sockets: never closed under a thread using them
+            self.streams.close()
         self.link.close(linger=200)
 
     def stop(self) -> None:
@@ -151,7 +151,7 @@ class Worker:
                 log_event(log, "job_started", logging.DEBUG, request=msg.request_id,
                           job=msg.job_id)
                 self.running.add(msg.job_id)
-                self.streams.start(msg)
+                self.streams.expect(msg)
                 self.batch.put(msg)
             case p.Cancel():
                 if msg.job_id in self.running:
@@ -164,18 +164,19 @@ class Worker:
                 self._abandon_jobs()
                 self.link.send(self._ready())
 
-    def _forward(self, messages: list[p.Partial | p.Final | p.Fail]) -> None:
-        """Send the batch loop's messages their way; a FINAL/FAIL ends a job here."""
-        tokens = 0
+    def _forward(self, messages: list[p.Message]) -> None:
+        """Send the outbox's messages to the broker; a FINAL/FAIL ends a job here."""
         for msg in messages:
-            if isinstance(msg, p.Partial):
-                tokens += len(msg.token_ids)
-            else:
+            if isinstance(msg, p.Final | p.Fail):
                 self.running.discard(msg.job_id)
-            if not self.streams.send(msg, self.link.send):
-                self.batch.put(p.Cancel(job_id=msg.job_id))
-        if tokens:
-            self._count("tokens_generated", tokens)
+            self.link.send(msg)
+
+    def _emit(self, msg: p.Partial | p.Final | p.Fail) -> None:
+        """Batch loop thread: a job's message, sent its way (worker/streams.py)."""
+        if isinstance(msg, p.Partial) and msg.token_ids:
+            self._count("tokens_generated", len(msg.token_ids))
+        for job_id in self.streams.send(msg, self.outbox.put):
+            self.batch.put(p.Cancel(job_id=job_id))
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""

@@ -3,24 +3,32 @@
 Through the broker, every token crosses one more process: two more socket hops and a
 thread wake-up, about half a millisecond of a first token's time on a small Mac. So a
 SUBMIT names the gateway's stream endpoint, the broker passes it on in the JOB when this
-worker can reach it, and the worker keeps one DEALER per gateway endpoint.
+worker can reach it, and the worker keeps one DEALER per gateway endpoint. The batch
+loop's thread sends on them itself, as it makes each PARTIAL: handing a token to the I/O
+thread first would cost another thread wake-up (a fifth of a millisecond there).
 
-The broker still hears what it must: which jobs streamed output (in the next heartbeat:
-from then on a job cannot be run again unseen), every FINAL (the slot is free;
-forwarded, it also tells the gateway how many PARTIALs to wait for) and every FAIL
-(only there).
+The broker still hears what it must: which jobs streamed output (in the I/O thread's
+next heartbeat: from then on a job cannot be run again unseen), every FINAL (the slot is
+free; forwarded, it also tells the gateway how many PARTIALs to wait for) and every FAIL
+(only there). Those go through the worker's outbox, as everything of a relayed job does.
 
 A job's way is chosen at its first message and kept, so that its frames stay in order:
 direct when the socket to its gateway is connected (``ZMQ_IMMEDIATE``: a send with no
-connection fails at once rather than queue), else relayed. A direct job whose connection
-drops has lost whatever was in flight: it is cancelled, and its gateway resumes it from
-what the client has seen, as for a lost worker.
+connection fails at once rather than queue), else relayed; the first job for a gateway
+opens the connection, so it is relayed. A direct job whose connection failed or dropped
+(its monitor says so before each send) has lost whatever was in flight: it is
+cancelled, and its gateway resumes it from what the client has seen, as for a lost
+worker.
+
+Threads: the sockets and the jobs' ways belong to the batch loop's thread. The I/O
+thread only names a job's gateway before handing the job over (:meth:`Streams.expect`)
+and takes the list for its heartbeat (:meth:`Streams.streamed`, under a lock).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -47,118 +55,132 @@ cancellation ends it."""
 
 class Streams:
     """The worker's DEALERs to gateways and each running job's way (module docstring).
-    Used by the worker's I/O thread only; ``poller`` is its poller, which learns of
-    each connection's disconnect monitor."""
+    ``count`` counts ``jobs_direct``, ``jobs_relayed`` and ``streams_lost`` (direct jobs
+    whose connection failed) in the worker's heartbeat counters."""
 
     def __init__(self, settings: Settings, keys: MeshKeys | None, ctx: zmq.Context,
-                 poller: zmq.Poller) -> None:
+                 count: Callable[[str], None]) -> None:
         self.settings = settings
         self.keys = keys
         self.ctx = ctx
-        self.poller = poller
+        self.count = count
         self.sockets: dict[str, tuple[zmq.Socket, zmq.Socket]] = {}
         """Gateway endpoint -> (DEALER, its disconnect monitor), least recently used first."""
         self.used: dict[str, float] = {}
-        """Gateway endpoint -> when a JOB last named it (monotonic seconds)."""
+        """Gateway endpoint -> when a job last went there (monotonic seconds)."""
         self.reply_to: dict[str, str] = {}
-        """Job -> the stream endpoint its JOB named (none: relayed)."""
+        """Job -> the stream endpoint its JOB named (set by the I/O thread)."""
         self.ways: dict[str, str] = {}
         """Job -> the endpoint it streams to, :data:`RELAYED` or :data:`BROKEN`."""
+        self.seq: dict[str, int] = {}
+        """Direct job -> PARTIALs sent (numbered here; the outbox numbers relayed ones)."""
         self.announced: set[str] = set()
-        """Direct jobs whose output began: told to the broker (:meth:`streamed`), or to be."""
+        """Direct jobs whose output began."""
         self._unannounced: list[str] = []
-        self.counters: collections.Counter[str] = collections.Counter()
-        """Jobs by way: ``jobs_direct``, ``jobs_relayed``; ``streams_lost``: direct jobs
-        whose connection failed (reported in the worker's heartbeats)."""
+        self._lock = threading.Lock()
 
-    def start(self, job: p.Job) -> None:
-        """A JOB arrived: connect to its gateway now (the handshake runs during the
-        prefill), so that the job's first message can go direct."""
-        if not job.reply_to.startswith("tcp://"):
-            return
-        self.reply_to[job.job_id] = job.reply_to
-        now = time.monotonic()
-        self.used[job.reply_to] = now
-        if job.reply_to in self.sockets:
-            self.sockets[job.reply_to] = self.sockets.pop(job.reply_to)  # most recent
-            return
-        self._evict(now)
-        sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        monitor = watch_disconnects(sock)
-        sock.connect(job.reply_to)
-        self.poller.register(monitor, zmq.POLLIN)
-        self.sockets[job.reply_to] = (sock, monitor)
+    def expect(self, job: p.Job) -> None:
+        """I/O thread, before the job goes to the batch loop: where its output may go."""
+        if job.reply_to.startswith("tcp://"):
+            self.reply_to[job.job_id] = job.reply_to
+
+    def streamed(self) -> list[str]:
+        """I/O thread: the direct jobs whose output began since the last call (for the
+        heartbeat)."""
+        with self._lock:
+            jobs, self._unannounced = self._unannounced, []
+        return jobs
 
     def send(self, msg: p.Partial | p.Final | p.Fail,
-             broker: Callable[[p.Message], object]) -> bool:
-        """Send one of a job's messages its way (``broker`` sends to the broker); False
-        when its direct way just failed: cancel the job."""
+             relay: Callable[[p.Message], object]) -> list[str]:
+        """Send one of a job's messages its way (``relay`` hands it to the I/O thread for
+        the broker). Returns the jobs to cancel: those on a direct connection that just
+        failed."""
         job_id = msg.job_id
+        broken: list[str] = []
         if isinstance(msg, p.Fail):
             self._end(job_id)
-            broker(msg)
-            return True
+            relay(msg)
+            return broken
         way = self.ways.get(job_id)
         if way is None:  # the job's first message: direct if connected, else relayed
-            way = self.reply_to.get(job_id, RELAYED)
-            if way != RELAYED and not self._direct(way, msg):
-                way = RELAYED
+            way = self._open(self.reply_to.get(job_id, RELAYED))
+            if way != RELAYED:
+                self.seq[job_id] = 0
+                if not self._direct(way, msg):
+                    way = RELAYED
+                    del self.seq[job_id]
             self.ways[job_id] = way
-            self.counters["jobs_relayed" if way == RELAYED else "jobs_direct"] += 1
+            self.count("jobs_relayed" if way == RELAYED else "jobs_direct")
             sent = way != RELAYED
         elif way in (RELAYED, BROKEN):
             sent = False
         elif not (sent := self._direct(way, msg)):
-            self.ways[job_id] = BROKEN
-            self.counters["streams_lost"] += 1
-            log_event(log, "stream_lost", logging.INFO, job=job_id, gateway=way)
+            broken = [job for job, other in self.ways.items() if other == way]
+            for job in broken:  # the connection failed: every job on it
+                self.ways[job] = BROKEN
+                self.count("streams_lost")
+            log_event(log, "stream_lost", logging.INFO, jobs=len(broken), gateway=way)
         if isinstance(msg, p.Final):
+            msg.parts = self.seq.get(job_id, msg.parts)
             self._end(job_id)
-            broker(msg)
+            relay(msg)
         elif way == RELAYED:
-            broker(msg)
+            relay(msg)
         elif sent and job_id not in self.announced and msg.has_output:
             self.announced.add(job_id)
-            self._unannounced.append(job_id)
-        return sent or way in (RELAYED, BROKEN)
-
-    def streamed(self) -> list[str]:
-        """The direct jobs whose output began since the last call (for the heartbeat)."""
-        jobs, self._unannounced = self._unannounced, []
-        return jobs
-
-    def lost(self, ready: dict) -> list[str]:
-        """The direct jobs whose connection dropped (``ready`` is what the poller
-        returned): frames may have been lost, so they are to be cancelled."""
-        dropped = [endpoint for endpoint, (_, monitor) in self.sockets.items()
-                   if ready.get(monitor) and disconnected(monitor)]
-        jobs = [job for job, way in self.ways.items() if way in dropped]
-        for job in jobs:
-            self.ways[job] = BROKEN
-        self.counters["streams_lost"] += len(jobs)
-        return jobs
+            with self._lock:
+                self._unannounced.append(job_id)
+        return broken
 
     def close(self) -> None:
         for endpoint in list(self.sockets):
             self._close(endpoint)
 
-    def _direct(self, endpoint: str, msg: p.Message) -> bool:
+    def _open(self, endpoint: str) -> str:
+        """The way for a new job to ``endpoint``: itself once a socket to it exists (it
+        may still be connecting), else :data:`RELAYED` after opening one."""
+        if endpoint == RELAYED:
+            return RELAYED
+        now = time.monotonic()
+        self.used[endpoint] = now
+        if endpoint in self.sockets:
+            self.sockets[endpoint] = self.sockets.pop(endpoint)  # most recently used
+            return endpoint
+        self._evict(now)
+        sock = configure(self.ctx.socket(zmq.DEALER), self.settings, self.keys)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitor = watch_disconnects(sock)
+        sock.connect(endpoint)
+        self.sockets[endpoint] = (sock, monitor)
+        return RELAYED
+
+    def _direct(self, endpoint: str, msg: p.Partial | p.Final) -> bool:
+        """Send ``msg`` on the connection to ``endpoint``, numbered if a PARTIAL; False if
+        the connection is not up or dropped since the last send (frames may be lost)."""
+        sock, monitor = self.sockets[endpoint]
+        if disconnected(monitor):
+            return False
+        if isinstance(msg, p.Partial):
+            msg.seq = self.seq[msg.job_id]
         try:
-            self.sockets[endpoint][0].send_multipart(p.encode(p.WORKER, msg), zmq.NOBLOCK)
+            sock.send_multipart(p.encode(p.WORKER, msg), zmq.NOBLOCK)
         except zmq.Again:
             return False
+        if isinstance(msg, p.Partial):
+            self.seq[msg.job_id] += 1
         return True
 
     def _end(self, job_id: str) -> None:
         self.reply_to.pop(job_id, None)
         self.ways.pop(job_id, None)
+        self.seq.pop(job_id, None)
         self.announced.discard(job_id)
 
     def _evict(self, now: float) -> None:
         """Close idle connections: those unused for :data:`IDLE_S`, and the least recently
         used while there are :data:`MAX_GATEWAYS`."""
-        busy = set(self.reply_to.values())
+        busy = set(self.reply_to.values())  # one C call: the I/O thread waits for the GIL
         for endpoint in list(self.sockets):
             if endpoint not in busy and (len(self.sockets) >= MAX_GATEWAYS
                                          or now - self.used[endpoint] > IDLE_S):
@@ -167,5 +189,4 @@ class Streams:
     def _close(self, endpoint: str) -> None:
         sock, monitor = self.sockets.pop(endpoint)
         del self.used[endpoint]
-        self.poller.unregister(monitor)
         close_watched(sock, monitor)
