@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 from broker.server import Broker
-from common import logs
+from common import heap, logs
 from common.config import Settings
 
 
@@ -15,4 +15,5 @@ def main(settings: Settings) -> None:
     broker = Broker(settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
+    heap.settle()
     broker.run()

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
+from common import heap
 from common import protocol as p
 from common.config import Settings
 from common.generation import GenerationRequest
@@ -111,6 +112,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await client.start()
+        heap.settle()
         yield
         await client.close()
 

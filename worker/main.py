@@ -7,7 +7,7 @@ import os
 import signal
 from dataclasses import dataclass
 
-from common import logs
+from common import heap, logs
 from common.config import Settings
 from worker.engine import Engine
 from worker.server import Worker, system_memory
@@ -56,6 +56,7 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
     worker = Worker(engine, settings, default_aliases if aliases is None else aliases, memory)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
+    heap.settle()
     worker.run()
     # Exit without interpreter finalization: a thread that ran MLX inference runs MLX's
     # thread-local destructors at its exit, and they take the GIL; if that races with
