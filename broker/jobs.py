@@ -342,14 +342,16 @@ class JobTable:
         route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
         log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,
                   job=job.dispatch_id, worker=worker.info.worker_id)
-        if job.gateway is not None:  # first: the worker may stream to the gateway directly
-            self._send(job.gateway, p.GATEWAY, p.Accepted(
-                job_id=job.dispatch_id, node_id=worker.info.node_id,
-                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
+        # The JOB first: it is on the way to the first token. The worker's direct frames
+        # may still overtake the ACCEPTED; the gateway holds them until it comes.
         self._send(worker.identity, p.WORKER, p.Job(
             job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text,
             reply_to=reply_to(submit, worker.info.node_id)))
+        if job.gateway is not None:
+            self._send(job.gateway, p.GATEWAY, p.Accepted(
+                job_id=job.dispatch_id, node_id=worker.info.node_id,
+                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
 
     def _release(self, job: JobState) -> None:
         if job.worker is not None and job.worker in self.workers:
