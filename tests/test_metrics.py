@@ -122,3 +122,12 @@ def test_pre_token_failovers_are_counted_by_the_gateway_and_survive_a_new_coordi
     cluster.procs[0].kill(signal.SIGKILL)  # the broker: a new coordinator, counters at 0
     cluster.broker()
     assert value(scrape(url), "mlx_stack_failovers_total", kind="pre_token") == 1
+
+
+def test_fastapis_opentelemetry_is_off_unless_the_environment_asks(monkeypatch) -> None:
+    from gateway.app import OFF, telemetry
+
+    monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
+    assert telemetry() == OFF and not any(OFF.values())
+    monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
+    assert telemetry() is None  # FastAPI's defaults: spans, metrics and logs on
