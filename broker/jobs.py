@@ -278,8 +278,7 @@ class JobTable:
         if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
             self._finish(job, p.Fail(
                 job_id=job.submit.job_id, code=p.ErrorCode.WORKER_LOST, retryable=True,
-                error=f"{reason} after output reached the client; resubmit with resume "
-                "tokens"),
+                error=f"{reason}; resubmit with what the client has seen as resume tokens"),
                 "worker_lost")
             return
         job.retries += 1

@@ -39,10 +39,11 @@ from common.plain import ProtocolError as ProtocolError
 from common.plain import check_plain as check_plain
 from common.plain import from_dict as from_dict
 
-GATEWAY = b"MLXS-G2"
-"""Protocol tag of gateway <-> broker traffic."""
-WORKER = b"MLXS-W2"
-"""Protocol tag of worker <-> broker traffic."""
+GATEWAY = b"MLXS-G3"
+"""Protocol tag of gateway <-> broker traffic. (3: workers stream to gateways directly;
+worker messages name their dispatch all the way.)"""
+WORKER = b"MLXS-W3"
+"""Protocol tag of worker <-> broker and worker -> gateway traffic."""
 PEER = b"MLXS-B3"
 """Protocol tag of broker <-> broker traffic."""
 PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})

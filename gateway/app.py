@@ -72,6 +72,9 @@ async def until_disconnect(request: Request) -> AsyncIterator[None]:
         raise
     finally:
         watcher.cancel()
+    if gone:  # cancelled, but the cancel did not land (3.11's wait_for can swallow one)
+        task.uncancel()
+        raise ClientGone
 
 
 class SlotStream(EventSourceResponse):

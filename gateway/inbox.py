@@ -1,4 +1,4 @@
-"""One job attempt's messages at the gateway, as the broker client's reader delivers them.
+"""One job attempt's messages at the gateway, as the broker client delivers them.
 
 They come two ways: from the broker (ACCEPTED, FAIL, FINAL, and relayed PARTIALs) and
 straight from the worker (PARTIALs and FINAL, gateway/streams.py), so they need not
@@ -46,7 +46,7 @@ def dispatch_of(job_id: str) -> int | None:
 
 
 class Inbox:
-    """The messages of one job attempt, as the reader task delivers them."""
+    """The messages of one job attempt, as the broker client delivers them."""
 
     def __init__(self, deadline: float) -> None:
         self.queue: asyncio.Queue[Message | Lost] = asyncio.Queue()

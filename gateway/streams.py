@@ -9,8 +9,8 @@ node's broker binds (the network the workers are on), on ``stream_port`` or any 
 port, and is advertised at the broker's advertised host.
 
 Nothing received is trusted: frames are decoded against :data:`common.protocol.TO_GATEWAY`
-and whatever fails is counted and dropped. Which frames belong to which job attempt is
-the inbox's business (gateway/inbox.py).
+and whatever fails is dropped (and logged at debug level). Which frames belong to which
+job attempt is the inbox's business (gateway/inbox.py).
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ class StreamSocket:
         advertised = "tcp://127.0.0.1:0" if local else settings.advertise
         self.endpoint = f"{advertised.rpartition(':')[0]}:{bound}"
         """What SUBMITs name as ``reply_to``."""
-        self.dropped = 0
-        """Frames refused (malformed, or not what a worker may send here)."""
 
     @property
     def fd(self) -> int:
@@ -66,8 +64,8 @@ class StreamSocket:
         """The messages waiting (PARTIALs and FINALs), decoded, without blocking."""
         return receive(self.sock, p.TO_GATEWAY, self._refused, envelope=1)
 
-    def _refused(self, exc: p.ProtocolError) -> None:
-        self.dropped += 1
+    @staticmethod
+    def _refused(exc: p.ProtocolError) -> None:
         log_event(log, "frame_dropped", logging.DEBUG, reason=exc.reason)
 
     def close(self) -> None:

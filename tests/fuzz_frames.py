@@ -138,7 +138,7 @@ def frame_mutation(draw: st.DrawFn) -> list[bytes]:
     elif action == "add":
         frames.insert(draw(st.integers(0, 3)), draw(st.binary(max_size=16)))
     elif action == "tag":
-        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W1", b"MLXS-G2\x00"]))
+        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W2", b"MLXS-G3\x00"]))
     else:
         frames[1] = draw(st.one_of(st.sampled_from([bytes((c,)) for c in p.Command]),
                                    st.binary(max_size=3)))

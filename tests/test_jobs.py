@@ -136,7 +136,7 @@ def test_a_worker_lost_mid_stream_fails_the_job_for_the_gateway_to_resume(how: s
         sends = t.tick(10.0)  # the other one spoke at 10.0; this one is silent since 0.1
     (fail,) = to_gateway(sends)
     assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
-    assert "after output reached the client" in fail.error and jobs_to(sends) == {}
+    assert "resume tokens" in fail.error and jobs_to(sends) == {}
     assert t.jobs == {} and t.routes[-1].outcome == "worker_lost"
 
 

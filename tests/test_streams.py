@@ -98,7 +98,7 @@ def connected() -> Iterator[tuple[Setup, StreamSocket]]:
 def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
         connected: tuple[Setup, StreamSocket]) -> None:
     s, gateway = connected
-    final = p.Final(job_id="a/0", finish_reason="stop", parts=3)
+    final = p.Final(job_id="a/0", finish_reason="stop")  # parts: set on its way
     for msg in (started("a/0"), output("a/0", 1), output("a/0", 2), final):
         assert s.send(msg) == []
     got: list[p.Message] = []
@@ -106,6 +106,7 @@ def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
         got += gateway.receive()
     assert [(type(m).__name__, getattr(m, "seq", None)) for m in got] == [
         ("Partial", 0), ("Partial", 1), ("Partial", 2), ("Final", None)]
+    assert got[-1].parts == 3  # what the gateway must have before it ends the stream
     # The broker: the FINAL (a free slot, and the gateway's guard against lost
     # PARTIALs), and in the next heartbeat that output began (the job can no longer
     # run again unseen), once.
@@ -133,6 +134,11 @@ def test_a_dropped_direct_connection_cancels_its_jobs(
                   retryable=True))
     assert [type(m) for m in s.to_broker] == [p.Fail]
     assert s.counters["streams_lost"] == 2
+    # b ends before its cancellation: its FINAL would end the stream short of what was
+    # lost, so the broker gets a retryable FAIL and the gateway resumes it.
+    s.send(p.Final(job_id="b/0", finish_reason="stop"))
+    (fail,) = s.to_broker[1:]
+    assert isinstance(fail, p.Fail) and fail.retryable and fail.job_id == "b/0"
 
 
 def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
@@ -206,7 +212,11 @@ def test_a_connection_that_dropped_and_came_back_still_cancels_its_jobs() -> Non
         gateway = wait_for("the gateway's port to be free", rebound, timeout=10)
         sock, _ = s.streams.sockets[gateway.endpoint]
         assert sock.poll(5000, zmq.POLLOUT)  # connected again (ZMQ_IMMEDIATE)
-        assert s.send(output("a/0", 1)) == ["a/0"]
+        # A new job's first message is the first to look: it starts on the new
+        # connection, the job that streamed across the drop is cancelled.
+        s.streams.expect(job("c/0", gateway.endpoint))
+        assert s.send(started("c/0")) == ["a/0"]
+        assert s.streams.ways["c/0"] == gateway.endpoint
     finally:
         gateway.close()
         s.close()

@@ -4,7 +4,8 @@ Jobs join the engine's batch as they arrive and leave it when they finish, hit a
 sequence or are cancelled (their client went away, or their broker was lost), so the
 engine decodes all running jobs together (continuous batching) and a freed seat is
 refilled at the next step. The I/O thread only hands messages in (:meth:`BatchLoop.put`);
-everything the loop produces goes out through ``send`` (the worker's outbox).
+everything the loop produces goes out through ``send`` (worker/streams.py: to the job's
+gateway, or through the worker's outbox to the broker).
 
     loop: wait for a message or for the engine's next token -> start JOBs, apply CANCELs
           -> engine.step() -> each token to its JobRun -> PARTIAL / FINAL / FAIL out

@@ -94,17 +94,21 @@ class Streams:
     def send(self, msg: p.Partial | p.Final | p.Fail,
              relay: Callable[[p.Message], object]) -> list[str]:
         """Send one of a job's messages its way (``relay`` hands it to the I/O thread for
-        the broker). Returns the jobs to cancel: those on a direct connection that just
-        failed."""
+        the broker). Returns the jobs to cancel: those on a direct connection that failed
+        or dropped (even one that came back: what was in flight is lost)."""
         job_id = msg.job_id
-        broken: list[str] = []
         if isinstance(msg, p.Fail):
             self._end(job_id)
             relay(msg)
-            return broken
+            return []
         way = self.ways.get(job_id)
+        endpoint = self.reply_to.get(job_id, RELAYED) if way is None else way
+        broken = self._check(endpoint)
+        way = self.ways.get(job_id)
+        if isinstance(msg, p.Final):  # how many PARTIALs the gateway must have first
+            msg.parts = self.seq.get(job_id, msg.parts)
         if way is None:  # the job's first message: direct if connected, else relayed
-            way = self._open(self.reply_to.get(job_id, RELAYED))
+            way = self._open(endpoint)
             if way != RELAYED:
                 self.seq[job_id] = 0
                 if not self._direct(way, msg):
@@ -116,15 +120,15 @@ class Streams:
         elif way in (RELAYED, BROKEN):
             sent = False
         elif not (sent := self._direct(way, msg)):
-            broken = [job for job, other in self.ways.items() if other == way]
-            for job in broken:  # the connection failed: every job on it
-                self.ways[job] = BROKEN
-                self.count("streams_lost")
-            log_event(log, "stream_lost", logging.INFO, jobs=len(broken), gateway=way)
+            broken += self._break(way)
+            way = BROKEN
         if isinstance(msg, p.Final):
-            msg.parts = self.seq.get(job_id, msg.parts)
             self._end(job_id)
-            relay(msg)
+            # A broken job's output did not all arrive: a FINAL would end its stream
+            # short. A retryable FAIL has the gateway resume it from what it has.
+            relay(msg if way != BROKEN else p.Fail(
+                job_id=job_id, epoch=msg.epoch, error="the stream to the gateway was lost",
+                code=p.ErrorCode.CANCELLED, retryable=True))
         elif way == RELAYED:
             relay(msg)
         elif sent and job_id not in self.announced and msg.has_output:
@@ -155,12 +159,27 @@ class Streams:
         self.sockets[endpoint] = (sock, monitor)
         return RELAYED
 
+    def _check(self, endpoint: str) -> list[str]:
+        """The jobs on ``endpoint``'s connection if its monitor says it dropped since the
+        last look (they are broken now), else none."""
+        if endpoint not in self.sockets or not disconnected(self.sockets[endpoint][1]):
+            return []
+        return self._break(endpoint)
+
+    def _break(self, endpoint: str) -> list[str]:
+        """Mark every job streaming to ``endpoint`` broken, and return them."""
+        broken = [job for job, way in self.ways.items() if way == endpoint]
+        for job in broken:
+            self.ways[job] = BROKEN
+            self.count("streams_lost")
+        if broken:
+            log_event(log, "stream_lost", logging.INFO, jobs=len(broken), gateway=endpoint)
+        return broken
+
     def _direct(self, endpoint: str, msg: p.Partial | p.Final) -> bool:
         """Send ``msg`` on the connection to ``endpoint``, numbered if a PARTIAL; False if
-        the connection is not up or dropped since the last send (frames may be lost)."""
-        sock, monitor = self.sockets[endpoint]
-        if disconnected(monitor):
-            return False
+        the connection is not up."""
+        sock, _ = self.sockets[endpoint]
         if isinstance(msg, p.Partial):
             msg.seq = self.seq[msg.job_id]
         try:
