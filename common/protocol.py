@@ -118,8 +118,8 @@ class Heartbeat(Message):
     """Dispatch ids of the worker's jobs whose first output went straight to their gateway
     since its last heartbeat: from now on only the gateway may resume them. (Told here,
     not per job: a message to the broker beside every first token cost that token a
-    fifth of a millisecond on a small Mac. Until then, a job whose worker dies is run
-    again from its start, and the gateway, which saw output, resumes it instead.)"""
+    fifth of a millisecond on the 2-vCPU test VM. Until then, a job whose worker dies is
+    run again from its start, and the gateway, which saw output, resumes it instead.)"""
 
 
 @dataclass(kw_only=True, slots=True)
