@@ -45,11 +45,15 @@ def checkout(rev: str, into: Path) -> Path:
 
 def mesh(tmp: Path, root: Path) -> tuple[Cluster, str]:
     cluster = Cluster(tmp, env={"MLX_STACK_HEARTBEAT_INTERVAL": "0.5"}, root=root)
-    cluster.broker()
-    for _ in range(BACKENDS):
-        cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", str(SLOTS),
-                       "--rate", str(RATE), "--ttft", str(TTFT))
-    return cluster, cluster.gateway()
+    try:
+        cluster.broker()
+        for _ in range(BACKENDS):
+            cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", str(SLOTS),
+                           "--rate", str(RATE), "--ttft", str(TTFT))
+        return cluster, cluster.gateway()
+    except BaseException:  # e.g. a commit of another protocol version never answers
+        cluster.close()
+        raise
 
 
 def figures(ttfts: list[float], base: list[float]) -> dict[str, float]:

@@ -224,5 +224,8 @@ def test_worker_killed_under_eight_streams_every_stream_resumes_exactly(pair: Pa
     assert any(r.worker == victim for r in results.values())
     assert {t: r.text for t, r in results.items()} == reference
     assert all(r.usage.completion_tokens == 40 for r in results.values())
+    # Failed over: the coordinator failed a job as worker_lost, or, when the worker died
+    # before its heartbeat told of the output that went straight to the gateway, ran it
+    # again from the start (a retry) and the gateway resumed it instead.
     routes = pair.cluster.control("routes", last=20)
-    assert sum(r.outcome == "worker_lost" for r in routes) >= 1
+    assert any(r.outcome == "worker_lost" or r.retries >= 1 for r in routes), routes
