@@ -163,7 +163,12 @@ class Streams:
     def _check(self, endpoint: str) -> list[str]:
         """The jobs on ``endpoint``'s connection if its monitor says it dropped since the
         last look (they are broken now), else none."""
-        if endpoint not in self.sockets or not disconnected(self.sockets[endpoint][1]):
+        if endpoint not in self.sockets:
+            return []
+        monitor = self.sockets[endpoint][1]
+        # Every send looks: ask whether an event waits before reading (a read that finds
+        # none raises, and that would be an exception per token).
+        if not (monitor.EVENTS & zmq.POLLIN and disconnected(monitor)):
             return []
         return self._break(endpoint)
 
