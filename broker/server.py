@@ -44,7 +44,7 @@ from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
 from common.status import COORDINATOR, STANDBY
-from common.transport import admit_members, configure, refused_peers, watch_refusals
+from common.transport import DRAIN, admit_members, configure, refused_peers, waiting, watch_refusals
 
 log = logging.getLogger("broker")
 
@@ -178,12 +178,10 @@ class Broker:
             ready = dict(self.poller.poll(timeout * 1000))
             if self.socket in ready:
                 # Drain what is there, bounded so the timers still run under load.
-                for _ in range(1000):
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                for _ in range(DRAIN):
+                    if not waiting(self.socket):
                         break
-                    self._on_frames(frames)
+                    self._on_frames(self.socket.recv_multipart(zmq.NOBLOCK))
             if self.refusals in ready:
                 self._count_refusals()
             replies, lost = self.peers.receive(ready)

@@ -9,6 +9,7 @@ passes its flags as ``overrides``; roles only ever see a finished :class:`Settin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -29,8 +30,10 @@ ENDPOINT = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 """A broker endpoint as the mesh writes them: ``tcp://host:port`` (IPv6 in brackets)."""
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
-    """Whether binding to ``host`` keeps a server on this machine only."""
+    """Whether binding to ``host`` keeps a server on this machine only (remembered: the
+    gateway asks it of every request's client address, and parsing one is not free)."""
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:

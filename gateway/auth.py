@@ -35,8 +35,10 @@ class ApiKeys:
         self.mesh = mesh is not None
 
     async def __call__(self, request: Request) -> None:
+        if not self.keys:
+            return
         local = request.client is not None and is_loopback(request.client.host)
-        if not self.keys or (local and not self.configured):
+        if local and not self.configured:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():

@@ -49,6 +49,7 @@ from common.control import ControlError, answer, question
 from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
+from common.transport import waiting
 from gateway.inbox import Inbox, Lost
 from gateway.streams import StreamSocket
 
@@ -180,7 +181,7 @@ class BrokerClient:
     @staticmethod
     def _waiting(sock: zmq.Socket | None) -> bool:
         """Whether frames wait on ``sock`` (which also re-arms its descriptor)."""
-        return sock is not None and bool(sock.EVENTS & zmq.POLLIN)
+        return sock is not None and waiting(sock)
 
     def _streamed(self) -> bool:
         """Whether frames wait on the stream socket."""

@@ -66,16 +66,16 @@ class Metrics:
         """Pass a job stream through, recording time to first token and tokens, and
         labelling the request with ``model`` once the mesh admitted it."""
         started = time.monotonic()
-        first = True
+        tokens = None  # the model's token counter, looked up once, at the first token
         async with contextlib.aclosing(events):
             try:
                 async for event in events:
                     request.state.model = model
                     if isinstance(event, Piece) and event.tokens:
-                        if first:
+                        if tokens is None:
                             self.ttft.labels(model).observe(time.monotonic() - started)
-                            first = False
-                        self.tokens.labels(model).inc(event.tokens)
+                            tokens = self.tokens.labels(model)
+                        tokens.inc(event.tokens)
                     yield event
             except JobError as exc:
                 if exc.code not in NOT_ADMITTED:

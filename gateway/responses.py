@@ -22,7 +22,7 @@ from common.logs import log_event
 from common.protocol import ErrorCode
 from gateway.client import Done, JobError, JobEvent, Piece
 from gateway.schemas import ChatCompletionRequest, Unsupported
-from gateway.shaping import Whole
+from gateway.shaping import Whole, compact
 
 log = logging.getLogger("gateway")
 
@@ -170,7 +170,7 @@ class Shape:
         event = {"type": kind, "sequence_number": self.seq, **fields}
         self.seq += 1
         return (f"event: {kind}\ndata: ".encode()
-                + json.dumps(event, separators=(",", ":")).encode() + b"\n\n")
+                + compact(event).encode() + b"\n\n")
 
     def _message(self) -> dict[str, Any]:
         return {"id": f"msg_{self.id[5:]}_{len(self.output)}", "type": "message",

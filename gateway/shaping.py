@@ -149,8 +149,13 @@ async def collect(events: AsyncIterator[JobEvent]) -> Whole:
     raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
+compact = json.JSONEncoder(separators=(",", ":")).encode
+"""JSON without spaces, from one encoder: ``json.dumps`` with any option builds a new
+encoder per call, and every streamed token is a call."""
+
+
 def _data(obj: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + compact(obj).encode() + b"\n\n"
 
 
 async def sse(events: AsyncIterator[JobEvent], shape: Completion) -> AsyncIterator[bytes]:

@@ -24,7 +24,7 @@ from common import protocol as p
 from common.config import Settings, is_loopback
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.transport import admit_members, configure, receive
+from common.transport import admit_members, configure, receive, waiting
 
 log = logging.getLogger("gateway")
 
@@ -58,7 +58,7 @@ class StreamSocket:
 
     def waiting(self) -> bool:
         """Whether frames wait (which also re-arms the descriptor)."""
-        return bool(self.sock.EVENTS & zmq.POLLIN)
+        return waiting(self.sock)
 
     def receive(self) -> list[p.Message]:
         """The messages waiting (PARTIALs and FINALs), decoded, without blocking."""

@@ -39,7 +39,7 @@ from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.transport import close_watched, configure, disconnected, watch_disconnects
+from common.transport import close_watched, configure, disconnected, waiting, watch_disconnects
 
 log = logging.getLogger("worker")
 
@@ -168,7 +168,7 @@ class Streams:
         monitor = self.sockets[endpoint][1]
         # Every send looks: ask whether an event waits before reading (a read that finds
         # none raises, and that would be an exception per token).
-        if not (monitor.EVENTS & zmq.POLLIN and disconnected(monitor)):
+        if not (waiting(monitor) and disconnected(monitor)):
             return []
         return self._break(endpoint)
 
