@@ -34,8 +34,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -336,7 +336,7 @@ class BrokerClient:
         served = False
         while True:
             await self._await_broker(deadline)
-            job_id = uuid.uuid4().hex
+            job_id = secrets.token_hex(16)
             inbox = self.streams[job_id] = Inbox(loop_deadline)
             log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
                       model=model, attempt=attempts)
