@@ -133,7 +133,7 @@ class BrokerClient:
 
     async def start(self) -> None:
         self.stream_socket = StreamSocket(self.settings, self.keys, self.link.ctx)
-        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._deliver)
+        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._read_streams)
         self._connect()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
 
@@ -161,7 +161,7 @@ class BrokerClient:
         assert self.link.sock is not None and self.link.monitor is not None
         loop = asyncio.get_running_loop()
         self._watched = [self.link.sock.FD, self.link.monitor.FD]
-        loop.add_reader(self.link.sock.FD, self._deliver)
+        loop.add_reader(self.link.sock.FD, self._read_link)
         loop.add_reader(self.link.monitor.FD, self._readable.set)
         self._readable.set()  # the hello may already have been answered
 
@@ -224,21 +224,30 @@ class BrokerClient:
             self._deliver()
 
     def _deliver(self) -> None:
-        """Read what waits on the link and the stream socket, and deliver it (from the
-        descriptors' callback and the reader). When more waits than one read takes, the
-        reader comes back for it after a turn of the loop."""
+        """Read what waits on the link, then on the stream socket (the reader's round)."""
+        self._read_link()
+        self._read_streams()
+
+    def _read_link(self) -> None:
+        """Deliver what waits on the link (also its descriptor's callback). When more
+        waits than one read takes, the reader comes back for it after a turn of the loop."""
+        for msg in self.link.receive():
+            if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
+                # A broker that sends us away is not up for us: jobs woken now
+                # would be submitted to it and lost, unseen by the move after.
+                self.up.set()
+            self._on_message(msg)
         if self._waiting(self.link.sock):
-            for msg in self.link.receive():
-                if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
-                    # A broker that sends us away is not up for us: jobs woken now
-                    # would be submitted to it and lost, unseen by the move after.
-                    self.up.set()
-                self._on_message(msg)
-        if self._streamed():  # after the link: a dispatch's ACCEPTED comes that way
-            assert self.stream_socket is not None
-            for msg in self.stream_socket.receive():
-                self._on_message(msg)
-        if self._waiting(self.link.sock) or self._streamed():
+            self._readable.set()
+
+    def _read_streams(self) -> None:
+        """Deliver what workers streamed (the stream socket's descriptor callback): a
+        token wakes this alone, not the link's checks too. A frame that comes before its
+        dispatch's ACCEPTED (on the link) waits in the inbox."""
+        assert self.stream_socket is not None
+        for msg in self.stream_socket.receive():
+            self._on_message(msg)
+        if self._streamed():
             self._readable.set()
 
     def _on_message(self, msg: p.Message) -> None:

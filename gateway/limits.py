@@ -15,7 +15,6 @@ each refusal is an OpenAI-format error that names the setting to raise:
 from __future__ import annotations
 
 import collections
-import dataclasses
 
 import msgpack
 from fastapi.responses import JSONResponse
@@ -45,10 +44,9 @@ def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRe
             400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
             f"{settings.max_tokens_limit}; ask for fewer or raise MLX_STACK_MAX_TOKENS_LIMIT.",
             code="invalid_value", param="max_tokens")
-    try:  # as it sits in a SUBMIT (body -> request -> field); field by field, because
-        # asdict() would recurse into a value before its depth is known
-        p.check_plain({"request": {f.name: getattr(generation, f.name)
-                                   for f in dataclasses.fields(generation)}})
+    wire = generation.to_dict()  # shallow: asdict() would recurse before depth is known
+    try:  # as it sits in a SUBMIT (body -> request -> field)
+        p.check_plain({"request": wire})
     except p.ProtocolError as exc:
         return errors.error_response(
             400, f"The body holds a value this server cannot pass on ({exc}); send "
@@ -56,7 +54,7 @@ def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRe
             code="invalid_value")
     # The frame must fit with room for a resubmission's resume tokens and text: JSON and
     # msgpack sizes differ (a 4-byte "1e1," is a 9-byte double), so measure, do not guess.
-    size = len(msgpack.packb(generation.to_dict(), use_bin_type=True))
+    size = len(msgpack.packb(wire, use_bin_type=True))
     room = p.MAX_BODY_BYTES - RESUME_BYTES_PER_TOKEN * generation.max_tokens - ENVELOPE_BYTES
     if size > room:
         return errors.error_response(

@@ -228,4 +228,5 @@ def test_worker_killed_under_eight_streams_every_stream_resumes_exactly(pair: Pa
     # before its heartbeat told of the output that went straight to the gateway, ran it
     # again from the start (a retry) and the gateway resumed it instead.
     routes = pair.cluster.control("routes", last=20)
-    assert any(r.outcome == "worker_lost" or r.retries >= 1 for r in routes), routes
+    assert any(r.outcome == "worker_lost" or r.retries >= 1 for r in routes), [
+        (r.job_id[:8], r.worker_id, r.outcome, r.retries) for r in routes]
