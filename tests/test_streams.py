@@ -14,7 +14,7 @@ import zmq
 from common import protocol as p
 from common.config import Settings
 from common.meshkeys import MeshKeys, new_secret
-from common.transport import configure
+from common.transport import configure, waiting
 from gateway.streams import StreamSocket
 from tests.harness import free_port, wait_for
 from worker import streams as streams_module
@@ -210,7 +210,10 @@ def test_a_connection_that_dropped_and_came_back_still_cancels_its_jobs() -> Non
                 return None
 
         gateway = wait_for("the gateway's port to be free", rebound, timeout=10)
-        sock, _ = s.streams.sockets[gateway.endpoint]
+        sock, monitor = s.streams.sockets[gateway.endpoint]
+        # The drop reached the monitor (it is only looked at, not read); until then the
+        # old connection may still look writable to a loaded machine's poll.
+        wait_for("the drop to be reported", lambda: waiting(monitor), timeout=10)
         assert sock.poll(5000, zmq.POLLOUT)  # connected again (ZMQ_IMMEDIATE)
         # A new job's first message is the first to look: it starts on the new
         # connection, the job that streamed across the drop is cancelled.
