@@ -181,7 +181,11 @@ class Broker:
                 for _ in range(DRAIN):
                     if not waiting(self.socket):
                         break
-                    self._on_frames(self.socket.recv_multipart(zmq.NOBLOCK))
+                    try:
+                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:  # not expected after POLLIN; never fatal
+                        break
+                    self._on_frames(frames)
             if self.refusals in ready:
                 self._count_refusals()
             replies, lost = self.peers.receive(ready)

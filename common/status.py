@@ -119,7 +119,9 @@ class Route:
     request_id: str = ""
     model: str
     outcome: str = "running"
-    """running, then final, failed, cancelled, lost or expired."""
+    """``running``, then ``ok`` (the worker's FINAL), ``failed`` (its FAIL), ``cancelled``,
+    ``worker_lost``, or the error code of the broker's own FAIL (``deadline_exceeded``,
+    ``no_worker``)."""
     retries: int = 0
     time: float = 0.0
     """Wall-clock time of the first dispatch (seconds since the epoch)."""

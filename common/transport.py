@@ -80,7 +80,10 @@ def receive(sock: zmq.Socket, allowed: Allowed, refused: Callable[[ProtocolError
     for _ in range(DRAIN):
         if not waiting(sock):  # asking is cheaper than the exception of a read that fails
             break
-        frames = sock.recv_multipart(zmq.NOBLOCK)
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:  # not expected after POLLIN; a drain must never raise for it
+            break
         try:
             out.append(decode(frames[envelope:], allowed)[1])
         except ProtocolError as exc:

@@ -128,7 +128,8 @@ class BrokerClient:
         self._move_to: tuple[str, str] | None = None
         """(reason, endpoint or "") of a move to another broker, for the reader to make."""
         self._readable = asyncio.Event()
-        """Set by the event loop when the link's descriptors say "look again"."""
+        """Wakes the reader: set when the link's monitor says "look again", or when frames
+        still wait on the link or the stream socket after a read or a send."""
         self._watched: list[int] = []
 
     async def start(self) -> None:
