@@ -49,7 +49,10 @@ class Inbox:
     """The messages of one job attempt, as the broker client delivers them."""
 
     def __init__(self, deadline: float) -> None:
-        self.queue: asyncio.Queue[Message | Lost] = asyncio.Queue()
+        self._arrived: collections.deque[Message | Lost] = collections.deque()
+        """What was put, in arrival order. A deque and one waiting future, not an
+        asyncio.Queue: this is on every token's way, and a Queue's bookkeeping is not."""
+        self._waiter: asyncio.Future[None] | None = None
         self.deadline = deadline  # loop time
         self.dispatch = -1
         """The dispatch whose ACCEPTED came last: the one whose frames are taken."""
@@ -65,7 +68,9 @@ class Inbox:
         self._final_by = 0.0
 
     def put(self, msg: Message | Lost) -> None:
-        self.queue.put_nowait(msg)
+        self._arrived.append(msg)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     async def next(self) -> Message | Lost:
         """The next message in order (see the module docstring); raises TimeoutError at
@@ -102,26 +107,30 @@ class Inbox:
     async def _get(self) -> Message | Lost:
         if self._ready:
             return self._ready.popleft()
-        if not self.queue.empty():
-            return self.queue.get_nowait()
+        if self._arrived:
+            return self._arrived.popleft()
         until = self.deadline if self._final is None else min(self.deadline, self._final_by)
+        self._waiter = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout_at(until):
-                return await self.queue.get()
+                await self._waiter
         except TimeoutError:
             if until < self.deadline:
                 return Lost(f"PARTIALs {self.seq}..{self._final.parts - 1} did not follow "
                             "their FINAL", "lost_frame")
             raise
+        finally:
+            self._waiter = None
+        return self._arrived.popleft()
 
     def _partial(self, msg: p.Partial) -> p.Partial | Lost:
         """Check ``msg``'s place in the sequence and merge the PARTIALs queued behind it."""
         if msg.seq != self.seq:
             return Lost(f"expected PARTIAL {self.seq}, got {msg.seq}", "lost_frame")
         self.seq += 1
-        while self._ready or not self.queue.empty():
+        while self._ready or self._arrived:
             if not self._ready:
-                self._ready.append(self.queue.get_nowait())
+                self._ready.append(self._arrived.popleft())
             more = self._ready[0]
             if not (isinstance(more, p.Partial) and more.job_id == msg.job_id
                     and more.seq == self.seq):

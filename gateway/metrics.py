@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import protocol as p
 from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
-from gateway.client import BrokerClient, JobError, JobEvent, Piece
+from gateway.client import BrokerClient, JobError, JobEvent, Piece, Served
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""
@@ -70,8 +70,9 @@ class Metrics:
         async with contextlib.aclosing(events):
             try:
                 async for event in events:
-                    request.state.model = model
-                    if isinstance(event, Piece) and event.tokens:
+                    if isinstance(event, Served):
+                        request.state.model = model
+                    elif isinstance(event, Piece) and event.tokens:
                         if tokens is None:
                             self.ttft.labels(model).observe(time.monotonic() - started)
                             tokens = self.tokens.labels(model)
