@@ -36,6 +36,7 @@ from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.responses import ResponsesRequest
 from gateway.responses import Shape as ResponseShape
+from gateway.routes import JsonBodyRoute
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.shaping import Completion, Shape, collect, headers
 
@@ -207,22 +208,24 @@ def create_app(settings: Settings) -> FastAPI:
             return Response(status_code=499)  # nobody is left to read it
         return JSONResponse(shape.whole(answer), headers=headers(request_id, served))
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(ApiKeys(settings.api_key_list,
-                                                               load_keys(settings.home)))])
+    keys = [Depends(ApiKeys(settings.api_key_list, load_keys(settings.home)))]
+    v1 = APIRouter(prefix="/v1", dependencies=keys)
+    generate = APIRouter(prefix="/v1", dependencies=keys, route_class=JsonBodyRoute)
+    """The routes that take a request body and generate: on a token's way (routes.py)."""
 
-    @v1.post("/chat/completions")
+    @generate.post("/chat/completions")
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
         """Create a chat completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=True)
 
-    @v1.post("/responses")
+    @generate.post("/responses")
     async def responses(request: Request, body: ResponsesRequest) -> Any:
         """Create a model response (the Responses API, stateless; streamed with
         ``stream: true`` as typed events)."""
         return await run(request, body.to_chat(), lambda request_id, served: ResponseShape(
             request_id, body, served.model_id))
 
-    @v1.post("/completions")
+    @generate.post("/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:
         """Create a text completion (streamed with ``stream: true``)."""
         return await complete(request, body, chat=False)
@@ -246,6 +249,7 @@ def create_app(settings: Settings) -> FastAPI:
         return errors.error_response(404, f"The model '{model}' does not exist",
                                      code="model_not_found", param="model")
 
+    app.include_router(generate)
     app.include_router(v1)
 
     @app.get("/health")

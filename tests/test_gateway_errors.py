@@ -74,6 +74,19 @@ def test_malformed_json_is_400(url: str, raw: bytes) -> None:
     assert "JSON" in assert_openai_error(response, 400, "invalid_json")["message"]
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",
+                                          None])
+def test_a_body_not_sent_as_json_is_400(url: str, content_type: str | None) -> None:
+    # What a browser's cross-site "simple" POST sends; curl -d too, without -H.
+    headers = {"content-type": content_type} if content_type else {}  # raw: httpx sets none
+    response = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(GOOD),
+                          headers=headers)
+    assert "Content-Type: application/json" in assert_openai_error(response, 400)["message"]
+    ok = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(GOOD),
+                    headers={"content-type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200
+
+
 def test_json_that_is_not_an_object_is_400(url: str) -> None:
     response = httpx.post(f"{url}/v1/chat/completions", json=[1, 2])
     assert_openai_error(response, 400)
@@ -126,18 +139,21 @@ def deep(depth: int) -> object:
     return value
 
 
-@pytest.mark.parametrize("extra", [
-    {"seed": 2**63},
-    {"seed": -(2**70)},
-    {"tools": [{"type": "function", "function": deep(100)}]},
-    {"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"n": 2**64}]}]},
-    {"messages": [{"role": "user", "content": "\ud800"}]},  # lone surrogate: was a 500
+@pytest.mark.parametrize(("extra", "code"), [
+    ({"seed": 2**63}, "invalid_value"),
+    ({"seed": -(2**70)}, "invalid_value"),
+    ({"tools": [{"type": "function", "function": deep(100)}]}, "invalid_value"),
+    ({"messages": [{"role": "assistant", "content": "x", "tool_calls": [{"n": 2**64}]}]},
+     "invalid_value"),
+    # A lone surrogate (was a 500): not text at all, so the JSON parser refuses it.
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, "invalid_json"),
 ])
-def test_values_the_mesh_cannot_carry_are_400_not_a_hang(url: str, extra: dict) -> None:
+def test_values_the_mesh_cannot_carry_are_400_not_a_hang(url: str, extra: dict,
+                                                         code: str) -> None:
     response = httpx.post(f"{url}/v1/chat/completions", timeout=10,  # \u-escaped JSON
                           content=json.dumps({**GOOD, **extra}),
                           headers={"content-type": "application/json"})
-    assert_openai_error(response, 400, "invalid_value")
+    assert_openai_error(response, 400, code)
 
 
 @pytest.mark.parametrize("raw", [b"[" * 20_000 + b"]" * 20_000,
