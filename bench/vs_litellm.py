@@ -14,12 +14,12 @@ stream, 32 slots each) serve behind each router:
   LiteLLM's defaults).
 
 Phases, each on fresh processes:
-1. added time to first token, p50 and p99, at concurrency 1 (200 streams) and 32 (960:
-   a p99 of 320 was the fourth-slowest stream, and moved by 30 ms between runs), over
-   ``http`` measured in the same minutes: at concurrency 1 the streams alternate
-   between the router and ``http`` (after 20 to each to warm up), at 32 they take turns
-   in rounds of 240. (On this VM the baseline alone drifted by 0.4 ms between two runs,
-   more than the mesh adds.)
+1. added time to first token, p50 and p99, at concurrency 1 (200 streams) and 32 (3,840:
+   a p99 of 960 was the tenth-slowest stream, and the baseline's own moved from 88 to
+   118 ms between runs), over ``http`` measured in the same minutes: at concurrency 1
+   the streams alternate between the router and ``http`` (after 20 to each to warm up),
+   at 32 they take turns in eight rounds of 480. (On this VM the baseline alone drifted
+   by 0.4 ms between two runs, more than the mesh adds.)
 2. the streamed tokens/s ceiling through the router at concurrency 96 (every slot), and
    the router's CPU seconds per 1,000 tokens (its processes' user + system time);
 3. balance: a simultaneous burst of 60 long streams; how many each backend started;
@@ -177,8 +177,8 @@ def ttft_ms(runs: list[Streamed], q: float) -> float:
     return round(pct([r[0] for r in runs], q) * 1000, 3)
 
 
-ROUNDS = 4
-"""Turns the router and the baseline take at concurrency 32 (960 streams each in all)."""
+ROUNDS, ROUND_STREAMS = 8, 480
+"""Turns the router and the baseline take at concurrency 32, and streams per turn."""
 
 
 def overhead(url: str, base: str) -> dict[str, Any]:
@@ -192,7 +192,7 @@ def overhead(url: str, base: str) -> dict[str, Any]:
     for turn in range(ROUNDS):
         order = [("router", url), ("baseline", base)][::1 if turn % 2 == 0 else -1]
         for name, u in order:
-            runs[name]["c32"] += asyncio.run(load([u], 960 // ROUNDS, 32, TOKENS))[0]
+            runs[name]["c32"] += asyncio.run(load([u], ROUND_STREAMS, 32, TOKENS))[0]
     return {name: {c: {"ttft_ms_p50": ttft_ms(r, 0.5), "ttft_ms_p99": ttft_ms(r, 0.99)}
                    for c, r in by_c.items()} for name, by_c in runs.items()}
 
