@@ -14,12 +14,13 @@ stream, 32 slots each) serve behind each router:
   LiteLLM's defaults).
 
 Phases, each on fresh processes:
-1. added time to first token, p50 and p99, at concurrency 1 (200 streams) and 32 (3,840:
+1. added time to first token, p50 and p99, at concurrency 1 (200 streams) and 32 (2,880:
    a p99 of 960 was the tenth-slowest stream, and the baseline's own moved from 88 to
-   118 ms between runs), over ``http`` measured in the same minutes: at concurrency 1
-   the streams alternate between the router and ``http`` (after 20 to each to warm up),
-   at 32 they take turns in eight rounds of 480. (On this VM the baseline alone drifted
-   by 0.4 ms between two runs, more than the mesh adds.)
+   118 ms between runs; 3,840 took the script past 10 minutes), over ``http`` measured
+   in the same minutes: at concurrency 1 the streams alternate between the router and
+   ``http`` (after 20 to each to warm up), at 32 they take turns in six rounds of 480.
+   (On this VM the baseline alone drifted by 0.4 ms between two runs, more than the mesh
+   adds.)
 2. the streamed tokens/s ceiling through the router at concurrency 96 (every slot), and
    the router's CPU seconds per 1,000 tokens (its processes' user + system time);
 3. balance: a simultaneous burst of 60 long streams; how many each backend started;
@@ -177,7 +178,7 @@ def ttft_ms(runs: list[Streamed], q: float) -> float:
     return round(pct([r[0] for r in runs], q) * 1000, 3)
 
 
-ROUNDS, ROUND_STREAMS = 8, 480
+ROUNDS, ROUND_STREAMS = 6, 480
 """Turns the router and the baseline take at concurrency 32, and streams per turn."""
 
 
