@@ -53,11 +53,11 @@ class JsonBodyRoute(APIRoute):
         async def handler(request: Request) -> Response:
             for dependency in dependencies:
                 await dependency(request)
-            raw = await request.body()
-            if not is_json(request.headers.get("content-type", "")):
+            if not is_json(request.headers.get("content-type", "")):  # not worth reading
                 raise RequestValidationError([{
                     "type": "model_attributes_type", "loc": ("body",), "input": None,
                     "msg": "send the body as JSON, with Content-Type: application/json"}])
+            raw = await request.body()
             try:
                 body = model.model_validate_json(raw)
             except ValidationError as exc:
