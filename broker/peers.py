@@ -17,12 +17,9 @@ from common.config import Settings
 from common.discovery import Discovery
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.transport import close_watched, configure, disconnected, watch_disconnects
+from common.transport import close_watched, configure, disconnected, drain, watch_disconnects
 
 log = logging.getLogger("broker")
-
-DRAIN = 100
-"""Replies read per link and wake-up: announcements go stale, the loop must go on."""
 
 
 class PeerLinks:
@@ -98,11 +95,7 @@ class PeerLinks:
         for sock in self.sockets.values():
             if sock not in ready:
                 continue
-            for _ in range(DRAIN):
-                try:
-                    replies.append(sock.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            replies.extend(drain(sock))
         lost = [e for m, e in self._monitors.items() if m in ready and disconnected(m)]
         return replies, lost
 

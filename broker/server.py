@@ -44,7 +44,7 @@ from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
 from common.status import COORDINATOR, STANDBY
-from common.transport import DRAIN, admit_members, configure, refused_peers, waiting, watch_refusals
+from common.transport import admit_members, configure, drain, refused_peers, watch_refusals
 
 log = logging.getLogger("broker")
 
@@ -177,14 +177,7 @@ class Broker:
             timeout = max(0.0, next_tick - time.monotonic())
             ready = dict(self.poller.poll(timeout * 1000))
             if self.socket in ready:
-                # Drain what is there, bounded so the timers still run under load.
-                for _ in range(DRAIN):
-                    if not waiting(self.socket):
-                        break
-                    try:
-                        frames = self.socket.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:  # not expected after POLLIN; never fatal
-                        break
+                for frames in drain(self.socket):
                     self._on_frames(frames)
             if self.refusals in ready:
                 self._count_refusals()

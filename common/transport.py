@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -71,19 +71,25 @@ def configure(sock: zmq.Socket, settings: Settings, keys: MeshKeys | None) -> zm
     return sock
 
 
-def receive(sock: zmq.Socket, allowed: Allowed, refused: Callable[[ProtocolError], None],
-            envelope: int = 0) -> list[Message]:
-    """Up to :data:`DRAIN` messages waiting on ``sock``, without blocking, decoded against
-    ``allowed`` after ``envelope`` routing frames; ``refused`` hears of each one that is
-    not valid (it is dropped)."""
-    out: list[Message] = []
+def drain(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """The frames of each message waiting on ``sock``, up to :data:`DRAIN`, without
+    blocking: bounded, so a role's timers and other work still run under load."""
     for _ in range(DRAIN):
         if not waiting(sock):  # asking is cheaper than the exception of a read that fails
-            break
+            return
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            yield sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:  # not expected after POLLIN; a drain must never raise for it
-            break
+            return
+
+
+def receive(sock: zmq.Socket, allowed: Allowed, refused: Callable[[ProtocolError], None],
+            envelope: int = 0) -> list[Message]:
+    """The messages :func:`drain` finds on ``sock``, decoded against ``allowed`` after
+    ``envelope`` routing frames; ``refused`` hears of each one that is not valid (it is
+    dropped)."""
+    out: list[Message] = []
+    for frames in drain(sock):
         try:
             out.append(decode(frames[envelope:], allowed)[1])
         except ProtocolError as exc:
