@@ -53,7 +53,7 @@ def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
                                   temperature=0.0)
     stamps: list[float] = []
     start = time.perf_counter()
-    loop.put(p.Job(job_id=f"bench-{start}", request=request.to_dict()))
+    loop.put(p.Job(job_id=f"bench-{start}", request=request))
     while not isinstance(msg := outbox.get(timeout=300), p.Final):
         if isinstance(msg, p.Partial) and msg.text:
             stamps.append(time.perf_counter())

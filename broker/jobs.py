@@ -27,7 +27,6 @@ from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
 from common.config import Settings, is_loopback
-from common.generation import GenerationRequest
 from common.logs import log_event
 from common.status import Candidate, ModelEntry, Route
 
@@ -129,10 +128,6 @@ class JobTable:
                 job_id=submit.job_id, error=error, code=code, retryable=retryable))
             return self._sent()
 
-        try:
-            p.from_dict(GenerationRequest, submit.request)
-        except p.ProtocolError as exc:
-            return refuse(p.ErrorCode.INVALID_REQUEST, str(exc))
         if submit.job_id in self.jobs:
             return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
         if submit.attempt and submit.model not in self.known_models:

@@ -19,8 +19,9 @@ msgpack type and every field's type, and raises :class:`ProtocolError`, which ca
 count (by its ``reason``) and drop. Bodies carry plain data only: maps with string keys,
 lists, strings, booleans, nil, 64-bit signed integers and finite floats, nested at most
 :data:`MAX_DEPTH` deep; no binary, ext types or timestamps. Fields typed ``Any`` (a
-request, control arguments) are held to the same rule, so what a broker forwards is
-something every peer can decode and re-encode.
+request's messages, control arguments) are held to the same rule, so what a broker
+forwards is something every peer can decode and re-encode. A request travels as its
+record, :class:`~common.generation.GenerationRequest`, checked once where it is decoded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, ClassVar, TypeVar
 
 import msgpack
 
+from common.generation import GenerationRequest
 from common.plain import INT_MAX as INT_MAX
 from common.plain import INT_MIN as INT_MIN
 from common.plain import MAX_DEPTH as MAX_DEPTH
@@ -226,7 +228,7 @@ class Job(Message):
 
     COMMAND: ClassVar[Command] = Command.JOB
     job_id: str
-    request: dict[str, Any]
+    request: GenerationRequest
     request_id: str = ""
     """The HTTP request's id (``x-request-id``), for logs."""
     resume_token_ids: list[int] = field(default_factory=list)
@@ -257,7 +259,7 @@ class Submit(Message):
     COMMAND: ClassVar[Command] = Command.SUBMIT
     job_id: str
     model: str
-    request: dict[str, Any]
+    request: GenerationRequest
     request_id: str = ""
     """The HTTP request's id (``x-request-id``), the same for every attempt: it names the
     request in the logs of the gateway, the broker and the worker, and in the route log."""
@@ -398,7 +400,16 @@ _COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
 def encode(protocol: bytes, message: Message) -> list[bytes]:
     """The three frames of ``message`` (without routing envelope)."""
     body = {name: getattr(message, name) for name in _FIELDS[type(message)]}
-    return [protocol, _COMMAND_BYTES[message.COMMAND], msgpack.packb(body, use_bin_type=True)]
+    return [protocol, _COMMAND_BYTES[message.COMMAND],
+            msgpack.packb(body, use_bin_type=True, default=_record)]
+
+
+def _record(value: Any) -> dict[str, Any]:
+    """A record inside a message (a :class:`GenerationRequest`) as the map of its fields:
+    msgpack's hook for what it cannot pack itself."""
+    if type(value) is GenerationRequest:
+        return value.to_dict()
+    raise TypeError(f"cannot send a {type(value).__name__} in a message")
 
 
 def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
@@ -422,8 +433,7 @@ def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
         raise ProtocolError(f"undecodable body: {exc!r}"[:200], "undecodable") from None
     if type(data) is not dict:
         raise ProtocolError("body is not a map", "not_a_map")
-    check_plain(data)
-    return protocol, from_dict(cls, data)
+    return protocol, from_dict(cls, data)  # checks the plain data and the types at once
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -146,9 +146,10 @@ def watch_disconnects(sock: zmq.Socket, refusals: bool = False) -> zmq.Socket:
 
 def disconnected(monitor: zmq.Socket) -> bool:
     """Drain a :func:`watch_disconnects` socket; whether a disconnection (or a refused
-    connection, if watched) was reported."""
+    connection, if watched) was reported. Callers look on every token or wake-up, and
+    nearly always find nothing: asking first spares them a failed read's exception."""
     seen = False
-    while True:
+    while waiting(monitor):
         try:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
         except zmq.Again:
@@ -158,6 +159,7 @@ def disconnected(monitor: zmq.Socket) -> bool:
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             _handshake_succeeded()
         seen = seen or event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
+    return seen
 
 
 def _handshake_succeeded() -> None:

@@ -354,7 +354,7 @@ class BrokerClient:
             try:
                 self._send(p.Submit(
                     job_id=job_id, request_id=request_id, model=model,
-                    request=request.to_dict(),
+                    request=request,
                     node_id=self.settings.node_id, resume_token_ids=token_ids,
                     resume_text="".join(text), deadline=deadline - time.monotonic(),
                     attempt=attempts, reply_to=self._reply_to()))
@@ -391,7 +391,7 @@ class BrokerClient:
                         yield Done(msg.finish_reason, msg.usage)
                         return
             finally:
-                del self.streams[job_id]
+                self.streams.pop(job_id).close()
                 if not done:
                     self._send(p.Cancel(job_id=job_id))
             attempts += 1

@@ -53,6 +53,10 @@ class Inbox:
         """What was put, in arrival order. A deque and one waiting future, not an
         asyncio.Queue: this is on every token's way, and a Queue's bookkeeping is not."""
         self._waiter: asyncio.Future[None] | None = None
+        self._alarm: asyncio.TimerHandle | None = None
+        """Wakes the waiter at :attr:`_alarm_at` (the deadline, or a FINAL's wait): one
+        timer per inbox, not a timeout per message, for the same reason."""
+        self._alarm_at = 0.0
         self.deadline = deadline  # loop time
         self.dispatch = -1
         """The dispatch whose ACCEPTED came last: the one whose frames are taken."""
@@ -110,18 +114,33 @@ class Inbox:
         if self._arrived:
             return self._arrived.popleft()
         until = self.deadline if self._final is None else min(self.deadline, self._final_by)
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        if self._alarm is None or self._alarm_at != until:
+            self.close()
+            self._alarm, self._alarm_at = loop.call_at(until, self._ring), until
+        self._waiter = loop.create_future()
         try:
-            async with asyncio.timeout_at(until):
-                await self._waiter
-        except TimeoutError:
-            if until < self.deadline:
-                return Lost(f"PARTIALs {self.seq}..{self._final.parts - 1} did not follow "
-                            "their FINAL", "lost_frame")
-            raise
+            await self._waiter
         finally:
             self._waiter = None
-        return self._arrived.popleft()
+        if self._arrived:
+            return self._arrived.popleft()
+        if until < self.deadline:  # the alarm rang
+            return Lost(f"PARTIALs {self.seq}..{self._final.parts - 1} did not follow "
+                        "their FINAL", "lost_frame")
+        raise TimeoutError
+
+    def _ring(self) -> None:
+        self._alarm = None
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop the alarm (the attempt is over): a timer left set would hold the inbox
+        until the request's deadline."""
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
 
     def _partial(self, msg: p.Partial) -> p.Partial | Lost:
         """Check ``msg``'s place in the sequence and merge the PARTIALs queued behind it."""

@@ -8,7 +8,6 @@ alone almost never reach.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import msgpack
@@ -22,7 +21,7 @@ FUZZ_MODEL = "fuzz-model"
 that stays valid cannot take the real worker's place or its slots."""
 
 REQUEST = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}],
-                              max_tokens=3).to_dict()
+                              max_tokens=3)
 SEEDS: list[tuple[bytes, p.Message]] = [
     (p.WORKER, p.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
                        aliases=["fuzz-alias"], slots=2, mem_total=2**34, mem_free=2**33)),
@@ -78,7 +77,8 @@ hostile_values = st.one_of(
 
 
 def body_of(msg: p.Message) -> dict[str, Any]:
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    """The body of ``msg`` as it goes on the wire (records inside as maps)."""
+    return msgpack.unpackb(p.encode(p.WORKER, msg)[2])
 
 
 @st.composite

@@ -13,7 +13,7 @@ from worker.synthetic import FAULT, SyntheticEngine, next_token, word
 def job(job_id: str, prompt: str, max_tokens: int = 20, stop: list[str] | None = None) -> p.Job:
     request = GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens,
                                   stop=stop or [])
-    return p.Job(job_id=job_id, request=request.to_dict())
+    return p.Job(job_id=job_id, request=request)
 
 
 def expected(prompt: str, n: int) -> list[int]:

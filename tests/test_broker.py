@@ -245,7 +245,7 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
         sock = c.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(c.endpoint)
-        request = GenerationRequest(kind="completion", prompt="x", max_tokens=10).to_dict()
+        request = GenerationRequest(kind="completion", prompt="x", max_tokens=10)
 
         def submit(job_id: str, attempt: int) -> None:
             sock.send_multipart(p.encode(p.GATEWAY, p.Submit(

@@ -37,7 +37,15 @@ def take(messages: list, count: int, deadline_s: float = 5.0) -> list:
         for msg in messages:
             box.put(msg)
         return [await box.next() for _ in range(count)]
-    return asyncio.run(run())
+
+    async def bounded() -> list:  # a late timer must fail, not just slow the test
+        task = asyncio.ensure_future(run())
+        done, _ = await asyncio.wait({task}, timeout=deadline_s + 1)
+        if not done:
+            task.cancel()
+            raise AssertionError(f"the inbox answered nothing within {deadline_s + 1} s")
+        return task.result()
+    return asyncio.run(bounded())
 
 
 def shown(messages: list) -> list:

@@ -11,7 +11,7 @@ from common.config import Settings
 from common.generation import GenerationRequest
 
 GW = b"gateway"
-REQUEST = GenerationRequest(kind="completion", prompt="x", max_tokens=4).to_dict()
+REQUEST = GenerationRequest(kind="completion", prompt="x", max_tokens=4)
 
 
 def table(**settings: object) -> JobTable:

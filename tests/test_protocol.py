@@ -25,7 +25,7 @@ def test_round_trip_every_message() -> None:
     for msg in samples:
         tag, decoded = p.decode(p.encode(p.WORKER, msg), p.TO_BROKER)
         assert (tag, decoded) == (p.WORKER, msg)
-    submit = p.Submit(job_id="j", model="m", request={"kind": "chat"}, epoch=3,
+    submit = p.Submit(job_id="j", model="m", request=GenerationRequest(kind="chat"), epoch=3,
                       resume_token_ids=[9], resume_text="x", deadline=1.5)
     assert p.decode(p.encode(p.GATEWAY, submit), p.TO_BROKER) == (p.GATEWAY, submit)
 
@@ -98,7 +98,7 @@ def test_plain_data_at_the_limits_is_accepted() -> None:
     request = {"kind": "chat", "seed": 2**63 - 1, "temperature": 0.0,
                "tools": [{"schema": nested(p.MAX_DEPTH - 4)}], "stop": []}
     _, msg = p.decode(submit(request), p.TO_BROKER)
-    assert isinstance(msg, p.Submit) and msg.request == request
+    assert isinstance(msg, p.Submit) and msg.request == GenerationRequest(**request)
 
 
 def test_generation_request_is_validated() -> None:

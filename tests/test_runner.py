@@ -38,7 +38,7 @@ def run(engine: SyntheticEngine, max_tokens: int = 12, stop: list[str] | None = 
         cancel_after: int | None = None) -> tuple[list[p.Message], list[int], str]:
     request = GenerationRequest(kind="completion", prompt="abc", max_tokens=max_tokens,
                                   stop=stop or [])
-    job = p.Job(job_id="j", request=request.to_dict(), resume_token_ids=resume or [],
+    job = p.Job(job_id="j", request=request, resume_token_ids=resume or [],
                 resume_text=resume_text)
     with RunningLoop(engine) as loop:
         loop.cancel_after = cancel_after

@@ -13,6 +13,7 @@ import zmq
 
 from common import protocol as p
 from common.config import Settings
+from common.generation import GenerationRequest
 from common.meshkeys import MeshKeys, new_secret
 from common.transport import configure, waiting
 from gateway.streams import StreamSocket
@@ -24,7 +25,7 @@ SETTINGS = Settings(heartbeat_interval=0.2)
 
 
 def job(job_id: str, reply_to: str) -> p.Job:
-    return p.Job(job_id=job_id, request={}, reply_to=reply_to)
+    return p.Job(job_id=job_id, request=GenerationRequest(kind="chat"), reply_to=reply_to)
 
 
 def started(job_id: str) -> p.Partial:

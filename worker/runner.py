@@ -19,16 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.generation import GenerationRequest
-from common.protocol import (
-    ErrorCode,
-    Fail,
-    Final,
-    Job,
-    Message,
-    Partial,
-    from_dict,
-)
+from common.protocol import ErrorCode, Fail, Final, Job, Message, Partial
 from worker.engine import Engine, RequestRefused
 from worker.tools import ToolScanner
 
@@ -63,7 +54,7 @@ class JobRun:
         self.job_id = job.job_id
         self.send = send
         """Where this job's messages go."""
-        request = from_dict(GenerationRequest, job.request)
+        request = job.request
         self.request = request
         self._prompt = engine.encode_prompt(request)
         self._resume = list(job.resume_token_ids)

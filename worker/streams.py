@@ -39,7 +39,7 @@ from common import protocol as p
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.transport import close_watched, configure, disconnected, waiting, watch_disconnects
+from common.transport import close_watched, configure, disconnected, watch_disconnects
 
 log = logging.getLogger("worker")
 
@@ -165,10 +165,7 @@ class Streams:
         last look (they are broken now), else none."""
         if endpoint not in self.sockets:
             return []
-        monitor = self.sockets[endpoint][1]
-        # Every send looks: ask whether an event waits before reading (a read that finds
-        # none raises, and that would be an exception per token).
-        if not (waiting(monitor) and disconnected(monitor)):
+        if not disconnected(self.sockets[endpoint][1]):  # every send looks
             return []
         return self._break(endpoint)
 
