@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import gc
 import json
 import os
 import platform
@@ -40,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -147,38 +149,69 @@ async def stream_once(client: httpx.AsyncClient, url: str, content: str,
                     response.headers.get("x-mlx-stack-node", ""))
 
 
+@contextlib.contextmanager
+def quiet_heap() -> Iterator[None]:
+    """No garbage collection in this process (the load's) while it measures.
+
+    The load process holds httpx, the harness and every result so far. At concurrency 32
+    on the 2-vCPU VM a full collection of its heap took 60-110 ms (two in four rounds of
+    480 streams), younger ones 2-6 ms many times a second, and every stream then in flight
+    looked that much slower: the slowest 1% of the mesh and of the baseline alike were
+    this process's pauses, not theirs. So its heap is frozen and collection held off for
+    the load, and done once after."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc.collect()
+
+
 async def interleaved(urls: list[str], streams: int, max_tokens: int, warm: int = 20
                       ) -> list[list[Streamed]]:
     """``streams`` sequential streams to each url (after ``warm`` more), one to each url
     in turn, the first url of each turn rotating: every system's figure is taken over the
     same minutes, whatever the machine's drift."""
     runs: list[list[Streamed]] = [[] for _ in urls]
-    async with httpx.AsyncClient(timeout=60) as client:
-        for i in range(warm):
-            for url in urls:
-                await stream_once(client, url, f"warm {i}", max_tokens)
-        for i in range(streams):
-            for j in range(len(urls)):
-                k = (i + j) % len(urls)
-                runs[k].append(await stream_once(client, urls[k], f"request {i}", max_tokens))
+    with quiet_heap():
+        async with httpx.AsyncClient(timeout=60) as client:
+            for i in range(warm):
+                for url in urls:
+                    await stream_once(client, url, f"warm {i}", max_tokens)
+            for i in range(streams):
+                for j in range(len(urls)):
+                    k = (i + j) % len(urls)
+                    runs[k].append(await stream_once(client, urls[k], f"request {i}",
+                                                     max_tokens))
     return runs
 
 
-async def load(urls: list[str], requests: int, concurrency: int, max_tokens: int
-               ) -> tuple[list[Streamed], float]:
-    """Run ``requests`` streams, ``concurrency`` at a time, round-robin over ``urls``."""
+async def load(urls: list[str], requests: int, concurrency: int, max_tokens: int,
+               ramp: float = 0.0) -> tuple[list[Streamed], float]:
+    """Run ``requests`` streams, ``concurrency`` at a time, round-robin over ``urls``.
+
+    ``ramp`` > 0 starts the first ``concurrency`` streams spread over that many seconds,
+    as a steady load would have them; at 0 they all start at once (a burst). Streams of
+    one length that start together end together, so the next ones start together too:
+    without a ramp, every stream of the load comes in a burst."""
     limits = httpx.Limits(max_connections=concurrency + 8)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        semaphore = asyncio.Semaphore(concurrency)
+    with quiet_heap():
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            semaphore = asyncio.Semaphore(concurrency)
 
-        async def one(i: int) -> Streamed:
-            async with semaphore:
-                return await stream_once(client, urls[i % len(urls)], f"request {i}",
-                                         max_tokens)
+            async def one(i: int) -> Streamed:
+                async with semaphore:
+                    if i < concurrency and ramp > 0:
+                        await asyncio.sleep(ramp * i / concurrency)
+                    return await stream_once(client, urls[i % len(urls)], f"request {i}",
+                                             max_tokens)
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(requests)))
-        return list(results), time.perf_counter() - start
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one(i) for i in range(requests)))
+            return list(results), time.perf_counter() - start
 
 
 def direct(engine: SyntheticEngine, requests: int, concurrency: int,
@@ -202,7 +235,7 @@ def direct(engine: SyntheticEngine, requests: int, concurrency: int,
             jobs[str(i)] = (time.perf_counter(), content, [])
         request = GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
             {"role": "user", "content": content}])
-        loop.put(p.Job(job_id=str(i), request=request.to_dict()))
+        loop.put(p.Job(job_id=str(i), request=request))
 
     def send(msg: p.Message) -> None:  # on the loop's thread
         job_id = msg.job_id  # type: ignore[attr-defined]

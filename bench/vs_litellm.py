@@ -18,12 +18,17 @@ Phases, each on fresh processes:
    a p99 of 960 was the tenth-slowest stream, and the baseline's own moved from 88 to
    118 ms between runs; 3,840 took the script past 10 minutes), over ``http`` measured
    in the same minutes: at concurrency 1 the streams alternate between the router and
-   ``http`` (after 20 to each to warm up), at 32 they take turns in six rounds of 480.
-   (On this VM the baseline alone drifted by 0.4 ms between two runs, more than the mesh
-   adds.)
+   ``http`` (after 20 to each to warm up), at 32 they take turns in six rounds of 480,
+   each round's first 32 starting spread over one stream's length (:data:`STREAM_S`): a
+   steady load of 32. (On this VM the baseline alone drifted by 0.4 ms between two runs,
+   more than the mesh adds. Started all at once, streams of one length stay in step, and
+   every stream of the round came in a burst of 32; the burst phase measures that.) The
+   load process collects no garbage while it measures (``bench.routing.quiet_heap``):
+   its own pauses were the slowest 1% of every system.
 2. the streamed tokens/s ceiling through the router at concurrency 96 (every slot), and
    the router's CPU seconds per 1,000 tokens (its processes' user + system time);
-3. balance: a simultaneous burst of 60 long streams; how many each backend started;
+3. balance: a simultaneous burst of 60 long streams; how many each backend started, and
+   their time to first token (how fast the router takes in a burst);
 4. failures: under 30 streams, one backend (mesh: one worker) is SIGKILLed once all
    flow; then a second one is killed while idle and 30 more streams are sent. Each
    stream is completed (its exact text), failed (an error), hung (no end in 60 s),
@@ -180,6 +185,9 @@ def ttft_ms(runs: list[Streamed], q: float) -> float:
 
 ROUNDS, ROUND_STREAMS = 6, 480
 """Turns the router and the baseline take at concurrency 32, and streams per turn."""
+STREAM_S = TTFT + TOKENS / RATE
+"""How long one latency-phase stream lasts: the ramp over which a round's first 32 start,
+so that the round is a steady load of 32, not bursts of 32 (the burst phase has those)."""
 
 
 def overhead(url: str, base: str) -> dict[str, Any]:
@@ -193,7 +201,8 @@ def overhead(url: str, base: str) -> dict[str, Any]:
     for turn in range(ROUNDS):
         order = [("router", url), ("baseline", base)][::1 if turn % 2 == 0 else -1]
         for name, u in order:
-            runs[name]["c32"] += asyncio.run(load([u], ROUND_STREAMS, 32, TOKENS))[0]
+            runs[name]["c32"] += asyncio.run(load([u], ROUND_STREAMS, 32, TOKENS,
+                                                  ramp=STREAM_S))[0]
     return {name: {c: {"ttft_ms_p50": ttft_ms(r, 0.5), "ttft_ms_p99": ttft_ms(r, 0.99)}
                    for c, r in by_c.items()} for name, by_c in runs.items()}
 
@@ -214,13 +223,16 @@ def ceiling(url: str, router: list[Proc]) -> dict[str, Any]:
 BURST = 60
 
 
-def burst(url: str) -> None:
+def burst(url: str) -> list[Streamed]:
     """:data:`BURST` long streams (2 s) at once."""
-    asyncio.run(load([url], BURST, BURST, 100))
+    return asyncio.run(load([url], BURST, BURST, 100))[0]
 
 
-def spread(split: list[int]) -> dict[str, Any]:
-    return {"streams": BURST, "per_backend": split, "spread": max(split) - min(split)}
+def spread(split: list[int], runs: list[Streamed]) -> dict[str, Any]:
+    """How the burst was split across backends, and how long its streams waited for their
+    first token (all arrive at once: how fast the router takes them in)."""
+    return {"streams": BURST, "per_backend": split, "spread": max(split) - min(split),
+            "ttft_ms_p50": ttft_ms(runs, 0.5), "ttft_ms_max": ttft_ms(runs, 1.0)}
 
 
 async def storm(url: str, n: int, tokens: int, first: int, kill: Any) -> dict[str, int]:
@@ -307,17 +319,18 @@ def run_all(tmp: Path) -> dict[str, Any]:
 
             result = {**overhead(router_url, base), "ceiling": ceiling(router_url, router)}
             before = counts()
-            burst(router_url)
-            result["burst"] = spread([a - b for a, b in zip(counts(), before, strict=True)])
+            runs = burst(router_url)
+            result["burst"] = spread([a - b for a, b in zip(counts(), before, strict=True)],
+                                     runs)
             result["failures"] = failures(router_url, procs, counts)
             out[f"litellm-{strategy}"] = result
 
         cluster, url, router, workers = systems.mesh()
         result = {**overhead(url, base), "ceiling": ceiling(url, router)}
-        burst(url)
+        runs = burst(url)
         routes = cluster.control("routes", last=BURST)
         result["burst"] = spread([sum(r.worker_id == w.worker_id for r in routes)
-                                  for w in cluster.workers()])
+                                  for w in cluster.workers()], runs)
         ids = [w.worker_id for w in cluster.workers()]  # in the order they registered
 
         def jobs(ids: list[str] = ids) -> list[int]:
