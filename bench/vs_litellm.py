@@ -35,7 +35,8 @@ Phases, each on fresh processes:
    or wrong (ended, but with repeated or lost tokens).
 
 Every process started here is stopped at the end, also on failure. The JSON (date,
-commit, machine, versions of both systems) goes to stdout and ``<out>/vs-litellm.json``;
+commit, machine, versions of both systems, and issue 13's goals, each met or not in this
+run: ``goals``) goes to stdout and ``<out>/vs-litellm.json``;
 the plots to ``<out>/vs-litellm-*.png``.
 """
 
@@ -366,6 +367,28 @@ def ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def goals(results: dict[str, Any], ratio: dict[str, Any]) -> dict[str, bool]:
+    """Issue 13's goals, each met or not in this run (ours against LiteLLM's two)."""
+    mesh, added = results["mesh"], ratio["added_ttft_ms"]["mesh"]
+    fails = [results[f"litellm-{s}"]["failures"] for s in STRATEGIES]
+
+    def failed(f: dict[str, dict[str, int]]) -> int:
+        return sum(phase[k] for phase in f.values() for k in ("failed", "hung", "wrong"))
+
+    return {
+        "c1_added_at_most_a_fifth_of_litellms": all(
+            (ratio[f"mesh_over_litellm-{s}"]["added_ttft_c1_p50"] or 1.0) <= 0.2
+            for s in STRATEGIES),
+        "c1_added_at_most_2_ms": added["c1_p50"] <= 2.0,
+        "c32_p99_at_most_baseline_plus_10_percent": mesh["router"]["c32"]["ttft_ms_p99"]
+        <= 1.1 * mesh["baseline"]["c32"]["ttft_ms_p99"],
+        "burst_within_one_of_even": max(mesh["burst"]["per_backend"]) - BURST // BACKENDS <= 1
+        and BURST // BACKENDS - min(mesh["burst"]["per_backend"]) <= 1,
+        "no_failed_stream_where_litellm_fails": failed(mesh["failures"]) == 0
+        and any(failed(f) > 0 for f in fails),
+    }
+
+
 PLOT = """
 import json, sys
 import matplotlib
@@ -417,6 +440,7 @@ def main() -> None:
                          "backends": BACKENDS, "tokens_per_request": TOKENS},
               "seconds": round(time.monotonic() - started, 1), "results": results,
               "ratios": ratios(results)}
+    report["goals"] = goals(results, report["ratios"])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "vs-litellm.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
