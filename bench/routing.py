@@ -158,7 +158,8 @@ def quiet_heap() -> Iterator[None]:
     480 streams), younger ones 2-6 ms many times a second, and every stream then in flight
     looked that much slower: the slowest 1% of the mesh and of the baseline alike were
     this process's pauses, not theirs. So its heap is frozen and collection held off for
-    the load, and done once after."""
+    the load, and done once after. Not nested: the inner one would turn collection back
+    on."""
     gc.collect()
     gc.freeze()
     gc.disable()

@@ -121,7 +121,8 @@ class JobTable:
         return self._sent()
 
     def submit(self, gateway: bytes, submit: p.Submit, now: float) -> list[Send]:
-        """A gateway's SUBMIT: queue it, or refuse it at once (404, 429, bad request)."""
+        """A gateway's SUBMIT: queue it, or refuse it at once (404, 429, a job id in use).
+        One that does not decode is refused before it gets here (broker/server.py)."""
         def refuse(code: p.ErrorCode, error: str, retryable: bool = False) -> list[Send]:
             self.counters[f"rejected_{code}"] += 1
             self._send(gateway, p.GATEWAY, p.Fail(

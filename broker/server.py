@@ -221,6 +221,10 @@ class Broker:
             protocol, msg = p.decode(frames[1:], p.TO_BROKER)
         except p.ProtocolError as exc:
             self._reject(exc.reason, exc)
+            if (job_id := p.submitted_job(frames[1:])) is not None:
+                self._send(identity, p.GATEWAY, p.Fail(
+                    job_id=job_id, code=p.ErrorCode.INVALID_REQUEST,
+                    error=f"the broker cannot read this request: {exc}"))
             return
         role = self._role_of(identity)
         if role is not None and role != protocol:

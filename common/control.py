@@ -26,11 +26,11 @@ from common.transport import configure
 
 
 def _record(cls: type) -> Callable[[Any], Any]:
-    return lambda value: from_dict(cls, value)
+    return lambda value: from_dict(cls, value, depth=2)  # ControlReply.result's fields
 
 
 def _records(cls: type) -> Callable[[Any], Any]:
-    return lambda value: [from_dict(cls, entry) for entry in value]
+    return lambda value: [from_dict(cls, entry, depth=3) for entry in value]
 
 
 def _flag(value: Any) -> bool:

@@ -2,9 +2,11 @@
 
 Plain data is what msgpack and JSON both carry without loss: maps with string keys, lists,
 strings, booleans, nil, 64-bit signed integers and finite floats, nested at most
-:data:`MAX_DEPTH` deep. :func:`from_dict` builds a dataclass from such data and checks
-every field's type, nested records included, so that the wire's messages and a broker's
-CONTROL replies (common/status.py) are decoded the same way: untrusted until checked.
+:data:`MAX_DEPTH` deep. :func:`from_dict` builds a dataclass from untrusted data, checking
+in one pass that it is plain and that every field has its type, nested records included,
+so that the wire's messages and a broker's CONTROL replies (common/status.py) are decoded
+the same way: untrusted until checked. (A field typed ``Record | None`` has no check: no
+message has one.)
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ def check_plain(value: Any, depth: int = 0) -> None:
                 item = item.values()
             stack.extend((x, depth + 1) for x in item)
         elif kind is int:
-            _int(item)
+            _plain_int(item)
         elif kind is float:
-            _float(item)
+            _plain_float(item)
         elif kind is str:
-            _str(item)
+            _plain_str(item)
         elif kind not in _SCALARS:
             raise ProtocolError(f"value of type {kind.__name__} is not plain data", "bad_type")
 
@@ -72,19 +74,21 @@ def check_plain(value: Any, depth: int = 0) -> None:
 _SCALARS = (bool, type(None))
 
 
-def _int(value: int) -> bool:
+def _plain_int(value: int) -> bool:
+    """True, or :class:`ProtocolError` (these three read as the second term of an ``and``
+    after the type test)."""
     if not INT_MIN <= value <= INT_MAX:
         raise ProtocolError("integer out of the signed 64-bit range", "bad_value")
     return True
 
 
-def _float(value: float) -> bool:
+def _plain_float(value: float) -> bool:
     if not math.isfinite(value):
         raise ProtocolError(f"float {value} is not finite", "bad_value")
     return True
 
 
-def _str(value: str) -> bool:
+def _plain_str(value: str) -> bool:
     if not value.isascii():  # decoded frames always pass; JSON "\ud800" does not
         try:
             value.encode()
@@ -155,9 +159,10 @@ def _builders(cls: type) -> dict[str, Callable[[Any, int], Any]]:
 
 
 _SCALAR_CHECKS: dict[Any, Check] = {
-    int: lambda v, d: type(v) is int and _int(v),
-    float: lambda v, d: (type(v) is float and _float(v)) or (type(v) is int and _int(v)),
-    str: lambda v, d: type(v) is str and _str(v),
+    int: lambda v, d: type(v) is int and _plain_int(v),
+    float: lambda v, d: ((type(v) is float and _plain_float(v))
+                         or (type(v) is int and _plain_int(v))),
+    str: lambda v, d: type(v) is str and _plain_str(v),
     bool: lambda v, d: type(v) is bool,
     type(None): lambda v, d: v is None,
 }
@@ -177,9 +182,9 @@ def _checker(hint: Any) -> Check:
     if origin in (typing.Union, types.UnionType) and all(a in _SCALAR_CHECKS for a in args):
         options = [_SCALAR_CHECKS[a] for a in args]
         return lambda v, d: any(check(v, d) for check in options)
-    if origin is list and (args[0] in _SCALAR_CHECKS or dataclasses.is_dataclass(args[0])):
-        if dataclasses.is_dataclass(args[0]):
-            return lambda v, d: type(v) is list and all(type(x) is dict for x in v)
+    if origin is list and dataclasses.is_dataclass(args[0]):
+        return lambda v, d: type(v) is list and all(type(x) is dict for x in v)
+    if origin is list and args[0] in _SCALAR_CHECKS:
         item = _SCALAR_CHECKS[args[0]]
         return lambda v, d: type(v) is list and all(item(x, d) for x in v)
     shape = _shape(hint)

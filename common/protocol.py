@@ -405,8 +405,9 @@ def encode(protocol: bytes, message: Message) -> list[bytes]:
 
 
 def _record(value: Any) -> dict[str, Any]:
-    """A record inside a message (a :class:`GenerationRequest`) as the map of its fields:
-    msgpack's hook for what it cannot pack itself."""
+    """msgpack's hook for what it cannot pack itself: a :class:`GenerationRequest` in a
+    field typed so (``request``), as the map of its fields. The only record a message
+    carries; anything else is a bug, refused here rather than sent."""
     if type(value) is GenerationRequest:
         return value.to_dict()
     raise TypeError(f"cannot send a {type(value).__name__} in a message")
@@ -434,6 +435,21 @@ def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
     if type(data) is not dict:
         raise ProtocolError("body is not a map", "not_a_map")
     return protocol, from_dict(cls, data)  # checks the plain data and the types at once
+
+
+def submitted_job(frames: list[bytes]) -> str | None:
+    """The job id of a gateway's SUBMIT that did not decode, if it can be read: the broker
+    refuses such a request at once (a newer gateway's field, a bad value) instead of
+    leaving its client to wait out the deadline. None for anything else."""
+    if len(frames) != 3 or frames[:2] != [GATEWAY, _COMMAND_BYTES[Command.SUBMIT]] \
+            or len(frames[2]) > MAX_BODY_BYTES:
+        return None
+    try:
+        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except Exception:  # msgpack raises several unrelated types
+        return None
+    job_id = body.get("job_id") if type(body) is dict else None
+    return job_id if type(job_id) is str and 0 < len(job_id) <= 200 else None
 
 
 def _no_ext(code: int, data: bytes) -> Any:

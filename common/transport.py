@@ -152,7 +152,7 @@ def disconnected(monitor: zmq.Socket) -> bool:
     while waiting(monitor):
         try:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-        except zmq.Again:
+        except zmq.Again:  # only if the event went between the asking and the reading
             return seen
         if event["event"] & HANDSHAKE_FAILED:
             _explain_refusal(event["endpoint"])

@@ -116,7 +116,7 @@ class Inbox:
         until = self.deadline if self._final is None else min(self.deadline, self._final_by)
         loop = asyncio.get_running_loop()
         if self._alarm is None or self._alarm_at != until:
-            self.close()
+            self._disarm()
             self._alarm, self._alarm_at = loop.call_at(until, self._ring), until
         self._waiter = loop.create_future()
         try:
@@ -136,8 +136,11 @@ class Inbox:
             self._waiter.set_result(None)
 
     def close(self) -> None:
-        """Stop the alarm (the attempt is over): a timer left set would hold the inbox
-        until the request's deadline."""
+        """The attempt is over: a timer left set would hold the inbox until the request's
+        deadline."""
+        self._disarm()
+
+    def _disarm(self) -> None:
         if self._alarm is not None:
             self._alarm.cancel()
             self._alarm = None

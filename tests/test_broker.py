@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import msgpack
 import openai
 import pytest
 import zmq
@@ -208,6 +209,24 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     assert {"frame_count", "undecodable", "missing_field"} <= rejected.keys(), rejected
     assert "handler_error" not in rejected
     assert chat(url).status_code == 200
+
+
+def test_a_submit_the_broker_cannot_read_is_refused_at_once(
+        cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
+    """A request with a field this broker does not know (a newer gateway's) fails the
+    SUBMIT's decoding: the gateway hears a FAIL for its job id, not nothing until its
+    deadline. A SUBMIT without a readable job id is only dropped."""
+    sock = dealer()
+    body = {"job_id": "newer", "model": "syn",
+            "request": {**GenerationRequest(kind="chat").to_dict(), "novel_field": 1}}
+    sock.send_multipart([p.GATEWAY, bytes((p.Command.SUBMIT,)), msgpack.packb(body)])
+    sock.send_multipart([p.GATEWAY, bytes((p.Command.SUBMIT,)),
+                         msgpack.packb({**body, "job_id": 7})])
+    assert sock.poll(5000), "no answer to a SUBMIT the broker could not read"
+    _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
+    assert isinstance(msg, p.Fail) and msg.job_id == "newer", msg
+    assert msg.code == p.ErrorCode.INVALID_REQUEST and "novel_field" in msg.error
+    assert not sock.poll(500), "a SUBMIT without a job id was answered"
 
 
 def test_a_peer_may_not_switch_roles_and_strangers_must_register(

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from common import protocol as p
+from common.generation import GenerationRequest
 from tests.fuzz_frames import TAGS, harmless, hostile_frames, nested
 from tests.harness import Cluster, close_and_report, wait_for
 from worker.synthetic import next_token, word
@@ -148,8 +149,8 @@ EXTREMES = [
     [p.GATEWAY, bytes((p.Command.CONTROL,)), b"\xdf\xff\xff\xff\xff"],  # claims 4G entries
     [p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 1)],
     [p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 4096)],  # cut
-    p.encode(p.GATEWAY, p.Submit(job_id="deep", model="m", request={
-        "kind": "chat", "messages": [{"role": "user", "content": nested(500)}]})),
+    p.encode(p.GATEWAY, p.Submit(job_id="deep", model="m", request=GenerationRequest(
+        kind="chat", messages=[{"role": "user", "content": nested(500)}]))),
     [b""] * 200,
 ]
 """Hand-picked frames that random generation rarely builds: huge, deep, many-framed."""
