@@ -383,8 +383,8 @@ def goals(results: dict[str, Any], ratio: dict[str, Any]) -> dict[str, bool]:
         "c1_added_at_most_2_ms": added["c1_p50"] <= 2.0,
         "c32_p99_at_most_baseline_plus_10_percent": mesh["router"]["c32"]["ttft_ms_p99"]
         <= 1.1 * mesh["baseline"]["c32"]["ttft_ms_p99"],
-        "burst_within_one_of_even": max(mesh["burst"]["per_backend"]) - BURST // BACKENDS <= 1
-        and BURST // BACKENDS - min(mesh["burst"]["per_backend"]) <= 1,
+        "burst_within_one_of_even": all(abs(n - BURST / BACKENDS) <= 1
+                                        for n in mesh["burst"]["per_backend"]),
         "no_failed_stream_where_litellm_fails": failed(mesh["failures"]) == 0
         and any(failed(f) > 0 for f in fails),
     }

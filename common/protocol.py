@@ -426,6 +426,11 @@ def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
     cls = allowed.table.get((protocol, command))
     if cls is None:
         raise allowed.reject(protocol, command)
+    return protocol, from_dict(cls, _map(body))  # checks plain data and types at once
+
+
+def _map(body: bytes) -> dict[Any, Any]:
+    """The msgpack map in ``body``, not yet checked; :class:`ProtocolError` if none."""
     if len(body) > MAX_BODY_BYTES:
         raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}", "oversize")
     try:
@@ -434,21 +439,19 @@ def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
         raise ProtocolError(f"undecodable body: {exc!r}"[:200], "undecodable") from None
     if type(data) is not dict:
         raise ProtocolError("body is not a map", "not_a_map")
-    return protocol, from_dict(cls, data)  # checks the plain data and the types at once
+    return data
 
 
 def submitted_job(frames: list[bytes]) -> str | None:
     """The job id of a gateway's SUBMIT that did not decode, if it can be read: the broker
     refuses such a request at once (a newer gateway's field, a bad value) instead of
     leaving its client to wait out the deadline. None for anything else."""
-    if len(frames) != 3 or frames[:2] != [GATEWAY, _COMMAND_BYTES[Command.SUBMIT]] \
-            or len(frames[2]) > MAX_BODY_BYTES:
+    if len(frames) != 3 or frames[:2] != [GATEWAY, _COMMAND_BYTES[Command.SUBMIT]]:
         return None
     try:
-        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=True, ext_hook=_no_ext)
-    except Exception:  # msgpack raises several unrelated types
+        job_id = _map(frames[2]).get("job_id")
+    except ProtocolError:
         return None
-    job_id = body.get("job_id") if type(body) is dict else None
     return job_id if type(job_id) is str and 0 < len(job_id) <= 200 else None
 
 
