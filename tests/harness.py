@@ -287,3 +287,9 @@ class Mesh(Cluster):
         endpoint = coordinators[0].endpoint
         return coordinators[0] if all(s.coordinator == endpoint for s in statuses) else None
 
+    def coordinator_knowing(self, peers: int) -> BrokerStatus | None:
+        """The coordinator, once it knows ``peers`` peers: a broker may coordinate before
+        mDNS has shown it every other host, so one coordinator alone is no sign of that."""
+        coordinator = self.coordinator()
+        return coordinator if coordinator and len(coordinator.peers) == peers else None
+

@@ -84,10 +84,8 @@ def start_nodes(mesh: HostMesh) -> dict[str, str]:
 
 @pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
 def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
-    # A broker may coordinate before mDNS has shown it every peer: wait for both.
-    coordinator = wait_for(
-        "one coordinator that knows both peers",
-        lambda: (c := mesh.coordinator()) and len(c.peers) == 2 and c, timeout=20)
+    coordinator = wait_for("one coordinator that knows both peers",
+                           lambda: mesh.coordinator_knowing(2), timeout=20)
     assert coordinator.node_id == "node-a"
     assert {p.node_id for p in coordinator.peers} == {"node-b", "node-c"}
     start_nodes(mesh)

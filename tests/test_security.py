@@ -267,7 +267,8 @@ def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
                                       env=rogue_home(tmp_path, "other-mesh", other))
         m.start_broker("node-a")
         m.start_broker("node-b")
-        coordinator = wait_for("node-a and node-b to find each other", m.coordinator, timeout=20)
+        coordinator = wait_for("node-a and node-b to find each other",
+                               lambda: m.coordinator_knowing(1), timeout=20)
         assert coordinator.node_id == "node-a"
         assert [p.node_id for p in coordinator.peers] == ["node-b"]
 
