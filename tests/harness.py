@@ -276,6 +276,13 @@ class Mesh(Cluster):
         """CONTROL status of one node's broker (None if it does not answer)."""
         return self.try_control("status", timeout, endpoint=self.broker_endpoint(node))
 
+    def status_says(self, node: str, check: Callable[[BrokerStatus], object]) -> bool:
+        """Whether ``node``'s broker answers and its status passes ``check``: a condition
+        for :func:`wait_for`, where a broker slow to answer under load is "not yet", not
+        an AttributeError on None that fails the test."""
+        status = self.status(node)
+        return status is not None and bool(check(status))
+
     def coordinator(self) -> BrokerStatus | None:
         """The coordinator's status, if exactly one live broker says it coordinates and
         every other live broker follows it."""

@@ -30,7 +30,7 @@ def tokens_of(messages: list[p.Message]) -> list[int]:
 def test_jobs_in_one_batch_advance_together_and_each_is_exact() -> None:
     """Four jobs started at once: each one's first token is sent before any job ends (one
     job at a time would finish the first before the second begins)."""
-    engine = SyntheticEngine("s", slots=4, rate=500)
+    engine = SyntheticEngine("s", slots=4, rate=50)  # 0.4 s jobs: all start before one ends
     prompts = [f"prompt {i}" for i in range(4)]
     with RunningLoop(engine) as loop:
         for i, prompt in enumerate(prompts):
@@ -47,7 +47,7 @@ def test_jobs_in_one_batch_advance_together_and_each_is_exact() -> None:
 
 
 def test_a_cancelled_job_leaves_the_batch_and_the_others_finish() -> None:
-    engine = SyntheticEngine("s", slots=3, rate=300)
+    engine = SyntheticEngine("s", slots=3, rate=100)  # 0.6 s jobs: time for the cancel
     with RunningLoop(engine) as loop:
         loop.start(job("long-a", "a", max_tokens=60))
         loop.start(job("gone", "b", max_tokens=60))

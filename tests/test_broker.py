@@ -58,8 +58,9 @@ def test_idle_worker_killed_is_purged_and_next_request_goes_to_a_live_one(
     killed = time.monotonic()
     wait_for("the killed worker to be purged", lambda: len(cluster.workers()) == 1, timeout=5)
     purge_s = time.monotonic() - killed
-    liveness = 0.2 * 3
-    assert purge_s < liveness + 0.2 * 2 + 0.5, purge_s  # liveness + one tick + poll slack
+    # Purged by its missed heartbeats (liveness 0.6 s), not by some later timeout; the
+    # slack is a loaded machine's, where the kill and the CONTROL round trip lag too.
+    assert purge_s < 3.0, purge_s
     (alive,) = cluster.workers()
     for _ in range(4):
         response = chat(url)

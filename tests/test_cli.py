@@ -56,7 +56,10 @@ def test_up_serves_restarts_a_dead_child_and_stops_everything(
     up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
                      "--broker-port", str(broker_port), "--node-id", "solo"],
               {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
-               "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"},
+               "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1",
+               # How long a request waits for the loading worker: on a loaded CI machine
+               # loading may take longer than the 10 s default.
+               "MLX_STACK_GRACE": "60"},
               tmp_path / "up.log")
     try:
         client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",

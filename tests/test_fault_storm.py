@@ -204,7 +204,7 @@ def test_500_streams_survive_a_storm_of_faults_across_three_hosts(mesh: HostMesh
             urls.append(mesh.gateway_url(node))
     for url in urls:
         wait_for(f"gateway {url}", lambda u=url: healthy(u), timeout=30)
-    wait_for("6 workers", lambda: len(mesh.coordinator().workers) == 6, timeout=30)
+    wait_for("6 workers", lambda: (c := mesh.coordinator()) and len(c.workers) == 6, timeout=30)
     storm = Storm(mesh, workers, SEED)
     print("seed", SEED, "plan", plan(SEED))
 

@@ -32,10 +32,10 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
 
 def add_worker(m: Mesh) -> None:
-    before = len(m.status("node-a").workers)
+    before = len(wait_for("node-a's broker", lambda: m.status("node-a")).workers)
     m.start("worker", *SYN, node="node-a")
-    wait_for("the worker at node-a", lambda: len(m.status("node-a").workers) > before,
-             timeout=30)
+    wait_for("the worker at node-a",
+             lambda: m.status_says("node-a", lambda s: len(s.workers) > before), timeout=30)
 
 
 def mesh_cli(m: Mesh, *args: str, node: str = "node-a") -> Any:
@@ -95,7 +95,8 @@ def test_routes_lists_the_last_decisions_with_scores(mesh: Mesh) -> None:
     table = mesh_cli(mesh, "routes", "--last", "5")
     assert "Last 5 routing decisions" in table and table.count(" ok ") == 5
     # The CLI's questions never count as gateways: only the one real gateway does.
-    assert mesh.status("node-a").gateways == 1
+    wait_for("node-a to count one gateway",
+             lambda: mesh.status_says("node-a", lambda s: s.gateways == 1), timeout=5)
 
 
 def test_errors_have_clear_messages_and_exit_codes(tmp_path: Path) -> None:

@@ -41,8 +41,9 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
     workers = nodes(cluster, "node-a", "node-b")
     url = cluster.gateway()
-    before = scrape(url)
-    assert value(before, "mlx_stack_broker_up") == 1
+    # The broker's figures are asked at scrape time (1 s timeout): wait for an answer.
+    before = wait_for("a scrape with the broker's figures", lambda: s if value(
+        s := scrape(url), "mlx_stack_broker_up") == 1 else None, timeout=10)
     assert value(before, "mlx_stack_broker_epoch") >= 1
     assert value(before, "mlx_stack_broker_role", node="node-a", role="coordinator") == 1
     assert value(before, "mlx_stack_workers", model="syn", state="idle") == 2
@@ -70,7 +71,8 @@ def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
 
     stream = Stream(url, "tell me a story", 60).start()
     wait_for("some tokens", lambda: len(stream.text.split()) >= 10)
-    assert value(scrape(url), "mlx_stack_workers", model="syn", state="busy") == 1
+    wait_for("one busy worker", lambda: value(
+        scrape(url), "mlx_stack_workers", model="syn", state="busy") == 1, timeout=10)
     workers[stream.headers["x-mlx-stack-node"]].kill(signal.SIGKILL)
     stream.wait()
     assert stream.text == expected_text("tell me a story", 60)

@@ -90,14 +90,14 @@ def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
     assert {p.node_id for p in coordinator.peers} == {"node-b", "node-c"}
     start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
-             lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
+             lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
 
 
 def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
     wait_for("one coordinator over mDNS", mesh.coordinator, timeout=20)
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
-             lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
+             lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
     report = kill_coordinator_under_streams(
         mesh, [urls["node-b"], urls["node-c"]], streams=100, tokens=60)
     print("hosts: longest stall of a stream after the kill (heartbeat 0.5 s):", report)
@@ -148,8 +148,8 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
     fails."""
     wait_for("one coordinator", mesh.coordinator, timeout=20)
     start_nodes(mesh)
-    wait_for("6 workers at node-a", lambda: len(mesh.status("node-a").workers) == 6,
-             timeout=30)
+    wait_for("6 workers at node-a",
+             lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
 
     def client(node: str, seconds: float) -> subprocess.Popen[str]:
         return subprocess.Popen(mesh.hosts.exec_argv(node, [
@@ -160,7 +160,8 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
     mesh.hosts.link("node-c", up=False)
     wait_for("node-c coordinating its side", lambda: role_inside(mesh, "node-c") == "coordinator",
              timeout=15)
-    assert mesh.status("node-a").role == "coordinator"  # both sides have a coordinator
+    wait_for("node-a coordinating its side too", lambda: mesh.status_says(
+        "node-a", lambda s: s.role == "coordinator"), timeout=5)  # both sides have one
     apart = time.monotonic()
     wait_for("3 s apart", lambda: time.monotonic() - apart > 3, every=0.5)
     mesh.hosts.link("node-c", up=True)

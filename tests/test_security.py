@@ -23,6 +23,7 @@ from common.config import Settings
 from common.control import ControlClient
 from common.discovery import SERVICE
 from common.meshkeys import MeshKeys, load_keys, new_secret, save_secret
+from common.status import BrokerStatus
 from gateway.auth import exposure_warning
 from tests.harness import Cluster, Mesh, close_and_report, free_port, wait_for
 
@@ -71,26 +72,32 @@ def test_strangers_cannot_coordinate_serve_or_register(mesh: Mesh, tmp_path: Pat
 
     coordinator = wait_for("node-a to coordinate", mesh.coordinator, timeout=20)
     assert coordinator.node_id == "node-a"
-    wait_for("both members' workers", lambda: len(mesh.status("node-a").workers) == 2,
-             timeout=30)
+    wait_for("both members' workers",
+             lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 2), timeout=30)
     # The rogues are in every member's static peers: their attempts are refused.
     wait_for("member brokers to refuse the rogues", lambda: all(
-        mesh.status(n).counters.get("handshake_refused", 0) > 0
+        mesh.status_says(n, lambda s: s.counters.get("handshake_refused", 0) > 0)
         for n in ("node-a", "node-b")), timeout=20)
 
     served = {chat(url).headers["x-mlx-stack-node"] for _ in range(20)}
     assert served <= {"node-a", "node-b"}
 
     for node in ("node-a", "node-b"):
-        status = mesh.status(node)
+        status = wait_for(f"{node}'s status", lambda n=node: mesh.status(n), timeout=10)
         assert {p.node_id for p in status.peers} <= {"node-a", "node-b"}, status
         assert all(w.node_id in ("node-a", "node-b") for w in status.workers)
     for node, env in rogues.items():
         settings = Settings.load(home=Path(env["MLX_STACK_HOME"]))
         rogue = ControlClient(mesh.broker_endpoint(node), settings,
                               load_keys(settings.home), mesh.ctx)
+
+        def own_worker(rogue: ControlClient = rogue) -> BrokerStatus | None:
+            status = rogue.ask("status")
+            return status if status and status.workers else None
+
         try:
-            status, routes = rogue.ask("status"), rogue.ask("routes")
+            status = wait_for(f"{node}'s own worker", own_worker, timeout=30)
+            routes = rogue.ask("routes", timeout=10)
         finally:
             rogue.close()
         # Alone in their own "meshes": no member peer, no job, only their own worker.
@@ -278,7 +285,8 @@ def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
         info = wait_for("node-c's mDNS record", advert_of_c, timeout=20)
         assert info.properties[b"mesh"].decode() == MeshKeys.from_secret(other).mesh_id
         assert info.properties[b"mesh"].decode() != m.keys.mesh_id  # type: ignore[union-attr]
-        assert [p.node_id for p in m.status("node-a").peers] == ["node-b"]
+        status = wait_for("node-a's status", lambda: m.status("node-a"), timeout=10)
+        assert "node-c" not in {p.node_id for p in status.peers}
     finally:
         zc.close()
         close_and_report(m, request.node)
