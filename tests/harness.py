@@ -283,20 +283,18 @@ class Mesh(Cluster):
         status = self.status(node)
         return status is not None and bool(check(status))
 
-    def coordinator(self) -> BrokerStatus | None:
-        """The coordinator's status, if exactly one live broker says it coordinates and
-        every other live broker follows it."""
-        statuses = [s for n, proc in self.brokers.items()
-                    if proc.alive() and (s := self.status(n))]
+    def coordinator(self, peers: int | None = None) -> BrokerStatus | None:
+        """The coordinator's status, if every live broker answers, exactly one says it
+        coordinates and every other follows it. With ``peers``, only once each of them
+        also knows that many peers: a broker may coordinate, and another follow it,
+        before mDNS has shown them every other host."""
+        statuses = [self.status(n) for n, proc in self.brokers.items() if proc.alive()]
+        if None in statuses:  # a live broker slow to answer may still coordinate
+            return None
         coordinators = [s for s in statuses if s.coordinating]
-        if len(coordinators) != 1:
+        if len(coordinators) != 1 or (
+                peers is not None and any(len(s.peers) != peers for s in statuses)):
             return None
         endpoint = coordinators[0].endpoint
         return coordinators[0] if all(s.coordinator == endpoint for s in statuses) else None
-
-    def coordinator_knowing(self, peers: int) -> BrokerStatus | None:
-        """The coordinator, once it knows ``peers`` peers: a broker may coordinate before
-        mDNS has shown it every other host, so one coordinator alone is no sign of that."""
-        coordinator = self.coordinator()
-        return coordinator if coordinator and len(coordinator.peers) == peers else None
 

@@ -208,7 +208,7 @@ def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path)
         for node in NODES:
             m.start_broker(node)
         coordinator = wait_for("one coordinator that found both peers over mDNS",
-                               lambda: m.coordinator_knowing(2), timeout=20)
+                               lambda: m.coordinator(peers=2), timeout=20)
         assert coordinator.node_id == "node-a"
         assert {p.node_id for p in coordinator.peers} == {"node-b", "node-c"}
         zc = Zeroconf(interfaces=["127.0.0.1"])

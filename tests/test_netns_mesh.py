@@ -85,7 +85,7 @@ def start_nodes(mesh: HostMesh) -> dict[str, str]:
 @pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
 def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
     coordinator = wait_for("one coordinator that knows both peers",
-                           lambda: mesh.coordinator_knowing(2), timeout=20)
+                           lambda: mesh.coordinator(peers=2), timeout=20)
     assert coordinator.node_id == "node-a"
     assert {p.node_id for p in coordinator.peers} == {"node-b", "node-c"}
     start_nodes(mesh)

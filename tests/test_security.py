@@ -61,7 +61,7 @@ def test_strangers_cannot_coordinate_serve_or_register(mesh: Mesh, tmp_path: Pat
     rogues = {"rogue-x": rogue_home(tmp_path, "rogue-x", new_secret()),
               "rogue-y": rogue_home(tmp_path, "rogue-y", None)}
     for node, env in rogues.items():
-        mesh.brokers[node] = mesh.start("broker", node=node, env=env)
+        mesh.start("broker", node=node, env=env)  # not a member: not in mesh.brokers
         # Each rogue serves a worker under the same model name, to catch a misrouted job.
         mesh.start("worker", *SYN, node=node, env=env)
     mesh.start_broker("node-a")
@@ -270,12 +270,12 @@ def test_meshes_sharing_a_lan_do_not_see_each_other_over_mdns(
     other = new_secret()
     zc = Zeroconf(interfaces=["127.0.0.1"])
     try:
-        m.brokers["node-c"] = m.start("broker", node="node-c",
-                                      env=rogue_home(tmp_path, "other-mesh", other))
+        m.start("broker", node="node-c",  # another mesh's: not in m.brokers
+                env=rogue_home(tmp_path, "other-mesh", other))
         m.start_broker("node-a")
         m.start_broker("node-b")
         coordinator = wait_for("node-a and node-b to find each other",
-                               lambda: m.coordinator_knowing(1), timeout=20)
+                               lambda: m.coordinator(peers=1), timeout=20)
         assert coordinator.node_id == "node-a"
         assert [p.node_id for p in coordinator.peers] == ["node-b"]
 
