@@ -94,7 +94,7 @@ def test_hosts_discover_each_other_and_elect_one(mesh: HostMesh) -> None:
 
 
 def test_coordinator_host_killed_under_100_streams(mesh: HostMesh) -> None:
-    wait_for("one coordinator over mDNS", mesh.coordinator, timeout=20)
+    wait_for("one coordinator over mDNS", lambda: mesh.coordinator(peers=2), timeout=20)
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
              lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
@@ -146,7 +146,7 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
     own worker while node-a serves the others; restore it: one coordinator again. The
     clients run inside their hosts, before, during and after; none of their requests
     fails."""
-    wait_for("one coordinator", mesh.coordinator, timeout=20)
+    wait_for("one coordinator", lambda: mesh.coordinator(peers=2), timeout=20)
     start_nodes(mesh)
     wait_for("6 workers at node-a",
              lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
@@ -224,7 +224,7 @@ def test_a_lan_client_reaches_the_mesh_at_mlx_stack_local_with_the_mesh_key(
         client = None
         try:
             mesh.start_brokers()
-            wait_for("one coordinator", mesh.coordinator, timeout=20)
+            wait_for("one coordinator", lambda: mesh.coordinator(peers=2), timeout=20)
             for node in NODES:
                 mesh.start("worker", "--engine", "synthetic", "--model", "syn", node=node)
                 mesh.start("gateway", "--port", "4000", node=node)
