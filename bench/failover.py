@@ -63,7 +63,8 @@ def run_in(mesh: Mesh, streams: int, heartbeat: float) -> dict[str, Any]:
                 urls.append(gateway(mesh, node))
         for url in urls:
             wait_for("gateway", lambda u=url: healthy(u), timeout=30)
-        wait_for("6 workers", lambda: len(mesh.status("node-a").workers) == 6, timeout=30)
+        wait_for("6 workers", lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6),
+                 timeout=30)
         try:
             report = kill_coordinator_under_streams(mesh, urls, streams, tokens=TOKENS)
         except (AssertionError, TimeoutError, httpx.HTTPError) as exc:

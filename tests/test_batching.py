@@ -13,7 +13,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,15 +115,6 @@ def worker_status(cluster: Cluster, worker_id: str) -> WorkerStatus:
     return next(w for w in cluster.workers() if w.worker_id == worker_id)
 
 
-def counters_after(cluster: Cluster, worker_id: str, jobs_done: int) -> dict[str, int]:
-    """The worker's counters from a heartbeat sent once it had done ``jobs_done`` jobs:
-    they reach the broker in heartbeats, so a read right after a stream ends may show
-    the worker as it was before the stream."""
-    return wait_for(f"a heartbeat after {jobs_done} jobs", lambda: (
-        c := worker_status(cluster, worker_id).counters).get("jobs_done", 0) >= jobs_done
-        and c, timeout=10)
-
-
 def test_eight_streams_on_one_worker_each_equal_to_its_run_alone(pair: Pair) -> None:
     """Eight streams at once on one worker: all run together (every first token comes
     before any stream ends) and each text equals the same request run alone."""
@@ -193,13 +184,19 @@ def test_second_turn_reuses_the_prompt_cache_and_answers_the_same(pair: Pair) ->
                      for i in range(60))
     history = [{"role": "system", "content": f"You are a helpful gardener. {rules}"},
                {"role": "user", "content": "What should I plant in spring?"}]
-    done = counters_after(cluster, worker_id, 0).get("jobs_done", 0)
+
+    def done(jobs: int) -> Callable[[WorkerStatus], bool]:
+        return lambda w: w.counters.get("jobs_done", 0) >= jobs
+
+    # From a heartbeat sent with no job running (the test before ends its own streams).
+    idle = cluster.counters_when(lambda w: w.running == 0 and w.reported_running == 0,
+                                 worker_id)
     first = stream(pair.client, "cached", history, 16)
     history += [{"role": "assistant", "content": first.text},
                 {"role": "user", "content": "And in autumn?"}]
-    counters = counters_after(cluster, worker_id, done + 1)
+    counters = cluster.counters_when(done(idle.get("jobs_done", 0) + 1), worker_id)
     second = stream(pair.client, "cached", history, 16)
-    after = counters_after(cluster, worker_id, counters["jobs_done"] + 1)
+    after = cluster.counters_when(done(counters["jobs_done"] + 1), worker_id)
     reused = after["prompt_tokens_reused"] - counters["prompt_tokens_reused"]
     computed = after["prompt_tokens_computed"] - counters["prompt_tokens_computed"]
     assert reused >= first.usage.prompt_tokens and computed < 40, (reused, computed)

@@ -114,9 +114,7 @@ def test_models_lists_id_and_aliases(client: openai.OpenAI) -> None:
 def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> None:
     cluster, url = model_node
     # Counters come in heartbeats: take them from one sent with no job running.
-    before = wait_for("an idle worker's heartbeat", lambda: (
-        w := cluster.workers()[0]).running == 0 and w.reported_running == 0 and w.counters,
-        timeout=10)
+    before = cluster.counters_when(lambda w: w.running == 0 and w.reported_running == 0)
     max_tokens = 1000  # a cancel must land within a quarter of it, on a loaded machine too
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
             "model": "fast", "max_tokens": max_tokens, "temperature": 0.8, "stream": True,
