@@ -220,12 +220,12 @@ class Cluster:
         """The counters of worker ``worker_id`` (else the first one) once its status
         passes ``ready``. Counters reach the broker in heartbeats: a read right after a
         stream ends may show the worker as it was before the stream."""
-        def check() -> dict[str, int] | None:
+        def check() -> tuple[dict[str, int]] | None:  # a tuple: counters may be {}
             worker = next((w for w in self.workers()
                            if worker_id is None or w.worker_id == worker_id), None)
-            return worker.counters if worker is not None and ready(worker) else None
+            return (worker.counters,) if worker is not None and ready(worker) else None
 
-        return wait_for("the worker's counters", check, timeout=10)
+        return wait_for("the worker's counters", check, timeout=10)[0]
 
     def close(self) -> None:
         for proc in reversed(self.procs):
