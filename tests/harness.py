@@ -288,6 +288,11 @@ class Mesh(Cluster):
         """CONTROL status of one node's broker (None if it does not answer)."""
         return self.try_control("status", timeout, endpoint=self.broker_endpoint(node))
 
+    def answered_status(self, node: str, timeout: float = 10.0) -> BrokerStatus:
+        """``node``'s broker's status, asked until it answers (a broker slow under load
+        is not a failed test); the test fails after ``timeout``."""
+        return wait_for(f"{node}'s broker to answer", lambda: self.status(node), timeout)
+
     def status_says(self, node: str, check: Callable[[BrokerStatus], object]) -> bool:
         """Whether ``node``'s broker answers and its status passes ``check``: a condition
         for :func:`wait_for`, where a broker slow to answer under load is "not yet", not

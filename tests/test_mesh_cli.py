@@ -32,7 +32,7 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
 
 
 def add_worker(m: Mesh) -> None:
-    before = len(wait_for("node-a's broker", lambda: m.status("node-a")).workers)
+    before = len(m.answered_status("node-a").workers)
     m.start("worker", *SYN, node="node-a")
     wait_for("the worker at node-a",
              lambda: m.status_says("node-a", lambda s: len(s.workers) > before), timeout=30)
@@ -95,7 +95,7 @@ def test_routes_lists_the_last_decisions_with_scores(mesh: Mesh) -> None:
     table = mesh_cli(mesh, "routes", "--last", "5")
     assert "Last 5 routing decisions" in table and table.count(" ok ") == 5
     # The CLI's questions never count as gateways: only the one real gateway does.
-    status = wait_for("node-a's status", lambda: mesh.status("node-a"), timeout=5)
+    status = mesh.answered_status("node-a")
     assert status.gateways <= 1, status.gateways  # <: the gateway's own may lag a beat
 
 
