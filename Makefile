@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 run: $(VENV)/.installed openblas
 	$(BIN)/mlx-stack up
 
-test: $(VENV)/.installed-test openblas chromium systemd-analyze
+test: $(VENV)/.installed-test openblas chromium systemd-analyze $(CLIENTS)/node_modules/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -42,6 +42,15 @@ define apt_need
 	  fi; \
 	fi
 endef
+
+# The agent CLIs the tests run unchanged (tests/test_agents.py): Codex CLI and Claude
+# Code, npm packages that ship native binaries, pinned in tests/clients/package-lock.json.
+CLIENTS := tests/clients
+
+$(CLIENTS)/node_modules/.installed: $(CLIENTS)/package.json $(CLIENTS)/package-lock.json
+	$(call apt_need,command -v npm,nodejs npm,the agent CLIs the tests run,the Codex CLI and Claude Code tests will be skipped)
+	@if command -v npm >/dev/null; then \
+	  npm ci --prefix $(CLIENTS) --no-audit --no-fund --loglevel=error && touch $@; fi
 
 # Linux only: MLX's CPU backend runs prompts ~13x faster with a real OpenBLAS than with
 # its bundled reference BLAS (worker/blas.py loads it). macOS uses Metal: nothing to do.

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from common.names import DEFAULT_NAMES, ModelSpec, format_names, parse_names
 from common.protocol import MAX_BODY_BYTES
 
 ENV_PREFIX = "MLX_STACK_"
@@ -111,7 +112,17 @@ class Settings:
     """Memory for KV caches of prompts already computed, per worker, so that an agent's
     next turn pays only for its new tokens; 0 turns the prompt cache off."""
     max_tokens_limit: int = 32768
-    default_max_tokens: int = 512
+    """No request generates more tokens than this (a request asking more gets 400)."""
+    default_max_tokens: int = 0
+    """Tokens a request that sets no limit may generate; 0 = up to the model's context
+    length minus the prompt (OpenAI's behaviour), bounded by max_tokens_limit."""
+    serve: str = ""
+    """The models ``up`` and ``install`` serve when given no ``--model``: ``SPEC[=TIER,...]``
+    separated by ``;`` (in config.toml, ``serve`` of the ``[models]`` section, a list;
+    common/names.py). Empty: the default model."""
+    model_names: str = format_names(DEFAULT_NAMES)
+    """Patterns mapping a client's model names to the mesh's, ``PATTERN=NAME`` separated
+    by ``;`` (in config.toml, ``names`` of the ``[models]`` section, a table)."""
     expect_models: str = ""
     """Model names (ids and aliases, comma-separated) this node's workers will serve, set
     by ``mlx-stack up`` and ``install``: a request for one that arrives while they load
@@ -141,6 +152,13 @@ class Settings:
             problems.append("max_slots must be 1..1024")
         if self.prompt_cache_bytes < 0:
             problems.append("prompt_cache_bytes must be >= 0 (0 turns the prompt cache off)")
+        if not 0 <= self.default_max_tokens <= self.max_tokens_limit:
+            problems.append("default_max_tokens must be 0..max_tokens_limit (0: up to the "
+                            "model's context length)")
+        try:
+            self.model_specs, self.name_map  # noqa: B018 (parsed to check them)
+        except ValueError as exc:
+            problems.append(str(exc))
         for name in ("gateway_port", "broker_port", "stream_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be a port number, 0..65535")
@@ -180,6 +198,16 @@ class Settings:
         return [m.strip() for m in self.expect_models.split(",") if m.strip()]
 
     @property
+    def model_specs(self) -> list[ModelSpec]:
+        """``serve`` parsed: the models to serve when no ``--model`` is given."""
+        return [ModelSpec.parse(s) for s in self.serve.split(";") if s.strip()]
+
+    @property
+    def name_map(self) -> dict[str, str]:
+        """``model_names`` parsed: pattern -> mesh name, first match wins."""
+        return parse_names(self.model_names)
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
 
@@ -202,7 +230,7 @@ class Settings:
         config_file = home / "config.toml"
         if config_file.is_file():
             with config_file.open("rb") as f:
-                values.update(tomllib.load(f))
+                values.update(_flatten(tomllib.load(f), config_file))
         for f in dataclasses.fields(cls):
             env = os.environ.get(ENV_PREFIX + f.name.upper())
             if env is not None and f.name != "home":
@@ -216,6 +244,28 @@ class Settings:
                 f"known: {sorted(known)}"
             )
         return cls(**{k: _coerce(k, v, known[k].type) for k, v in values.items()})
+
+
+def _flatten(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """config.toml's values as settings: the ``[models]`` section (``serve``, a list of
+    ``SPEC[=TIER,...]``; ``names``, a table of patterns) becomes ``serve`` and
+    ``model_names``, in the form their environment variables take."""
+    section = config.pop("models", None)
+    if section is None:
+        return config
+    if not isinstance(section, dict) or section.keys() - {"serve", "names"}:
+        raise ValueError(f"[models] in {path} takes serve = [\"SPEC=TIER,...\", ...] and "
+                         'names = { "claude-*" = "standard" } only')
+    serve, names = section.get("serve", []), section.get("names")
+    if not (isinstance(serve, list) and all(isinstance(s, str) for s in serve)):
+        raise ValueError(f"[models] serve in {path} must be a list of strings")
+    config["serve"] = ";".join(serve)
+    if names is not None:
+        if not (isinstance(names, dict) and all(isinstance(v, str) for v in names.values())):
+            raise ValueError(f"[models] names in {path} must be a table of "
+                             '"PATTERN" = "NAME"')
+        config["model_names"] = format_names(names)
+    return config
 
 
 def update_config_file(home: Path, **values: Any) -> Path:

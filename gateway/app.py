@@ -167,7 +167,8 @@ def create_app(settings: Settings) -> FastAPI:
                   shape_for: Callable[[str, Served], Shape]) -> Any:
         """Check ``body``, hold a stream slot if it streams, and answer it in the shape
         ``shape_for(request_id, served)`` makes."""
-        generation = body.to_generation(settings.default_max_tokens)
+        generation = body.to_generation(settings.default_max_tokens
+                                        or settings.max_tokens_limit)
         refusal = limits.check_request(settings, body, generation)
         if refusal is not None:
             return refusal

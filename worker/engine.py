@@ -65,6 +65,8 @@ class Engine(Protocol):
     """The engine's own counters (prompt cache hits...), sent with every heartbeat."""
     tool_format: ToolFormat | None
     """How the model writes a tool call; None when its chat template has no tools."""
+    context_length: int
+    """Tokens the model attends to, prompt and answer together: no answer runs past it."""
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for chat requests)."""

@@ -56,6 +56,19 @@ def kv_bytes_per_token(model: object) -> int:
                if getattr(c, "keys", None) is not None)
 
 
+def context_length(path: Path) -> int:
+    """The model's context length from its config.json (``max_position_embeddings``, or
+    the names other families use); 32,768 when it says none."""
+    import json
+
+    config = json.loads((path / "config.json").read_text())
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions",
+                "seq_length", "model_max_length"):
+        if isinstance(config.get(key), int) and config[key] > 0:
+            return int(config[key])
+    return 32768
+
+
 def make_sampler(request: GenerationRequest) -> Sampler:
     """The request's own sampler. Greedy requests share one sampler object, which lets
     the batch sample them in one call; the others draw from their own PRNG key."""
@@ -85,6 +98,7 @@ class MlxEngine:
         self.path = path
         self.model, self.tokenizer = load(str(path))
         self.tool_format = of_tokenizer(self.tokenizer)
+        self.context_length = context_length(path)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None
         """llguidance's view of the vocabulary, made at the first constrained request."""
         self.model_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))

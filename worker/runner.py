@@ -62,8 +62,15 @@ class JobRun:
         """What the engine continues: the request's prompt and the tokens already sent."""
         self.prompt_len = len(self._prompt)
         """Where the request's own prompt ends in :attr:`prompt`."""
-        self.budget = request.max_tokens - len(self._resume)
-        """Tokens the engine may still generate."""
+        room = engine.context_length - self.prompt_len
+        if room <= 0:
+            raise RequestRefused("messages" if request.kind == "chat" else "prompt",
+                                 f"the prompt has {self.prompt_len} tokens, and "
+                                 f"{engine.model_id} reads at most {engine.context_length} "
+                                 "(prompt and answer together); send a shorter one")
+        self.budget = min(request.max_tokens, room) - len(self._resume)
+        """Tokens the engine may still generate: what the request asked, within the
+        model's context."""
         self.new_tokens = 0
         self._tools = None
         if request.tools:

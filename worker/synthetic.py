@@ -70,6 +70,9 @@ class SyntheticEngine:
     kind = "synthetic"
     model_bytes = 0
     kv_bytes = 0
+    context_length = 1024
+    """Prompt bytes and generated tokens together: a request that sets no ``max_tokens``
+    ends here, as a real model's would at its context length."""
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
                  ttft: float = 0.0, tool_format: ToolFormat | None = None) -> None:
