@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -112,15 +110,6 @@ async def resume(first: JobEvent, rest: AsyncIterator[JobEvent]) -> AsyncIterato
         yield event
 
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def request_id_of(request: Request) -> str:
-    """The client's ``x-request-id`` when it sent a plain one, else a new id."""
-    given = request.headers.get("x-request-id", "")
-    return given if REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
-
-
 OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
                         "operation_spans": False}
 
@@ -190,7 +179,7 @@ def create_app(settings: Settings) -> FastAPI:
                      shape_for: Callable[[str, Served], Shape],
                      slot: StreamSlot | None) -> Any:
         """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
-        request_id = request_id_of(request)
+        request_id = request.state.request_id
         events = metrics.observe(request, model, client.run(model, generation, request_id))
         try:
             async with until_disconnect(request):

@@ -11,6 +11,10 @@ still served and ``mlx_stack_broker_up`` is 0.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,15 +24,21 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common import protocol as p
+from common.logs import log_event
 from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
 from gateway.client import BrokerClient, JobError, JobEvent, Piece, Served
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""
-REQUEST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+REQUEST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses",
+                           "/v1/messages"})
 UNKNOWN = "unknown"
-"""Model label of requests the mesh did not admit: a client's made-up model names must
-not become label values (one time series each)."""
+"""Model label of requests for a model the mesh does not serve: a client's made-up model
+names must not become label values (one time series each)."""
+KNOWN_MODELS_TTL = 5.0
+"""Seconds the list of served names is trusted when labelling a refused request."""
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+log = logging.getLogger("gateway")
 NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FAILOVERS = ("pre_token", "mid_stream", "coordinator", "lost_frame")
@@ -55,6 +65,24 @@ class Metrics:
             registry=self.registry)
         self.mesh = MeshCollector(client)
         self.registry.register(self.mesh)
+        self.client = client
+        self.known: set[str] = set()
+        """Names a request may use, as the broker last listed them."""
+        self._known_at = -KNOWN_MODELS_TTL
+
+    async def label(self, asked: str | None) -> str:
+        """The model label of a request refused before the mesh admitted it: the name it
+        asked for when the mesh serves that name (a 400 for a field of a real model's
+        request is that model's), else :data:`UNKNOWN`. Asks the broker at most once per
+        :data:`KNOWN_MODELS_TTL`, and only for refusals."""
+        if not asked:
+            return UNKNOWN
+        if asked not in self.known and time.monotonic() - self._known_at > KNOWN_MODELS_TTL:
+            self._known_at = time.monotonic()
+            with contextlib.suppress(JobError):
+                entries = await self.client.control("models", timeout=SCRAPE_TIMEOUT)
+                self.known = {e.id for e in entries}
+        return asked if asked in self.known else UNKNOWN
 
     async def render(self) -> bytes:
         """The exposition text, with the broker's figures as of now."""
@@ -84,33 +112,74 @@ class Metrics:
                 raise
 
 
+def request_id(scope: Scope) -> str:
+    """The client's ``x-request-id`` when it sent a plain one, else a new id."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            given = value.decode("latin-1")
+            return given if REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
+    return secrets.token_hex(16)
+
+
 class RequestMetrics:
-    """ASGI middleware: counts completion requests by model and status and times them to
-    the last byte of the response, so a streamed completion counts its whole stream."""
+    """ASGI middleware, outermost: gives every request its id (``state.request_id``,
+    answered in ``x-request-id``), counts completion requests by model and status, times
+    them to the last byte of the response (a streamed completion counts its whole
+    stream), and logs every 4xx and 5xx answer with its id, code and param, so that an
+    operator sees what the clients were refused."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in REQUEST_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.monotonic()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid = request_id(scope)
         status = 500  # unless a response starts
+        refusal = b""
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, refusal
             if message["type"] == "http.response.start":
                 status = message["status"]
+                headers = message.setdefault("headers", [])
+                if not any(k == b"x-request-id" for k, _ in headers):
+                    message["headers"] = [*headers, (b"x-request-id", rid.encode())]
+            elif status >= 400 and len(refusal) < 4096:  # an error body: small, one JSON
+                refusal += message.get("body", b"")
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_watch)
         finally:
-            model = scope.get("state", {}).get("model", UNKNOWN)
-            self.metrics.requests.labels(model, str(status)).inc()
-            self.metrics.duration.labels(model).observe(time.monotonic() - started)
+            model = state.get("model")
+            if status >= 400:
+                model = model or await self.metrics.label(state.get("asked"))
+                refused(scope["path"], rid, status, model, refusal)
+            if scope["path"] in REQUEST_PATHS:
+                model = model or UNKNOWN
+                self.metrics.requests.labels(model, str(status)).inc()
+                self.metrics.duration.labels(model).observe(time.monotonic() - started)
+
+
+def refused(path: str, rid: str, status: int, model: str | None, body: bytes) -> None:
+    """One log line for an error answer: info for a 4xx (the client's to fix), warning for
+    a 5xx. Reads OpenAI's ``{"error": {code, param}}`` and Anthropic's ``{"error":
+    {type}}``."""
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    log_event(log, "request_refused", logging.INFO if status < 500 else logging.WARNING,
+              request=rid, status=status, path=path, model=model,
+              code=error.get("code") or error.get("type"), param=error.get("param"),
+              message=str(error.get("message", ""))[:200])
 
 
 class MeshCollector:

@@ -64,6 +64,7 @@ class JsonBodyRoute(APIRoute):
                 raise RequestValidationError(
                     [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)],
                     body=raw) from None
+            request.state.asked = getattr(body, "model", None)  # for a refusal's label
             return await endpoint(request, body)
 
         return handler

@@ -133,3 +133,30 @@ def test_fastapis_opentelemetry_is_off_unless_the_environment_asks(monkeypatch) 
     assert telemetry() == OFF and not any(OFF.values())
     monkeypatch.setenv("FASTAPI_OTEL_AUTO_CONFIGURE", "true")
     assert telemetry() is None  # FastAPI's defaults: spans, metrics and logs on
+
+
+def test_a_refusal_is_logged_and_labelled_by_the_model_it_asked_for(cluster: Cluster) -> None:
+    """An operator sees what clients were refused: one info line per 4xx with its request
+    id, status, code and param; and a 400 for a served model counts under that model."""
+    nodes(cluster, "node-a")
+    url = cluster.gateway("--log-level", "info")
+    bad = {"model": "syn", "messages": [{"role": "user", "content": "x"}], "n": 2}
+    refused = httpx.post(f"{url}/v1/chat/completions", json=bad, timeout=30,
+                         headers={"x-request-id": "refused-1"})
+    assert refused.status_code == 400
+    assert refused.headers["x-request-id"] == "refused-1"
+    missing = httpx.post(f"{url}/v1/chat/completions", timeout=30,
+                         json={**bad, "model": "no-such-model", "n": 1})
+    assert missing.status_code == 404
+    samples = wait_for("both refusals counted", lambda: s if total(
+        s := scrape(url), "mlx_stack_requests_total") == 2 else None)
+    assert value(samples, "mlx_stack_requests_total", model="syn", status="400") == 1
+    assert value(samples, "mlx_stack_requests_total", model="unknown", status="404") == 1
+    gateway = next(p for p in cluster.procs if p.name.startswith("gateway"))
+    lines = wait_for("the refusals logged", lambda: [
+        line for line in gateway.output().splitlines() if "request_refused" in line
+        ] if gateway.output().count("request_refused") == 2 else None)
+    assert "request=refused-1 status=400" in lines[0]
+    assert "code=unsupported_parameter param=n" in lines[0]
+    assert f"request={missing.headers['x-request-id']} status=404" in lines[1]
+    assert "code=model_not_found param=model" in lines[1]
