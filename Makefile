@@ -3,13 +3,16 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+CLIENTS := tests/clients
+AIDER  := .venv-aider
 
 .PHONY: run test lint bench openblas chromium systemd-analyze
 
 run: $(VENV)/.installed openblas
 	$(BIN)/mlx-stack up
 
-test: $(VENV)/.installed-test openblas chromium systemd-analyze $(CLIENTS)/node_modules/.installed
+test: $(VENV)/.installed-test openblas chromium systemd-analyze $(CLIENTS)/node_modules/.installed \
+      $(AIDER)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -45,12 +48,17 @@ endef
 
 # The agent CLIs the tests run unchanged (tests/test_agents.py): Codex CLI and Claude
 # Code, npm packages that ship native binaries, pinned in tests/clients/package-lock.json.
-CLIENTS := tests/clients
-
 $(CLIENTS)/node_modules/.installed: $(CLIENTS)/package.json $(CLIENTS)/package-lock.json
 	$(call apt_need,command -v npm,nodejs npm,the agent CLIs the tests run,the Codex CLI and Claude Code tests will be skipped)
 	@if command -v npm >/dev/null; then \
 	  npm ci --prefix $(CLIENTS) --no-audit --no-fund --loglevel=error && touch $@; fi
+
+# aider pins its own versions of openai, litellm and more: it gets a virtual environment
+# of its own, which tests/test_agents.py runs it from.
+$(AIDER)/.installed:
+	$(PYTHON) -m venv $(AIDER)
+	$(AIDER)/bin/pip install -q --disable-pip-version-check aider-chat==0.86.2
+	touch $@
 
 # Linux only: MLX's CPU backend runs prompts ~13x faster with a real OpenBLAS than with
 # its bundled reference BLAS (worker/blas.py loads it). macOS uses Metal: nothing to do.

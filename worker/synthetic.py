@@ -70,9 +70,10 @@ class SyntheticEngine:
     kind = "synthetic"
     model_bytes = 0
     kv_bytes = 0
-    context_length = 1024
-    """Prompt bytes and generated tokens together: a request that sets no ``max_tokens``
-    ends here, as a real model's would at its context length."""
+    context_length = 262_144
+    """Prompt bytes and generated tokens together, as large as an agent's prompt needs (a
+    Claude Code request carries ~100 KB of instructions and tools). A request without
+    ``max_tokens`` runs to it, as with a real model: scripts end sooner."""
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
                  ttft: float = 0.0, tool_format: ToolFormat | None = None) -> None:
