@@ -125,8 +125,8 @@ class RequestMetrics:
     """ASGI middleware, outermost: gives every request its id (``state.request_id``,
     answered in ``x-request-id``), counts completion requests by model and status, times
     them to the last byte of the response (a streamed completion counts its whole
-    stream), and logs every 4xx and 5xx answer with its id, code and param, so that an
-    operator sees what the clients were refused."""
+    stream), and logs every 4xx and 5xx answer of the API (``/v1/``) with its id, code
+    and param, so that an operator sees what the clients were refused."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -157,7 +157,7 @@ class RequestMetrics:
             await self.app(scope, receive, send_and_watch)
         finally:
             model = state.get("model")
-            if status >= 400:
+            if status >= 400 and scope["path"].startswith("/v1/"):  # not /health's 503
                 model = model or await self.metrics.label(state.get("asked"))
                 refused(scope["path"], rid, status, model, refusal)
             if scope["path"] in REQUEST_PATHS:
