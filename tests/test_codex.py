@@ -1,0 +1,93 @@
+"""Codex CLI, unchanged, against the mesh: ``codex exec`` with a custom provider
+(``wire_api = "responses"``) and Codex's default tool set (``multi_agent_v1`` namespace,
+``web_search`` and the function tools).
+
+The model is a scripted synthetic worker: the task's ``[[say]]`` makes it call Codex's
+shell tool (``exec_command``), whose command prints the next script, so the turn after
+the tool's output says it. Nothing leaves loopback: the proxies point at a dead port."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ROOT, Cluster, Proc, free_port, wait_for
+
+CODEX = ROOT / "tests" / "clients" / "node_modules" / ".bin" / "codex"
+LONG_CONTEXT = ("import worker.synthetic as s; s.SyntheticEngine.context_length = 1 << 20; "
+                "from cli.main import app; app(prog_name='mlx-stack')")
+"""A synthetic worker whose context holds Codex's prompt (some 40 kB of instructions; the
+engine's own context is 1 kB, and it has no option for another)."""
+
+pytestmark = pytest.mark.skipif(not CODEX.exists(), reason="Codex CLI is not installed: run "
+                                "`make test` (npm ci in tests/clients) to install it")
+
+
+def scripted_worker(cluster: Cluster) -> None:
+    """A ``tooly`` synthetic worker writing json_tools calls, with a long context."""
+    name = f"worker-{len(cluster.procs)}"
+    proc = Proc(name, [sys.executable, "-c", LONG_CONTEXT, "worker", "--engine", "synthetic",
+                       "--model", "tooly", "--tool-parser", "json_tools"],
+                {**cluster.env, "MLX_STACK_NODE_ID": "node-a"}, cluster.tmp / f"{name}.log")
+    cluster.procs.append(proc)
+
+    def registered() -> bool:
+        assert proc.alive(), proc.output()
+        return bool(cluster.workers())
+
+    wait_for("the scripted worker to register", registered, timeout=60)
+
+
+def codex_home(tmp: Path, url: str) -> Path:
+    """A ``CODEX_HOME`` whose config.toml points Codex at the mesh (the README's)."""
+    home = tmp / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'''model = "tooly"
+model_provider = "mlx"
+
+[model_providers.mlx]
+name = "mlx-stack mesh"
+base_url = "{url}/v1"
+wire_api = "responses"
+''')
+    return home
+
+
+def test_codex_exec_runs_a_shell_tool_round_trip(cluster: Cluster, tmp_path: Path) -> None:
+    scripted_worker(cluster)
+    url = cluster.gateway()
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("hello\n")
+    # The command prints "[[say]]Listed." without holding "[[say]]" itself (the synthetic
+    # engine says what follows the last "[[say]]" of the whole conversation).
+    call = {"name": "exec_command", "arguments": {"cmd": "ls; echo '[[sa''y]]Listed.'"}}
+    task = f"[[say]]<tool_call>\n{json.dumps(call)}\n</tool_call>"
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "CODEX_HOME": str(codex_home(tmp_path, url)),
+           "HTTPS_PROXY": dead, "HTTP_PROXY": dead, "ALL_PROXY": dead,
+           "NO_PROXY": "127.0.0.1,localhost", "RUST_LOG": "error"}
+    done = subprocess.run([str(CODEX), "exec", "--skip-git-repo-check", "-s", "read-only",
+                           "--json", task], cwd=work, env=env, capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    items = [e["item"] for e in events if e.get("type") == "item.completed"]
+    (ran,) = [i for i in items if i.get("type") == "command_execution"]
+    assert "notes.txt" in ran["aggregated_output"] and ran["exit_code"] == 0
+    assert items[-1]["type"] == "agent_message" and items[-1]["text"].strip() == "Listed."
+    # No request was refused: the gateway counted none but 200s, and logged no refusal.
+    metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    statuses = re.findall(r'mlx_stack_requests_total\{model="([^"]*)",status="(\d+)"\}',
+                          metrics)
+    assert statuses and {s for _, s in statuses} == {"200"}, statuses
+    log = next(p for p in cluster.procs if p.name.startswith("gateway")).output()
+    assert "tools_ignored" in log and "tools=web_search" in log
+    assert not re.search(r"status=4\d\d| (WARNING|ERROR) ", log), log[-3000:]
