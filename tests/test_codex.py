@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -60,34 +61,51 @@ wire_api = "responses"
     return home
 
 
-def test_codex_exec_runs_a_shell_tool_round_trip(cluster: Cluster, tmp_path: Path) -> None:
+def run_codex(cluster: Cluster, tmp: Path, call: str) -> list[dict[str, Any]]:
+    """``codex exec`` on a task that makes the scripted model write ``call`` (a JSON
+    object, as text); the completed items it reports, once it exited 0 with no request
+    of its refused (the gateway counted only 200s, and logged no refusal)."""
     scripted_worker(cluster)
     url = cluster.gateway()
-    work = tmp_path / "work"
+    work = tmp / "work"
     work.mkdir()
     (work / "notes.txt").write_text("hello\n")
-    # The command prints "[[say]]Listed." without holding "[[say]]" itself (the synthetic
-    # engine says what follows the last "[[say]]" of the whole conversation).
-    call = {"name": "exec_command", "arguments": {"cmd": "ls; echo '[[sa''y]]Listed.'"}}
-    task = f"[[say]]<tool_call>\n{json.dumps(call)}\n</tool_call>"
     dead = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "CODEX_HOME": str(codex_home(tmp_path, url)),
+    env = {**os.environ, "CODEX_HOME": str(codex_home(tmp, url)),
            "HTTPS_PROXY": dead, "HTTP_PROXY": dead, "ALL_PROXY": dead,
            "NO_PROXY": "127.0.0.1,localhost", "RUST_LOG": "error"}
     done = subprocess.run([str(CODEX), "exec", "--skip-git-repo-check", "-s", "read-only",
-                           "--json", task], cwd=work, env=env, capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL)
-    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+                           "--json", f"[[say]]<tool_call>\n{call}\n</tool_call>"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    items = [e["item"] for e in events if e.get("type") == "item.completed"]
-    (ran,) = [i for i in items if i.get("type") == "command_execution"]
-    assert "notes.txt" in ran["aggregated_output"] and ran["exit_code"] == 0
-    assert items[-1]["type"] == "agent_message" and items[-1]["text"].strip() == "Listed."
-    # No request was refused: the gateway counted none but 200s, and logged no refusal.
     metrics = httpx.get(f"{url}/metrics", timeout=10).text
-    statuses = re.findall(r'mlx_stack_requests_total\{model="([^"]*)",status="(\d+)"\}',
+    statuses = re.findall(r'mlx_stack_requests_total\{model="[^"]*",status="(\d+)"\}',
                           metrics)
-    assert statuses and {s for _, s in statuses} == {"200"}, statuses
+    assert statuses and set(statuses) == {"200"}, statuses
     log = next(p for p in cluster.procs if p.name.startswith("gateway")).output()
     assert "tools_ignored" in log and "tools=web_search" in log
     assert not re.search(r"status=4\d\d| (WARNING|ERROR) ", log), log[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return [e["item"] for e in events if e.get("type") == "item.completed"]
+
+
+def test_codex_exec_runs_a_shell_tool_round_trip(cluster: Cluster, tmp_path: Path) -> None:
+    # The command prints "[[say]]Listed." without holding "[[say]]" itself (the synthetic
+    # engine says what follows the last "[[say]]" of the whole conversation).
+    call = {"name": "exec_command", "arguments": {"cmd": "ls; echo '[[sa''y]]Listed.'"}}
+    items = run_codex(cluster, tmp_path, json.dumps(call))
+    (ran,) = [i for i in items if i.get("type") == "command_execution"]
+    assert "notes.txt" in ran["aggregated_output"] and ran["exit_code"] == 0
+    assert items[-1]["type"] == "agent_message" and items[-1]["text"].strip() == "Listed."
+
+
+def test_codex_dispatches_a_call_of_a_namespace_tool(cluster: Cluster, tmp_path: Path) -> None:
+    """``wait_agent`` of Codex's ``multi_agent_v1`` namespace: Codex runs it (a call without
+    its namespace would get "unsupported call"), and its error names the agent id asked
+    for, which holds the next script ("\\u0079" is "y": the task itself holds no second
+    "[[say]]")."""
+    call = '{"name": "wait_agent", "arguments": {"targets": ["[[sa\\u0079]]Waited."]}}'
+    items = run_codex(cluster, tmp_path, call)
+    assert items[-1]["type"] == "agent_message"
+    assert items[-1]["text"].startswith("Waited.")
