@@ -8,6 +8,7 @@ get their real HTTP status and every response names the node and worker that ser
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from common import heap
 from common import protocol as p
 from common.config import Settings
 from common.generation import GenerationRequest
+from common.logs import log_event
 from common.meshkeys import load_keys
 from common.status import ModelEntry
 from gateway import dashboard, errors, limits
@@ -32,8 +34,8 @@ from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError, JobEvent, Served
 from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
-from gateway.responses import ResponsesRequest
 from gateway.responses import Shape as ResponseShape
+from gateway.responses_request import IGNORED_HEADER, ResponsesRequest
 from gateway.routes import JsonBodyRoute
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.shaping import Completion, Shape, collect, headers
@@ -110,6 +112,9 @@ async def resume(first: JobEvent, rest: AsyncIterator[JobEvent]) -> AsyncIterato
         yield event
 
 
+log = logging.getLogger("gateway")
+
+
 OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
                         "operation_spans": False}
 
@@ -153,9 +158,10 @@ def create_app(settings: Settings) -> FastAPI:
             logprobs=body.logprobs is not None and body.logprobs is not False))
 
     async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
-                  shape_for: Callable[[str, Served], Shape]) -> Any:
+                  shape_for: Callable[[str, Served], Shape],
+                  more_headers: dict[str, str] | None = None) -> Any:
         """Check ``body``, hold a stream slot if it streams, and answer it in the shape
-        ``shape_for(request_id, served)`` makes."""
+        ``shape_for(request_id, served)`` makes (with ``more_headers`` on the answer)."""
         generation = body.to_generation(settings.default_max_tokens
                                         or settings.max_tokens_limit)
         refusal = limits.check_request(settings, body, generation)
@@ -169,7 +175,8 @@ def create_app(settings: Settings) -> FastAPI:
                 return streams.refusal(peer)
         response: Any = None
         try:
-            response = await answer(request, body.model, generation, shape_for, slot)
+            response = await answer(request, body.model, generation, shape_for, slot,
+                                    more_headers or {})
         finally:
             if slot is not None and not isinstance(response, SlotStream):
                 slot.release()  # no stream opened (an error, or the client left)
@@ -177,7 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     async def answer(request: Request, model: str, generation: GenerationRequest,
                      shape_for: Callable[[str, Served], Shape],
-                     slot: StreamSlot | None) -> Any:
+                     slot: StreamSlot | None, more_headers: dict[str, str]) -> Any:
         """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
         request_id = request.state.request_id
         events = metrics.observe(request, model, client.run(model, generation, request_id))
@@ -192,11 +199,12 @@ def create_app(settings: Settings) -> FastAPI:
                     # format it cannot honour) is still a 400, not an error event in a 200.
                     first = await anext(events)
                     return SlotStream(shape.stream(resume(first, events)), slot,
-                                      headers(request_id, served))
+                                      headers(request_id, served) | more_headers)
                 answer = await collect(events)
         except ClientGone:
             return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.whole(answer), headers=headers(request_id, served))
+        return JSONResponse(shape.whole(answer),
+                            headers=headers(request_id, served) | more_headers)
 
     keys = [Depends(ApiKeys(settings.api_key_list, load_keys(settings.home)))]
     v1 = APIRouter(prefix="/v1", dependencies=keys)
@@ -211,9 +219,16 @@ def create_app(settings: Settings) -> FastAPI:
     @generate.post("/responses")
     async def responses(request: Request, body: ResponsesRequest) -> Any:
         """Create a model response (the Responses API, stateless; streamed with
-        ``stream: true`` as typed events)."""
-        return await run(request, body.to_chat(), lambda request_id, served: ResponseShape(
-            request_id, body, served.model_id))
+        ``stream: true`` as typed events). Hosted tools are left out of the prompt, named
+        in a header and logged."""
+        asked = body.to_chat()
+        more_headers = {}
+        if asked.ignored:
+            more_headers[IGNORED_HEADER] = ",".join(asked.ignored)
+            log_event(log, "tools_ignored", request=request.state.request_id,
+                      tools=more_headers[IGNORED_HEADER])
+        return await run(request, asked.chat, lambda request_id, served: ResponseShape(
+            request_id, body, served.model_id, asked.tools), more_headers)
 
     @generate.post("/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:

@@ -1,11 +1,13 @@
-"""The Responses API (``POST /v1/responses``), stateless, over the same jobs as chat.
+"""The Responses API's answers (``POST /v1/responses``): a Response object, or its typed
+event stream, ``response.created`` ... ``response.completed``, each event numbered, as the
+``openai`` SDK, the OpenAI Agents SDK and Codex CLI read them. The request's translation
+into a chat job is ``gateway.responses_request``.
 
-A request is translated into a chat completion request (``input`` items into messages,
-``instructions`` into a system message, flat function tools into chat tools,
-``text.format`` into ``response_format``) and validated by the same model, so both APIs
-accept and refuse the same things. The answer is a Response object, or its typed event
-stream: ``response.created`` ... ``response.completed``, each event numbered, as the
-``openai`` SDK and the OpenAI Agents SDK read them.
+A call becomes the output item of the tool it is for: ``function_call`` (with its
+``namespace`` if it has one), ``custom_tool_call`` (``input``) or ``local_shell_call``
+(an ``exec`` action). An answer stopped by its token limit is ``incomplete``, and so is
+its last item: the message or the call it cut short. A call's item is therefore done
+only when what follows it is known (more output, or the end).
 """
 
 from __future__ import annotations
@@ -16,133 +18,35 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from common.logs import log_event
 from common.protocol import ErrorCode
 from gateway.client import Done, JobError, JobEvent, Piece
-from gateway.schemas import ChatCompletionRequest, Unsupported
+from gateway.responses_request import CUSTOM_INPUT, ClientTool, ResponsesRequest, client_tool
 from gateway.shaping import Whole, compact
 
 log = logging.getLogger("gateway")
-
-
-class ResponsesRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    model: str = Field(min_length=1, max_length=256)
-    input: str | list[dict[str, Any]]
-    instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    stream: bool = False
-    max_output_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    text: dict[str, Any] | None = None
-    previous_response_id: str | None = None
-    parallel_tool_calls: bool = True
-
-    def to_chat(self) -> ChatCompletionRequest:
-        """The same request as a chat completion (raises :class:`Unsupported`)."""
-        if self.previous_response_id:
-            raise Unsupported("previous_response_id", "responses are not stored here; "
-                              "send the whole conversation in input")
-        messages = [{"role": "system", "content": self.instructions}] if self.instructions else []
-        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) \
-            else self.input
-        for index, item in enumerate(items):
-            messages += _messages(item, index, messages)
-        body: dict[str, Any] = {
-            "model": self.model, "messages": messages, "stream": self.stream,
-            "temperature": self.temperature, "top_p": self.top_p,
-            "max_tokens": self.max_output_tokens,
-            "parallel_tool_calls": self.parallel_tool_calls,
-            "stream_options": {"include_usage": True} if self.stream else None}
-        if self.tools:
-            body["tools"] = [_chat_tool(t, i) for i, t in enumerate(self.tools)]
-        if self.tool_choice is not None:
-            body["tool_choice"] = _chat_tool_choice(self.tool_choice)
-        fmt = (self.text or {}).get("format")
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            body["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": fmt.get("name", "answer"), "schema": fmt.get("schema")}}
-        elif isinstance(fmt, dict):
-            body["response_format"] = {"type": fmt.get("type")}
-        try:
-            return ChatCompletionRequest.model_validate(
-                {k: v for k, v in body.items() if v is not None}, strict=False)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise Unsupported("input", f"{first['msg']} at "
-                              f"{'.'.join(map(str, first['loc']))}") from None
-
-
-def _text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        texts = [p.get("text") for p in content]
-        if all(p.get("type") in ("input_text", "output_text", "text") for p in content) \
-                and all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise Unsupported(where, "content must be text (input_text or output_text parts)")
-
-
-def _messages(item: dict[str, Any], index: int,
-              before: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Chat messages for one input item (a function call joins the assistant message
-    before it, as chat templates expect the calls of one turn together)."""
-    kind = item.get("type", "message")
-    where = f"input.{index}"
-    if kind == "message":
-        role = item.get("role")
-        if role not in ("user", "assistant", "system", "developer"):
-            raise Unsupported(where, f"role {role!r} is not user, assistant, system or "
-                              "developer")
-        return [{"role": role, "content": _text(item.get("content"), where)}]
-    if kind == "function_call":
-        call = {"id": item.get("call_id"), "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
-        last = before[-1] if before else None
-        if last and last["role"] == "assistant" and "tool_calls" in last:
-            last["tool_calls"].append(call)
-            return []
-        return [{"role": "assistant", "content": "", "tool_calls": [call]}]
-    if kind == "function_call_output":
-        output = item.get("output")
-        return [{"role": "tool", "tool_call_id": item.get("call_id"),
-                 "content": output if isinstance(output, str) else json.dumps(output)}]
-    raise Unsupported(where, f"input items of type {kind!r} are not supported; send "
-                      "message, function_call or function_call_output items")
-
-
-def _chat_tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
-    if tool.get("type") != "function":
-        raise Unsupported(f"tools.{index}", f"tools of type {tool.get('type')!r} are not "
-                          "supported; only function tools run here")
-    return {"type": "function", "function": {
-        k: tool[k] for k in ("name", "description", "parameters") if k in tool}}
-
-
-def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    return choice
+STREAMED_FIELD = {"function_call": ("response.function_call_arguments", "arguments"),
+                  "custom_tool_call": ("response.custom_tool_call_input", "input")}
+"""Call items whose content streams: the prefix of their events and the field."""
 
 
 class Shape:
     """One Response object, and the events that build it while it streams."""
 
-    def __init__(self, request_id: str, body: ResponsesRequest, model: str) -> None:
+    def __init__(self, request_id: str, body: ResponsesRequest, model: str,
+                 tools: dict[str, ClientTool] | None = None) -> None:
         self.id = f"resp_{request_id}"
         self.created_at = int(time.time())
         self.body = body
         self.model = model
+        self.tools = tools or {}
+        """The client's tools by the name the model saw (``Translation.tools``)."""
         self.seq = 0
         self.output: list[dict[str, Any]] = []
         self.text: list[str] | None = None
         """The message being written, while one is open."""
+        self.open_call = False
+        """Whether the last item is a call whose done events are still to come."""
 
     def response(self, status: str, done: Done | None = None) -> dict[str, Any]:
         usage = None
@@ -172,38 +76,78 @@ class Shape:
         return (f"event: {kind}\ndata: ".encode()
                 + compact(event).encode() + b"\n\n")
 
-    def _message(self) -> dict[str, Any]:
+    def _message(self, text: str | None = None, status: str = "in_progress") -> dict[str, Any]:
+        content = [] if text is None else [_text_part(text)]
         return {"id": f"msg_{self.id[5:]}_{len(self.output)}", "type": "message",
-                "role": "assistant", "status": "in_progress", "content": []}
+                "role": "assistant", "status": status, "content": content}
+
+    def _item(self, call: dict[str, Any], status: str) -> dict[str, Any]:
+        """The output item of a call, by the kind of tool it is for."""
+        tool = client_tool(self.tools, call["name"])
+        ids = {"id": f"{ITEM_PREFIX[tool.kind]}_{call['id'][5:]}", "call_id": call["id"],
+               "status": status}
+        if tool.kind == "custom":
+            return {"type": "custom_tool_call", **ids, "name": tool.name,
+                    "input": _custom_input(call["arguments"])}
+        if tool.kind == "local_shell":
+            return {"type": "local_shell_call", **ids, "action": _exec(call["arguments"])}
+        item = {"type": "function_call", **ids, "name": tool.name,
+                "arguments": call["arguments"]}
+        return {**item, "namespace": tool.namespace} if tool.namespace else item
 
     def _open_text(self) -> list[bytes]:
         if self.text is not None:
             return []
+        out = self._close("completed")
         self.text = []
         item = self._message()
         self.output.append(item)
         index = len(self.output) - 1
-        return [self._event("response.output_item.added", output_index=index, item=item),
+        return [*out,
+                self._event("response.output_item.added", output_index=index, item=item),
                 self._event("response.content_part.added", item_id=item["id"],
                             output_index=index, content_index=0,
                             part={"type": "output_text", "text": "", "annotations": []})]
 
-    def _close_text(self) -> list[bytes]:
-        if self.text is None:
-            return []
-        item, index = self.output[-1], len(self.output) - 1
-        text, self.text = "".join(self.text), None
-        part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-        item.update(status="completed", content=[part])
-        return [self._event("response.output_text.done", item_id=item["id"],
-                            output_index=index, content_index=0, text=text, logprobs=[]),
-                self._event("response.content_part.done", item_id=item["id"],
-                            output_index=index, content_index=0, part=part),
-                self._event("response.output_item.done", output_index=index, item=item)]
+    def _open_call(self, call: dict[str, Any]) -> list[bytes]:
+        """A call's item added and its content sent; done by :meth:`_close`."""
+        out = self._close("completed")
+        item = self._item(call, "in_progress")
+        index = len(self.output)
+        self.output.append(item)
+        self.open_call = True
+        streamed = STREAMED_FIELD.get(item["type"])
+        out.append(self._event("response.output_item.added", output_index=index,
+                               item={**item, streamed[1]: ""} if streamed else item))
+        if streamed:
+            out.append(self._event(f"{streamed[0]}.delta", item_id=item["id"],
+                                   output_index=index, delta=item[streamed[1]]))
+        return out
 
-    def _call(self, call: dict[str, Any]) -> dict[str, Any]:
-        return {"id": f"fc_{call['id'][5:]}", "type": "function_call", "status": "completed",
-                "call_id": call["id"], "name": call["name"], "arguments": call["arguments"]}
+    def _close(self, status: str) -> list[bytes]:
+        """The done events of the open item (a message or a call), if there is one."""
+        item, index = (self.output[-1], len(self.output) - 1) if self.output else ({}, -1)
+        if self.text is not None:
+            text, self.text = "".join(self.text), None
+            part = _text_part(text)
+            item.update(status=status, content=[part])
+            return [self._event("response.output_text.done", item_id=item["id"],
+                                output_index=index, content_index=0, text=text, logprobs=[]),
+                    self._event("response.content_part.done", item_id=item["id"],
+                                output_index=index, content_index=0, part=part),
+                    self._event("response.output_item.done", output_index=index, item=item)]
+        if not self.open_call:
+            return []
+        self.open_call = False
+        item["status"] = status
+        out = []
+        if streamed := STREAMED_FIELD.get(item["type"]):
+            name = {"name": item["name"]} if item["type"] == "function_call" else {}
+            out.append(self._event(f"{streamed[0]}.done", item_id=item["id"],
+                                   output_index=index, **{streamed[1]: item[streamed[1]]},
+                                   **name))
+        return [*out, self._event("response.output_item.done", output_index=index,
+                                  item=item)]
 
     def start(self) -> bytes:
         created = self.response("in_progress")
@@ -221,22 +165,11 @@ class Shape:
                                    output_index=len(self.output) - 1, content_index=0,
                                    delta=piece.text, logprobs=[]))
         for call in piece.tool_calls:
-            out += self._close_text()
-            item = self._call(call)
-            index = len(self.output)
-            self.output.append(item)
-            out += [self._event("response.output_item.added", output_index=index,
-                                item={**item, "arguments": "", "status": "in_progress"}),
-                    self._event("response.function_call_arguments.delta", item_id=item["id"],
-                                output_index=index, delta=item["arguments"]),
-                    self._event("response.function_call_arguments.done", item_id=item["id"],
-                                output_index=index, arguments=item["arguments"],
-                                name=item["name"]),
-                    self._event("response.output_item.done", output_index=index, item=item)]
+            out += self._open_call(call)
         return b"".join(out)
 
     def finish(self, done: Done) -> bytes:
-        out = self._close_text()
+        out = self._close("incomplete" if done.finish_reason == "length" else "completed")
         final = self.response("completed", done)
         kind = "response.incomplete" if final["status"] == "incomplete" \
             else "response.completed"
@@ -252,14 +185,48 @@ class Shape:
 
     def whole(self, answer: Whole) -> dict[str, Any]:
         """The Response object of a request that did not stream."""
-        text, calls, done = answer.text, answer.tool_calls, answer.done
-        if text:
-            item = self._message()
-            item.update(status="completed", content=[
-                {"type": "output_text", "text": text, "annotations": [], "logprobs": []}])
-            self.output.append(item)
-        self.output += [self._call(call) for call in calls]
-        return self.response("completed", done)
+        if answer.text:
+            self.output.append(self._message(answer.text, "completed"))
+        self.output += [self._item(call, "completed") for call in answer.tool_calls]
+        if self.output and answer.done.finish_reason == "length":
+            self.output[-1]["status"] = "incomplete"
+        return self.response("completed", answer.done)
+
+
+ITEM_PREFIX = {"function": "fc", "custom": "ctc", "local_shell": "lsh"}
+"""The id prefix of each kind of call item (OpenAI's)."""
+
+
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _json_object(arguments: str) -> dict[str, Any]:
+    """A call's arguments as an object ({} when cut short or not JSON)."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _custom_input(arguments: str) -> str:
+    """A custom tool's free-text input: the model wrote it as the one string argument;
+    arguments that are not that object are the input as they are."""
+    value = _json_object(arguments).get(CUSTOM_INPUT)
+    return value if isinstance(value, str) else arguments
+
+
+def _exec(arguments: str) -> dict[str, Any]:
+    """A ``local_shell`` call's arguments as the ``exec`` action of a local_shell_call."""
+    args = _json_object(arguments)
+    command = args.get("command")
+    if isinstance(command, str):
+        command = [command]
+    return {"type": "exec",
+            "command": [str(c) for c in command] if isinstance(command, list) else [],
+            "timeout_ms": args.get("timeout_ms"), "working_directory": args.get("workdir"),
+            "env": {}, "user": None}
 
 
 async def events(job: AsyncIterator[JobEvent], shape: Shape) -> AsyncIterator[bytes]:
