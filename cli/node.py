@@ -48,8 +48,9 @@ def manager(name: str | None) -> Manager:
 
 def install(
     model: Annotated[list[str] | None, typer.Option(
-        help="Model to serve (one worker each; repeatable) [the default model].",
-        show_default=False)] = None,
+        help="Model to serve, SPEC[=TIER[,TIER...]] as for `up` (repeatable, one worker "
+        "each); its tiers are written into its service. [config.toml's [models] serve, "
+        "else the default model]", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="Gateway HTTP port [4000].",
                                              show_default=False)] = None,
     broker_port: Annotated[int | None, typer.Option(help="Broker port [4100].",
@@ -65,12 +66,12 @@ def install(
     One service per role: the broker, the gateway and one worker per model (LaunchAgents
     on macOS, systemd user units on Linux). Each role logs to <home>/logs/<role>.log.
     Running it again applies a change (another model, port) and leaves the rest alone."""
-    from cli.services import resolve_workers
+    from cli.services import model_specs, resolve_workers
 
     overrides = {"node_id": node_id, "gateway_port": port, "broker_port": broker_port}
     cfg = settings(home=home, **overrides)
     try:
-        workers = resolve_workers(model or [None], cfg.models_path, pull=not dry_run)
+        workers = resolve_workers(model_specs(model, cfg), cfg.models_path, pull=not dry_run)
     except (ValueError, RuntimeError) as exc:
         err.print(f"[red]cannot install:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
