@@ -29,9 +29,9 @@ app.add_typer(mesh)
 
 Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
                                             show_default=False)]
-NodeId = Annotated[str | None, typer.Option(help="This node's name in the mesh [hostname].",
+NodeId = Annotated[str | None, typer.Option(help="This node's name in the mesh \\[hostname].",
                                             show_default=False)]
-LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or error [warning].",
+LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or error \\[warning].",
                                               show_default=False)]
 Broker = Annotated[str | None, typer.Option(
     "--broker", help="Broker endpoint to connect to [tcp://127.0.0.1:4100].",
@@ -40,7 +40,7 @@ MODEL_HELP = (
     "Model to serve, SPEC[=TIER[,TIER...]]: SPEC is a local mlx-lm directory, a name under "
     "the models directory, a cached Hugging Face id or `default`; each TIER (fast, "
     "standard, premium...) is another name it answers to. Repeat for several models (one "
-    "worker each). [config.toml's [models] serve, else the default model] The default "
+    "worker each). \\[config.toml's \\[models] serve, else the default model] The default "
     "model answers to fast and standard only when the node serves nothing else, unless "
     "given its tiers: default=fast.")
 Models = Annotated[list[str] | None, typer.Option("--model", help=MODEL_HELP,
@@ -120,14 +120,14 @@ def broker(
 def worker(
     model: Annotated[str | None, typer.Option(
         help="Model to serve, SPEC[=TIER[,TIER...]] as for `up` (one model); with --engine "
-        "synthetic, SPEC is the name to serve under. [the default model, as fast and "
+        "synthetic, SPEC is the name to serve under. \\[the default model, as fast and "
         "standard]", show_default=False)] = None,
     engine: Annotated[str, typer.Option(
         help="mlx (real inference) or synthetic (fake tokens for routing/load tests).")
     ] = "mlx",
     max_slots: Annotated[int | None, typer.Option(
         help="mlx engine: most requests decoded at once; fewer when memory is short "
-        "[setting max_slots, 8].", show_default=False)] = None,
+        "\\[setting max_slots, 8].", show_default=False)] = None,
     slots: Annotated[int, typer.Option(help="Synthetic engine: jobs at once.")] = 4,
     rate: Annotated[float, typer.Option(help="Synthetic engine: tokens/s per job.")] = 200.0,
     ttft: Annotated[float, typer.Option(help="Synthetic engine: seconds to first token.")
