@@ -254,7 +254,7 @@ class Cancel(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Submit(Message):
-    """gateway -> broker: run ``request`` on a worker of ``model`` (id or alias).
+    """gateway -> broker: run ``request`` on a worker of ``model`` (id or tier).
 
     ``deadline`` is the seconds left at send time, relative because the clocks of two Macs
     need not agree. ``node_id`` is the gateway's node, for the remote tie-breaker.
