@@ -58,7 +58,7 @@ def status(broker: Broker, _: dict[str, Any] | None = None) -> BrokerStatus:
         known_models=sorted({*table.known_models, *broker.mesh_models}),
         jobs=len(table.jobs), gateways=len(broker.gateways),
         counters=dict(broker.counters + table.counters),
-        rejected=dict(broker.rejected + table.rejected))
+        rejected=dict(broker.rejected + table.rejected), models=table.models())
 
 
 def routes(broker: Broker, args: dict[str, Any]) -> list[Route]:

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Iterable
 
+from broker import tiers
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
 from common import protocol as p
@@ -70,6 +71,8 @@ class JobTable:
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
         self.chooser = Chooser()
+        self.ambiguous: set[str] = set()
+        """Names that workers of several models serve, already warned of."""
         self._out: list[Send] = []
 
     # ----------------------------------------------------------------- transitions
@@ -195,6 +198,7 @@ class JobTable:
                 else:
                     continue
                 self._finish(job, fail, fail.code)
+        self._warn_ambiguous()
         return self._sent()
 
     def clear(self) -> None:
@@ -205,14 +209,8 @@ class JobTable:
         self.queues.clear()
 
     def models(self) -> list[ModelEntry]:
-        """Every name a request may use, with the model it resolves to."""
-        names: dict[str, ModelEntry] = {}
-        for w in self.workers.values():
-            for name in w.names:
-                entry = names.setdefault(name, ModelEntry(id=name, model_id=w.info.model_id,
-                                                          engine=w.info.engine))
-                entry.workers += 1
-        return sorted(names.values(), key=lambda e: e.id)
+        """Every name a request may use, with the model it resolves to (broker/tiers.py)."""
+        return tiers.entries(self.workers.values(), self.queues)
 
     # ----------------------------------------------------------------- steps
 
@@ -247,7 +245,22 @@ class JobTable:
         self.workers[identity] = worker
         self.know(worker.names, now)
         log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
-                  model=ready.model_id, slots=ready.slots, engine=ready.engine)
+                  model=ready.model_id, tiers=",".join(ready.aliases), slots=ready.slots,
+                  engine=ready.engine)
+        self._warn_ambiguous()
+
+    def _warn_ambiguous(self) -> None:
+        """Warn once of each name that workers of several models serve (until it is no
+        longer ambiguous): only one of them gets its requests, and the user should
+        give the others another tier."""
+        found = {e.id: e for e in tiers.entries(self.workers.values()) if e.ambiguous}
+        for name in found.keys() - self.ambiguous:
+            entry = found[name]
+            log_event(log, "name_ambiguous", logging.WARNING, name=name,
+                      models=",".join(entry.ambiguous), routed_to=entry.model_id,
+                      fix=f"give one of them another tier: --model SPEC=TIER on its node "
+                      f"(or serve in its config.toml's [models]), so '{name}' names one model")
+        self.ambiguous = set(found)
 
     def _job_of(self, worker: WorkerState, dispatch_id: str) -> JobState | None:
         """The job of a dispatch id if it is this worker's current attempt; anything stale
@@ -311,7 +324,7 @@ class JobTable:
                 if not queue:
                     continue
                 job = self.jobs[queue[0]]
-                candidates = [w for w in self.workers.values() if model in w.names]
+                candidates = tiers.candidates(model, self.workers.values())
                 worker, scored = self.chooser.choose(candidates, job.submit.node_id)
                 if worker is None:
                     continue

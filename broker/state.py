@@ -37,7 +37,8 @@ class WorkerState:
         info = self.info
         return WorkerStatus(
             worker_id=info.worker_id, node_id=info.node_id, model_id=info.model_id,
-            aliases=list(info.aliases), engine=info.engine, slots=info.slots,
+            tiers=list(info.aliases), engine=info.engine, slots=info.slots,
+            context_length=info.context_length,
             running=len(self.running), reported_running=self.reported_running,
             mem_total=info.mem_total, mem_free=self.mem_free, model_bytes=info.model_bytes,
             tokens_per_s=self.tokens_per_s, kv_bytes=self.kv_bytes,

@@ -29,13 +29,22 @@ app.add_typer(mesh)
 
 Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
                                             show_default=False)]
-NodeId = Annotated[str | None, typer.Option(help="This node's name in the mesh [hostname].",
+NodeId = Annotated[str | None, typer.Option(help="This node's name in the mesh \\[hostname].",
                                             show_default=False)]
-LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or error [warning].",
+LogLevel = Annotated[str | None, typer.Option(help="debug, info, warning or error \\[warning].",
                                               show_default=False)]
 Broker = Annotated[str | None, typer.Option(
     "--broker", help="Broker endpoint to connect to [tcp://127.0.0.1:4100].",
     show_default=False)]
+MODEL_HELP = (
+    "Model to serve, SPEC[=TIER[,TIER...]]: SPEC is a local mlx-lm directory, a name under "
+    "the models directory, a cached Hugging Face id or `default`; each TIER (fast, "
+    "standard, premium...) is another name it answers to. Repeat for several models (one "
+    "worker each). \\[config.toml's \\[models] serve, else the default model] The default "
+    "model answers to fast and standard only when the node serves nothing else, unless "
+    "given its tiers: default=fast.")
+Models = Annotated[list[str] | None, typer.Option("--model", help=MODEL_HELP,
+                                                  show_default=False)]
 
 
 @app.command()
@@ -44,10 +53,7 @@ def up(
                                              show_default=False)] = None,
     host: Annotated[str | None, typer.Option(help="Gateway bind address [127.0.0.1].",
                                              show_default=False)] = None,
-    model: Annotated[list[str] | None, typer.Option(
-        help="Model to serve: a local mlx-lm directory or a cached Hugging Face id; "
-        "repeat for several (one worker each). [the default SmolLM2-135M-Instruct]",
-        show_default=False)] = None,
+    model: Models = None,
     broker_port: Annotated[int | None, typer.Option(help="Broker port [4100].",
                                                     show_default=False)] = None,
     home: Home = None, node_id: NodeId = None, log_level: LogLevel = None,
@@ -57,20 +63,18 @@ def up(
     A child that dies is restarted; Ctrl-C or SIGTERM stops everything.
     """
     from cli.node import UP_PID
-    from cli.services import expected_names, resolve_workers
+    from cli.services import expected_names, model_specs, resolve_workers
     from cli.supervisor import Child, Supervisor, child_env, role_argv
 
     cfg = settings(home=home, node_id=node_id, log_level=log_level, gateway_port=port,
                    gateway_host=host, broker_port=broker_port)
     try:  # pull/convert here, once, with progress on this terminal
-        served = resolve_workers(model or [None], cfg.models_path)
+        served = resolve_workers(model_specs(model, cfg), cfg.models_path)
     except (ValueError, RuntimeError) as exc:
         err.print(f"[red]cannot serve:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
     children = [Child("broker", role_argv("broker"))]
-    children += [Child(f"worker {model_id}", role_argv("worker", *(["--model", spec] if spec
-                                                                   else [])))
-                 for spec, model_id, _ in served]
+    children += [Child(f"worker {w.model_id}", role_argv("worker", *w.argv)) for w in served]
     children.append(Child("gateway", role_argv("gateway")))
     env = child_env({"home": cfg.home, "node_id": cfg.node_id, "log_level": cfg.log_level,
                      "gateway_port": cfg.gateway_port, "gateway_host": cfg.gateway_host,
@@ -78,8 +82,8 @@ def up(
                      "expect_models": expected_names(served)})
     shown = "localhost" if cfg.gateway_host in ("127.0.0.1", "0.0.0.0") else cfg.gateway_host
     base = f"http://{shown}:{cfg.gateway_port}/v1"
-    names = "\n".join(f"  {mid}" + (f" (aliases: {', '.join(al)})" if al else "")
-                      for _, mid, al in served)
+    names = "\n".join(f"  {w.model_id}" + (f" (tiers: {', '.join(w.tiers)})" if w.tiers
+                                             else "") for w in served)
     banner = (f"[green]mlx-stack is serving[/green] on node {cfg.node_id}:\n{names}\n"
               f"  export OPENAI_API_BASE={base}\nCtrl-C stops everything.")
     health = f"http://127.0.0.1:{cfg.gateway_port}/health"
@@ -87,7 +91,7 @@ def up(
     cfg.home.mkdir(parents=True, exist_ok=True)
     pid_file.write_text(str(os.getpid()))
     try:
-        code = Supervisor(children, env, err).run(health, [mid for _, mid, _ in served], banner)
+        code = Supervisor(children, env, err).run(health, [w.model_id for w in served], banner)
     finally:
         pid_file.unlink(missing_ok=True)
     sys.exit(code)
@@ -115,17 +119,15 @@ def broker(
 @app.command()
 def worker(
     model: Annotated[str | None, typer.Option(
-        help="Local mlx-lm directory or cached Hugging Face id [default model]; with "
-        "--engine synthetic, the name to serve under.", show_default=False)] = None,
-    alias: Annotated[list[str] | None, typer.Option(
-        help="Name this model also answers to (repeatable) [fast, standard for the "
-        "default model].", show_default=False)] = None,
+        help="Model to serve, SPEC[=TIER[,TIER...]] as for `up` (one model); with --engine "
+        "synthetic, SPEC is the name to serve under. \\[the default model, as fast and "
+        "standard]", show_default=False)] = None,
     engine: Annotated[str, typer.Option(
         help="mlx (real inference) or synthetic (fake tokens for routing/load tests).")
     ] = "mlx",
     max_slots: Annotated[int | None, typer.Option(
         help="mlx engine: most requests decoded at once; fewer when memory is short "
-        "[setting max_slots, 8].", show_default=False)] = None,
+        "\\[setting max_slots, 8].", show_default=False)] = None,
     slots: Annotated[int, typer.Option(help="Synthetic engine: jobs at once.")] = 4,
     rate: Annotated[float, typer.Option(help="Synthetic engine: tokens/s per job.")] = 200.0,
     ttft: Annotated[float, typer.Option(help="Synthetic engine: seconds to first token.")
@@ -141,6 +143,7 @@ def worker(
     log_level: LogLevel = None,
 ) -> None:
     """Run one worker: load a model and serve it to the broker."""
+    from common.names import ModelSpec
     from worker.main import SyntheticOptions, main
 
     if engine not in ("mlx", "synthetic"):
@@ -153,7 +156,7 @@ def worker(
                                int(mem_free_gb * gib), tool_parser
                                ) if engine == "synthetic" else None
     try:
-        main(cfg, model, alias, options)
+        main(cfg, ModelSpec.parse(model or "default"), options)
     except ValueError as exc:
         err.print(f"[red]cannot serve {model or 'the default model'}:[/red] {exc}")
         raise typer.Exit(1) from None

@@ -136,7 +136,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
     view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
             "url": f"http://{ALIAS.rstrip('.') if keys else 'localhost'}:{cfg.gateway_port}/v1",
             "coordinator": meshview.coordinator(st), "nodes": meshview.nodes(st),
-            "models": meshview.models(st), "jobs": st.jobs}
+            "models": meshview.models(st), "tiers": meshview.tiers(st), "jobs": st.jobs}
     if json_:
         out.print_json(json.dumps(view))
         return
@@ -147,13 +147,32 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> N
               f"{st.jobs} jobs running or queued\nClients use it with:\n{client_setup(cfg)}")
     out.print(nodes_table(view["nodes"]))
     table = Table(title="Models")
-    for column in ("Model", "Engine", "Workers", "Slots", "Queued"):
+    for column in ("Model", "Engine", "Workers", "Slots", "Context", "Queued"):
         table.add_column(column)
     for m in view["models"]:
         table.add_row(*map(escape, (m["model"], m["engine"], str(m["workers"]),
                                     f"{m['slots_in_use']}/{m['slots_total']}",
-                                    str(m["queued"]))))
+                                    str(m["context_length"] or "-"), str(m["queued"]))))
     out.print(table)
+    if view["tiers"]:
+        out.print(tiers_table(view["tiers"]))
+
+
+def tiers_table(rows: list[dict[str, Any]]) -> Table:
+    """Each tier, the model that answers it, where, and its queue; an ambiguous name in
+    red with the models that also serve it and what to do."""
+    table = Table(title="Tiers")
+    for column in ("Tier", "Model", "Nodes", "Queued"):
+        table.add_column(column)
+    for r in rows:
+        model = escape(r["model"])
+        if r["ambiguous"]:
+            others = ", ".join(m for m in r["ambiguous"] if m != r["model"])
+            model += (f"\n[red]ambiguous: also served by {escape(others)}; only "
+                      f"{escape(r['model'])} answers. Give one of them another tier[/red]")
+        table.add_row(escape(r["tier"]), model, escape(", ".join(r["nodes"])),
+                      str(r["queued"]))
+    return table
 
 
 @mesh.command()

@@ -30,7 +30,7 @@ from common.meshkeys import load_keys
 Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
                                            show_default=False)]
 ManagerName = Annotated[str | None, typer.Option(
-    "--manager", help="launchd or systemd [launchd on macOS, systemd elsewhere].",
+    "--manager", help="launchd or systemd \\[launchd on macOS, systemd elsewhere].",
     show_default=False)]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON for scripts, not tables.")]
 UP_PID = "up.pid"
@@ -48,13 +48,14 @@ def manager(name: str | None) -> Manager:
 
 def install(
     model: Annotated[list[str] | None, typer.Option(
-        help="Model to serve (one worker each; repeatable) [the default model].",
-        show_default=False)] = None,
+        help="Model to serve, SPEC[=TIER[,TIER...]] as for `up` (repeatable, one worker "
+        "each); its tiers are written into its service. \\[config.toml's \\[models] serve, "
+        "else the default model]", show_default=False)] = None,
     port: Annotated[int | None, typer.Option(help="Gateway HTTP port [4000].",
                                              show_default=False)] = None,
     broker_port: Annotated[int | None, typer.Option(help="Broker port [4100].",
                                                     show_default=False)] = None,
-    node_id: Annotated[str | None, typer.Option(help="This node's name [hostname].",
+    node_id: Annotated[str | None, typer.Option(help="This node's name \\[hostname].",
                                                 show_default=False)] = None,
     home: Home = None, manager_name: ManagerName = None,
     dry_run: Annotated[bool, typer.Option(
@@ -65,12 +66,12 @@ def install(
     One service per role: the broker, the gateway and one worker per model (LaunchAgents
     on macOS, systemd user units on Linux). Each role logs to <home>/logs/<role>.log.
     Running it again applies a change (another model, port) and leaves the rest alone."""
-    from cli.services import resolve_workers
+    from cli.services import model_specs, resolve_workers
 
     overrides = {"node_id": node_id, "gateway_port": port, "broker_port": broker_port}
     cfg = settings(home=home, **overrides)
     try:
-        workers = resolve_workers(model or [None], cfg.models_path, pull=not dry_run)
+        workers = resolve_workers(model_specs(model, cfg), cfg.models_path, pull=not dry_run)
     except (ValueError, RuntimeError) as exc:
         err.print(f"[red]cannot install:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
@@ -153,7 +154,7 @@ def status(home: Home = None, manager_name: ManagerName = None, json_: Json = Fa
 
 
 def logs(role: Annotated[str | None, typer.Argument(
-             help="broker, gateway, worker (every worker) or worker-MODEL [all].",
+             help="broker, gateway, worker (every worker) or worker-MODEL \\[all].",
              show_default=False)] = None,
          follow: Annotated[bool, typer.Option("--follow", "-f",
                                               help="Keep printing new lines.")] = False,

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.config import ENV_PREFIX, Settings
+from common.names import ModelSpec
 
 LABEL_PREFIX = "com.mlx-stack."
 UNIT_PREFIX = "mlx-stack-"
@@ -57,52 +58,84 @@ class Service:
         return f"{UNIT_PREFIX}{self.role}.service"
 
 
-def services(cfg: Settings, workers: list[tuple[str | None, str, list[str]]],
-             overrides: dict[str, object], python: str = sys.executable) -> list[Service]:
-    """The services of this node: its broker, one worker per ``(spec, model_id,
-    aliases)`` (spec None: the default model) and its gateway. ``overrides`` are the
-    settings given as flags, which the services get as ``MLX_STACK_*`` variables (the
-    rest they read from ``config.toml`` as every role does)."""
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One model of this node, as its worker is told to serve it."""
+
+    spec: str
+    """``default``, an absolute model directory (a service runs in another directory), a
+    name under the models directory or a cached Hugging Face id."""
+    model_id: str
+    tiers: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a request may use for it."""
+        return (self.model_id, *self.tiers)
+
+    @property
+    def argv(self) -> list[str]:
+        """The worker's ``--model``, tiers always written out (``SPEC=`` for none): the
+        node, not the worker alone, decides whether the default model takes its tiers."""
+        return ["--model", str(ModelSpec(self.spec, self.tiers, explicit=True))]
+
+
+def services(cfg: Settings, workers: list[ServedModel], overrides: dict[str, object],
+             python: str = sys.executable) -> list[Service]:
+    """The services of this node: its broker, one worker per model (with its tiers) and
+    its gateway. ``overrides`` are the settings given as flags, which the services get as
+    ``MLX_STACK_*`` variables (the rest they read from ``config.toml`` as every role
+    does)."""
     base = {f"{ENV_PREFIX}{k.upper()}": str(v) for k, v in overrides.items() if v is not None}
     base[f"{ENV_PREFIX}HOME"] = str(cfg.home)
     base["PYTHONUNBUFFERED"] = "1"
-    expected = expected_names(workers)
 
     def service(role: str, *args: str, **env: str) -> Service:
         log = str(cfg.home / "logs" / f"{role}.log")
         return Service(role, [python, "-m", "cli", *args], {
             **base, f"{ENV_PREFIX}LOG_FILE": log, **env}, cfg.home)
 
-    return [service("broker", "broker", **{f"{ENV_PREFIX}EXPECT_MODELS": expected}),
-            *(service(f"worker-{safe(model_id)}", "worker",
-                      *(["--model", spec] if spec else [])) for spec, model_id, _ in workers),
+    return [service("broker", "broker", **{f"{ENV_PREFIX}EXPECT_MODELS": expected_names(
+                workers)}),
+            *(service(f"worker-{safe(w.model_id)}", "worker", *w.argv) for w in workers),
             service("gateway", "gateway")]
 
 
-def expected_names(workers: list[tuple[str | None, str, list[str]]]) -> str:
-    """Every name the workers will serve (ids and aliases), as ``expect_models`` wants."""
-    return ",".join(n for _, model_id, aliases in workers for n in [model_id, *aliases])
+def expected_names(workers: list[ServedModel]) -> str:
+    """Every name the workers will serve (ids and tiers), as ``expect_models`` wants."""
+    return ",".join(n for w in workers for n in w.names)
 
 
-def resolve_workers(specs: list[str | None], models_dir: Path, pull: bool = True
-                    ) -> list[tuple[str | None, str, list[str]]]:
-    """``(spec, model id, aliases)`` of each model to serve (the default model pulled and
-    converted here, with progress on this terminal, unless ``pull`` is false); ValueError
-    or RuntimeError saying why one cannot be served."""
-    from worker.default_model import DEFAULT_ALIASES, DEFAULT_MODEL_ID
-    from worker.models import resolve_model
+def model_specs(given: list[str] | None, cfg: Settings) -> list[ModelSpec]:
+    """What to serve: the ``--model`` flags, else config.toml's ``[models] serve``, else
+    the default model. ValueError naming the fix for a malformed one."""
+    if given:
+        return [ModelSpec.parse(text) for text in given]
+    return cfg.model_specs or [ModelSpec("default")]
 
-    out: list[tuple[str | None, str, list[str]]] = []
-    for spec in specs:
-        if not spec or spec in ("default", DEFAULT_MODEL_ID):  # one way to say it
+
+def resolve_workers(specs: list[ModelSpec], models_dir: Path, pull: bool = True
+                    ) -> list[ServedModel]:
+    """Each model to serve, with its model id and tiers (the default model pulled and
+    converted here, with progress on this terminal, unless ``pull`` is false);
+    ValueError or RuntimeError saying why one cannot be served."""
+    from worker.default_model import DEFAULT_MODEL_ID
+    from worker.models import is_default, resolve_model, tiers_of
+
+    out = []
+    for model in specs:
+        tiers = tuple(tiers_of(model, alone=len(specs) == 1))
+        if is_default(model.spec):
             if pull:
-                resolve_model(None, models_dir)
-            out.append((None, DEFAULT_MODEL_ID, list(DEFAULT_ALIASES)))
+                resolve_model("default", models_dir)
+            out.append(ServedModel("default", DEFAULT_MODEL_ID, tiers))
             continue
-        _, model_id, aliases = resolve_model(spec, models_dir)
-        if spec and Path(spec).expanduser().is_dir():  # a service runs in another directory
-            spec = str(Path(spec).expanduser().resolve())
-        out.append((spec, model_id, aliases))
+        _, model_id = resolve_model(model.spec, models_dir)
+        local = Path(model.spec).expanduser()
+        # Absolute, as a service runs elsewhere; not resolved: the model's id is the
+        # directory's own name, also when it is a link to another model's files.
+        spec = str(local.absolute()) if local.is_dir() else model.spec
+        out.append(ServedModel(spec, model_id, tiers))
     return out
 
 
@@ -162,7 +195,8 @@ def write_examples(deploy: Path) -> list[Path]:
     written = []
     for kind, user in (("launchd", Path("/Users/you")), ("systemd", Path("/home/you"))):
         cfg = Settings(home=user / ".mlx-stack", node_id="mac-mini-1")
-        for s in services(cfg, [(None, "SmolLM2-135M-Instruct", ["fast", "standard"])], {},
+        default = ServedModel("default", "SmolLM2-135M-Instruct", ("fast", "standard"))
+        for s in services(cfg, [default], {},
                           python=str(user / "mlx-stack" / ".venv" / "bin" / "python")):
             path, data = ((deploy / kind / f"{s.label}.plist", plist(s)) if kind == "launchd"
                           else (deploy / kind / s.unit, unit(s).encode()))

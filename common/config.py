@@ -124,7 +124,7 @@ class Settings:
     """Patterns mapping a client's model names to the mesh's, ``PATTERN=NAME`` separated
     by ``;`` (in config.toml, ``names`` of the ``[models]`` section, a table)."""
     expect_models: str = ""
-    """Model names (ids and aliases, comma-separated) this node's workers will serve, set
+    """Model names (ids and tiers, comma-separated) this node's workers will serve, set
     by ``mlx-stack up`` and ``install``: a request for one that arrives while they load
     waits the grace period instead of a 404 (a standby's broker announces them to the
     coordinator)."""

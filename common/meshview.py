@@ -1,5 +1,6 @@
 """The mesh at a glance, from a broker's CONTROL status: who coordinates, each node with
-its role, models, slots, memory and last heartbeat, each model with its queue. One place
+its role, models, slots, memory and last heartbeat, each model with its queue, each tier
+with the model it resolves to. One place
 for these views, so that ``mlx-stack mesh`` and the ``/mesh`` dashboard show the same.
 The views are plain maps, ready for JSON (``--json`` and the dashboard)."""
 
@@ -34,7 +35,7 @@ def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
         role, broker_age = roles.get(node, ("worker", None))
         ages = [w.last_heartbeat_s for w in mine] + ([broker_age] if role != "worker" else [])
         models = {w.model_id: {
-            "model_id": w.model_id, "aliases": w.aliases, "engine": w.engine,
+            "model_id": w.model_id, "tiers": w.tiers, "engine": w.engine,
             "queue": sum(status.queues.get(n, 0) for n in w.names)}
             for w in mine}
         # Every worker of a node reports the same machine: the latest report will do.
@@ -54,18 +55,32 @@ def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
 
 
 def models(status: BrokerStatus) -> list[dict[str, Any]]:
-    """One entry per model: its engine, workers, slots in use / total, jobs queued."""
+    """One entry per model: its engine, workers, slots in use / total, context length and
+    jobs queued (for the model or a name that resolves to it)."""
     view: dict[str, dict[str, Any]] = {}
+    names = {e.id: e for e in status.models}
 
     def entry(model: str, engine: str = "") -> dict[str, Any]:
-        return view.setdefault(model, {"model": model, "engine": engine, "workers": 0,
-                                       "slots_in_use": 0, "slots_total": 0, "queued": 0})
+        known = names.get(model)
+        return view.setdefault(model, {
+            "model": model, "engine": engine, "workers": 0, "slots_in_use": 0,
+            "slots_total": 0, "context_length": known.context_length if known else 0,
+            "queued": 0})
 
     for w in status.workers:
         row = entry(w.model_id, w.engine)
         row["workers"] += 1
         row["slots_in_use"] += w.running
         row["slots_total"] += w.slots
-    for model, depth in status.queues.items():
-        entry(model)["queued"] = depth
+    for name, depth in status.queues.items():
+        entry(names[name].model_id if name in names else name)["queued"] += depth
     return sorted(view.values(), key=lambda r: r["model"])
+
+
+def tiers(status: BrokerStatus) -> list[dict[str, Any]]:
+    """One entry per tier (and per ambiguous name): the model it resolves to, that model's
+    nodes and workers serving it, the requests queued for it, and, when workers of several
+    models serve it, all of them (only ``model`` gets its requests)."""
+    return [{"tier": e.id, "model": e.model_id, "nodes": e.nodes, "workers": e.workers,
+             "queued": e.queued, "ambiguous": e.ambiguous}
+            for e in status.models if e.is_tier or e.ambiguous]

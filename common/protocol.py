@@ -86,19 +86,24 @@ class Message:
 
 @dataclass(kw_only=True, slots=True)
 class Ready(Message):
-    """worker -> broker: I serve ``model_id`` (also under ``aliases``) with ``slots`` seats."""
+    """worker -> broker: I serve ``model_id`` (also under its tiers) with ``slots`` seats."""
 
     COMMAND: ClassVar[Command] = Command.READY
     worker_id: str
     node_id: str
     model_id: str
     aliases: list[str] = field(default_factory=list)
+    """The model's tiers (``fast``, ``standard``...): the other names it answers to. The
+    wire keeps the field's first name, so a worker of 0.1.0 still registers."""
     slots: int = 1
     mem_total: int = 0
     mem_free: int = 0
     model_bytes: int = 0
     engine: str = "mlx"
     version: str = VERSION
+    context_length: int = 0
+    """Tokens the model attends to, prompt and answer together (0: not said), for
+    ``/v1/models``: clients size their prompts by it."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -249,7 +254,7 @@ class Cancel(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Submit(Message):
-    """gateway -> broker: run ``request`` on a worker of ``model`` (id or alias).
+    """gateway -> broker: run ``request`` on a worker of ``model`` (id or tier).
 
     ``deadline`` is the seconds left at send time, relative because the clocks of two Macs
     need not agree. ``node_id`` is the gateway's node, for the remote tie-breaker.

@@ -24,9 +24,10 @@ class WorkerStatus:
     worker_id: str
     node_id: str
     model_id: str
-    aliases: list[str] = field(default_factory=list)
+    tiers: list[str] = field(default_factory=list)
     engine: str = "mlx"
     slots: int = 1
+    context_length: int = 0
     running: int = 0
     """Jobs the broker dispatched to it that have not ended: the broker's own count, which
     routing uses, updated at dispatch time rather than at the next heartbeat."""
@@ -44,7 +45,7 @@ class WorkerStatus:
     @property
     def names(self) -> tuple[str, ...]:
         """Every name a request may use for this worker's model."""
-        return (self.model_id, *self.aliases)
+        return (self.model_id, *self.tiers)
 
     @property
     def state(self) -> str:
@@ -96,6 +97,9 @@ class BrokerStatus:
     counters: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     """Frames dropped, by reason (common/plain.py's and the broker's own)."""
+    models: list[ModelEntry] = field(default_factory=list)
+    """Every name a request may use and the model it resolves to (a standby, which
+    serves nobody, has none)."""
 
     @property
     def coordinating(self) -> bool:
@@ -133,12 +137,29 @@ class Route:
 
 @dataclass(kw_only=True, slots=True)
 class ModelEntry:
-    """A name a request may use (a model id or an alias) and what it resolves to."""
+    """A name a request may use (a model id or a tier) and the model it resolves to."""
 
     id: str
     model_id: str
+    """The model that answers requests for ``id``: for a model's own id, itself."""
     engine: str = "mlx"
     workers: int = 0
+    """Live workers of ``model_id`` that serve the name."""
+    nodes: list[str] = field(default_factory=list)
+    """The nodes of those workers."""
+    tiers: list[str] = field(default_factory=list)
+    """For a model's own id: the tiers that resolve to it."""
+    context_length: int = 0
+    """Tokens ``model_id`` attends to, prompt and answer together (0: not said)."""
+    queued: int = 0
+    """Requests for the name waiting for a free slot."""
+    ambiguous: list[str] = field(default_factory=list)
+    """Every model that serves the name when more than one does (then only ``model_id``
+    gets its requests; the others should take another tier); empty otherwise."""
+
+    @property
+    def is_tier(self) -> bool:
+        return self.id != self.model_id
 
 
 def plain(record: Any) -> Any:

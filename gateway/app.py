@@ -236,13 +236,20 @@ def create_app(settings: Settings) -> FastAPI:
         return await complete(request, body, chat=False)
 
     def model_card(entry: ModelEntry) -> dict[str, Any]:
+        """OpenAI's model object, plus what a name resolves to (``root``: the model that
+        answers it; a model's ``tiers``; ``ambiguous``: every model that serves a name
+        several do) and its context length, by which agents size their prompts (aider
+        and litellm read ``context_length`` or vLLM's ``max_model_len``)."""
         owner = "mlx-stack (synthetic engine)" if entry.engine == "synthetic" else "mlx-stack"
-        return {"id": entry.id, "object": "model", "created": started, "owned_by": owner,
-                "root": entry.model_id}
+        card = {"id": entry.id, "object": "model", "created": started, "owned_by": owner,
+                "root": entry.model_id, "tiers": entry.tiers, "ambiguous": entry.ambiguous}
+        if entry.context_length:
+            card["context_length"] = card["max_model_len"] = entry.context_length
+        return card
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        """Every model id and alias a request may name, across the mesh."""
+        """Every model id and tier a request may name, across the mesh."""
         return {"object": "list",
                 "data": [model_card(e) for e in await client.control("models")]}
 

@@ -31,7 +31,7 @@ async def snapshot(client: BrokerClient) -> dict[str, Any]:
     view: dict[str, Any] = {"gateway": {"node_id": client.settings.node_id,
                                         "broker": client.link.endpoint},
                             "up": False, "error": None, "coordinator": None, "nodes": [],
-                            "routes": []}
+                            "tiers": [], "routes": []}
     try:
         status, routes = await asyncio.gather(
             client.control("status", timeout=TIMEOUT),
@@ -40,5 +40,5 @@ async def snapshot(client: BrokerClient) -> dict[str, Any]:
         view["error"] = exc.message
         return view
     view.update(up=True, coordinator=meshview.coordinator(status), nodes=meshview.nodes(status),
-                routes=plain(routes[::-1]))
+                tiers=meshview.tiers(status), routes=plain(routes[::-1]))
     return view

@@ -91,7 +91,7 @@ class Pair:
     procs: dict[str, Proc]
     """Worker process by worker id."""
     ids: dict[str, str]
-    """Worker id by alias (cached, uncached)."""
+    """Worker id by tier (cached, uncached)."""
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +101,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
                 env={"MLX_STACK_MODELS_DIR": str(models_dir)})
     try:
         c.broker()
-        cached = start_worker(c, "--alias", "pair", "--alias", "cached")
-        uncached = start_worker(c, "--alias", "pair", "--alias", "uncached",
+        cached = start_worker(c, "--model", "default=pair,cached")
+        uncached = start_worker(c, "--model", "default=pair,uncached",
                                 env={"MLX_STACK_PROMPT_CACHE_BYTES": "0"})
         url = c.gateway()
         yield Pair(c, url, client_for(url), dict([cached[::-1], uncached[::-1]]),

@@ -167,7 +167,7 @@ def test_a_model_this_node_expects_waits_for_its_loading_worker(tmp_path) -> Non
             pending = pool.submit(chat, url, "quick")
             wait_for("the request to wait at the broker",
                      lambda: c.control("status").queues.get("quick"))
-            c.worker("--engine", "synthetic", "--model", "syn", "--alias", "quick")
+            c.worker("--engine", "synthetic", "--model", "syn=quick")
             assert pending.result(timeout=30).status_code == 200
     finally:
         c.close()

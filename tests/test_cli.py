@@ -33,6 +33,7 @@ def test_help_explains_every_command() -> None:
         assert command in result.stdout
     up = run_cli("up", "--help").stdout
     assert "--port" in up and "--model" in up and "localhost:4000" in run_cli("--help").stdout
+    assert "SPEC[=TIER" in up and "default=fast" in up and "[models] serve" in up
 
 
 def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
@@ -103,5 +104,50 @@ def test_up_serves_restarts_a_dead_child_and_stops_everything(
         assert up.popen.wait(30) == 0
         for child in children:
             assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    finally:
+        up.stop()
+
+
+@pytest.mark.model
+def test_up_serves_a_users_model_as_a_tier_and_the_default_model_under_none(
+        tmp_path: Path, models_dir: Path) -> None:
+    own = tmp_path / "Smol-premium"  # the user's own model: the default's files, linked
+    own.mkdir()
+    for item in (models_dir / "SmolLM2-135M-Instruct").iterdir():
+        (own / item.name).symlink_to(item)
+    port, broker_port = free_port(), free_port()
+    up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
+                     "--broker-port", str(broker_port), "--node-id", "tiers",
+                     "--model", f"{own}=premium", "--model", "default"],
+              {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
+               "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1",
+               "MLX_STACK_GRACE": "60"},
+              tmp_path / "up.log")
+    try:
+        client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
+                               max_retries=0, timeout=60)
+
+        def both_up() -> dict[str, openai.types.Model] | None:
+            if not up.alive():
+                pytest.fail(up.output())
+            try:
+                cards = {m.id: m for m in client.models.list()}
+            except openai.APIConnectionError:
+                return None
+            return cards if {"Smol-premium", "SmolLM2-135M-Instruct"} <= cards.keys() else None
+
+        cards = wait_for("both workers in /v1/models", both_up, timeout=180)
+        assert sorted(cards) == ["Smol-premium", "SmolLM2-135M-Instruct", "premium"]
+        premium = cards["premium"].model_dump()
+        assert premium["root"] == "Smol-premium" and premium["context_length"] > 1000
+        assert premium["max_model_len"] == premium["context_length"]
+        answer = client.chat.completions.create(
+            model="premium", max_tokens=4, temperature=0,
+            messages=[{"role": "user", "content": "hi"}])
+        assert answer.model == "Smol-premium"
+        with pytest.raises(openai.NotFoundError):  # the default model is not standard now
+            client.chat.completions.create(model="standard", max_tokens=4,
+                                           messages=[{"role": "user", "content": "hi"}])
+        assert "Smol-premium (tiers: premium)" in up.output()
     finally:
         up.stop()

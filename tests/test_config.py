@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings, update_config_file
+from common.names import ModelSpec
 
 
 def test_layers_config_file_then_environment_then_flags(
@@ -29,4 +30,35 @@ def test_values_the_mesh_cannot_work_with_are_refused(bad: dict) -> None:
 def test_unknown_settings_are_named(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("gatway_port = 1\n")
     with pytest.raises(ValueError, match="gatway_port"):
+        Settings.load(home=tmp_path)
+
+
+def test_the_models_section_says_what_to_serve_and_what_each_name_means(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings.load(home=tmp_path).model_specs == []  # nothing said: the default model
+    (tmp_path / "config.toml").write_text(
+        'gateway_port = 4001\n[models]\n'
+        'serve = ["~/models/Qwen2.5-32B-Instruct-4bit=standard,premium", "default=fast",'
+        ' "mlx-community/Llama-3.1-8B"]\n'
+        'names = { "claude-*haiku*" = "fast", "gpt-*" = "premium" }\n')
+    cfg = Settings.load(home=tmp_path)
+    assert cfg.gateway_port == 4001
+    assert cfg.model_specs == [
+        ModelSpec("~/models/Qwen2.5-32B-Instruct-4bit", ("standard", "premium"), True),
+        ModelSpec("default", ("fast",), True), ModelSpec("mlx-community/Llama-3.1-8B")]
+    assert cfg.name_map == {"claude-*haiku*": "fast", "gpt-*": "premium"}
+    monkeypatch.setenv("MLX_STACK_SERVE", "default=;/m/x=premium")  # the environment's form
+    assert [str(s) for s in Settings.load(home=tmp_path).model_specs] == ["default=",
+                                                                         "/m/x=premium"]
+
+
+@pytest.mark.parametrize("section, says", [
+    ('serve = ["default=fast,not a tier"]', "SPEC=TIER"),
+    ('serve = "default"', "list of strings"),
+    ('tiers = ["fast"]', "takes serve"),
+    ('names = { "claude-*" = 3 }', "PATTERN"),
+])
+def test_a_bad_models_section_names_the_fix(tmp_path: Path, section: str, says: str) -> None:
+    (tmp_path / "config.toml").write_text(f"[models]\n{section}\n")
+    with pytest.raises(ValueError, match=says):
         Settings.load(home=tmp_path)

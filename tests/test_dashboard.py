@@ -1,6 +1,7 @@
 """``GET /mesh`` in a real headless browser (Debian chromium driven by Playwright): the
 page shows every node of a 3-node cluster, follows a SIGKILLed worker's node out of the
-mesh, lists routing decisions, and shows untrusted names as text, never as HTML."""
+mesh, lists routing decisions, marks a name two models serve as ambiguous, and shows
+untrusted names as text, never as HTML."""
 
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def test_dashboard_shows_nodes_routes_and_a_killed_worker(cluster: Cluster, page
     workers = {node: cluster.worker("--engine", "synthetic", "--model", "syn", "--slots", "2",
                                     "--rate", "200", node=node)
                for node in ("node-a", "node-b")}
-    workers["node-c"] = cluster.worker("--engine", "synthetic", "--model", "syn", "--slots",
-                                       "2", "--alias", HOSTILE, node="node-c")
+    # Another model, hostile in name, that also answers to ``syn``: two models, one name.
+    workers["node-c"] = cluster.worker("--engine", "synthetic", "--model", f"{HOSTILE}=syn",
+                                       "--slots", "2", node="node-c")
     url = cluster.gateway()
     for i in range(3):
         assert httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
@@ -74,9 +76,15 @@ def test_dashboard_shows_nodes_routes_and_a_killed_worker(cluster: Cluster, page
     wait_for("three routing decisions", lambda: page.locator(
         "#routes tr[data-job]").count() == 3)
     assert page.locator("#routes tr[data-job] td:last-child").all_text_contents() == ["ok"] * 3
-    # A hostile alias is shown as text: no element is made of it, no script runs.
+    # syn's two workers, never the other model's, took every request.
+    chosen = page.locator("#routes tr[data-job] td:nth-child(5)").all_text_contents()
+    assert all(c.startswith(("node-a", "node-b")) for c in chosen), chosen
+    ambiguous = page.locator('#tiers tr[data-tier="syn"]')
+    assert ambiguous.get_attribute("data-ambiguous") == f"{HOSTILE},syn"
+    assert f"also served by {HOSTILE}" in ambiguous.locator(".ambiguous").text_content()
+    # A hostile name is shown as text: no element is made of it, no script runs.
     assert HOSTILE in nodes["node-c"]["cells"][2]
-    assert page.locator("#nodes img").count() == 0
+    assert page.locator("#nodes img, #tiers img").count() == 0
     assert page.evaluate("document.body.dataset.pwned") is None
     screenshot(page, tmp_path / "dashboard-3-nodes.png")
 

@@ -111,7 +111,9 @@ def test_launch_agents_parse_and_say_how_each_role_runs(machine: Machine) -> Non
     for name, agent in plists.items():
         role = name.removeprefix("com.mlx-stack.").removesuffix(".plist")
         assert agent["Label"] == f"com.mlx-stack.{role}"
-        assert agent["ProgramArguments"] == [sys.executable, "-m", "cli", role.split("-")[0]]
+        tiers = ["--model", "default=fast,standard"] if role.startswith("worker") else []
+        assert agent["ProgramArguments"] == [sys.executable, "-m", "cli", role.split("-")[0],
+                                             *tiers]
         assert agent["KeepAlive"] is True and agent["RunAtLoad"] is True
         env = agent["EnvironmentVariables"]
         assert env["MLX_STACK_HOME"] == str(machine.home)
@@ -149,14 +151,14 @@ def test_install_and_uninstall_twice_change_nothing_the_second_time(
     machine.run("install", "--manager", manager)
     assert not [c for c in machine.commands() if " print " not in c and " show " not in c]
     # A second model: its worker is added and the broker (which expects its names)
-    # rewritten; the gateway and the first worker are left alone.
+    # rewritten; the gateway and the first worker (its tiers kept) are left alone.
     other = machine.user / "other-model"
     other.symlink_to(machine.models_dir / "SmolLM2-135M-Instruct", target_is_directory=True)
-    done = machine.run("install", "--manager", manager, "--model", "default",
+    done = machine.run("install", "--manager", manager, "--model", "default=fast,standard",
                        "--model", str(other))
     changed = {line.rsplit("/", 1)[1] for line in done.stdout.splitlines()
                if line.startswith("write ")}
-    assert not any("gateway" in c for c in changed), changed
+    assert not any("gateway" in c or "SmolLM2" in c for c in changed), changed
     assert any("other-model" in c for c in changed) and any("broker" in c for c in changed)
     # ... and dropped again: its service is stopped before its file goes.
     machine.run("install", "--manager", manager)
@@ -187,6 +189,42 @@ def test_status_shows_each_role_and_says_when_the_broker_is_away(machine: Machin
     assert view["mesh"] is None  # no broker runs here: said, not hung
     machine.run("down", "--manager", "systemd")
     assert sum(" stop " in c for c in machine.commands()) == 3
+
+
+def dry_run_units(stdout: str) -> dict[str, str]:
+    """The units ``install --dry-run`` prints (``# PATH`` then the file), by file name."""
+    units: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in stdout.splitlines():
+        if line.startswith("# /") and line.endswith(".service"):
+            current = units.setdefault(line.rsplit("/", 1)[1], [])
+        else:
+            current.append(line)
+    return {name: "\n".join(lines) for name, lines in units.items()}
+
+
+def test_install_renders_each_workers_tiers_into_its_service(machine: Machine) -> None:
+    own = machine.user / "Qwen-mini"  # a model of the user's own (the default's files)
+    own.symlink_to(machine.models_dir / "SmolLM2-135M-Instruct", target_is_directory=True)
+    done = machine.run("install", "--manager", "systemd", "--dry-run",
+                       "--model", f"{own}=premium", "--model", "default")
+    units = dry_run_units(done.stdout)
+    assert parse_unit(units["mlx-stack-worker-Qwen-mini.service"])[0][3:] == [
+        "worker", "--model", f"{own}=premium"]
+    # Beside another model the default takes no tier unless given one.
+    assert parse_unit(units["mlx-stack-worker-SmolLM2-135M-Instruct.service"])[0][3:] == [
+        "worker", "--model", "default="]
+    assert parse_unit(units["mlx-stack-broker.service"])[1]["MLX_STACK_EXPECT_MODELS"] == (
+        "Qwen-mini,premium,SmolLM2-135M-Instruct")
+    assert not (machine.user / ".config" / "systemd").exists()  # a dry run writes nothing
+    # No --model: config.toml's [models] serve, each with its tiers.
+    with (machine.home / "config.toml").open("a") as config:
+        config.write(f'[models]\nserve = ["{own}=standard,premium", "default=fast"]\n')
+    units = dry_run_units(machine.run("install", "--manager", "systemd", "--dry-run").stdout)
+    assert parse_unit(units["mlx-stack-worker-Qwen-mini.service"])[0][-1] == (
+        f"{own}=standard,premium")
+    assert parse_unit(units["mlx-stack-worker-SmolLM2-135M-Instruct.service"])[0][-1] == (
+        "default=fast")
 
 
 def test_deploy_examples_are_what_install_renders(tmp_path: Path) -> None:

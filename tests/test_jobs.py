@@ -211,3 +211,85 @@ def test_a_job_names_the_gateways_stream_endpoint_only_where_it_is_reachable(
                                   reply_to=reply_to), 0.0)
     (job,) = [m for _, _, m in sends if isinstance(m, p.Job)]
     assert job.reply_to == given
+
+
+# ------------------------------------------------------------- one name, one model
+
+
+def serve(t: JobTable, name: str, model: str, tiers: list[str], slots: int = 1,
+          context_length: int = 0, now: float = 0.0) -> list[Send]:
+    """Worker ``name`` (on node ``name``) registers ``model`` under ``tiers``."""
+    return t.worker_message(name.encode(), p.Ready(
+        worker_id=name, node_id=name, model_id=model, aliases=tiers, slots=slots,
+        context_length=context_length), now)
+
+
+def test_a_name_two_models_serve_goes_only_to_the_one_most_workers_serve_it_with() -> None:
+    t = table(queue_size=8)
+    serve(t, "mini-1", "mini", ["standard"])
+    serve(t, "qwen-1", "qwen", ["standard", "premium"])
+    serve(t, "qwen-2", "qwen", ["standard"])
+    placed: dict[str, str] = {}
+    for i in range(3):
+        placed |= jobs_to(submit(t, f"j{i}", model="standard"))
+    # Two free slots of qwen: two jobs; the third waits although mini's slot is free
+    # (mini sorts first: the majority, not the name's order, decides).
+    assert sorted(placed.values()) == ["qwen-1", "qwen-2"]
+    assert list(t.queues["standard"]) == ["j2"]
+    assert jobs_to(submit(t, "s", model="mini")) == {"s/0": "mini-1"}  # its own id still
+    entry = {e.id: e for e in t.models()}["standard"]
+    assert (entry.model_id, entry.workers, entry.nodes) == ("qwen", 2, ["qwen-1", "qwen-2"])
+    assert entry.ambiguous == ["mini", "qwen"] and entry.queued == 1
+    assert not {e.id: e for e in t.models()}["premium"].ambiguous
+
+
+def test_a_tie_goes_to_the_model_whose_id_sorts_first_and_a_model_id_to_that_model() -> None:
+    for order in (["beta", "alpha"], ["alpha", "beta"]):  # whoever registered first
+        t = table()
+        for model in order:
+            serve(t, f"{model}-1", model, ["standard"])
+        assert jobs_to(submit(t, "a", model="standard")) == {"a/0": "alpha-1"}
+    # A model's own id names that model, however many workers give it as a tier.
+    t = table()
+    serve(t, "fast-1", "fast", [])
+    serve(t, "other-1", "other", ["fast"])
+    serve(t, "other-2", "other", ["fast"])
+    assert jobs_to(submit(t, "a", model="fast")) == {"a/0": "fast-1"}
+    assert {e.id: e for e in t.models()}["fast"].ambiguous == ["fast", "other"]
+
+
+def test_an_ambiguous_name_is_warned_of_once_with_the_fix(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    t = table()
+    serve(t, "b-1", "b", ["standard"])
+    serve(t, "b-2", "b", ["standard"])
+    caplog.set_level("WARNING", logger="broker")
+    serve(t, "a-1", "a", ["standard"])
+    serve(t, "a-2", "a", ["standard", "premium"])  # still ambiguous: no second warning
+    t.tick(0.1)
+    warned = [r.getMessage() for r in caplog.records if "name_ambiguous" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "name=standard models=a,b routed_to=b" in warned[0]
+    assert "give one of them another tier" in warned[0]
+    # No longer ambiguous, then ambiguous again: said again.
+    for worker in (b"a-1", b"a-2"):
+        t.worker_message(worker, p.Disconnect(), 0.2)
+    t.tick(0.3)
+    serve(t, "a-3", "a", ["standard"], now=0.4)
+    assert sum("name_ambiguous" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_models_list_each_tier_with_its_model_and_the_context_length() -> None:
+    t = table()
+    serve(t, "w1", "qwen-32b", ["standard", "premium"], context_length=32768)
+    serve(t, "w2", "qwen-32b", ["standard"], context_length=32768)
+    serve(t, "w3", "llama-8b", ["fast"], context_length=8192)
+    models = {e.id: e for e in t.models()}
+    assert sorted(models) == ["fast", "llama-8b", "premium", "qwen-32b", "standard"]
+    assert models["qwen-32b"].tiers == ["premium", "standard"]
+    assert not models["qwen-32b"].is_tier and models["premium"].is_tier
+    assert (models["standard"].model_id, models["standard"].workers) == ("qwen-32b", 2)
+    assert (models["premium"].model_id, models["premium"].nodes) == ("qwen-32b", ["w1"])
+    assert models["fast"].context_length == 8192
+    assert models["standard"].context_length == 32768
+    assert not any(e.ambiguous for e in models.values())

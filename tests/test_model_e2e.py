@@ -104,10 +104,14 @@ def test_seeded_sampling_is_reproducible_and_not_greedy(client: openai.OpenAI) -
     assert len({sample(1234), sample(99), sample(None, temperature=0)}) == 3
 
 
-def test_models_lists_id_and_aliases(client: openai.OpenAI) -> None:
-    models = {m.id: m for m in client.models.list()}
+def test_models_lists_id_and_tiers_with_the_context_length(client: openai.OpenAI) -> None:
+    models = {m.id: m.model_dump() for m in client.models.list()}
     assert {"SmolLM2-135M-Instruct", "fast", "standard"} <= models.keys()
-    assert models["fast"].owned_by == "mlx-stack"
+    assert models["fast"]["owned_by"] == "mlx-stack"
+    assert models["fast"]["root"] == "SmolLM2-135M-Instruct"
+    assert models["SmolLM2-135M-Instruct"]["tiers"] == ["fast", "standard"]
+    # What aider and litellm size prompts by: the model's config.json says 8192.
+    assert models["standard"]["context_length"] == models["standard"]["max_model_len"] == 8192
     assert client.models.retrieve("standard").id == "standard"
 
 

@@ -44,7 +44,7 @@ def person_format() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory, models_dir: Path,
          request: pytest.FixtureRequest) -> Iterator[tuple[Cluster, dict[str, Any]]]:
-    """Two real workers of the default model, and a synthetic one (alias ``syn``)."""
+    """Two real workers of the default model, and a synthetic one (model ``syn``)."""
     c = Cluster(tmp_path_factory.mktemp("structured"),
                 env={"MLX_STACK_MODELS_DIR": str(models_dir)})
     try:

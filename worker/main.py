@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from common import heap, logs
 from common.config import Settings
+from common.names import ModelSpec
 from worker.engine import Engine
 from worker.server import Worker, system_memory
 from worker.synthetic import SyntheticEngine
@@ -30,30 +31,34 @@ class SyntheticOptions:
     """mlx-lm tool parser whose calls a script may write (``--tool-parser``)."""
 
 
-def main(settings: Settings, model: str | None, aliases: list[str] | None,
+def main(settings: Settings, model: ModelSpec,
          synthetic: SyntheticOptions | None = None) -> None:
-    """Load ``model`` (or start a synthetic engine under that name) and serve it to the
-    broker until SIGINT/SIGTERM."""
+    """Load ``model`` (or start a synthetic engine under its name) and serve it to the
+    broker under its tiers until SIGINT/SIGTERM. A worker alone knows no other model of
+    its node: the default model takes its tiers unless ``model`` names them (``mlx-stack
+    up`` and ``install`` always do)."""
     logs.setup("worker", settings.log_level, settings.log_file)
     engine: Engine
     memory = None
     if synthetic is not None:
-        engine = SyntheticEngine(model or "synthetic", synthetic.slots, synthetic.rate,
-                                 synthetic.ttft, family(synthetic.tool_parser)
+        name = "synthetic" if model.spec == "default" else model.spec
+        engine = SyntheticEngine(name, synthetic.slots, synthetic.rate, synthetic.ttft,
+                                 family(synthetic.tool_parser)
                                  if synthetic.tool_parser else None)
-        default_aliases: list[str] = []
+        tiers = list(model.tiers)
         if synthetic.mem_total:
             fixed = (synthetic.mem_total, synthetic.mem_free)
             memory = lambda: fixed  # noqa: E731
     else:
         from worker.mlx_engine import MlxEngine
-        from worker.models import resolve_model
+        from worker.models import resolve_model, tiers_of
 
-        path, model_id, default_aliases = resolve_model(model, settings.models_path)
+        path, model_id = resolve_model(model.spec, settings.models_path)
+        tiers = tiers_of(model, alone=True)
         engine = MlxEngine(path, model_id, max_slots=settings.max_slots,
                            prompt_cache_bytes=settings.prompt_cache_bytes,
                            free_memory=system_memory()[1])
-    worker = Worker(engine, settings, default_aliases if aliases is None else aliases, memory)
+    worker = Worker(engine, settings, tiers, memory)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     heap.settle()

@@ -48,14 +48,15 @@ def system_memory() -> tuple[int, int]:
 class Worker:
     """Registers ``engine`` with the broker and serves its jobs until :meth:`stop`."""
 
-    def __init__(self, engine: Engine, settings: Settings, aliases: list[str],
+    def __init__(self, engine: Engine, settings: Settings, tiers: list[str],
                  memory: Callable[[], tuple[int, int]] | None = None,
                  ctx: zmq.Context | None = None) -> None:
         self.engine = engine
         self.memory = memory or system_memory
         """(total, free) bytes as reported to the broker; the synthetic engine may fake it."""
         self.settings = settings
-        self.aliases = aliases
+        self.tiers = tiers
+        """The other names the model answers to (``fast``, ``standard``...)."""
         self.worker_id = f"{settings.node_id}-{engine.model_id}-{uuid.uuid4().hex[:6]}"
         self.running: set[str] = set()
         """Jobs handed to the batch loop whose FINAL or FAIL has not been sent yet."""
@@ -79,9 +80,9 @@ class Worker:
         total, free = self.memory()
         return p.Ready(
             worker_id=self.worker_id, node_id=self.settings.node_id,
-            model_id=self.engine.model_id, aliases=self.aliases, slots=self.engine.slots,
+            model_id=self.engine.model_id, aliases=self.tiers, slots=self.engine.slots,
             mem_total=total, mem_free=free, model_bytes=self.engine.model_bytes,
-            engine=self.engine.kind,
+            engine=self.engine.kind, context_length=self.engine.context_length,
         )
 
     def _connect(self, reason: str = "", to: str = "") -> None:
