@@ -58,7 +58,7 @@ def test_status_nodes_add_remove(mesh: Mesh) -> None:
     assert node["role"] == "coordinator" and [m["model_id"] for m in node["models"]] == ["syn"]
     assert (node["slots_in_use"], node["slots_total"]) == (0, 4)
     assert status["models"] == [{"model": "syn", "engine": "synthetic", "workers": 1,
-                                 "slots_in_use": 0, "slots_total": 4, "context_length": 1024,
+                                 "slots_in_use": 0, "slots_total": 4, "context_length": 262_144,
                                  "queued": 0}]
     assert status["tiers"] == []  # syn has none
 

@@ -52,7 +52,7 @@ def test_a_name_two_models_serve_is_marked_and_answered_by_one(mesh: Mesh) -> No
     assert cards["standard"]["ambiguous"] == ["mini", "qwen"]
     assert cards["premium"]["root"] == "qwen" and cards["premium"]["ambiguous"] == []
     assert cards["qwen"]["tiers"] == ["premium", "standard"]
-    assert cards["qwen"]["context_length"] == cards["qwen"]["max_model_len"] == 1024
+    assert cards["qwen"]["context_length"] == cards["qwen"]["max_model_len"] == 262_144
 
     result = run_cli("mesh", "status", "--json", env={**mesh.env, **mesh.node_env("node-b")})
     assert result.returncode == 0, result.stderr
