@@ -28,6 +28,9 @@ class SyntheticOptions:
     mem_free: int = 0
     tool_parser: str = ""
     """mlx-lm tool parser whose calls a script may write (``--tool-parser``)."""
+    context_length: int = 1024
+    """Prompt bytes and answer tokens a job may hold (``--context-length``): an agent's
+    prompt (Claude Code's is tens of kilobytes) needs more than the default."""
 
 
 def main(settings: Settings, model: str | None, aliases: list[str] | None,
@@ -40,7 +43,7 @@ def main(settings: Settings, model: str | None, aliases: list[str] | None,
     if synthetic is not None:
         engine = SyntheticEngine(model or "synthetic", synthetic.slots, synthetic.rate,
                                  synthetic.ttft, family(synthetic.tool_parser)
-                                 if synthetic.tool_parser else None)
+                                 if synthetic.tool_parser else None, synthetic.context_length)
         default_aliases: list[str] = []
         if synthetic.mem_total:
             fixed = (synthetic.mem_total, synthetic.mem_free)

@@ -70,13 +70,15 @@ class SyntheticEngine:
     kind = "synthetic"
     model_bytes = 0
     kv_bytes = 0
-    context_length = 1024
+    context_length: int
     """Prompt bytes and generated tokens together: a request that sets no ``max_tokens``
-    ends here, as a real model's would at its context length."""
+    ends here, as a real model's would at its context length (``--context-length``)."""
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
-                 ttft: float = 0.0, tool_format: ToolFormat | None = None) -> None:
+                 ttft: float = 0.0, tool_format: ToolFormat | None = None,
+                 context_length: int = 1024) -> None:
         self.model_id = model_id
+        self.context_length = context_length
         self.tool_format = tool_format
         """Set from ``--tool-parser``: the family whose tool calls a script may write."""
         self.slots = slots
