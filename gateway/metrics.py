@@ -25,7 +25,8 @@ from gateway.client import BrokerClient, JobError, JobEvent, Piece, Served
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""
-REQUEST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses"})
+REQUEST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses",
+                           "/v1/messages"})
 UNKNOWN = "unknown"
 """Model label of requests the mesh did not admit: a client's made-up model names must
 not become label values (one time series each)."""
