@@ -5,16 +5,21 @@ Qwen/Hermes tool-call format; the tool's result carries the next turn's script."
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import json
+import os
 import signal
+import subprocess
+import threading
+from pathlib import Path
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
 
-from tests.harness import ROOT, Cluster
+from tests.harness import ROOT, Cluster, free_port
 
 WEATHER = [{"name": "get_weather", "description": "The weather in a city now.",
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -35,7 +40,7 @@ def scripted(cluster: Cluster, rate: float = 400.0) -> Any:
 
 @pytest.fixture
 def url(cluster: Cluster) -> str:
-    scripted(cluster)
+    scripted(cluster, rate=0)  # no delay: an agent's long prompt may be said back
     cluster.worker("--engine", "synthetic", "--model", "plain")
     return cluster.gateway(env={"MLX_STACK_MODEL_NAMES": NAMES})
 
@@ -282,3 +287,80 @@ def test_top_k_reaches_the_sampler() -> None:
     drawn = {k: {int(make_sampler(GenerationRequest(kind="chat", top_k=k, seed=s))(
         logprobs).item()) for s in range(64)} for k in (1, 2)}
     assert drawn == {1: {1}, 2: {1, 2}}
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """A loopback proxy in front of the gateway that notes every exchange's method, path
+    and status: what Claude Code asked for, and whether anything was refused."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.seen: list[tuple[str, str, int]] = []
+        super().__init__(("127.0.0.1", 0), _Forward)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _Forward(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes: streams pass
+
+    def _forward(self) -> None:
+        server = self.server
+        assert isinstance(server, Recorder)
+        body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        headers = {k: v for k, v in self.headers.items()
+                   if k.lower() not in ("host", "content-length", "connection")}
+        with httpx.stream(self.command, server.upstream + self.path, content=body,
+                          headers=headers, timeout=120) as answer:
+            server.seen.append((self.command, self.path, answer.status_code))
+            self.send_response(answer.status_code)
+            for key, value in answer.headers.items():
+                if key.lower() not in ("content-length", "transfer-encoding", "connection",
+                                       "content-encoding"):
+                    self.send_header(key, value)
+            self.end_headers()
+            for chunk in answer.iter_bytes():
+                self.wfile.write(chunk)
+                self.wfile.flush()
+
+    do_GET = do_POST = do_HEAD = _forward
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(not CLAUDE.exists(), reason="Claude Code is not installed: `make test` "
+                    "installs it (npm ci in tests/clients)")
+def test_claude_code_reads_a_file_and_answers(url: str, tmp_path: Path) -> None:
+    """``claude -p`` as a user runs it against the mesh: its first turn (scripted by the
+    prompt) calls its Read tool; the file's content scripts the answer it prints. Nothing
+    may leave loopback (the proxy variables point at a dead port) and no request of its
+    may be refused."""
+    scratch, home = tmp_path / "scratch", tmp_path / "claude-home"
+    scratch.mkdir()
+    home.mkdir()
+    notes = scratch / "notes.txt"
+    notes.write_text("[[say]]The notes say: hello from the mesh.")
+    recorder = Recorder(url)
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "ANTHROPIC_BASE_URL": recorder.url,
+           "ANTHROPIC_API_KEY": "test", "DISABLE_AUTOUPDATER": "1",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "HTTPS_PROXY": dead,
+           "HTTP_PROXY": dead, "NO_PROXY": "127.0.0.1,localhost"}
+    try:
+        done = subprocess.run(
+            [str(CLAUDE), "-p", "[[say]]" + call("Read", file_path=str(notes)),
+             "--allowedTools", "Read"],
+            cwd=scratch, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        recorder.shutdown()
+        recorder.server_close()
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert "The notes say: hello from the mesh." in done.stdout
+    assert [status for *_, status in recorder.seen if status >= 400] == [], recorder.seen
+    assert len([1 for _, path, _ in recorder.seen if path.startswith("/v1/messages")]) >= 2
