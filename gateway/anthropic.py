@@ -14,7 +14,8 @@ event. Errors before the answer are in Anthropic's shape too (gateway/errors.py)
 What the mesh cannot do is said, not faked: image and document blocks and server tools
 are refused by name. ``thinking`` blocks a client sends back are dropped (the mesh's
 models write none), and so are request fields that only steer Anthropic's own service
-(``thinking``, ``cache_control``, ``context_management``, ``metadata``...). Tool call ids
+(``thinking``, ``cache_control``, ``context_management``, ``metadata``...);
+``output_config.format`` is enforced as chat's ``response_format``. Tool call ids
 are the worker's ``call_...`` shown as ``toolu_...``, and mapped back when a client
 returns them.
 """
@@ -99,14 +100,25 @@ class MessagesRequest(MessagesBody):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     metadata: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None
+    """Its ``format`` (structured outputs) is chat's ``response_format``; its ``effort``
+    steers thinking, which the mesh's models do not do."""
     stream: bool = False
 
     def to_generate(self, max_tokens_limit: int) -> ChatCompletionRequest:
         """The chat completion to run, its ``max_tokens`` within ``max_tokens_limit``."""
+        settings: dict[str, Any] = {}
+        fmt = (self.output_config or {}).get("format")
+        if fmt is not None:
+            if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+                raise Unsupported("output_config.format", "send a format of type "
+                                  "'json_schema' with its schema")
+            settings["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "output", "schema": fmt.get("schema")}}
         return self.to_chat(
             min(self.max_tokens, max_tokens_limit), stream=self.stream,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            stop=self.stop_sequences or None)
+            stop=self.stop_sequences or None, **settings)
 
 
 def _text(content: Any, where: str) -> str:

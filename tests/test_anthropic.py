@@ -252,6 +252,10 @@ def test_refusals_are_in_anthropics_shape(url: str) -> None:
                                "content": [{"type": "image", "source": {}}]}])
     assert "'image'" in image.value.body["error"]["message"]
     assert "messages.0.content.0" in image.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as structured:  # reaches the worker:
+        client.messages.create(model="tooly", max_tokens=10, messages=ask, output_config={
+            "format": {"type": "json_schema", "schema": {"type": "object"}}})
+    assert "synthetic engine cannot constrain" in structured.value.body["error"]["message"]
 
 
 def test_x_api_key_is_a_key(cluster: Cluster) -> None:
