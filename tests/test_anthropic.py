@@ -24,8 +24,9 @@ from tests.harness import ROOT, Cluster, free_port
 WEATHER = [{"name": "get_weather", "description": "The weather in a city now.",
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},
                              "required": ["city"]}}]
-NAMES = "claude-*haiku*=plain;claude-*=tooly"
-"""The gateway's model-name mapping here: Claude Code's main model to the scripted one."""
+NAMES = "claude-*haiku*=plain;claude-gone=absent;claude-*=tooly"
+"""The gateway's model-name mapping here: Claude Code's main model to the scripted one,
+its small one to another, and one name to a model no worker serves."""
 CLAUDE = ROOT / "tests" / "clients" / "node_modules" / ".bin" / "claude"
 
 
@@ -228,6 +229,13 @@ def test_model_names_map_for_every_api(url: str) -> None:
         "model": "claude-opus-4", "messages": [{"role": "user", "content": "[[say]]Chat."}]})
     assert chat.status_code == 200 and chat.json()["model"] == "tooly"
     assert chat.json()["choices"][0]["message"]["content"] == "Chat."
+    small = client.messages.create(model="claude-haiku-4-5", max_tokens=3,
+                                   messages=[{"role": "user", "content": "hi"}])
+    assert small.model == "plain"
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        client.messages.create(model="claude-gone", max_tokens=3,
+                               messages=[{"role": "user", "content": "hi"}])
+    assert "maps 'claude-gone' to 'absent'" in missing.value.body["error"]["message"]
 
 
 def test_refusals_are_in_anthropics_shape(url: str) -> None:
@@ -258,9 +266,9 @@ def test_refusals_are_in_anthropics_shape(url: str) -> None:
     assert "synthetic engine cannot constrain" in structured.value.body["error"]["message"]
 
 
-def test_x_api_key_is_a_key(cluster: Cluster) -> None:
+def test_x_api_key_is_a_key_and_limits_refuse_in_anthropics_shape(cluster: Cluster) -> None:
     scripted(cluster)
-    url = cluster.gateway(env={"MLX_STACK_API_KEYS": "sesame"})
+    url = cluster.gateway(env={"MLX_STACK_API_KEYS": "sesame", "MLX_STACK_MAX_MESSAGES": "2"})
     ask = [{"role": "user", "content": "[[say]]Open."}]
     answer = client_for(url, key="sesame").messages.create(model="tooly", max_tokens=10,
                                                            messages=ask)
@@ -269,6 +277,11 @@ def test_x_api_key_is_a_key(cluster: Cluster) -> None:
         client_for(url, key="wrong").messages.create(model="tooly", max_tokens=10,
                                                      messages=ask)
     assert refused.value.body["error"]["type"] == "authentication_error"
+    with pytest.raises(anthropic.BadRequestError) as long:
+        client_for(url, key="sesame").messages.create(model="tooly", max_tokens=10,
+                                                      messages=ask * 3)
+    assert long.value.body["error"]["type"] == "invalid_request_error"
+    assert "MLX_STACK_MAX_MESSAGES" in long.value.body["error"]["message"]
 
 
 def test_count_tokens_estimates_the_prompt(url: str) -> None:
