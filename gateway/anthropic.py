@@ -46,6 +46,13 @@ CHARS_PER_TOKEN = 4
 """count_tokens' estimate: the gateway has no tokenizer (the workers do), and about four
 characters a token is the usual figure for English text and code."""
 DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+FIELDS = {"stop": "stop_sequences", "response_format": "output_config.format"}
+"""Chat's fields that a refusal may name, as the Messages API calls them."""
+
+
+def field(param: str | None) -> str | None:
+    """The Messages API's name for a refused chat field (:data:`FIELDS`)."""
+    return FIELDS.get(param, param) if param else param
 
 
 class MessagesBody(BaseModel):
@@ -77,8 +84,7 @@ class MessagesBody(BaseModel):
             return ChatCompletionRequest.model_validate(body, strict=False)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise Unsupported("messages", f"{first['msg']} at "
-                              f"{'.'.join(map(str, first['loc']))}") from None
+            raise Unsupported(str(field(str(first["loc"][0]))), first["msg"]) from None
 
     def estimate_tokens(self) -> int:
         """The prompt's tokens, estimated from its characters (:data:`CHARS_PER_TOKEN`):
@@ -130,8 +136,10 @@ def _text(content: Any, where: str) -> str:
         for index, block in enumerate(content):
             kind = block.get("type") if isinstance(block, dict) else None
             if kind != "text" or not isinstance(block.get("text"), str):
-                raise Unsupported(f"{where}.{index}", f"blocks of type {kind!r} are not "
-                                  "supported here; send text blocks")
+                raise Unsupported(f"{where}.{index}", "send text blocks here, "
+                                  '{"type": "text", "text": "..."}' + (
+                                      f"; blocks of type {kind!r} are not supported"
+                                      if kind != "text" else ""))
             texts.append(block["text"])
         return "".join(texts)
     raise Unsupported(where, "send a string or a list of text blocks")
@@ -174,6 +182,10 @@ def _messages(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
             else:
                 out.append({"role": role, "content": block["text"]})
         elif kind == "tool_use" and role == "assistant":
+            if not (isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                    and isinstance(block.get("input", {}), dict)):
+                raise Unsupported(at, "a tool_use block needs an id and a name (strings) "
+                                  "and an input object")
             calls.append({"id": call_id(block.get("id")), "type": "function", "function": {
                 "name": block.get("name"), "arguments": json.dumps(block.get("input", {}))}})
         elif kind == "tool_result" and role == "user":
@@ -193,10 +205,13 @@ def _messages(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
 
 
 def _chat_tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
-    if tool.get("type", "custom") != "custom" or "input_schema" not in tool:
+    if tool.get("type", "custom") != "custom":
         raise Unsupported(where, f"tool {tool.get('name')!r} of type {tool.get('type')!r} "
                           "is not supported; only client tools (name, input_schema) run "
                           "here")
+    if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
+        raise Unsupported(where, "a tool needs a name (a string) and an input_schema (a "
+                          "JSON schema object)")
     function = {"name": tool.get("name"), "parameters": tool["input_schema"]}
     if "description" in tool:
         function["description"] = tool["description"]

@@ -30,7 +30,7 @@ from common.generation import GenerationRequest
 from common.meshkeys import load_keys
 from common.names import resolve_name
 from common.status import ModelEntry
-from gateway import dashboard, errors, limits
+from gateway import anthropic, dashboard, errors, limits
 from gateway.anthropic import MessagesBody, MessagesRequest
 from gateway.anthropic import Shape as MessageShape
 from gateway.auth import ApiKeys
@@ -40,7 +40,7 @@ from gateway.metrics import Metrics, RequestMetrics
 from gateway.responses import ResponsesRequest
 from gateway.responses import Shape as ResponseShape
 from gateway.routes import JsonBodyRoute
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
 from gateway.shaping import Completion, Shape, collect, headers
 
 
@@ -243,9 +243,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def messages(request: Request, body: MessagesRequest) -> Any:
         """Create a message (Anthropic's Messages API, stateless; streamed with
         ``stream: true`` as Anthropic's events)."""
-        response = await run(request, body.to_generate(settings.max_tokens_limit),
-                             lambda request_id, served: MessageShape(request_id,
-                                                                     served.model_id))
+        try:
+            response = await run(request, body.to_generate(settings.max_tokens_limit),
+                                 lambda request_id, served: MessageShape(request_id,
+                                                                         served.model_id))
+        except (Unsupported, JobError) as exc:
+            exc.param = anthropic.field(exc.param)
+            raise
         return errors.for_route(request.url.path, response)  # a refusal: Anthropic's shape
 
     @generate.post("/messages/count_tokens")

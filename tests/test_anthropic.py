@@ -263,7 +263,8 @@ def test_refusals_are_in_anthropics_shape(url: str) -> None:
     with pytest.raises(anthropic.BadRequestError) as structured:  # reaches the worker:
         client.messages.create(model="tooly", max_tokens=10, messages=ask, output_config={
             "format": {"type": "json_schema", "schema": {"type": "object"}}})
-    assert "synthetic engine cannot constrain" in structured.value.body["error"]["message"]
+    message = structured.value.body["error"]["message"]
+    assert message.startswith("output_config.format: ") and "cannot constrain" in message
 
 
 def test_x_api_key_is_a_key_and_limits_refuse_in_anthropics_shape(cluster: Cluster) -> None:
