@@ -382,3 +382,18 @@ def test_claude_code_reads_a_file_and_answers(url: str, tmp_path: Path) -> None:
     assert "The notes say: hello from the mesh." in done.stdout
     assert [status for *_, status in recorder.seen if status >= 400] == [], recorder.seen
     assert len([1 for _, path, _ in recorder.seen if path.startswith("/v1/messages")]) >= 2
+
+
+@pytest.mark.model
+def test_top_k_reaches_the_model(model_node: tuple[Cluster, str]) -> None:
+    """``top_k: 1`` through the whole path (Messages -> chat -> the job -> the mlx
+    sampler) leaves only the most likely token, so a hot sampler answers as a greedy one."""
+    _, url = model_node
+    client = client_for(url)
+    ask = [{"role": "user", "content": "Name three colours."}]
+    greedy = client.messages.create(model="standard", max_tokens=16, messages=ask,
+                                    extra_body={"temperature": 0})
+    for _ in range(2):
+        hot = client.messages.create(model="standard", max_tokens=16, messages=ask,
+                                     extra_body={"temperature": 1, "top_k": 1})
+        assert hot.content[0].text == greedy.content[0].text
