@@ -139,6 +139,8 @@ def worker(
     tool_parser: Annotated[str, typer.Option(
         help="Synthetic engine: the mlx-lm tool parser (json_tools, mistral...) whose "
         "tool calls a [[say]] script may write.", show_default=False)] = "",
+    context_length: Annotated[int, typer.Option(
+        help="Synthetic engine: prompt bytes and answer tokens one job may hold.")] = 262_144,
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -153,7 +155,7 @@ def worker(
                    log_level=log_level, max_slots=max_slots)
     gib = 1024**3
     options = SyntheticOptions(slots, rate, ttft, int(mem_total_gb * gib),
-                               int(mem_free_gb * gib), tool_parser
+                               int(mem_free_gb * gib), tool_parser, context_length
                                ) if engine == "synthetic" else None
     try:
         main(cfg, ModelSpec.parse(model or "default"), options)

@@ -32,6 +32,8 @@ class GenerationRequest:
     max_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0
+    """Sample among this many most likely tokens only (0: no such limit)."""
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     presence_penalty: float = 0.0

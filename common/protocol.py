@@ -180,6 +180,9 @@ class Final(Message):
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
     parts: int = 0
+    stop_sequence: str = ""
+    """The request's stop sequence that ended the answer (finish_reason ``stop``), or ""
+    (an end-of-sequence token, a tool call, the length); Anthropic's API names it."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -28,8 +28,11 @@ from common.config import Settings
 from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
+from common.names import resolve_name
 from common.status import ModelEntry
-from gateway import dashboard, errors, limits
+from gateway import anthropic, dashboard, errors, limits
+from gateway.anthropic import MessagesBody, MessagesRequest
+from gateway.anthropic import Shape as MessageShape
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient, JobError, JobEvent, Served
 from gateway.limits import StreamSlot
@@ -37,7 +40,7 @@ from gateway.metrics import Metrics, RequestMetrics
 from gateway.responses import Shape as ResponseShape
 from gateway.responses_request import IGNORED_HEADER, ResponsesRequest
 from gateway.routes import JsonBodyRoute
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
 from gateway.shaping import Completion, Shape, collect, headers
 
 
@@ -150,6 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
     streams = limits.StreamLimit(settings.max_streams_per_client)
+    names = settings.name_map
 
     async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
                        chat: bool) -> Any:
@@ -185,12 +189,21 @@ def create_app(settings: Settings) -> FastAPI:
     async def answer(request: Request, model: str, generation: GenerationRequest,
                      shape_for: Callable[[str, Served], Shape],
                      slot: StreamSlot | None, more_headers: dict[str, str]) -> Any:
-        """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body."""
+        """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body.
+        ``model`` is the client's name for it; the mesh's is the one the ``[models] names``
+        setting maps it to (Claude Code asks for ``claude-...``), for every API alike."""
         request_id = request.state.request_id
+        asked, model = model, resolve_name(model, names)
         events = metrics.observe(request, model, client.run(model, generation, request_id))
         try:
             async with until_disconnect(request):
-                served = await anext(events)
+                try:
+                    served = await anext(events)
+                except JobError as exc:
+                    if exc.code != p.ErrorCode.MODEL_NOT_FOUND or asked == model:
+                        raise
+                    raise JobError(exc.code, f"{exc.message} (the [models] names setting "
+                                   f"maps '{asked}' to '{model}')", exc.param) from None
                 assert isinstance(served, Served)
                 shape = shape_for(request_id, served)
                 if slot is not None:
@@ -229,6 +242,25 @@ def create_app(settings: Settings) -> FastAPI:
                       tools=more_headers[IGNORED_HEADER])
         return await run(request, asked.chat, lambda request_id, served: ResponseShape(
             request_id, body, served.model_id, asked.tools), more_headers)
+
+    @generate.post("/messages")
+    async def messages(request: Request, body: MessagesRequest) -> Any:
+        """Create a message (Anthropic's Messages API, stateless; streamed with
+        ``stream: true`` as Anthropic's events)."""
+        try:
+            response = await run(request, body.to_generate(settings.max_tokens_limit),
+                                 lambda request_id, served: MessageShape(request_id,
+                                                                         served.model_id))
+        except (Unsupported, JobError) as exc:
+            exc.param = anthropic.field(exc.param)
+            raise
+        return errors.for_route(request.url.path, response)  # a refusal: Anthropic's shape
+
+    @generate.post("/messages/count_tokens")
+    async def count_tokens(request: Request, body: MessagesBody) -> Any:
+        """Count a message request's input tokens: an estimate from its characters (the
+        gateway has no tokenizer; the answer's ``usage`` has the model's own count)."""
+        return JSONResponse({"input_tokens": body.estimate_tokens()})
 
     @generate.post("/completions")
     async def completions(request: Request, body: CompletionRequest) -> Any:

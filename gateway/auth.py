@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` on the OpenAI routes.
+"""API keys: ``Authorization: Bearer <key>``, or ``x-api-key: <key>`` as Anthropic's
+clients send it, on the API routes.
 
 Two kinds of key are accepted:
 - the ``api_keys`` setting (``MLX_STACK_API_KEYS``, comma-separated, or ``api_keys`` in
@@ -41,11 +42,14 @@ class ApiKeys:
         if local and not self.configured:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        given = given or request.headers.get("x-api-key", "").strip()
+        if not given:
             raise Unauthorized(
                 "You didn't provide an API key. Send it in the header "
-                f"'Authorization: Bearer YOUR_KEY' (OpenAI clients: api_key=...); {self._which}.")
-        token = given.strip().encode()
+                "'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY' (OpenAI and "
+                f"Anthropic clients: api_key=...); {self._which}.")
+        token = given.encode()
         # Compare with every key in constant time: no early exit tells which was close.
         if not any([hmac.compare_digest(token, key) for key in self.keys]):
             raise Unauthorized(f"Incorrect API key provided; {self._which}.")

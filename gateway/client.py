@@ -97,6 +97,8 @@ class Done:
 
     finish_reason: str
     usage: dict[str, int]
+    stop_sequence: str = ""
+    """The stop sequence that ended the answer, if one did (see ``protocol.Final``)."""
 
 
 JobEvent = Served | Piece | Done
@@ -388,7 +390,7 @@ class BrokerClient:
                             yield Served(msg.node_id, msg.worker_id, msg.model_id)
                     elif isinstance(msg, p.Final):
                         done = True
-                        yield Done(msg.finish_reason, msg.usage)
+                        yield Done(msg.finish_reason, msg.usage, msg.stop_sequence)
                         return
             finally:
                 self.streams.pop(job_id).close()

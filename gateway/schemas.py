@@ -71,6 +71,9 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    """Not OpenAI's, but vLLM's and Anthropic's (the Messages API passes it on): sample
+    among the ``top_k`` most likely tokens (None or 0: all)."""
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
@@ -100,7 +103,7 @@ class _Common(BaseModel):
     def _params(self, max_tokens: int) -> dict[str, Any]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return {"max_tokens": max_tokens, "temperature": self.temperature,
-                "top_p": self.top_p, "stop": stops, "seed": self.seed,
+                "top_p": self.top_p, "top_k": self.top_k or 0, "stop": stops, "seed": self.seed,
                 "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty}
 

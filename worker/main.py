@@ -29,6 +29,9 @@ class SyntheticOptions:
     mem_free: int = 0
     tool_parser: str = ""
     """mlx-lm tool parser whose calls a script may write (``--tool-parser``)."""
+    context_length: int = 262_144
+    """Prompt bytes and answer tokens a job may hold (``--context-length``): an agent's
+    prompt (Claude Code's is tens of kilobytes) needs more than the default."""
 
 
 def main(settings: Settings, model: ModelSpec,
@@ -44,7 +47,7 @@ def main(settings: Settings, model: ModelSpec,
         name = "synthetic" if model.spec == "default" else model.spec
         engine = SyntheticEngine(name, synthetic.slots, synthetic.rate, synthetic.ttft,
                                  family(synthetic.tool_parser)
-                                 if synthetic.tool_parser else None)
+                                 if synthetic.tool_parser else None, synthetic.context_length)
         tiers = list(model.tiers)
         if synthetic.mem_total:
             fixed = (synthetic.mem_total, synthetic.mem_free)

@@ -28,7 +28,7 @@ from mlx_lm.models.cache import (
     make_prompt_cache,
     trim_prompt_cache,
 )
-from mlx_lm.sample_utils import apply_top_p, greedy_sampler, make_logits_processors
+from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
 from common.constraints import SchemaError, json_grammar, tool_call_grammar
 from common.generation import GenerationRequest
@@ -75,13 +75,15 @@ def make_sampler(request: GenerationRequest) -> Sampler:
     if request.temperature == 0:
         return greedy_sampler
     key = mx.random.key(request.seed if request.seed is not None else secrets.randbits(63))
-    inverse_temp, top_p = 1.0 / request.temperature, request.top_p
+    inverse_temp, top_p, top_k = 1.0 / request.temperature, request.top_p, request.top_k
 
     def sample(logprobs: mx.array) -> mx.array:
         nonlocal key
         key, draw = mx.random.split(key)
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
+        if 0 < top_k < logprobs.shape[-1]:  # mlx-lm refuses a k of the whole vocabulary
+            logprobs = apply_top_k(logprobs, top_k)
         return mx.random.categorical(logprobs * inverse_temp, key=draw)
 
     return sample

@@ -32,14 +32,17 @@ class _StopScanner:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.sent = sent
 
-    def release(self, text: str, final: bool) -> tuple[str, bool]:
-        """The next piece of ``text`` to send, and whether a stop sequence ended it."""
+    def release(self, text: str, final: bool) -> tuple[str, str | None]:
+        """The next piece of ``text`` to send, and the stop sequence that ended it (the
+        earliest in the text), if one did."""
         start = max(0, self.sent - self.hold)
-        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := text.find(s, start)) >= 0]
+        stopped = None
         if hits:
-            end, stopped = max(min(hits), self.sent), True
+            at, stopped = min(hits)
+            end = max(at, self.sent)
         else:
-            end, stopped = (len(text) if final else max(self.sent, len(text) - self.hold)), False
+            end = len(text) if final else max(self.sent, len(text) - self.hold)
         piece = text[self.sent:end]
         self.sent = end
         return piece, stopped
@@ -90,6 +93,8 @@ class JobRun:
         self._scanner = _StopScanner(request.stop, sent=len(job.resume_text))
         self._pending: list[int] = []
         self._logprobs: list[dict] = []
+        self._stop_sequence = ""
+        """The stop sequence that ended the answer, once one has."""
 
     def open(self) -> bool:
         """Send what the resume seam owes the client; False when that already ended the job
@@ -146,6 +151,8 @@ class JobRun:
     def _flush(self, final: bool) -> bool:
         self._scan(final)
         text, stopped = self._scanner.release(self._content, final)
+        if stopped is not None:
+            self._stop_sequence = stopped
         if text or self._pending or self._calls:
             self.send(Partial(job_id=self.job_id, token_ids=list(self._pending), text=text,
                               tool_calls=list(self._calls), logprobs=list(self._logprobs)))
@@ -154,13 +161,14 @@ class JobRun:
             self._logprobs.clear()
         one_call = (self._tools is not None and self._tools.calls > 0
                     and not self.request.parallel_tool_calls)
-        return stopped or one_call
+        return stopped is not None or one_call
 
     def _final(self, finish_reason: str) -> None:
         if finish_reason == "stop" and self._tools is not None and self._tools.calls:
             finish_reason = "tool_calls"
         completion = len(self._resume) + self.new_tokens
-        self.send(Final(job_id=self.job_id, finish_reason=finish_reason, usage={
+        self.send(Final(job_id=self.job_id, finish_reason=finish_reason,
+                        stop_sequence=self._stop_sequence, usage={
             "prompt_tokens": len(self._prompt),
             "completion_tokens": completion,
             "total_tokens": len(self._prompt) + completion,

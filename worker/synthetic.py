@@ -70,14 +70,17 @@ class SyntheticEngine:
     kind = "synthetic"
     model_bytes = 0
     kv_bytes = 0
-    context_length = 262_144
-    """Prompt bytes and generated tokens together, as large as an agent's prompt needs (a
-    Claude Code request carries ~100 KB of instructions and tools). A request without
-    ``max_tokens`` runs to it, as with a real model: scripts end sooner."""
+    context_length: int
+    """Prompt bytes and generated tokens together, as large as an agent's prompt needs by
+    default (a Claude Code request carries ~100 KB of instructions and tools;
+    ``--context-length``). A request without ``max_tokens`` runs to it, as with a real
+    model; scripts end sooner."""
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
-                 ttft: float = 0.0, tool_format: ToolFormat | None = None) -> None:
+                 ttft: float = 0.0, tool_format: ToolFormat | None = None,
+                 context_length: int = 262_144) -> None:
         self.model_id = model_id
+        self.context_length = context_length
         self.tool_format = tool_format
         """Set from ``--tool-parser``: the family whose tool calls a script may write."""
         self.slots = slots
