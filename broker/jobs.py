@@ -245,7 +245,7 @@ class JobTable:
         self.workers[identity] = worker
         self.know(worker.names, now)
         log_event(log, "worker_ready", worker=ready.worker_id, node=ready.node_id,
-                  model=ready.model_id, tiers=",".join(ready.aliases), slots=ready.slots,
+                  model=ready.model_id, tiers=",".join(ready.tiers), slots=ready.slots,
                   engine=ready.engine)
         self._warn_ambiguous()
 

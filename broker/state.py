@@ -26,7 +26,7 @@ class WorkerState:
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset((self.info.model_id, *self.info.aliases))
+        return frozenset((self.info.model_id, *self.info.tiers))
 
     @property
     def free_slots(self) -> int:
@@ -37,7 +37,7 @@ class WorkerState:
         info = self.info
         return WorkerStatus(
             worker_id=info.worker_id, node_id=info.node_id, model_id=info.model_id,
-            tiers=list(info.aliases), engine=info.engine, slots=info.slots,
+            tiers=list(info.tiers), engine=info.engine, slots=info.slots,
             context_length=info.context_length,
             running=len(self.running), reported_running=self.reported_running,
             mem_total=info.mem_total, mem_free=self.mem_free, model_bytes=info.model_bytes,

@@ -41,12 +41,13 @@ from common.plain import ProtocolError as ProtocolError
 from common.plain import check_plain as check_plain
 from common.plain import from_dict as from_dict
 
-GATEWAY = b"MLXS-G3"
+GATEWAY = b"MLXS-G4"
 """Protocol tag of gateway <-> broker traffic. (3: workers stream to gateways directly;
-worker messages name their dispatch all the way.)"""
-WORKER = b"MLXS-W3"
+worker messages name their dispatch all the way. 4: READY's tiers and context length,
+FINAL's stop sequence, the status of tiers: a node of 3 and one of 4 do not talk.)"""
+WORKER = b"MLXS-W4"
 """Protocol tag of worker <-> broker and worker -> gateway traffic."""
-PEER = b"MLXS-B3"
+PEER = b"MLXS-B4"
 """Protocol tag of broker <-> broker traffic."""
 PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
 
@@ -92,9 +93,8 @@ class Ready(Message):
     worker_id: str
     node_id: str
     model_id: str
-    aliases: list[str] = field(default_factory=list)
-    """The model's tiers (``fast``, ``standard``...): the other names it answers to. The
-    wire keeps the field's first name, so a worker of 0.1.0 still registers."""
+    tiers: list[str] = field(default_factory=list)
+    """The other names the model answers to (``fast``, ``standard``...)."""
     slots: int = 1
     mem_total: int = 0
     mem_free: int = 0

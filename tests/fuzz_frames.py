@@ -24,7 +24,7 @@ REQUEST = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "
                               max_tokens=3)
 SEEDS: list[tuple[bytes, p.Message]] = [
     (p.WORKER, p.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
-                       aliases=["fuzz-alias"], slots=2, mem_total=2**34, mem_free=2**33)),
+                       tiers=["fuzz-tier"], slots=2, mem_total=2**34, mem_free=2**33)),
     (p.WORKER, p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
     (p.WORKER, p.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
     (p.WORKER, p.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
@@ -138,7 +138,7 @@ def frame_mutation(draw: st.DrawFn) -> list[bytes]:
     elif action == "add":
         frames.insert(draw(st.integers(0, 3)), draw(st.binary(max_size=16)))
     elif action == "tag":
-        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W2", b"MLXS-G3\x00"]))
+        frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W3", b"MLXS-G4\x00"]))
     else:
         frames[1] = draw(st.one_of(st.sampled_from([bytes((c,)) for c in p.Command]),
                                    st.binary(max_size=3)))

@@ -220,7 +220,7 @@ def serve(t: JobTable, name: str, model: str, tiers: list[str], slots: int = 1,
           context_length: int = 0, now: float = 0.0) -> list[Send]:
     """Worker ``name`` (on node ``name``) registers ``model`` under ``tiers``."""
     return t.worker_message(name.encode(), p.Ready(
-        worker_id=name, node_id=name, model_id=model, aliases=tiers, slots=slots,
+        worker_id=name, node_id=name, model_id=model, tiers=tiers, slots=slots,
         context_length=context_length), now)
 
 

@@ -15,7 +15,7 @@ def frames(tag: bytes, command: int, body: object) -> list[bytes]:
 
 def test_round_trip_every_message() -> None:
     samples = [
-        p.Ready(worker_id="w", node_id="n", model_id="m", aliases=["fast"], slots=2),
+        p.Ready(worker_id="w", node_id="n", model_id="m", tiers=["fast"], slots=2),
         p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1}),
         p.Partial(job_id="j", seq=0, token_ids=[1, 2], text="hi"),
         p.Final(job_id="j", finish_reason="stop", usage={"prompt_tokens": 3}),

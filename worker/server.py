@@ -80,7 +80,7 @@ class Worker:
         total, free = self.memory()
         return p.Ready(
             worker_id=self.worker_id, node_id=self.settings.node_id,
-            model_id=self.engine.model_id, aliases=self.tiers, slots=self.engine.slots,
+            model_id=self.engine.model_id, tiers=self.tiers, slots=self.engine.slots,
             mem_total=total, mem_free=free, model_bytes=self.engine.model_bytes,
             engine=self.engine.kind, context_length=self.engine.context_length,
         )
