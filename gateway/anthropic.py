@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.logs import log_event
 from common.protocol import ErrorCode
 from gateway import errors
-from gateway.client import Done, JobError, JobEvent, Piece
+from gateway.attempts import Done, JobError, JobEvent, Piece
 from gateway.schemas import ChatCompletionRequest, Unsupported
 from gateway.shaping import Whole, compact
 

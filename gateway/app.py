@@ -33,8 +33,9 @@ from common.status import ModelEntry
 from gateway import anthropic, dashboard, errors, limits
 from gateway.anthropic import MessagesBody, MessagesRequest
 from gateway.anthropic import Shape as MessageShape
+from gateway.attempts import JobError, Served
 from gateway.auth import ApiKeys
-from gateway.client import BrokerClient, JobError, JobEvent, Served
+from gateway.client import BrokerClient
 from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.responses import Shape as ResponseShape
@@ -106,13 +107,6 @@ class SlotStream(EventSourceResponse):
             await super()._send_with_timeout(send, message)
         else:
             await send(message)
-
-
-async def resume(first: JobEvent, rest: AsyncIterator[JobEvent]) -> AsyncIterator[JobEvent]:
-    """A job stream again, with its ``first`` event put back in front."""
-    yield first
-    async for event in rest:
-        yield event
 
 
 log = logging.getLogger("gateway")
@@ -204,14 +198,10 @@ def create_app(settings: Settings) -> FastAPI:
                         raise
                     raise JobError(exc.code, f"{exc.message} (the [models] names setting "
                                    f"maps '{asked}' to '{model}')", exc.param) from None
-                assert isinstance(served, Served)
+                assert isinstance(served, Served)  # the worker started the request
                 shape = shape_for(request_id, served)
                 if slot is not None:
-                    # The status waits until the worker started the job (its empty
-                    # PARTIAL, sent before the prefill): a request the worker refuses (a
-                    # format it cannot honour) is still a 400, not an error event in a 200.
-                    first = await anext(events)
-                    return SlotStream(shape.stream(resume(first, events)), slot,
+                    return SlotStream(shape.stream(events), slot,
                                       headers(request_id, served) | more_headers)
                 answer = await collect(events)
         except ClientGone:

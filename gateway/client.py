@@ -37,7 +37,6 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -50,59 +49,14 @@ from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
 from common.transport import waiting
+from gateway.attempts import REDISPATCHED, Attempts, JobError, JobEvent, Resubmit
 from gateway.inbox import Inbox, Lost
 from gateway.streams import StreamSocket
 
 log = logging.getLogger("gateway")
 
-RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
 LOOK_AGAIN_S = 0.1
 """Longest the reader sleeps without looking at the socket (a missed wake-up costs this)."""
-
-
-class JobError(Exception):
-    """A request that cannot complete; ``code`` is a :class:`common.protocol.ErrorCode`."""
-
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.param = param
-        """The request field at fault, if one is."""
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """A job stream's first event: where the request runs (the first worker that took it)."""
-
-    node_id: str
-    worker_id: str
-    model_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """More output: ``text``, how many tokens it holds, and the tool calls it completed
-    (``{"index", "id", "name", "arguments"}``)."""
-
-    text: str
-    tokens: int
-    tool_calls: list[dict[str, Any]]
-    logprobs: list[dict[str, Any]]
-
-
-@dataclass(frozen=True, slots=True)
-class Done:
-    """A job stream's last event: why generation stopped, and the token counts."""
-
-    finish_reason: str
-    usage: dict[str, int]
-    stop_sequence: str = ""
-    """The stop sequence that ended the answer, if one did (see ``protocol.Final``)."""
-
-
-JobEvent = Served | Piece | Done
-"""What :meth:`BrokerClient.run` yields: one Served, Pieces, one Done."""
 
 
 class BrokerClient:
@@ -326,8 +280,10 @@ class BrokerClient:
 
     async def run(self, model: str, request: GenerationRequest,
                   request_id: str) -> AsyncIterator[JobEvent]:
-        """Run one request to its end: a job stream of one :class:`Served`, the
-        :class:`Piece` s of output and one :class:`Done`.
+        """Run one request to its end: its job stream (gateway/attempts.py), one
+        :class:`~gateway.attempts.Served` once a worker started it, the
+        :class:`~gateway.attempts.Piece` s of output and one
+        :class:`~gateway.attempts.Done`.
 
         Resubmits lost jobs with resume tokens (see module docstring); the pieces join
         into one unbroken stream whichever workers made them. Raises :class:`JobError`
@@ -336,74 +292,41 @@ class BrokerClient:
         """
         deadline = time.monotonic() + self.settings.request_timeout
         loop_deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
-        token_ids: list[int] = []
-        text: list[str] = []
-        attempts = 0
-        """Submissions so far (SUBMIT.attempt > 0 lets a resubmission past the queue bound)."""
-        lost_workers = 0
-        """Attempts whose worker died under them: the only losses that count against
-        max_retries. A lost or restarted broker, a redirect or a lost frame is the mesh's
-        doing and costs the request nothing but time (its deadline still holds); workers
-        dying one after the other under the same request may be the request's doing."""
-        served = False
+        attempts = Attempts(self.settings.max_retries)
         while True:
             await self._await_broker(deadline)
             job_id = secrets.token_hex(16)
             inbox = self.streams[job_id] = Inbox(loop_deadline)
             log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
-                      model=model, attempt=attempts)
-            done = accepted = False
+                      model=model, attempt=attempts.submitted)
             try:
                 self._send(p.Submit(
-                    job_id=job_id, request_id=request_id, model=model,
-                    request=request,
-                    node_id=self.settings.node_id, resume_token_ids=token_ids,
-                    resume_text="".join(text), deadline=deadline - time.monotonic(),
-                    attempt=attempts, reply_to=self._reply_to()))
-                while True:
+                    job_id=job_id, request_id=request_id, model=model, request=request,
+                    node_id=self.settings.node_id, deadline=deadline - time.monotonic(),
+                    reply_to=self._reply_to(), **attempts.submission()))
+                resubmit = None
+                while resubmit is None:
                     try:
                         msg = await inbox.next()
                     except TimeoutError:
                         raise JobError(p.ErrorCode.DEADLINE, (
                             f"the request did not complete within "
                             f"{self.settings.request_timeout:g} s")) from None
-                    if isinstance(msg, Lost):
-                        reason, kind = msg.reason, msg.kind
-                        break
-                    if isinstance(msg, p.Fail):
-                        if msg.retryable and msg.code in RESUBMIT_CODES:
-                            reason, kind = msg.error, "mid_stream"
-                            break
-                        done = True
-                        raise JobError(msg.code, msg.error, msg.param or None)
-                    if isinstance(msg, p.Partial):
-                        token_ids.extend(msg.token_ids)
-                        text.append(msg.text)
-                        yield Piece(msg.text, len(msg.token_ids), msg.tool_calls,
-                                    msg.logprobs)
-                    elif isinstance(msg, p.Accepted):
-                        if accepted:  # the coordinator gave the job to another worker
+                    for step in attempts.apply(msg):
+                        if isinstance(step, Resubmit):
+                            resubmit = step
+                        elif step == REDISPATCHED:
                             self.failovers["pre_token"] += 1
-                        accepted = True
-                        if not served:
-                            served = True
-                            yield Served(msg.node_id, msg.worker_id, msg.model_id)
-                    elif isinstance(msg, p.Final):
-                        done = True
-                        yield Done(msg.finish_reason, msg.usage, msg.stop_sequence)
+                        elif step is not None:
+                            yield step
+                    if attempts.ended:
                         return
             finally:
                 self.streams.pop(job_id).close()
-                if not done:
+                if not attempts.ended:
                     self._send(p.Cancel(job_id=job_id))
-            attempts += 1
-            if kind == "mid_stream":
-                lost_workers += 1
-                if lost_workers > self.settings.max_retries:
-                    raise JobError(p.ErrorCode.WORKER_LOST, (
-                        f"gave up after {lost_workers} workers were lost under this "
-                        f"request (max_retries={self.settings.max_retries}); last error: "
-                        f"{reason}"))
-            self.failovers[kind] += 1
-            log_event(log, "job_resubmitted", request=request_id, attempt=attempts, kind=kind,
-                      resume_tokens=len(token_ids), reason=reason)
+            attempts.resubmit(resubmit)
+            self.failovers[resubmit.kind] += 1
+            log_event(log, "job_resubmitted", request=request_id,
+                      attempt=attempts.submitted, kind=resubmit.kind,
+                      resume_tokens=len(attempts.token_ids), reason=resubmit.reason)

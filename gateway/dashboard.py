@@ -14,7 +14,8 @@ from typing import Any
 
 from common import meshview
 from common.status import plain
-from gateway.client import BrokerClient, JobError
+from gateway.attempts import JobError
+from gateway.client import BrokerClient
 
 PAGE = (Path(__file__).parent / "dashboard.html").read_text(encoding="utf-8")
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "

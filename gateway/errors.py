@@ -18,8 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.logs import log_event
 from common.protocol import ErrorCode
+from gateway.attempts import JobError
 from gateway.auth import Unauthorized
-from gateway.client import JobError
 from gateway.schemas import Unsupported
 
 # ErrorCode -> (HTTP status, OpenAI error type)

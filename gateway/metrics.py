@@ -26,7 +26,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from common import protocol as p
 from common.logs import log_event
 from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
-from gateway.client import BrokerClient, JobError, JobEvent, Piece, Served
+from gateway.attempts import JobError, JobEvent, Piece, Served
+from gateway.client import BrokerClient
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from common.logs import log_event
 from common.protocol import ErrorCode
-from gateway.client import Done, JobError, JobEvent, Piece
+from gateway.attempts import Done, JobError, JobEvent, Piece
 from gateway.responses_request import CUSTOM_INPUT, ClientTool, ResponsesRequest, client_tool
 from gateway.shaping import Whole, compact
 

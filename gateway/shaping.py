@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from common import protocol as p
 from common.logs import log_event
 from gateway import errors
-from gateway.client import Done, JobError, JobEvent, Piece, Served
+from gateway.attempts import Done, JobError, JobEvent, Piece, Served
 
 log = logging.getLogger("gateway")
 

@@ -1,0 +1,167 @@
+"""One request's attempts, as a pure state machine: what each message of a job means for
+the request, and whether a lost job is submitted again. No sockets, no clock: the broker
+client (gateway/client.py) feeds it the messages of each attempt and does what it says,
+so the rules (resume from what the client has seen, which losses count against
+``max_retries``, when the request has started) are tested without I/O, as the broker's
+job table is.
+
+A request's **job stream**, what :meth:`gateway.client.BrokerClient.run` yields, is one
+:class:`Served` once a worker has started the request, the :class:`Piece` s of its
+output, and one :class:`Done`; or :class:`JobError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common import protocol as p
+from gateway.inbox import Lost
+
+RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
+"""Failures after which the request goes on elsewhere (the rest end it)."""
+
+
+class JobError(Exception):
+    """A request that cannot complete; ``code`` is a :class:`common.protocol.ErrorCode`."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        """The request field at fault, if one is."""
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A job stream's first event: a worker has started the request (its first message
+    came: before the prefill, or its whole answer), and where it runs. Until then a
+    refusal (a format the worker cannot honour) is still an HTTP error, not an error
+    event in a stream already answered 200."""
+
+    node_id: str
+    worker_id: str
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """More output: ``text``, how many tokens it holds, and the tool calls it completed
+    (``{"index", "id", "name", "arguments"}``)."""
+
+    text: str
+    tokens: int
+    tool_calls: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """A job stream's last event: why generation stopped, and the token counts."""
+
+    finish_reason: str
+    usage: dict[str, int]
+    stop_sequence: str = ""
+    """The stop sequence that ended the answer, if one did (see ``protocol.Final``)."""
+
+
+JobEvent = Served | Piece | Done
+"""What a job stream yields: one Served, Pieces, one Done."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resubmit:
+    """This attempt is over without an answer: submit the request again. ``kind`` names
+    the failover in the metrics (``mid_stream``, ``coordinator``, ``lost_frame``)."""
+
+    kind: str
+    reason: str
+
+
+REDISPATCHED = "redispatched"
+"""The coordinator gave the attempt to another worker before its first output (a second
+ACCEPTED): counted as a ``pre_token`` failover, nothing for the client."""
+
+Step = JobEvent | Resubmit | str | None
+"""What :meth:`Attempts.apply` says to do with a message: yield an event, resubmit,
+count a re-dispatch, or nothing."""
+
+
+class Attempts:
+    """Everything one request has been through: the output the client has been sent (the
+    resume point of the next attempt), its submissions and the workers lost under it."""
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.submitted = 0
+        """Submissions so far (SUBMIT.attempt > 0 lets a resubmission past the queue
+        bound)."""
+        self.lost_workers = 0
+        """Attempts whose worker died under them: the only losses that count against
+        ``max_retries``. A lost or restarted broker, a redirect or a lost frame is the
+        mesh's doing and costs the request nothing but time (its deadline still holds);
+        workers dying one after the other under the same request may be its own doing."""
+        self.started = False
+        """Whether the client has been told the request started (:class:`Served`)."""
+        self.ended = False
+        """Whether the current attempt ended in a FINAL or a refusal (no CANCEL owed)."""
+        self._accepted: p.Accepted | None = None
+        """The current attempt's latest ACCEPTED: the worker it runs on."""
+
+    def submission(self) -> dict[str, Any]:
+        """The SUBMIT fields of the next attempt: resume from what the client has seen."""
+        self._accepted, self.ended = None, False
+        return {"resume_token_ids": self.token_ids, "resume_text": "".join(self.text),
+                "attempt": self.submitted}
+
+    def apply(self, msg: p.Message | Lost) -> list[Step]:
+        """What ``msg``, the next message of the current attempt, means; raises
+        :class:`JobError` when the request ends in an error."""
+        match msg:
+            case Lost():
+                return [Resubmit(msg.kind, msg.reason)]
+            case p.Fail() if msg.retryable and msg.code in RESUBMIT_CODES:
+                return [Resubmit("mid_stream", msg.error)]
+            case p.Fail():
+                self.ended = True
+                raise JobError(msg.code, msg.error, msg.param or None)
+            case p.Accepted():
+                again = self._accepted is not None
+                self._accepted = msg
+                return [REDISPATCHED] if again else []
+            case p.Partial():
+                self.token_ids.extend(msg.token_ids)
+                self.text.append(msg.text)
+                steps = self._start()
+                if msg.text or msg.token_ids or msg.tool_calls or msg.logprobs:
+                    steps.append(Piece(msg.text, len(msg.token_ids), msg.tool_calls,
+                                       msg.logprobs))
+                return steps
+            case p.Final():
+                self.ended = True
+                return [*self._start(), Done(msg.finish_reason, msg.usage, msg.stop_sequence)]
+        return []
+
+    def _start(self) -> list[Step]:
+        """:class:`Served`, the first time a worker's output arrives."""
+        if self.started:
+            return []
+        self.started = True
+        where = self._accepted
+        if where is None:  # output before its ACCEPTED cannot pass the inbox; be safe
+            return [Served("", "", "")]
+        return [Served(where.node_id, where.worker_id, where.model_id)]
+
+    def resubmit(self, why: Resubmit) -> None:
+        """Count the attempt that ``why`` ended; raises :class:`JobError` when the workers
+        lost under the request pass ``max_retries``."""
+        self.submitted += 1
+        if why.kind == "mid_stream":
+            self.lost_workers += 1
+            if self.lost_workers > self.max_retries:
+                raise JobError(p.ErrorCode.WORKER_LOST, (
+                    f"gave up after {self.lost_workers} workers were lost under this "
+                    f"request (max_retries={self.max_retries}); last error: {why.reason}"))

@@ -1,0 +1,83 @@
+"""A request's attempts (gateway/attempts.py) without sockets: when the client learns the
+request started, what a resubmission resumes from, and which losses count against
+``max_retries``."""
+
+from __future__ import annotations
+
+import pytest
+
+from common import protocol as p
+from gateway.attempts import REDISPATCHED, Attempts, Done, JobError, Piece, Resubmit, Served
+from gateway.inbox import Lost
+
+
+def accepted(worker: str) -> p.Accepted:
+    return p.Accepted(job_id="j", node_id=f"node-{worker}", worker_id=worker, model_id="m")
+
+
+def partial(text: str, *tokens: int) -> p.Partial:
+    return p.Partial(job_id="j/1", token_ids=list(tokens), text=text)
+
+
+def test_the_request_starts_at_the_workers_first_message_and_names_that_worker() -> None:
+    attempts = Attempts(max_retries=3)
+    attempts.submission()
+    assert attempts.apply(accepted("w1")) == []
+    assert attempts.apply(accepted("w2")) == [REDISPATCHED]  # re-dispatched before output
+    assert attempts.apply(partial("")) == [Served("node-w2", "w2", "m")]  # started, empty
+    assert attempts.apply(partial("Hi", 7)) == [Piece("Hi", 1, [], [])]
+    assert not attempts.ended
+    final = p.Final(job_id="j/1", finish_reason="stop", usage={"completion_tokens": 1})
+    assert attempts.apply(final) == [Done("stop", {"completion_tokens": 1})]
+    assert attempts.ended
+
+
+def test_a_final_without_output_still_starts_the_request() -> None:
+    attempts = Attempts(max_retries=3)
+    attempts.submission()
+    attempts.apply(accepted("w1"))
+    steps = attempts.apply(p.Final(job_id="j/1", finish_reason="length"))
+    assert steps == [Served("node-w1", "w1", "m"), Done("length", {})]
+
+
+def test_a_resubmission_resumes_from_what_the_client_was_sent() -> None:
+    attempts = Attempts(max_retries=3)
+    attempts.submission()
+    attempts.apply(accepted("w1"))
+    attempts.apply(partial("Hel", 1, 2))
+    attempts.apply(partial("lo", 3))
+    (lost,) = attempts.apply(p.Fail(job_id="j/1", error="worker gone",
+                                    code=p.ErrorCode.WORKER_LOST, retryable=True))
+    assert lost == Resubmit("mid_stream", "worker gone") and not attempts.ended
+    attempts.resubmit(lost)
+    assert attempts.submission() == {"resume_token_ids": [1, 2, 3], "resume_text": "Hello",
+                                     "attempt": 1}
+    attempts.apply(accepted("w2"))
+    assert attempts.apply(partial("!", 4)) == [Piece("!", 1, [], [])]  # started already
+
+
+def test_only_lost_workers_count_against_max_retries() -> None:
+    attempts = Attempts(max_retries=1)
+    for _ in range(5):  # the mesh's doing: a lost broker, a lost frame
+        attempts.submission()
+        (step,) = attempts.apply(Lost("broker restarted"))
+        assert step == Resubmit("coordinator", "broker restarted")
+        attempts.resubmit(step)
+    attempts.submission()
+    attempts.resubmit(Resubmit("mid_stream", "first"))
+    attempts.submission()
+    with pytest.raises(JobError) as gave_up:
+        attempts.resubmit(Resubmit("mid_stream", "second"))
+    assert gave_up.value.code == p.ErrorCode.WORKER_LOST
+    assert "2 workers were lost" in gave_up.value.message and "second" in gave_up.value.message
+
+
+def test_a_refusal_ends_the_request_with_its_code_and_param() -> None:
+    attempts = Attempts(max_retries=3)
+    attempts.submission()
+    attempts.apply(accepted("w1"))
+    with pytest.raises(JobError) as refused:
+        attempts.apply(p.Fail(job_id="j/1", error="no tools here", param="tools",
+                              code=p.ErrorCode.INVALID_REQUEST, retryable=False))
+    assert (refused.value.code, refused.value.param) == (p.ErrorCode.INVALID_REQUEST, "tools")
+    assert attempts.ended and not attempts.started  # still an HTTP 400, not a stream error
