@@ -325,7 +325,7 @@ class JobTable:
                     continue
                 job = self.jobs[queue[0]]
                 candidates = tiers.candidates(model, self.workers.values())
-                worker, scored = self.chooser.choose(candidates, job.submit.node_id)
+                worker, scored = self.chooser.choose(candidates, job.submit)
                 if worker is None:
                     continue
                 queue.popleft()
@@ -333,11 +333,15 @@ class JobTable:
                 progress = True
 
     def _start(self, job: JobState, worker: WorkerState,
-               scored: list[tuple[WorkerState, float]]) -> None:
+               scored: list[tuple[WorkerState, float, int]]) -> None:
         submit = job.submit
         job.worker = worker.identity
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.running.add(submit.job_id)
+        # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
+        # at the FINAL: the client may send the next turn before the copy of the FINAL
+        # that reaches the broker (the gateway gets its own straight from the worker).
+        worker.prefixes.add(submit.prefix_hashes)
         if job.route is None:
             job.route = Route(job_id=submit.job_id, request_id=submit.request_id,
                               model=submit.model, time=time.time())
@@ -345,7 +349,7 @@ class JobTable:
         route = job.route
         route.retries = job.retries
         route.candidates = [Candidate(worker_id=w.info.worker_id, node_id=w.info.node_id,
-                                      score=round(s, 4)) for w, s in scored]
+                                      score=round(s, 4), cached=c) for w, s, c in scored]
         route.worker_id, route.node_id = worker.info.worker_id, worker.info.node_id
         route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
         log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,

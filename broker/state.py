@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from broker.prefixes import PrefixMirror
 from common.protocol import Ready, Submit
 from common.status import Route, WorkerStatus
 
@@ -23,6 +24,8 @@ class WorkerState:
     kv_bytes: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     last_seen: float = 0.0
+    prefixes: PrefixMirror = field(default_factory=PrefixMirror)
+    """What its prompt cache probably holds, from the jobs it finished."""
 
     @property
     def names(self) -> frozenset[str]:

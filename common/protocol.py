@@ -279,6 +279,11 @@ class Submit(Message):
     reply_to: str = ""
     """Where workers may stream this job's PARTIALs and FINAL straight to the gateway (a
     ``tcp://`` endpoint its ROUTER binds); empty: through the broker only."""
+    prefix_hashes: list[int] = field(default_factory=list)
+    """The prompt's prefix chain (gateway/prefix.py): routing sends the job where a
+    finished job's chain shares the most of it (the worker's prompt cache holds it)."""
+    prefix_ends: list[int] = field(default_factory=list)
+    """Where each block of the chain ends, in characters of the prompt."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -113,6 +113,9 @@ class Candidate:
     worker_id: str
     node_id: str
     score: float
+    cached: int = 0
+    """Characters of the job's prompt the worker's prompt cache probably holds (from the
+    chains of the jobs it was given; 0 below the minimum that routing weighs)."""
 
 
 @dataclass(kw_only=True, slots=True)

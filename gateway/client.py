@@ -51,6 +51,7 @@ from common.meshkeys import load_keys
 from common.transport import waiting
 from gateway.attempts import REDISPATCHED, Attempts, JobError, JobEvent, Resubmit
 from gateway.inbox import Inbox, Lost
+from gateway.prefix import prefix_of
 from gateway.streams import StreamSocket
 
 log = logging.getLogger("gateway")
@@ -293,6 +294,7 @@ class BrokerClient:
         deadline = time.monotonic() + self.settings.request_timeout
         loop_deadline = asyncio.get_running_loop().time() + self.settings.request_timeout
         attempts = Attempts(self.settings.max_retries)
+        prefix = prefix_of(request)  # where its prompt cache is: the same every attempt
         while True:
             await self._await_broker(deadline)
             job_id = secrets.token_hex(16)
@@ -303,7 +305,8 @@ class BrokerClient:
                 self._send(p.Submit(
                     job_id=job_id, request_id=request_id, model=model, request=request,
                     node_id=self.settings.node_id, deadline=deadline - time.monotonic(),
-                    reply_to=self._reply_to(), **attempts.submission()))
+                    reply_to=self._reply_to(), prefix_hashes=prefix.hashes,
+                    prefix_ends=prefix.ends, **attempts.submission()))
                 resubmit = None
                 while resubmit is None:
                     try:

@@ -3,17 +3,19 @@ weight is pinned by a case that fails when it is 100 times larger or smaller.
 
 Ten slots per worker make one job weigh 0.1 of load, so the cases below read in jobs:
 the memory term (W_MEM = 0.25) is worth about two jobs between a nearly full and a
-nearly empty machine, and the remote term (W_REMOTE = 0.01) is worth a tenth of one job:
-it decides only between equally loaded workers.
+nearly empty machine, the remote term (W_REMOTE = 0.01) is worth a tenth of one job: it
+decides only between equally loaded workers, and the cache term (W_CACHE = 0.5) is worth
+up to five jobs for a prompt the worker's cache holds whole.
 """
 
 from __future__ import annotations
 
 import collections
 
-from broker.routing import Chooser
+from broker.routing import MIN_CACHED_CHARS, Chooser
 from broker.state import WorkerState
-from common.protocol import Ready
+from common.generation import GenerationRequest
+from common.protocol import Ready, Submit
 
 GIB = 1024**3
 
@@ -25,12 +27,21 @@ def worker(node: str, mem_free_gib: float = 8.0, slots: int = 10) -> WorkerState
                        mem_free=info.mem_free)
 
 
+def job(origin: str, chain: int = 0, blocks: int = 0, block_chars: int = 256) -> Submit:
+    """A SUBMIT from node ``origin`` whose prompt is ``blocks`` blocks of conversation
+    ``chain`` (its prefix hashes, as gateway/prefix.py chains them: a prefix shared is a
+    list prefix shared)."""
+    return Submit(job_id="j", model="m", request=GenerationRequest(kind="chat"),
+                  node_id=origin, prefix_hashes=[chain * 1000 + i for i in range(blocks)],
+                  prefix_ends=[block_chars * (i + 1) for i in range(blocks)])
+
+
 def assign(chooser: Chooser, workers: list[WorkerState], jobs: int, origin: str
            ) -> collections.Counter[str]:
     """Dispatch ``jobs`` one after another (none finishes): where each one went."""
     counts: collections.Counter[str] = collections.Counter()
     for n in range(jobs):
-        chosen, _ = chooser.choose(workers, origin)
+        chosen, _ = chooser.choose(workers, job(origin))
         assert chosen is not None
         chosen.running.add(f"job-{n}")
         counts[chosen.info.node_id] += 1
@@ -56,7 +67,7 @@ def test_the_remote_penalty_breaks_a_tie_for_the_local_worker() -> None:
     chooser = Chooser()
     for _ in range(6):
         local, remote = worker("local"), worker("remote")
-        chosen, _ = chooser.choose([remote, local], "local")
+        chosen, _ = chooser.choose([remote, local], job("local"))
         assert chosen is local
 
 
@@ -65,13 +76,69 @@ def test_the_remote_penalty_never_outweighs_one_job() -> None:
     (W_REMOTE x 100 would keep it local)."""
     local, remote = worker("local"), worker("remote")
     local.running.add("running")
-    chosen, scored = Chooser().choose([local, remote], "local")
+    chosen, scored = Chooser().choose([local, remote], job("local"))
     assert chosen is remote
-    assert [round(s, 4) for _, s in scored] == [0.225, 0.135]
+    assert [round(s, 4) for _, s, _ in scored] == [0.225, 0.135]
 
 
 def test_a_full_worker_is_never_chosen() -> None:
     full, other = worker("full", slots=1), worker("other", mem_free_gib=0.1)
     full.running.add("running")
-    chosen, scored = Chooser().choose([full, other], "full")
-    assert chosen is other and [w for w, _ in scored] == [other]
+    full.prefixes.add(job("full", chain=1, blocks=40).prefix_hashes)
+    chosen, scored = Chooser().choose([full, other], job("full", chain=1, blocks=40))
+    assert chosen is other and [w for w, _, _ in scored] == [other]  # whatever it holds
+
+
+def test_a_conversation_goes_back_to_the_worker_that_holds_its_history() -> None:
+    """Turn 1 of each of 6 conversations spreads; every next turn (its chain grown by a
+    few blocks) goes where its last turn finished, though that worker runs a job more
+    (W_CACHE / 100: the tie rotation scatters them)."""
+    chooser, workers = Chooser(), [worker("a"), worker("b"), worker("c")]
+    home = {}
+    for conversation in range(6):
+        first = job("elsewhere", chain=conversation, blocks=8)
+        chosen, _ = chooser.choose(workers, first)
+        assert chosen is not None
+        chosen.prefixes.add(first.prefix_hashes)
+        home[conversation] = chosen
+    assert len({w.info.node_id for w in home.values()}) == 3
+    for conversation, worker_ in home.items():
+        worker_.running.add("another job")
+        chosen, scored = chooser.choose(workers, job("elsewhere", chain=conversation,
+                                                     blocks=12))
+        assert chosen is worker_
+        assert [c for w, _, c in scored if w is worker_] == [8 * 256]
+        worker_.running.discard("another job")
+
+
+def test_a_short_shared_prefix_is_no_reason_to_move() -> None:
+    """Under MIN_CACHED_CHARS the match is not weighed: an equal split, as without one."""
+    assert MIN_CACHED_CHARS > 1000
+    short = job("elsewhere", chain=1, blocks=2, block_chars=500)  # 1,000 chars
+    holder, other = worker("holder"), worker("other")
+    holder.prefixes.add(short.prefix_hashes)
+    _, scored = Chooser().choose([holder, other], short)
+    assert [c for _, _, c in scored] == [0, 0]
+    assert assign_jobs(Chooser(), [holder, other], short, 4) == {"holder": 2, "other": 2}
+
+
+def test_a_hot_prefix_spreads_once_its_holder_runs_half_its_slots_more() -> None:
+    """Every agent with one system prompt: the holder takes jobs until it runs five more
+    than an idle worker (W_CACHE = 0.5 of ten slots), then the others take them, and
+    learn the prefix themselves (W_CACHE x 100: everything piles onto the holder)."""
+    chooser, holder, idle = Chooser(), worker("holder"), worker("idle")
+    shared = job("elsewhere", chain=7, blocks=16)
+    holder.prefixes.add(shared.prefix_hashes)
+    went = assign_jobs(chooser, [holder, idle], shared, 8)
+    assert went == {"holder": 6, "idle": 2}
+
+
+def assign_jobs(chooser: Chooser, workers: list[WorkerState], submit: Submit, jobs: int
+                ) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for n in range(jobs):
+        chosen, _ = chooser.choose(workers, submit)
+        assert chosen is not None
+        chosen.running.add(f"job-{n}")
+        counts[chosen.info.node_id] += 1
+    return counts
