@@ -11,6 +11,8 @@ const EVENT_KINDS = {
   broker_lost: "warn", coordinator_change: "info", worker_joined: "ok", node_joined: "ok",
   broker_up: "ok",
 };
+// Seconds between two labels of the time axis: the first of these that makes at most 5.
+const TICKS = [15, 30, 60, 120, 300];
 const CHART = {width: 560, height: 190, left: 46, right: 12, top: 14, bottom: 24};
 
 function svg(tag, attrs, text) {
@@ -74,13 +76,14 @@ function drawChart(chart, series, events, start, end, legendId) {
   for (let i = 0; i <= 4; i++) {
     const v = (max * i) / 4;
     axis.append(svg("line", {class: "grid", x1: left, x2: width - right, y1: y(v), y2: y(v)}),
-                svg("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"}, number(v)));
+                svg("text", {x: left - 6, y: y(v) + 4, "text-anchor": "end"},
+                    Number(v.toPrecision(2)).toString()));
   }
-  for (let minutes = 0; minutes <= 15; minutes += 5) {
-    const t = end - minutes * 60;
-    if (t < start) break;
-    axis.append(svg("text", {x: x(t), y: height - 6, "text-anchor": minutes ? "middle" : "end"},
-                    minutes ? `−${minutes} min` : "now"));
+  const step = TICKS.find((s) => (end - start) / s <= 5) || TICKS[TICKS.length - 1];
+  for (let back = 0; end - back >= start; back += step) {
+    const label = back === 0 ? "now" : back < 60 ? `−${back} s` : `−${back / 60} min`;
+    axis.append(svg("text", {x: x(end - back), y: height - 6,
+                             "text-anchor": back ? "middle" : "end"}, label));
   }
   parts.push(axis);
   series.forEach((s, i) => {
@@ -186,7 +189,9 @@ function requestRates(samples) {
 
 function drawCharts(samples, events, windowSeconds) {
   const end = samples.length ? samples[samples.length - 1].time : Date.now() / 1000;
-  const start = end - windowSeconds;
+  // The whole window once it is full; until then the samples there are, at least a minute.
+  const first = samples.length ? samples[0].time : end;
+  const start = Math.max(end - windowSeconds, Math.min(first, end - 60));
   const nodeNames = new Set(samples.flatMap((s) => Object.keys(s.nodes || {})));
   const tokens = seriesOf(samples, (s) => ({mesh: s.tokens_per_s, ...prefixed(s.nodes)}),
                           {total: "mesh", order: ["mesh", ...[...nodeNames].sort()
