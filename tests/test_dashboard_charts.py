@@ -134,6 +134,9 @@ def test_three_nodes_under_load_and_a_killed_worker(mesh: Mesh, page: Any,
                  timeout=30)
         wait_for("tokens flowing", lambda: (latest(page, "chart-tokens", "mesh") or 0) > 0)
         wait_for("first-token times", lambda: latest(page, "chart-ttft", "p90"))
+        if os.environ.get("DASHBOARD_SCREENSHOTS"):  # a picture with a minute of history
+            wait_for("a minute of samples", lambda: int(
+                page.get_attribute("body", "data-samples") or 0) >= 30, timeout=90)
         screenshot(page, tmp_path / "dashboard.png")
 
         workers["node-b"].kill(signal.SIGKILL)

@@ -40,7 +40,7 @@ def test_ctrl_c_ends_the_watch_cleanly(cluster: Cluster) -> None:
 
         wait_for("the watch to ask the broker", asking, timeout=30)
         proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=20)
+        _, stderr = proc.communicate(timeout=20)
     finally:
         if proc.poll() is None:
             proc.kill()
