@@ -20,7 +20,9 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from cli import watch as live
 from cli.console import err, out, settings
 from common import meshview
 from common.config import ENDPOINT, Settings, is_loopback, update_config_file
@@ -60,11 +62,18 @@ def fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
+class Unanswered(Exception):
+    """A quiet :class:`Asker`'s question got no answer (the message says why)."""
+
+
 class Asker:
     """CONTROL requests from the command line, with the exits above on failure."""
 
-    def __init__(self, cfg: Settings, broker: str | None) -> None:
+    def __init__(self, cfg: Settings, broker: str | None, quiet: bool = False) -> None:
+        """``quiet``: a failure raises :class:`Unanswered` and prints nothing (the watch
+        shows it on its screen), rather than printing and exiting."""
         self.cfg = cfg
+        self.quiet = quiet
         self.keys = load_keys(cfg.home)
         self.endpoint = broker or cfg.broker_connect
         self.clients: dict[str, ControlClient] = {}
@@ -77,7 +86,8 @@ class Asker:
         try:
             result = self.clients[endpoint].ask(op, timeout=3.0, **args)
         except ControlError as exc:
-            raise fail(EXIT_REFUSED, f"[red]the broker refused:[/red] {escape(str(exc))}") from None
+            raise self.fail(EXIT_REFUSED, f"[red]the broker refused:[/red] "
+                            f"{escape(str(exc))}") from None
         if result is None:
             host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
             if self.keys is None and not is_loopback(host):
@@ -88,9 +98,13 @@ class Asker:
             if self.keys is not None:
                 hint += ("; if the mesh was enabled since, restart `mlx-stack up` so that the "
                          "broker uses the secret")
-            raise fail(EXIT_UNREACHABLE,
-                       f"[red]no broker answered at {escape(endpoint)}[/red]: {hint}")
+            raise self.fail(EXIT_UNREACHABLE,
+                            f"[red]no broker answered at {escape(endpoint)}[/red]: {hint}")
         return result
+
+    def fail(self, code: int, message: str) -> Exception:
+        """The exit with ``message``, or, when quiet, :class:`Unanswered` saying it."""
+        return Unanswered(Text.from_markup(message).plain) if self.quiet else fail(code, message)
 
     def coordinator(self) -> BrokerStatus:
         """The coordinator's status: this broker's, or its coordinator's when it is a
@@ -124,9 +138,24 @@ def nodes_table(rows: list[dict[str, Any]]) -> Table:
 
 
 @mesh.command()
-def status(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
+def status(json_: Json = False, broker: BrokerAt = None, home: Home = None,
+           watch: Annotated[bool, typer.Option(
+               "--watch", help="Redraw a live picture (nodes, tokens/s, queues, events) "
+               "until Ctrl-C.")] = False,
+           interval: Annotated[float, typer.Option(
+               min=0.1, max=60, help="Seconds between two pictures of --watch.")] = 1.0,
+           count: Annotated[int | None, typer.Option(
+               min=1, help="Stop --watch after this many pictures (for scripts).",
+               show_default=False)] = None) -> None:
     """The coordinator, its epoch, every node and every model's queue."""
     cfg = settings(home=home)
+    if watch:
+        watcher = Asker(cfg, broker, quiet=True)
+        try:
+            live.watch(watcher.coordinator, interval, count)
+        finally:
+            watcher.close()
+        return
     asker = Asker(cfg, broker)
     try:
         st = asker.coordinator()

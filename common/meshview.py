@@ -1,8 +1,10 @@
 """The mesh at a glance, from a broker's CONTROL status: who coordinates, each node with
 its role, models, slots, memory and last heartbeat, each model with its queue, each tier
-with the model it resolves to. One place
-for these views, so that ``mlx-stack mesh`` and the ``/mesh`` dashboard show the same.
-The views are plain maps, ready for JSON (``--json`` and the dashboard)."""
+with the model it resolves to; and, from successive statuses, what changed (workers and
+nodes lost or joined, a new coordinator) and which nodes were in the mesh lately but are
+not now. One place for these views, so that ``mlx-stack mesh`` (``status --watch``) and
+the ``/mesh`` dashboard show the same. The views are plain maps, ready for JSON
+(``--json`` and the dashboard)."""
 
 from __future__ import annotations
 
@@ -22,36 +24,53 @@ def coordinator(status: BrokerStatus) -> dict[str, Any]:
 
 def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
     """One entry per node that runs a live broker or worker: its broker's role, models
-    (with their queue depth), slots in use / total, memory and last heartbeat age."""
-    roles = {status.node_id: (status.role, 0.0)}
+    (each with its queue depth, workers, slots, tokens/s and prompt-cache hit rate), slots
+    in use / total, memory, tokens/s, prompt-cache hit rate and last heartbeat age."""
+    roles: dict[str, tuple[str, float | None, Any]] = {status.node_id: (status.role, 0.0, None)}
     for peer in status.peers:
-        roles[peer.node_id] = (COORDINATOR if peer.coordinator else STANDBY, peer.last_seen_s)
+        roles[peer.node_id] = (COORDINATOR if peer.coordinator else STANDBY, peer.last_seen_s,
+                               getattr(peer, "protocol", None))
     workers: dict[str, list[WorkerStatus]] = {}
     for worker in status.workers:
         workers.setdefault(worker.node_id, []).append(worker)
     view = []
     for node in sorted(roles.keys() | workers.keys()):
         mine = workers.get(node, [])
-        role, broker_age = roles.get(node, ("worker", None))
+        role, broker_age, protocol = roles.get(node, ("worker", None, None))
         ages = [w.last_heartbeat_s for w in mine] + ([broker_age] if role != "worker" else [])
-        models = {w.model_id: {
-            "model_id": w.model_id, "tiers": w.tiers, "engine": w.engine,
-            "queue": sum(status.queues.get(n, 0) for n in w.names)}
-            for w in mine}
+        by_model: dict[str, list[WorkerStatus]] = {}
+        for w in mine:
+            by_model.setdefault(w.model_id, []).append(w)
         # Every worker of a node reports the same machine: the latest report will do.
         latest = min(mine, key=lambda w: w.last_heartbeat_s, default=None)
-        view.append({
+        entry = {
             "node_id": node,
             "role": role,
-            "workers": len(mine),
-            "models": [models[m] for m in sorted(models)],
-            "slots_in_use": sum(w.running for w in mine),
-            "slots_total": sum(w.slots for w in mine),
+            "models": [{"model_id": model, "tiers": ws[0].tiers, "engine": ws[0].engine,
+                        "queue": sum(status.queues.get(n, 0) for n in ws[0].names),
+                        **load(ws)}
+                       for model, ws in sorted(by_model.items())],
             "mem_total": latest.mem_total if latest else 0,
             "mem_free": latest.mem_free if latest else 0,
             "heartbeat_age_s": min(ages) if ages else None,
-        })
+            **load(mine),
+        }
+        if protocol is not None:  # said only by a status that knows a peer's protocol
+            entry["protocol"] = protocol
+        view.append(entry)
     return view
+
+
+def load(workers: list[WorkerStatus]) -> dict[str, Any]:
+    """What ``workers`` do together: slots in use / total, tokens/s, and the share of their
+    requests whose prompt began with a cached prefix (None before any request)."""
+    hits = sum(w.counters.get("prompt_cache_hits", 0) for w in workers)
+    misses = sum(w.counters.get("prompt_cache_misses", 0) for w in workers)
+    return {"workers": len(workers),
+            "slots_in_use": sum(w.running for w in workers),
+            "slots_total": sum(w.slots for w in workers),
+            "tokens_per_s": round(sum(w.tokens_per_s for w in workers), 2),
+            "cache_hit_rate": round(hits / (hits + misses), 3) if hits + misses else None}
 
 
 def models(status: BrokerStatus) -> list[dict[str, Any]]:
@@ -84,3 +103,87 @@ def tiers(status: BrokerStatus) -> list[dict[str, Any]]:
     return [{"tier": e.id, "model": e.model_id, "nodes": e.nodes, "workers": e.workers,
              "queued": e.queued, "ambiguous": e.ambiguous}
             for e in status.models if e.is_tier or e.ambiguous]
+
+
+WORKER_LOST, WORKER_JOINED = "worker_lost", "worker_joined"
+NODE_LOST, NODE_JOINED = "node_lost", "node_joined"
+COORDINATOR_CHANGE = "coordinator_change"
+BROKER_DOWN, BROKER_UP = "broker_down", "broker_up"
+"""The kinds of event :class:`Changes` reports (the gateway adds its failovers)."""
+
+
+def event(when: float, kind: str, text: str) -> dict[str, Any]:
+    """One event for a time axis: wall-clock ``when``, its kind, what happened in words."""
+    return {"time": round(when, 3), "kind": kind, "text": text}
+
+
+class Changes:
+    """Successive statuses of one mesh, remembered just enough to say what changed between
+    them and which nodes were seen within ``forget_after_s`` but are not in the mesh now
+    (unreachable: their broker stopped answering its peers, or their last worker left)."""
+
+    def __init__(self, forget_after_s: float = 900.0) -> None:
+        self.forget_after_s = forget_after_s
+        self.last: BrokerStatus | None = None
+        self.up: bool | None = None
+        self.seen: dict[str, tuple[float, str]] = {}
+        """Node -> (wall-clock time last seen, its role then)."""
+
+    def update(self, status: BrokerStatus | None, now: float,
+               error: str = "") -> list[dict[str, Any]]:
+        """Take the status as of ``now`` (None: the broker did not answer, ``error`` says
+        why); return the events since the last one taken."""
+        events = []
+        if status is None:
+            if self.up:
+                events.append(event(now, BROKER_DOWN, f"the broker did not answer: {error}"))
+            self.up = False
+            return events
+        if self.up is False:
+            events.append(event(now, BROKER_UP, "the broker answers again"))
+        self.up = True
+        if self.last is not None:
+            events += differences(self.last, status, now)
+        self.last = status
+        for node in nodes(status):
+            self.seen[node["node_id"]] = (now, node["role"])
+        for node, (when, _) in list(self.seen.items()):
+            if now - when > self.forget_after_s:
+                del self.seen[node]
+        return events
+
+    def unreachable(self, status: BrokerStatus | None) -> list[dict[str, Any]]:
+        """The nodes seen lately that ``status`` does not show, with when they were last
+        seen (none when there is no status: then nothing is known)."""
+        if status is None:
+            return []
+        live = {n["node_id"] for n in nodes(status)}
+        return [{"node_id": node, "role": role, "last_seen": round(when, 3)}
+                for node, (when, role) in sorted(self.seen.items()) if node not in live]
+
+
+def differences(before: BrokerStatus, after: BrokerStatus, now: float) -> list[dict[str, Any]]:
+    """The events between two statuses: a new coordinator, workers and nodes lost or
+    joined."""
+    events = []
+    old, new = coordinator(before), coordinator(after)
+    if (old["node_id"], old["epoch"]) != (new["node_id"], new["epoch"]):
+        events.append(event(now, COORDINATOR_CHANGE,
+                            f"coordinator {old['node_id'] or '?'} (epoch {old['epoch']}) "
+                            f"-> {new['node_id'] or '?'} (epoch {new['epoch']})"))
+    was = {w.worker_id: w for w in before.workers}
+    now_in = {w.worker_id: w for w in after.workers}
+    for kind, ids, source, verb in ((WORKER_LOST, was.keys() - now_in.keys(), was, "left"),
+                                    (WORKER_JOINED, now_in.keys() - was.keys(), now_in,
+                                     "joined")):
+        for worker_id in sorted(ids):
+            w = source[worker_id]
+            events.append(event(now, kind, f"worker {worker_id} ({w.model_id}) on node "
+                                f"{w.node_id} {verb} the mesh"))
+    old_nodes = {n["node_id"] for n in nodes(before)}
+    new_nodes = {n["node_id"] for n in nodes(after)}
+    events += [event(now, NODE_LOST, f"node {n} left the mesh (unreachable)")
+               for n in sorted(old_nodes - new_nodes)]
+    events += [event(now, NODE_JOINED, f"node {n} joined the mesh")
+               for n in sorted(new_nodes - old_nodes)]
+    return events

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
@@ -36,6 +36,7 @@ from gateway.anthropic import Shape as MessageShape
 from gateway.attempts import JobError, Served
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient
+from gateway.history import History
 from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
 from gateway.responses import Shape as ResponseShape
@@ -135,7 +136,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await client.start()
         heap.settle()
-        yield
+        async with history.running():  # the dashboard's samples, off the request path
+            yield
         await client.close()
 
     app = FastAPI(title="mlx-stack gateway", version=p.VERSION, lifespan=lifespan,
@@ -143,6 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
                   telemetry=telemetry())
     app.state.client = client
     metrics = Metrics(client)
+    history = History(client, metrics)
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
@@ -303,15 +306,7 @@ def create_app(settings: Settings) -> FastAPI:
         """Prometheus exposition of this gateway's and its broker's figures."""
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/mesh", include_in_schema=False)
-    async def mesh_page() -> HTMLResponse:
-        """The live dashboard: one static page that polls ``/mesh/status``."""
-        return HTMLResponse(dashboard.PAGE, headers={"Content-Security-Policy": dashboard.CSP})
-
-    @app.get("/mesh/status")
-    async def mesh_status() -> dict[str, Any]:
-        """The coordinator, every node and the recent routing decisions, as JSON."""
-        return await dashboard.snapshot(client)
+    app.include_router(dashboard.router(client, history))
 
     return app
 

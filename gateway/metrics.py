@@ -10,6 +10,7 @@ still served and ``mlx_stack_broker_up`` is 0.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -42,6 +43,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 log = logging.getLogger("gateway")
 NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FIRST_TOKENS = 4096
+"""Times to first token kept for the dashboard: a few seconds' worth at the busiest."""
 FAILOVERS = ("pre_token", "mid_stream", "coordinator", "lost_frame")
 
 
@@ -64,6 +67,10 @@ class Metrics:
         self.tokens = Counter(
             "mlx_stack_tokens_generated", "Completion tokens sent to clients.", ["model"],
             registry=self.registry)
+        self.first_tokens: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=FIRST_TOKENS)
+        """(monotonic time, seconds) of the latest times to first token, for the
+        dashboard's percentiles (the histogram's buckets are too coarse for them)."""
         self.mesh = MeshCollector(client)
         self.registry.register(self.mesh)
         self.client = client
@@ -103,7 +110,9 @@ class Metrics:
                         request.state.model = model
                     elif isinstance(event, Piece) and event.tokens:
                         if tokens is None:
-                            self.ttft.labels(model).observe(time.monotonic() - started)
+                            now = time.monotonic()
+                            self.ttft.labels(model).observe(now - started)
+                            self.first_tokens.append((now, now - started))
                             tokens = self.tokens.labels(model)
                         tokens.inc(event.tokens)
                     yield event

@@ -5,7 +5,6 @@ untrusted names as text, never as HTML."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,33 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser import HOSTILE, open_page
 from tests.harness import Cluster, wait_for
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-HOSTILE = "<img src=x onerror=document.body.dataset.pwned=1>"
-# Off the network: no sync, updates, field trials, first-run pings, proxies or QUIC.
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--no-proxy-server", "--disable-features=MediaRouter,OptimizationHints"]
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
-                               "(pip install -e '.[test]')")
-if not Path(CHROMIUM).exists():
-    pytest.skip("chromium is not installed; `make test` installs it as root on Debian/Ubuntu "
-                "(apt-get install chromium)", allow_module_level=True)
 
 
 @pytest.fixture
 def page(tmp_path: Path) -> Iterator[Any]:
-    """A page of a fresh headless chromium with its own temporary profile."""
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
-            chromium_sandbox=False, args=FLAGS, timeout=60_000)
-        try:
-            yield browser.pages[0] if browser.pages else browser.new_page()
-        finally:
-            browser.close()
+    yield from open_page(tmp_path)
 
 
 def shown_nodes(page: Any) -> dict[str, dict[str, str]]:
@@ -84,7 +63,8 @@ def test_dashboard_shows_nodes_routes_and_a_killed_worker(cluster: Cluster, page
     assert f"also served by {HOSTILE}" in ambiguous.locator(".ambiguous").text_content()
     # A hostile name is shown as text: no element is made of it, no script runs.
     assert HOSTILE in nodes["node-c"]["cells"][2]
-    assert page.locator("#nodes img, #tiers img").count() == 0
+    assert page.locator("#nodes img, #tiers img, #topology img").count() == 0
+    assert page.locator(f'#topology g.model[data-model="{HOSTILE}"]').count() == 1
     assert page.evaluate("document.body.dataset.pwned") is None
     screenshot(page, tmp_path / "dashboard-3-nodes.png")
 
