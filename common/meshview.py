@@ -11,19 +11,31 @@ from typing import Any
 from common.status import COORDINATOR, STANDBY, BrokerStatus, WorkerStatus
 
 
+def incompatible_role(protocol: int) -> str:
+    """The role shown for a node whose broker speaks another protocol version."""
+    return f"incompatible (protocol {protocol})"
+
+
 def coordinator(status: BrokerStatus) -> dict[str, Any]:
     """Which broker coordinates, as the broker in use sees it."""
     if status.coordinating:
         node = status.node_id
     else:
         node = next((b.node_id for b in status.peers if b.endpoint == status.coordinator), None)
-    return {"node_id": node, "endpoint": status.coordinator, "epoch": status.epoch}
+    return {"node_id": node, "endpoint": status.coordinator, "epoch": status.epoch,
+            "alias": status.alias}
 
 
 def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
     """One entry per node that runs a live broker or worker: its broker's role, models
-    (with their queue depth), slots in use / total, memory and last heartbeat age."""
+    (with their queue depth), slots in use / total, memory and last heartbeat age. A node
+    whose broker speaks another protocol version has the role ``incompatible (protocol
+    N)`` and, in ``advice``, which Mac to upgrade (its workers serve its own mesh)."""
     roles = {status.node_id: (status.role, 0.0)}
+    advice: dict[str, str] = {}
+    for peer in status.incompatible:
+        roles[peer.node_id] = (incompatible_role(peer.protocol), peer.last_seen_s)
+        advice[peer.node_id] = peer.advice
     for peer in status.peers:
         roles[peer.node_id] = (COORDINATOR if peer.coordinator else STANDBY, peer.last_seen_s)
     workers: dict[str, list[WorkerStatus]] = {}
@@ -50,6 +62,7 @@ def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
             "mem_total": latest.mem_total if latest else 0,
             "mem_free": latest.mem_free if latest else 0,
             "heartbeat_age_s": min(ages) if ages else None,
+            "advice": advice.get(node, ""),
         })
     return view
 
