@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from broker.skew import advice
 from common import protocol as p
 from common.config import ENDPOINT
 from common.status import COORDINATOR, STANDBY, BrokerStatus, PeerStatus, Route, plain
@@ -52,6 +53,12 @@ def status(broker: Broker, _: dict[str, Any] | None = None) -> BrokerStatus:
                           epoch=b.epoch, priority=b.priority,
                           last_seen_s=round(now - b.last_seen, 3))
                for b in broker.election.live(now)],
+        incompatible=[PeerStatus(node_id=s.hello.node_id, endpoint=s.hello.endpoint,
+                                 coordinator=s.hello.coordinator, protocol=s.hello.protocol,
+                                 advice=advice(broker.settings.node_id, s.hello),
+                                 last_seen_s=round(now - s.last_seen, 3))
+                      for s in broker.skew.live(now)],
+        alias=broker.alias(now),
         uptime_s=round(time.time() - broker.started, 1),
         workers=[w.status(now) for w in table.workers.values()],
         queues={m: len(q) for m, q in table.queues.items() if q},

@@ -100,7 +100,8 @@ class PeerLinks:
         return replies, lost
 
     def set_coordinator(self, coordinating: bool) -> None:
-        """Publish over mDNS whether this broker coordinates."""
+        """Publish over mDNS whether this broker is the one clients reach as
+        mlx-stack.local (it coordinates, and no newer protocol's coordinator is live)."""
         if self.discovery is not None:
             self.discovery.set_coordinator(coordinating)
 

@@ -38,6 +38,7 @@ from broker import announce, control, epochs
 from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
+from broker.skew import Skew
 from common import protocol as p
 from common.config import Settings, is_loopback
 from common.discovery import Advert, Discovery
@@ -116,6 +117,8 @@ class Broker:
         """Workers and gateways heard while standby (identity -> protocol tag)."""
         self.mesh_models: list[str] = []
         """The models the coordinator last announced: known here if this one takes over."""
+        self.skew = Skew(settings.node_id, settings.peer_timeout)
+        """Brokers of other protocol versions (broker/skew.py): shown, never followed."""
         self._seq = itertools.count(1)
         self._stopping = False
         self._saved_epoch = -1
@@ -146,7 +149,8 @@ class Broker:
         try:
             _, msg = p.decode(frames, p.FROM_BROKER)
         except p.ProtocolError as exc:
-            self._reject(exc.reason, exc)
+            if not self._stranger(frames):
+                self._reject(exc.reason, exc)
             return
         if isinstance(msg, p.Announce) and self._plausible(msg):
             self._heard(msg)
@@ -165,6 +169,10 @@ class Broker:
     @property
     def coordinating(self) -> bool:
         return self.election.me.coordinator
+
+    def alias(self, now: float) -> bool:
+        """Whether this broker should publish mlx-stack.local (broker/skew.py)."""
+        return self.coordinating and not self.skew.yields_alias(now)
 
     # ----------------------------------------------------------------- main loop
 
@@ -220,6 +228,10 @@ class Broker:
         try:
             protocol, msg = p.decode(frames[1:], p.TO_BROKER)
         except p.ProtocolError as exc:
+            if self._stranger(frames[1:]):
+                # Tell it our version: it may only reach us on this connection.
+                self._send(identity, p.PEER, self._announcement())
+                return
             self._reject(exc.reason, exc)
             if (job_id := p.submitted_job(frames[1:])) is not None:
                 self._send(identity, p.GATEWAY, p.Fail(
@@ -242,6 +254,18 @@ class Broker:
         self.rejected[reason] += 1
         self.counters["dropped"] += 1
         log_event(log, "frame_dropped", logging.DEBUG, reason=reason, detail=detail)
+
+    def _stranger(self, frames: list[bytes]) -> bool:
+        """Whether ``frames`` are a broker's ANNOUNCE of another protocol version: noted
+        for the status (broker/skew.py), warned of once with what to upgrade."""
+        hello = p.hello(frames)
+        if hello is None:
+            return False
+        self.rejected["incompatible_protocol"] += 1
+        if (advice := self.skew.heard(hello, time.monotonic())) is not None:
+            log_event(log, "incompatible_peer", logging.WARNING, node=hello.node_id,
+                      endpoint=hello.endpoint, protocol=hello.protocol, fix=advice)
+        return True
 
     def _role_of(self, identity: bytes) -> bytes | None:
         """The protocol tag an identity has spoken so far (None if new)."""
@@ -343,7 +367,7 @@ class Broker:
         self._save_epoch()
         if decision.changed:
             self._announce()
-        self.peers.set_coordinator(decision.coordinator)
+        self.peers.set_coordinator(self.alias(now))
         coordinator = decision.follow.endpoint if decision.follow else ""
         if decision.changed:
             log_event(log, "role_changed", logging.WARNING,

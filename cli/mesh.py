@@ -123,6 +123,15 @@ def gib(n: int) -> str:
     return f"{n / 1024**3:.1f}" if n else "-"
 
 
+def print_nodes(rows: list[dict[str, Any]]) -> None:
+    """The nodes table, then in yellow what to do about each node of another protocol
+    version."""
+    out.print(nodes_table(rows))
+    for r in rows:
+        if r["advice"]:
+            out.print(f"[yellow]{escape(r['node_id'])}: {escape(r['advice'])}[/yellow]")
+
+
 def nodes_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="Nodes")
     for column in ("Node", "Role", "Models (queued)", "Slots", "Memory free/total GiB",
@@ -174,7 +183,7 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None,
     out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead['node_id'] or '?')}"
               f"[/green] ({escape(lead['endpoint'] or 'none known')}), epoch {lead['epoch']}, "
               f"{st.jobs} jobs running or queued\nClients use it with:\n{client_setup(cfg)}")
-    out.print(nodes_table(view["nodes"]))
+    print_nodes(view["nodes"])
     table = Table(title="Models")
     for column in ("Model", "Engine", "Workers", "Slots", "Context", "Queued"):
         table.add_column(column)
@@ -215,7 +224,7 @@ def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> No
     if json_:
         out.print_json(json.dumps(rows))
     else:
-        out.print(nodes_table(rows))
+        print_nodes(rows)
 
 
 @mesh.command()

@@ -98,6 +98,11 @@ class Settings:
     request_timeout: float = 600.0
     max_retries: int = 3
     """Workers a request may lose before it fails (a lost broker never counts)."""
+    engine_stall_timeout: float = 300.0
+    """Seconds one engine call (a step, a prompt joining the batch) may run before the
+    worker takes its engine for wedged: it leaves the broker, so that its jobs resume on
+    another worker, and exits for its supervisor to start it again. Longer than the
+    longest prefill this node should ever run (a long prompt on a small Mac)."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Larger request bodies get HTTP 413 before they are parsed."""
     max_messages: int = 1024
@@ -148,6 +153,8 @@ class Settings:
             problems.append("request_timeout must be a positive number of seconds")
         if not (self.heartbeat_interval > 0 and self.heartbeat_liveness >= 1):
             problems.append("heartbeat_interval must be > 0 and heartbeat_liveness >= 1")
+        if not self.engine_stall_timeout > 0:
+            problems.append("engine_stall_timeout must be a positive number of seconds")
         if not 1 <= self.max_slots <= 1024:
             problems.append("max_slots must be 1..1024")
         if self.prompt_cache_bytes < 0:

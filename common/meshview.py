@@ -13,23 +13,38 @@ from typing import Any
 from common.status import COORDINATOR, STANDBY, BrokerStatus, WorkerStatus
 
 
+def incompatible_role(protocol: int) -> str:
+    """The role shown for a node whose broker speaks another protocol version."""
+    return f"incompatible (protocol {protocol})"
+
+
 def coordinator(status: BrokerStatus) -> dict[str, Any]:
     """Which broker coordinates, as the broker in use sees it."""
     if status.coordinating:
         node = status.node_id
     else:
         node = next((b.node_id for b in status.peers if b.endpoint == status.coordinator), None)
-    return {"node_id": node, "endpoint": status.coordinator, "epoch": status.epoch}
+    return {"node_id": node, "endpoint": status.coordinator, "epoch": status.epoch,
+            "alias": status.alias}
 
 
 def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
     """One entry per node that runs a live broker or worker: its broker's role, models
     (each with its queue depth, workers, slots, tokens/s and prompt-cache hit rate), slots
-    in use / total, memory, tokens/s, prompt-cache hit rate and last heartbeat age."""
-    roles: dict[str, tuple[str, float | None, Any]] = {status.node_id: (status.role, 0.0, None)}
+    in use / total, memory, tokens/s, prompt-cache hit rate and last heartbeat age. A node
+    whose broker speaks another protocol version has the role ``incompatible (protocol
+    N)``, its ``protocol`` and, in ``advice``, which Mac to upgrade (its workers serve its
+    own mesh)."""
+    roles: dict[str, tuple[str, float | None, int | None]] = {
+        status.node_id: (status.role, 0.0, None)}
+    advice: dict[str, str] = {}
+    for peer in status.incompatible:
+        roles[peer.node_id] = (incompatible_role(peer.protocol), peer.last_seen_s,
+                               peer.protocol)
+        advice[peer.node_id] = peer.advice
     for peer in status.peers:
         roles[peer.node_id] = (COORDINATOR if peer.coordinator else STANDBY, peer.last_seen_s,
-                               getattr(peer, "protocol", None))
+                               None)
     workers: dict[str, list[WorkerStatus]] = {}
     for worker in status.workers:
         workers.setdefault(worker.node_id, []).append(worker)
@@ -53,9 +68,10 @@ def nodes(status: BrokerStatus) -> list[dict[str, Any]]:
             "mem_total": latest.mem_total if latest else 0,
             "mem_free": latest.mem_free if latest else 0,
             "heartbeat_age_s": min(ages) if ages else None,
+            "advice": advice.get(node, ""),
             **load(mine),
         }
-        if protocol is not None:  # said only by a status that knows a peer's protocol
+        if protocol is not None:  # a peer of another protocol version
             entry["protocol"] = protocol
         view.append(entry)
     return view

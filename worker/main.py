@@ -65,9 +65,9 @@ def main(settings: Settings, model: ModelSpec,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     heap.settle()
-    worker.run()
+    status = worker.run()
     # Exit without interpreter finalization: a thread that ran MLX inference runs MLX's
     # thread-local destructors at its exit, and they take the GIL; if that races with
     # finalization, libstdc++ aborts the process (SIGABRT). Everything is closed by now.
     logging.shutdown()
-    os._exit(0)
+    os._exit(status)

@@ -37,6 +37,9 @@ from worker.streams import Streams
 log = logging.getLogger("worker")
 
 STOP_TIMEOUT = 5.0
+EXIT_STALLED = 3
+"""The worker's exit status when its engine stalled (:attr:`Settings.engine_stall_timeout`):
+its supervisor starts it again."""
 
 
 def system_memory() -> tuple[int, int]:
@@ -97,9 +100,10 @@ class Worker:
         self.poller.register(self.link.sock, zmq.POLLIN)
         self.poller.register(self.link.monitor, zmq.POLLIN)
 
-    def run(self) -> None:
-        """Serve until :meth:`stop`; moves to another broker when the one in use is lost
-        or silent for the heartbeat liveness (with capped backoff)."""
+    def run(self) -> int:
+        """Serve until :meth:`stop`, or until the engine stalls; moves to another broker
+        when the one in use is lost or silent for the heartbeat liveness (with capped
+        backoff). Returns the exit status: 0, or :data:`EXIT_STALLED`."""
         batch = threading.Thread(target=self.batch.run, daemon=True, name="batch")
         batch.start()
         self.poller.register(self.outbox.fd, zmq.POLLIN)
@@ -109,6 +113,7 @@ class Worker:
         interval = self.settings.heartbeat_interval
         now = time.monotonic()
         next_beat, last_beat, last_tokens = now + interval, now, 0
+        status = 0
         while not self._stopping.is_set():
             events = dict(self.poller.poll(max(0.0, next_beat - time.monotonic()) * 1000))
             if events.get(self.link.sock):
@@ -117,6 +122,9 @@ class Worker:
             if events.get(self.outbox.fd):
                 self._forward(self.outbox.take())
             now = time.monotonic()
+            if self._stalled(now):
+                status = EXIT_STALLED
+                break
             if events.get(self.link.monitor) and self.link.closed():
                 self._connect(f"{self.link.endpoint} closed or refused the connection")
             elif self.link.silent(now):
@@ -133,15 +141,33 @@ class Worker:
                               **self.engine.counters},
                     streamed=self.streams.streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
-        self.link.send(p.Disconnect(reason=p.Reason.LEAVING))  # before the cancelled FAILs
+        # Before the cancelled FAILs: the broker runs every job of ours again or has its
+        # gateway resume it.
+        self.link.send(p.Disconnect(reason=p.Reason.LEAVING))
         self._abandon_jobs()
         self.batch.put(None)
-        batch.join(STOP_TIMEOUT)
+        batch.join(STOP_TIMEOUT if status == 0 else 0.0)  # a stalled loop never ends
         self._forward(self.outbox.take())
         self.outbox.close()
         if not batch.is_alive():  # its sockets: never closed under a thread using them
             self.streams.close()
         self.link.close(linger=200)
+        return status
+
+    def _stalled(self, now: float) -> bool:
+        """The watchdog: whether an engine call has run past ``engine_stall_timeout``
+        (said once, with the jobs it holds). Heartbeats come from this thread, so the
+        broker would never notice a wedged engine by itself."""
+        seconds = self.batch.stalled_for(now)
+        if seconds <= self.settings.engine_stall_timeout:
+            return False
+        log_event(log, "engine_stalled", logging.ERROR, seconds=round(seconds, 1),
+                  jobs=",".join(sorted(self.running)) or "-",
+                  fix=f"the worker leaves the broker (its jobs resume on another worker) and "
+                  f"exits with status {EXIT_STALLED} for its supervisor to start it again; "
+                  "if a prefill this long is expected, raise engine_stall_timeout "
+                  "(MLX_STACK_ENGINE_STALL_TIMEOUT)")
+        return True
 
     def stop(self) -> None:
         self._stopping.set()

@@ -11,6 +11,7 @@ routing and failover test runs the worker's real path. Named "synthetic" in READ
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,8 +22,17 @@ from worker.tools import ToolFormat
 VOCAB = 50_000
 BYTE_TOKENS = 256
 FAULT = "[[synthetic-engine-error]]"
-"""A prompt containing this makes the synthetic engine raise: the fault switch for tests
-of how engine errors reach the client."""
+"""A prompt containing this makes the synthetic engine raise when the request joins the
+batch: the fault switch for tests of how a request's engine error reaches the client."""
+STEP_ERROR = "[[synthetic-step-error]]"
+"""A prompt containing this makes an engine step raise once the sequence has output
+:data:`FAULT_AT` tokens (a Metal out-of-memory, a bad kernel: the whole batch is lost)."""
+STEP_HANG = "[[synthetic-step-hang]]"
+"""A prompt containing this makes an engine step never return once the sequence has output
+:data:`FAULT_AT` tokens (a wedged GPU), while the worker's I/O thread goes on."""
+FAULT_AT = 10
+"""Where a step fault strikes. A sequence resumed at or past it (on the worker the job
+moved to) runs clean, so the job completes there."""
 SAY = "[[say]]"
 """A prompt containing this makes the synthetic engine write what follows it (its last
 occurrence), one byte a token, then end the sequence: scripted output, such as a model
@@ -61,6 +71,10 @@ class _Sequence:
     """What is left to say (:data:`SAY`), or None for synthetic words."""
     logprobs: bool = False
     """Whether the request asked for log-probabilities (each token is certain: 0.0)."""
+    prompt_len: int = 0
+    fault: str = ""
+    """:data:`STEP_ERROR` or :data:`STEP_HANG` when the prompt asks for one and this
+    sequence has yet to pass :data:`FAULT_AT`."""
 
 
 class SyntheticEngine:
@@ -106,8 +120,12 @@ class SyntheticEngine:
         if FAULT.encode() in bytes(t for t in prompt if t < BYTE_TOKENS):
             raise RuntimeError("synthetic engine error (fault switch in the prompt)")
         seq = next(self._ids)
-        self._running[seq] = _Sequence(list(prompt), max_tokens, time.monotonic() + self.ttft,
-                                       _script(prompt, prompt_len), request.logprobs)
+        own = bytes(t for t in prompt[:prompt_len] if t < BYTE_TOKENS)
+        fault = next((f for f in (STEP_ERROR, STEP_HANG) if f.encode() in own), "")
+        self._running[seq] = _Sequence(
+            list(prompt), max_tokens, time.monotonic() + self.ttft,
+            _script(prompt, prompt_len), request.logprobs, prompt_len,
+            fault if len(prompt) - prompt_len < FAULT_AT else "")
         return seq
 
     def remove(self, seq: int) -> None:
@@ -124,6 +142,10 @@ class SyntheticEngine:
         for seq, s in list(self._running.items()):
             if s.due > now:
                 continue
+            if s.fault and len(s.tokens) - s.prompt_len == FAULT_AT:
+                if s.fault == STEP_HANG:
+                    threading.Event().wait()  # never returns
+                raise RuntimeError("synthetic engine step error (fault switch in the prompt)")
             if s.script == b"":  # said it all: the end of the sequence
                 del self._running[seq]
                 steps.append(Step(seq, None, done=True))

@@ -1,0 +1,81 @@
+"""Brokers of another protocol version: seen, shown, warned of once, never followed.
+
+People upgrade one Mac at a time, so for a while some brokers speak another protocol
+version. Their messages cannot be decoded (the tags differ: :mod:`common.protocol`), but
+every release reads the :class:`~common.protocol.Hello` in another one's ANNOUNCE. This
+table keeps who spoke which version lately, for ``mesh status`` / ``mesh nodes`` and the
+dashboard (``incompatible (protocol N)``), and decides, without I/O:
+
+- what to tell the user, once per broker and version: which Mac to upgrade to what;
+- whether this broker leaves the ``mlx-stack.local`` alias alone: a live coordinator of a
+  newer protocol owns it, so clients reach the upgraded part of the fleet.
+
+Such a broker never enters the election (:mod:`broker.election` never hears it): the two
+versions form two meshes, each serving its own gateways with its own workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from common.protocol import PROTOCOL, VERSION, Hello
+
+MAX_STRANGERS = 64
+"""Most brokers of other versions remembered: a flood of made-up ones evicts the stalest."""
+
+
+@dataclass(slots=True)
+class Stranger:
+    """A broker of another protocol version, as its last announcement described it."""
+
+    hello: Hello
+    last_seen: float
+
+
+def advice(me: str, other: Hello) -> str:
+    """What to do about ``other``, said from node ``me``: upgrade the older of the two."""
+    if other.protocol < PROTOCOL:
+        return (f"{other.node_id} speaks mesh protocol {other.protocol}, {me} speaks "
+                f"{PROTOCOL}: they serve as two meshes until you upgrade {other.node_id} "
+                f"to mlx-stack {VERSION} (protocol {PROTOCOL}), as {me} runs")
+    release = f"mlx-stack {other.version}" if other.version else "the release"
+    return (f"{other.node_id} speaks mesh protocol {other.protocol}, {me} speaks "
+            f"{PROTOCOL}: they serve as two meshes until you upgrade {me} to {release} "
+            f"(protocol {other.protocol}), as {other.node_id} runs; meanwhile "
+            f"mlx-stack.local stays with {other.node_id}'s mesh")
+
+
+class Skew:
+    """The brokers of other protocol versions heard within ``timeout`` seconds."""
+
+    def __init__(self, me: str, timeout: float) -> None:
+        self.me = me
+        self.timeout = timeout
+        self.strangers: dict[str, Stranger] = {}
+        """By endpoint."""
+        self.warned: set[tuple[str, int]] = set()
+        """(endpoint, protocol) already warned of: once, not every announcement."""
+
+    def heard(self, hello: Hello, now: float) -> str | None:
+        """Record ``hello``; the warning to log when this broker or its version is new."""
+        self.strangers[hello.endpoint] = Stranger(hello, now)
+        while len(self.strangers) > MAX_STRANGERS:
+            del self.strangers[min(self.strangers,
+                                   key=lambda e: self.strangers[e].last_seen)]
+        key = (hello.endpoint, hello.protocol)
+        if key in self.warned:
+            return None
+        if len(self.warned) > 4 * MAX_STRANGERS:
+            self.warned.clear()
+        self.warned.add(key)
+        return advice(self.me, hello)
+
+    def live(self, now: float) -> list[Stranger]:
+        """Those heard within the timeout, by node id."""
+        return sorted((s for s in self.strangers.values()
+                       if now - s.last_seen <= self.timeout), key=lambda s: s.hello.node_id)
+
+    def yields_alias(self, now: float) -> bool:
+        """Whether a live coordinator of a newer protocol owns ``mlx-stack.local``: then
+        this broker does not publish it, even while it coordinates its own mesh."""
+        return any(s.hello.protocol > PROTOCOL and s.hello.coordinator for s in self.live(now))
