@@ -241,12 +241,14 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
         out.print_json(json.dumps(plain(history)))
         return
     table = Table(title=f"Last {len(history)} routing decisions")
-    for column in ("Time", "Request", "Model", "Chosen", "Candidates (score)", "Wait ms",
-                   "Retries", "Outcome"):
+    for column in ("Time", "Request", "Model", "Chosen", "Candidates (score, cached chars)",
+                   "Wait ms", "Retries", "Outcome"):
         table.add_column(column)
     for r in history:
         when = datetime.datetime.fromtimestamp(r.time).strftime("%H:%M:%S")
-        candidates = ", ".join(f"{c.worker_id} {c.score:.3f}" for c in r.candidates)
+        candidates = ", ".join(f"{c.worker_id} {c.score:.3f}"
+                               + (f" cached {c.cached:,}" if c.cached else "")
+                               for c in r.candidates)
         request = r.request_id[:16] or r.job_id[:16]
         table.add_row(*map(escape, (when, request, r.model, r.worker_id or "-",
                                     candidates or "-", str(r.queue_wait_ms),

@@ -67,7 +67,9 @@ function routeRow(r) {
   const candidates = el("td");
   for (const c of r.candidates || []) {
     const chosen = c.worker_id === r.worker_id;
-    candidates.append(el("div", `${c.worker_id} (${c.score})`, chosen ? "chosen" : ""));
+    const cached = c.cached ? `, cached ${c.cached}` : "";
+    candidates.append(el("div", `${c.worker_id} (${c.score}${cached})`,
+                         chosen ? "chosen" : ""));
   }
   const choice = r.worker_id ? `${r.node_id} / ${r.worker_id}` : "—";
   const wait = r.queue_wait_ms === undefined ? "—" : `${r.queue_wait_ms} ms`;
