@@ -23,21 +23,16 @@ returns them.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.logs import log_event
-from common.protocol import ErrorCode
 from gateway import errors
-from gateway.attempts import Done, JobError, JobEvent, Piece
+from gateway.attempts import Done, JobEvent, Piece
 from gateway.schemas import ChatCompletionRequest, Unsupported
-from gateway.shaping import Whole, compact
-
-log = logging.getLogger("gateway")
+from gateway.shaping import Whole, compact, typed_events
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 """Chat's finish reasons as Anthropic's stop reasons (``stop_sequence`` when a stop
@@ -304,8 +299,12 @@ class Shape:
                               "stop_sequence": done.stop_sequence or None}})
                 + _event("message_stop", {"type": "message_stop"}))
 
+    def failed(self, code: str, message: str) -> bytes:
+        """The ``error`` event of a failure after the headers went out."""
+        return error_event(errors.STATUS.get(code, (500, ""))[0], message)
+
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
-        return events(job, self)
+        return typed_events(job, self)
 
     def whole(self, answer: Whole) -> dict[str, Any]:
         """The Message object of a request that did not stream."""
@@ -338,21 +337,3 @@ def usage(done: Done | None) -> dict[str, int]:
             "output_tokens": counts.get("completion_tokens", 0),
             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
 
-
-async def events(job: AsyncIterator[JobEvent], shape: Shape) -> AsyncIterator[bytes]:
-    """Anthropic's event stream of a streamed message; a late failure is an ``error``
-    event."""
-    yield shape.start()
-    try:
-        async for event in job:
-            if isinstance(event, Piece):
-                if out := shape.piece(event):
-                    yield out
-            elif isinstance(event, Done):
-                yield shape.finish(event)
-    except JobError as exc:
-        yield error_event(errors.job_error_body(exc)[0], exc.message)
-    except Exception as exc:  # the headers are sent: an event is all that is left
-        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
-        yield error_event(500, f"internal error while streaming ({ErrorCode.INTERNAL}); "
-                          "see the gateway log")

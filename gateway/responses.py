@@ -13,18 +13,14 @@ only when what follows it is known (more output, or the end).
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common.logs import log_event
-from common.protocol import ErrorCode
-from gateway.attempts import Done, JobError, JobEvent, Piece
+from gateway.attempts import Done, JobEvent, Piece
 from gateway.responses_request import CUSTOM_INPUT, ClientTool, ResponsesRequest, client_tool
-from gateway.shaping import Whole, compact
+from gateway.shaping import Whole, compact, typed_events
 
-log = logging.getLogger("gateway")
 STREAMED_FIELD = {"function_call": ("response.function_call_arguments", "arguments"),
                   "custom_tool_call": ("response.custom_tool_call_input", "input")}
 """Call items whose content streams: the prefix of their events and the field."""
@@ -181,7 +177,7 @@ class Shape:
         return self._event("response.failed", response=failed)
 
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
-        return events(job, self)
+        return typed_events(job, self)
 
     def whole(self, answer: Whole) -> dict[str, Any]:
         """The Response object of a request that did not stream."""
@@ -228,21 +224,3 @@ def _exec(arguments: str) -> dict[str, Any]:
             "timeout_ms": args.get("timeout_ms"), "working_directory": args.get("workdir"),
             "env": {}, "user": None}
 
-
-async def events(job: AsyncIterator[JobEvent], shape: Shape) -> AsyncIterator[bytes]:
-    """The typed event stream of a streamed response; a late failure is its
-    ``response.failed`` event."""
-    yield shape.start()
-    try:
-        async for event in job:
-            if isinstance(event, Piece):
-                if out := shape.piece(event):
-                    yield out
-            elif isinstance(event, Done):
-                yield shape.finish(event)
-    except JobError as exc:
-        yield shape.failed(exc.code, exc.message)
-    except Exception as exc:  # the headers are sent: an event is all that is left
-        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
-        yield shape.failed(ErrorCode.INTERNAL, "internal error while streaming; see the "
-                           "gateway log")

@@ -154,6 +154,39 @@ compact = json.JSONEncoder(separators=(",", ":")).encode
 encoder per call, and every streamed token is a call."""
 
 
+class TypedEvents(Protocol):
+    """A shape whose stream is typed events (the Responses API, Anthropic's Messages):
+    what opens it, one piece of output, the end, and a failure after the headers."""
+
+    def start(self) -> bytes: ...
+
+    def piece(self, piece: Piece) -> bytes: ...
+
+    def finish(self, done: Done) -> bytes: ...
+
+    def failed(self, code: str, message: str) -> bytes: ...
+
+
+async def typed_events(job: AsyncIterator[JobEvent], shape: TypedEvents
+                       ) -> AsyncIterator[bytes]:
+    """The event stream of a streamed answer in ``shape``; a late failure is the shape's
+    failure event (the headers are sent: an event is all that is left)."""
+    yield shape.start()
+    try:
+        async for event in job:
+            if isinstance(event, Piece):
+                if out := shape.piece(event):
+                    yield out
+            elif isinstance(event, Done):
+                yield shape.finish(event)
+    except JobError as exc:
+        yield shape.failed(exc.code, exc.message)
+    except Exception as exc:
+        log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
+        yield shape.failed(p.ErrorCode.INTERNAL, "internal error while streaming; see the "
+                           "gateway log")
+
+
 def _data(obj: dict[str, Any]) -> bytes:
     return b"data: " + compact(obj).encode() + b"\n\n"
 

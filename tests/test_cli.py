@@ -50,18 +50,26 @@ def test_missing_model_directory_is_a_clear_error(tmp_path: Path) -> None:
     assert "downloads nothing from a model hub" in " ".join(result.stderr.split())
 
 
-@pytest.mark.model
-def test_up_serves_restarts_a_dead_child_and_stops_everything(
-        tmp_path: Path, models_dir: Path) -> None:
+def start_up(tmp_path: Path, models_dir: Path, node_id: str, *args: str
+             ) -> tuple[Proc, int, int]:
+    """``mlx-stack up`` as a user runs it, on free ports: (process, gateway port, broker
+    port)."""
     port, broker_port = free_port(), free_port()
     up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
-                     "--broker-port", str(broker_port), "--node-id", "solo"],
+                     "--broker-port", str(broker_port), "--node-id", node_id, *args],
               {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
                "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1",
                # How long a request waits for the loading worker: on a loaded CI machine
                # loading may take longer than the 10 s default.
                "MLX_STACK_GRACE": "60"},
               tmp_path / "up.log")
+    return up, port, broker_port
+
+
+@pytest.mark.model
+def test_up_serves_restarts_a_dead_child_and_stops_everything(
+        tmp_path: Path, models_dir: Path) -> None:
+    up, port, broker_port = start_up(tmp_path, models_dir, "solo")
     try:
         client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
                                max_retries=0, timeout=60)
@@ -115,14 +123,8 @@ def test_up_serves_a_users_model_as_a_tier_and_the_default_model_under_none(
     own.mkdir()
     for item in (models_dir / "SmolLM2-135M-Instruct").iterdir():
         (own / item.name).symlink_to(item)
-    port, broker_port = free_port(), free_port()
-    up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
-                     "--broker-port", str(broker_port), "--node-id", "tiers",
-                     "--model", f"{own}=premium", "--model", "default"],
-              {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
-               "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1",
-               "MLX_STACK_GRACE": "60"},
-              tmp_path / "up.log")
+    up, port, _ = start_up(tmp_path, models_dir, "tiers", "--model", f"{own}=premium",
+                           "--model", "default")
     try:
         client = openai.OpenAI(base_url=f"http://localhost:{port}/v1", api_key="x",
                                max_retries=0, timeout=60)
