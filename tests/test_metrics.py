@@ -4,7 +4,9 @@ worker fewer, and without a broker the gateway's own figures are still served.""
 
 from __future__ import annotations
 
+import re
 import signal
+from pathlib import Path
 
 import httpx
 import openai
@@ -160,3 +162,22 @@ def test_a_refusal_is_logged_and_labelled_by_the_model_it_asked_for(cluster: Clu
     assert "code=unsupported_parameter param=n" in lines[0]
     assert f"request={missing.headers['x-request-id']} status=404" in lines[1]
     assert "code=model_not_found param=model" in lines[1]
+
+
+def test_the_grafana_dashboard_asks_only_for_families_the_gateway_serves(
+        cluster: Cluster) -> None:
+    """Every metric deploy/grafana's panels query is among a live gateway's samples, so
+    a renamed family cannot leave a panel empty unnoticed."""
+    board = Path(__file__).resolve().parent.parent / "deploy" / "grafana"
+    asked = {name for path in board.glob("*.json")
+             for name in re.findall(r"mlx_stack_[a-z_]+", path.read_text())}
+    assert len(asked) >= 10
+    nodes(cluster, "node-a")
+    url = cluster.gateway()
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
+    client.chat.completions.create(model="syn", max_tokens=3,
+                                   messages=[{"role": "user", "content": "hi"}])
+    served = wait_for("a scrape with the broker's figures", lambda: {
+        name for name, _ in s} if value(s := scrape(url), "mlx_stack_broker_up") == 1
+        and value(s, "mlx_stack_requests_total", model="syn", status="200") else None)
+    assert asked <= served, asked - served
