@@ -107,7 +107,9 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     """``mlx-stack ARGS`` as a user runs it; output captured, bounded in time."""
     return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT,
-                          env={**os.environ, "COLUMNS": "200", **(env or {})})  # tables unwrapped
+                          # Tables unwrapped, whatever COLUMNS the environment says
+                          # (pytest-xdist's workers say 80, and a Cluster's env copies it).
+                          env={**os.environ, **(env or {}), "COLUMNS": "200"})
 
 
 class Cluster:
