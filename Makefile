@@ -6,12 +6,12 @@ BIN    := $(VENV)/bin
 CLIENTS := tests/clients
 AIDER  := .venv-aider
 
-.PHONY: run test lint bench openblas chromium systemd-analyze
+.PHONY: run test lint bench openblas chromium systemd-analyze nftables
 
 run: $(VENV)/.installed openblas
 	$(BIN)/mlx-stack up
 
-test: $(VENV)/.installed-test openblas chromium systemd-analyze $(CLIENTS)/node_modules/.installed \
+test: $(VENV)/.installed-test openblas chromium systemd-analyze nftables $(CLIENTS)/node_modules/.installed \
       $(AIDER)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/pytest
@@ -74,3 +74,8 @@ chromium:
 # writes with `systemd-analyze verify`, from the distribution's systemd package.
 systemd-analyze:
 	$(call apt_need,command -v systemd-analyze,systemd,systemd-analyze checks the rendered units,the unit check will be skipped)
+
+# The lossy-link tests (tests/test_links.py) drop packets inside network namespaces with
+# nftables (this kernel has no netem).
+nftables:
+	$(call apt_need,command -v nft,nftables,packet loss inside the test namespaces,the lossy-link tests will be skipped)
