@@ -109,7 +109,13 @@ class MlxEngine:
                                       max_slots)
         self.kv_bytes = 0
         self.counters = {"prompt_cache_hits": 0, "prompt_cache_misses": 0,
-                         "prompt_tokens_reused": 0, "prompt_tokens_computed": 0}
+                         "prompt_tokens_reused": 0, "prompt_tokens_computed": 0,
+                         "prompt_tokens_prefilled": 0, "decode_steps": 0, "tokens_decoded": 0}
+        """``prompt_tokens_reused``/``computed``: this engine's own bookkeeping of the prompt
+        cache. ``prompt_tokens_prefilled``, ``decode_steps`` and ``tokens_decoded``: what
+        mlx-lm's BatchGenerator says it did (its ``stats()``), the check on that
+        bookkeeping from outside it: a prompt cache bypassed shows as prefilled tokens,
+        and a sequence left decoding after it ended as tokens decoded per step."""
         self._prompt_cache = LRUPromptCache(PROMPT_CACHE_ENTRIES, prompt_cache_bytes)
         self._use_prompt_cache = prompt_cache_bytes > 0
         self._eos = StopSequences([(t,) for t in self.tokenizer.eos_token_ids])
@@ -204,7 +210,11 @@ class MlxEngine:
     def step(self) -> list[Step]:
         if self._batch is None:
             return []
-        _, responses = self._batch.next()
+        with self._batch.stats() as done:
+            _, responses = self._batch.next()
+        self.counters["prompt_tokens_prefilled"] += done.prompt_tokens
+        self.counters["decode_steps"] += done.generation_steps
+        self.counters["tokens_decoded"] += done.generation_tokens
         steps = []
         for r in responses:
             logprob = self._logprob(r.uid, r.token, r.logprobs)
