@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from broker.skew import advice
-from common import protocol as p
+from common import messages as msgs
 from common.config import ENDPOINT
 from common.status import COORDINATOR, STANDBY, BrokerStatus, PeerStatus, Route, plain
 
@@ -24,7 +24,7 @@ ROUTES = 20
 """Routing decisions answered when ``routes`` names no valid count."""
 
 
-def answer(broker: Broker, msg: p.Control) -> p.ControlReply:
+def answer(broker: Broker, msg: msgs.Control) -> msgs.ControlReply:
     """The reply to a CONTROL question, from :data:`OPERATIONS`."""
     operation = OPERATIONS.get(msg.op)
     try:
@@ -32,12 +32,12 @@ def answer(broker: Broker, msg: p.Control) -> p.ControlReply:
             raise ValueError(f"unknown op {msg.op!r}")
         result = operation(broker, msg.args)
     except ValueError as exc:
-        return p.ControlReply(
+        return msgs.ControlReply(
             request_id=msg.request_id, ok=False, epoch=broker.epoch,
             error=f"{exc}; use {'|'.join(OPERATIONS)} "
             "(add_peer and remove_peer with endpoint='tcp://host:port')")
-    return p.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
-                          epoch=broker.epoch)
+    return msgs.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
+                             epoch=broker.epoch)
 
 
 def status(broker: Broker, _: dict[str, Any] | None = None) -> BrokerStatus:

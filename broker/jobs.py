@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from broker import tiers
 from broker.routing import Chooser
 from broker.state import JobState, WorkerState
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings, is_loopback
 from common.logs import log_event
 from common.status import Candidate, ModelEntry, Route
@@ -42,11 +43,11 @@ MAX_MODELS = 1024
 """Most model names remembered: a flood of names (resubmissions name any model) evicts
 the longest unserved, never grows memory."""
 
-Send = tuple[bytes, bytes, p.Message]
+Send = tuple[bytes, bytes, msgs.Message]
 """A message to send: (ROUTER identity, protocol tag, message)."""
 
 
-def reply_to(submit: p.Submit, worker_node: str) -> str:
+def reply_to(submit: msgs.Submit, worker_node: str) -> str:
     """The gateway's stream endpoint for a worker on ``worker_node``, if it can reach it:
     a loopback endpoint only from the gateway's own node (elsewhere it would name the
     worker's own machine)."""
@@ -77,41 +78,41 @@ class JobTable:
 
     # ----------------------------------------------------------------- transitions
 
-    def worker_message(self, identity: bytes, msg: p.Message, now: float) -> list[Send]:
+    def worker_message(self, identity: bytes, msg: msgs.Message, now: float) -> list[Send]:
         """Anything a worker sends (READY, HEARTBEAT, PARTIAL, FINAL, FAIL, DISCONNECT)."""
-        if isinstance(msg, p.Ready):
+        if isinstance(msg, msgs.Ready):
             self._register(identity, msg, now)
             return self._sent()
         worker = self.workers.get(identity)
         if worker is None:
             # Not registered (purged, or the broker restarted): ask it to register again.
             self._reject("unregistered", f"{msg.COMMAND.name} from an unregistered worker")
-            if not isinstance(msg, p.Disconnect):
-                self._send(identity, p.WORKER, p.Disconnect(reason=p.Reason.UNKNOWN))
+            if not isinstance(msg, msgs.Disconnect):
+                self._send(identity, wire.WORKER, msgs.Disconnect(reason=msgs.Reason.UNKNOWN))
             return self._sent()
         worker.expires = now + self.settings.peer_timeout
         worker.last_seen = now
         match msg:
-            case p.Heartbeat():
+            case msgs.Heartbeat():
                 worker.mem_free, worker.reported_running = msg.mem_free, msg.running
                 worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
                 worker.kv_bytes = msg.kv_bytes
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
-            case p.Partial():
+            case msgs.Partial():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
                     # The "started" PARTIAL carries no output: the client has seen nothing,
                     # and the job may still run again elsewhere unseen.
                     job.streamed = job.streamed or msg.has_output
                     if job.gateway is not None:
-                        self._send(job.gateway, p.GATEWAY, msg)
-            case p.Final():
+                        self._send(job.gateway, wire.GATEWAY, msg)
+            case msgs.Final():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
                     self._finish(job, msg, "ok")
-            case p.Fail():
+            case msgs.Fail():
                 job = self._job_of(worker, msg.job_id)
                 if job is None:
                     pass
@@ -119,31 +120,31 @@ class JobTable:
                     self._lose(job, msg.error)
                 else:
                     self._finish(job, msg, "failed")
-            case p.Disconnect():
+            case msgs.Disconnect():
                 self._purge_worker(worker, "disconnected")
         return self._sent()
 
-    def submit(self, gateway: bytes, submit: p.Submit, now: float) -> list[Send]:
+    def submit(self, gateway: bytes, submit: msgs.Submit, now: float) -> list[Send]:
         """A gateway's SUBMIT: queue it, or refuse it at once (404, 429, a job id in use).
         One that does not decode is refused before it gets here (broker/server.py)."""
-        def refuse(code: p.ErrorCode, error: str, retryable: bool = False) -> list[Send]:
+        def refuse(code: msgs.ErrorCode, error: str, retryable: bool = False) -> list[Send]:
             self.counters[f"rejected_{code}"] += 1
-            self._send(gateway, p.GATEWAY, p.Fail(
+            self._send(gateway, wire.GATEWAY, msgs.Fail(
                 job_id=submit.job_id, error=error, code=code, retryable=retryable))
             return self._sent()
 
         if submit.job_id in self.jobs:
-            return refuse(p.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
+            return refuse(msgs.ErrorCode.INVALID_REQUEST, f"job id {submit.job_id} is in use")
         if submit.attempt and submit.model not in self.known_models:
             # Admitted before under another coordinator: its workers are on their way.
             self.know([submit.model], now)
         if submit.model not in self.known_models:
-            return refuse(p.ErrorCode.MODEL_NOT_FOUND,
+            return refuse(msgs.ErrorCode.MODEL_NOT_FOUND,
                           f"The model '{submit.model}' does not exist in this mesh. "
                           f"Available: {', '.join(sorted(self.known_models)) or 'none yet'}.")
         queue = self.queues[submit.model]
         if len(queue) >= self.settings.queue_size and not submit.attempt:
-            return refuse(p.ErrorCode.QUEUE_FULL,
+            return refuse(msgs.ErrorCode.QUEUE_FULL,
                           f"{len(queue)} requests already wait for '{submit.model}'; "
                           "retry later", retryable=True)
         self.jobs[submit.job_id] = JobState(
@@ -177,8 +178,8 @@ class JobTable:
         for job in [j for j in self.jobs.values() if j.worker and j.gateway and now > j.deadline]:
             gateway = job.gateway
             self._cancel(gateway, job.submit.job_id)  # the worker confirms, freeing the slot
-            self._send(gateway, p.GATEWAY, p.Fail(
-                job_id=job.submit.job_id, code=p.ErrorCode.DEADLINE,
+            self._send(gateway, wire.GATEWAY, msgs.Fail(
+                job_id=job.submit.job_id, code=msgs.ErrorCode.DEADLINE,
                 error="the request's deadline passed while it ran"))
         live = set().union(*(w.names for w in self.workers.values()))
         self.know(live, now)
@@ -190,11 +191,11 @@ class JobTable:
             for job_id in list(queue):
                 job = self.jobs[job_id]
                 if now > job.deadline:
-                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.DEADLINE,
-                                  error="the request's deadline passed while it waited")
+                    fail = msgs.Fail(job_id=job_id, code=msgs.ErrorCode.DEADLINE,
+                                     error="the request's deadline passed while it waited")
                 elif model not in live and now - job.enqueued > self.settings.grace:
-                    fail = p.Fail(job_id=job_id, code=p.ErrorCode.NO_WORKER, retryable=True,
-                                  error=f"no worker for '{model}' is up; it may be restarting")
+                    fail = msgs.Fail(job_id=job_id, code=msgs.ErrorCode.NO_WORKER, retryable=True,
+                                     error=f"no worker for '{model}' is up; it may be restarting")
                 else:
                     continue
                 self._finish(job, fail, fail.code)
@@ -220,7 +221,7 @@ class JobTable:
         out, self._out = self._out, []
         return out
 
-    def _send(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+    def _send(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         self._out.append((identity, protocol, msg))
 
     def _reject(self, reason: str, detail: object) -> None:
@@ -228,7 +229,7 @@ class JobTable:
         self.counters["dropped"] += 1
         log_event(log, "frame_dropped", logging.DEBUG, reason=reason, detail=detail)
 
-    def _register(self, identity: bytes, ready: p.Ready, now: float) -> None:
+    def _register(self, identity: bytes, ready: msgs.Ready, now: float) -> None:
         if not (ready.model_id and 1 <= ready.slots <= MAX_SLOTS):
             self._reject("bad_ready", "READY without a model or with slots out of range")
             log_event(log, "ready_refused", logging.WARNING, worker=ready.worker_id[:80],
@@ -285,8 +286,8 @@ class JobTable:
         client yet, else tell the gateway to resume it with what the client has seen."""
         self._release(job)
         if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
-            self._finish(job, p.Fail(
-                job_id=job.submit.job_id, code=p.ErrorCode.WORKER_LOST, retryable=True,
+            self._finish(job, msgs.Fail(
+                job_id=job.submit.job_id, code=msgs.ErrorCode.WORKER_LOST, retryable=True,
                 error=f"{reason}; resubmit with what the client has seen as resume tokens"),
                 "worker_lost")
             return
@@ -313,7 +314,7 @@ class JobTable:
         if job.worker is None:
             self._forget(job, "cancelled")
         else:
-            self._send(job.worker, p.WORKER, p.Cancel(job_id=job.dispatch_id))
+            self._send(job.worker, wire.WORKER, msgs.Cancel(job_id=job.dispatch_id))
 
     def _dispatch(self) -> None:
         """Give waiting jobs to free workers, oldest queue heads first, until none fits."""
@@ -356,12 +357,12 @@ class JobTable:
                   job=job.dispatch_id, worker=worker.info.worker_id)
         # The JOB first: it is on the way to the first token. The worker's direct frames
         # may still overtake the ACCEPTED; the gateway holds them until it comes.
-        self._send(worker.identity, p.WORKER, p.Job(
+        self._send(worker.identity, wire.WORKER, msgs.Job(
             job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text,
             reply_to=reply_to(submit, worker.info.node_id)))
         if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, p.Accepted(
+            self._send(job.gateway, wire.GATEWAY, msgs.Accepted(
                 job_id=job.dispatch_id, node_id=worker.info.node_id,
                 worker_id=worker.info.worker_id, model_id=worker.info.model_id))
 
@@ -370,12 +371,12 @@ class JobTable:
             self.workers[job.worker].running.discard(job.submit.job_id)
         job.worker = None
 
-    def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
+    def _finish(self, job: JobState, msg: msgs.Final | msgs.Fail, outcome: str) -> None:
         """End a job: tell its gateway, free its slot, record the outcome. A worker's
         FINAL or FAIL keeps its dispatch id, the broker's own FAIL has the job id."""
         self._release(job)
         if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, msg)
+            self._send(job.gateway, wire.GATEWAY, msg)
         self._forget(job, outcome if job.gateway is not None else "cancelled")
 
     def _forget(self, job: JobState, outcome: str) -> None:

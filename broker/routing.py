@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Iterable
 
 from broker.state import WorkerState
-from common.protocol import Submit
+from common.messages import Submit
 
 W_MEM = 0.25
 W_REMOTE = 0.01

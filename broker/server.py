@@ -17,7 +17,7 @@ every worker and gateway with REDIRECT to the coordinator (or, while none is kno
 with a heartbeat, and with DISCONNECT once it becomes the coordinator itself, so that
 they register and resubmit here). A coordinator that steps down redirects everyone.
 
-Hostile input: every frame is validated (:func:`common.protocol.decode`) before anything
+Hostile input: every frame is validated (:func:`common.wire.decode`) before anything
 acts on it, then checked against what its sender is: an identity known as a worker may
 only speak the worker protocol, and so on. Whatever is refused is counted by reason and
 shown as ``rejected`` in the CONTROL status reply. A handler that still fails is logged
@@ -39,11 +39,13 @@ from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
 from broker.skew import Skew
-from common import protocol as p
+from common import messages as msgs
+from common import versions, wire
 from common.config import Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
+from common.plain import ProtocolError
 from common.status import COORDINATOR, STANDBY
 from common.transport import admit_members, configure, drain, refused_peers, watch_refusals
 
@@ -125,11 +127,11 @@ class Broker:
         self.election.decide(time.monotonic())
         self._save_epoch()
 
-    def _announcement(self) -> p.Announce:
+    def _announcement(self) -> msgs.Announce:
         return announce.announcement(self.election, self.epoch, next(self._seq),
                                      self.table.known_models)
 
-    def _heard(self, msg: p.Announce) -> None:
+    def _heard(self, msg: msgs.Announce) -> None:
         if msg.endpoint in self.peers.removed:
             return
         before, now = self.election.peers.get(msg.endpoint), time.monotonic()
@@ -147,12 +149,12 @@ class Broker:
     def _on_peer_reply(self, frames: list[bytes]) -> None:
         """An announcement a peer sent back on our own link to it."""
         try:
-            _, msg = p.decode(frames, p.FROM_BROKER)
-        except p.ProtocolError as exc:
+            _, msg = wire.decode(frames, wire.FROM_BROKER)
+        except ProtocolError as exc:
             if not self._stranger(frames):
                 self._reject(exc.reason, exc)
             return
-        if isinstance(msg, p.Announce) and self._plausible(msg):
+        if isinstance(msg, msgs.Announce) and self._plausible(msg):
             self._heard(msg)
 
     def forget_peer(self, endpoint: str) -> bool:
@@ -200,9 +202,9 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        for identity, protocol in [*((w, p.WORKER) for w in self.table.workers),
-                                   *((g, p.GATEWAY) for g in self.gateways)]:
-            self._send(identity, protocol, p.Disconnect(reason=p.Reason.LEAVING))
+        for identity, protocol in [*((w, wire.WORKER) for w in self.table.workers),
+                                   *((g, wire.GATEWAY) for g in self.gateways)]:
+            self._send(identity, protocol, msgs.Disconnect(reason=msgs.Reason.LEAVING))
         self.peers.close()
         self.socket.disable_monitor()
         self.refusals.close(linger=0)
@@ -226,16 +228,16 @@ class Broker:
             return
         identity = frames[0]
         try:
-            protocol, msg = p.decode(frames[1:], p.TO_BROKER)
-        except p.ProtocolError as exc:
+            protocol, msg = wire.decode(frames[1:], wire.TO_BROKER)
+        except ProtocolError as exc:
             if self._stranger(frames[1:]):
                 # Tell it our version: it may only reach us on this connection.
-                self._send(identity, p.PEER, self._announcement())
+                self._send(identity, wire.PEER, self._announcement())
                 return
             self._reject(exc.reason, exc)
-            if (job_id := p.submitted_job(frames[1:])) is not None:
-                self._send(identity, p.GATEWAY, p.Fail(
-                    job_id=job_id, code=p.ErrorCode.INVALID_REQUEST,
+            if (job_id := wire.submitted_job(frames[1:])) is not None:
+                self._send(identity, wire.GATEWAY, msgs.Fail(
+                    job_id=job_id, code=msgs.ErrorCode.INVALID_REQUEST,
                     error=f"the broker cannot read this request: {exc}"))
             return
         role = self._role_of(identity)
@@ -258,7 +260,7 @@ class Broker:
     def _stranger(self, frames: list[bytes]) -> bool:
         """Whether ``frames`` are a broker's ANNOUNCE of another protocol version: noted
         for the status (broker/skew.py), warned of once with what to upgrade."""
-        hello = p.hello(frames)
+        hello = versions.hello(frames)
         if hello is None:
             return False
         self.rejected["incompatible_protocol"] += 1
@@ -270,66 +272,66 @@ class Broker:
     def _role_of(self, identity: bytes) -> bytes | None:
         """The protocol tag an identity has spoken so far (None if new)."""
         if identity in self.table.workers:
-            return p.WORKER
+            return wire.WORKER
         if identity in self.gateways:
-            return p.GATEWAY
+            return wire.GATEWAY
         return self.followers.get(identity)
 
-    def _plausible(self, msg: p.Announce) -> bool:
+    def _plausible(self, msg: msgs.Announce) -> bool:
         """Whether to believe an ANNOUNCE (:func:`broker.announce.doubt`)."""
         doubt = announce.doubt(msg)
         if doubt is not None:
             self._reject("bad_announce", doubt)
         return doubt is None
 
-    def _on_message(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Announce):
+    def _on_message(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
+        if isinstance(msg, msgs.Announce):
             if not self._plausible(msg):
                 return
             self._heard(msg)
             # Answer on this connection: our own socket to that broker may still be in
             # reconnect backoff, and a broker that just started must learn of us now.
-            self._send(identity, p.PEER, self._announcement())
+            self._send(identity, wire.PEER, self._announcement())
         elif not self.coordinating:
             self._on_standby(identity, protocol, msg)
-        elif protocol == p.WORKER:
+        elif protocol == wire.WORKER:
             self._apply(self.table.worker_message(identity, msg, time.monotonic()))
         else:
             self._on_gateway(identity, msg)
 
-    def _on_standby(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+    def _on_standby(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         """Serve nobody: point the sender at the coordinator, or ask it to wait."""
-        if isinstance(msg, p.Control):
+        if isinstance(msg, msgs.Control):
             self._send(identity, protocol, control.answer(self, msg))
             return
         self.followers[identity] = protocol
         if self.coordinator:
-            self._send(identity, protocol, p.Redirect(endpoint=self.coordinator))
+            self._send(identity, protocol, msgs.Redirect(endpoint=self.coordinator))
         else:
-            self._send(identity, protocol, p.Heartbeat(session=self.session))
+            self._send(identity, protocol, msgs.Heartbeat(session=self.session))
 
     # ----------------------------------------------------------------- gateways
 
-    def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Control) and identity not in self.gateways:
+    def _on_gateway(self, identity: bytes, msg: msgs.Message) -> None:
+        if isinstance(msg, msgs.Control) and identity not in self.gateways:
             # A one-off question (`mlx-stack mesh ...`): answer it, register nobody.
-            self._send(identity, p.GATEWAY, control.answer(self, msg))
+            self._send(identity, wire.GATEWAY, control.answer(self, msg))
             return
         if identity not in self.gateways:  # let a new gateway know at once we are here
-            self._send(identity, p.GATEWAY, p.Heartbeat(session=self.session))
+            self._send(identity, wire.GATEWAY, msgs.Heartbeat(session=self.session))
         if identity in self.purged_gateways:
             # Its jobs were dropped while it was silent: make it resubmit them.
             self.purged_gateways.discard(identity)
-            self._send(identity, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
+            self._send(identity, wire.GATEWAY, msgs.Disconnect(reason=msgs.Reason.JOBS_DROPPED))
         self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
         match msg:
-            case p.Submit():
+            case msgs.Submit():
                 self._apply(self.table.submit(identity, msg, time.monotonic()))
-            case p.Cancel():
+            case msgs.Cancel():
                 self._apply(self.table.cancel(identity, msg.job_id))
-            case p.Control():
-                self._send(identity, p.GATEWAY, control.answer(self, msg))
-            case p.Disconnect():
+            case msgs.Control():
+                self._send(identity, wire.GATEWAY, control.answer(self, msg))
+            case msgs.Disconnect():
                 self._purge_gateway(identity, silent=False)
 
     def _purge_gateway(self, gateway: bytes, silent: bool = True) -> None:
@@ -337,7 +339,7 @@ class Broker:
         had_jobs = any(j.gateway == gateway for j in self.table.jobs.values())
         self._apply(self.table.gateway_lost(gateway))
         if silent and had_jobs:
-            self._send(gateway, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
+            self._send(gateway, wire.GATEWAY, msgs.Disconnect(reason=msgs.Reason.JOBS_DROPPED))
             if len(self.purged_gateways) > 10_000:
                 self.purged_gateways.clear()
             self.purged_gateways.add(gateway)
@@ -349,14 +351,14 @@ class Broker:
         for gateway in [g for g, expires in self.gateways.items() if expires < now]:
             self._purge_gateway(gateway)
         self._apply(self.table.tick(now))
-        beat = p.Heartbeat(session=self.session)
+        beat = msgs.Heartbeat(session=self.session)
         for identity in list(self.table.workers):
-            self._send(identity, p.WORKER, beat)
+            self._send(identity, wire.WORKER, beat)
         for identity in list(self.gateways):
-            self._send(identity, p.GATEWAY, beat)
+            self._send(identity, wire.GATEWAY, beat)
 
     def _announce(self) -> None:
-        if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
+        if unsent := self.peers.announce(wire.encode(wire.PEER, self._announcement())):
             self.counters["announce_unsent"] += unsent
 
     def _elect(self, now: float) -> None:
@@ -377,13 +379,13 @@ class Broker:
             self.table.know(self.mesh_models, now)
             # Those that waited on us as standby register and resubmit here now.
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Disconnect(reason=p.Reason.COORDINATING))
+                self._send(identity, protocol, msgs.Disconnect(reason=msgs.Reason.COORDINATING))
             self.followers.clear()
         elif decision.changed:
             self._hand_over(coordinator)
         elif coordinator and coordinator != self.coordinator:
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Redirect(endpoint=coordinator))
+                self._send(identity, protocol, msgs.Redirect(endpoint=coordinator))
         self.coordinator = coordinator
 
     def _save_epoch(self) -> None:
@@ -394,14 +396,14 @@ class Broker:
     def _hand_over(self, coordinator: str) -> None:
         """Step down: send every worker and gateway to the new coordinator. Gateways
         resubmit their open jobs there with what their clients have seen."""
-        reply: p.Message = (p.Redirect(endpoint=coordinator) if coordinator
-                            else p.Disconnect(reason=p.Reason.STEPPED_DOWN))
+        reply: msgs.Message = (msgs.Redirect(endpoint=coordinator) if coordinator
+                               else msgs.Disconnect(reason=msgs.Reason.STEPPED_DOWN))
         for identity in list(self.table.workers):
-            self._send(identity, p.WORKER, reply)
-            self.followers[identity] = p.WORKER
+            self._send(identity, wire.WORKER, reply)
+            self.followers[identity] = wire.WORKER
         for identity in list(self.gateways):
-            self._send(identity, p.GATEWAY, reply)
-            self.followers[identity] = p.GATEWAY
+            self._send(identity, wire.GATEWAY, reply)
+            self.followers[identity] = wire.GATEWAY
         self.table.clear()
         self.gateways.clear()
 
@@ -412,10 +414,10 @@ class Broker:
         for identity, protocol, msg in sends:
             self._send(identity, protocol, msg)
 
-    def _send(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+    def _send(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         msg.epoch = self.epoch
         try:
-            self.socket.send_multipart([identity, *p.encode(protocol, msg)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *wire.encode(protocol, msg)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not keeping up
             self.counters["send_failed"] += 1
             log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)

@@ -1,8 +1,8 @@
 """Brokers of another protocol version: seen, shown, warned of once, never followed.
 
 People upgrade one Mac at a time, so for a while some brokers speak another protocol
-version. Their messages cannot be decoded (the tags differ: :mod:`common.protocol`), but
-every release reads the :class:`~common.protocol.Hello` in another one's ANNOUNCE. This
+version. Their messages cannot be decoded (the tags differ: :mod:`common.wire`), but
+every release reads the :class:`~common.versions.Hello` in another one's ANNOUNCE. This
 table keeps who spoke which version lately, for ``mesh status`` / ``mesh nodes`` and the
 dashboard (``incompatible (protocol N)``), and decides, without I/O:
 
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.protocol import PROTOCOL, VERSION, Hello
+from common.messages import VERSION
+from common.versions import Hello
+from common.wire import PROTOCOL
 
 MAX_STRANGERS = 64
 """Most brokers of other versions remembered: a flood of made-up ones evicts the stalest."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.prefixes import PrefixMirror
-from common.protocol import Ready, Submit
+from common.messages import Ready, Submit
 from common.status import Route, WorkerStatus
 
 

@@ -15,7 +15,7 @@ import collections
 from broker.routing import MIN_CACHED_CHARS, Chooser
 from broker.state import WorkerState
 from common.generation import GenerationRequest
-from common.protocol import Ready, Submit
+from common.messages import Ready, Submit
 
 GIB = 1024**3
 
