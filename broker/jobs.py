@@ -94,9 +94,7 @@ class JobTable:
         worker.last_seen = now
         match msg:
             case msgs.Heartbeat():
-                worker.mem_free, worker.reported_running = msg.mem_free, msg.running
-                worker.tokens_per_s, worker.counters = msg.tokens_per_s, msg.counters
-                worker.kv_bytes = msg.kv_bytes
+                worker.load = msg.load
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
@@ -241,7 +239,7 @@ class JobTable:
                 self._purge_worker(other, "registered again")
         worker = WorkerState(
             identity=identity, info=ready, expires=now + self.settings.peer_timeout,
-            mem_free=ready.mem_free, last_seen=now,
+            load=ready.load, last_seen=now,
         )
         self.workers[identity] = worker
         self.know(worker.names, now)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.prefixes import PrefixMirror
-from common.messages import Ready, Submit
+from common.messages import Ready, Submit, WorkerLoad
 from common.status import Route, WorkerStatus
 
 
@@ -17,12 +17,9 @@ class WorkerState:
     identity: bytes
     info: Ready
     expires: float
+    load: WorkerLoad
+    """Its last report, kept as it came (READY's, then each HEARTBEAT's)."""
     running: set[str] = field(default_factory=set)
-    mem_free: int = 0
-    reported_running: int = 0
-    tokens_per_s: float = 0.0
-    kv_bytes: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
     last_seen: float = 0.0
     prefixes: PrefixMirror = field(default_factory=PrefixMirror)
     """What its prompt cache probably holds, from the jobs it finished."""
@@ -42,10 +39,9 @@ class WorkerState:
             worker_id=info.worker_id, node_id=info.node_id, model_id=info.model_id,
             tiers=list(info.tiers), engine=info.engine, slots=info.slots,
             context_length=info.context_length,
-            running=len(self.running), reported_running=self.reported_running,
-            mem_total=info.mem_total, mem_free=self.mem_free, model_bytes=info.model_bytes,
-            tokens_per_s=self.tokens_per_s, kv_bytes=self.kv_bytes,
-            counters=dict(self.counters), last_heartbeat_s=round(now - self.last_seen, 3))
+            mem_total=info.mem_total, model_bytes=info.model_bytes,
+            running=len(self.running), load=self.load,
+            last_heartbeat_s=round(now - self.last_seen, 3))
 
 
 @dataclass(slots=True)

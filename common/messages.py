@@ -52,6 +52,25 @@ class Message:
 
 
 @dataclass(kw_only=True, slots=True)
+class WorkerLoad:
+    """A worker's load as the worker measured it: it sends one in its READY and in every
+    HEARTBEAT, the broker keeps the last one as is (routing reads ``mem_free``), and
+    CONTROL ``status`` shows it inside the worker's status."""
+
+    running: int = 0
+    """Jobs the worker runs now, by its own count (the broker's, which routing uses and
+    which counts a JOB still on its way, is ``WorkerStatus.running``)."""
+    mem_free: int = 0
+    """Bytes of memory free on the worker's machine."""
+    tokens_per_s: float = 0.0
+    """Tokens it generated per second since its last report."""
+    kv_bytes: int = 0
+    """KV cache memory the worker's engine holds (running requests and prompt cache)."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """Its counters since it started: jobs, frames, prompt cache hits..."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Ready(Message):
     """worker -> broker: I serve ``model_id`` (also under its tiers) with ``slots`` seats."""
 
@@ -63,30 +82,24 @@ class Ready(Message):
     """The other names the model answers to (``fast``, ``standard``...)."""
     slots: int = 1
     mem_total: int = 0
-    mem_free: int = 0
     model_bytes: int = 0
     engine: str = "mlx"
     version: str = VERSION
     context_length: int = 0
     """Tokens the model attends to, prompt and answer together (0: not said), for
     ``/v1/models``: clients size their prompts by it."""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
 
 
 @dataclass(kw_only=True, slots=True)
 class Heartbeat(Message):
-    """Any direction. Workers add their load report; gateways and brokers send it empty."""
+    """Any direction. A worker's carries its load; gateways and brokers leave it empty."""
 
     COMMAND: ClassVar[Command] = Command.HEARTBEAT
     session: str = ""
     """A broker's random id for its process lifetime: a change means a broker restarted or
     another took over, and whatever was open with the old one is lost."""
-    running: int = 0
-    """Jobs the worker runs now."""
-    mem_free: int = 0
-    tokens_per_s: float = 0.0
-    kv_bytes: int = 0
-    """KV cache memory the worker's engine holds (running requests and prompt cache)."""
-    counters: dict[str, int] = field(default_factory=dict)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
     streamed: list[str] = field(default_factory=list)
     """Dispatch ids of the worker's jobs whose first output went straight to their gateway
     since its last heartbeat: from now on only the gateway may resume them. (Told here,

@@ -47,14 +47,16 @@ from common.messages import (
     Ready,
     Redirect,
     Submit,
+    WorkerLoad,
 )
 from common.plain import ProtocolError, from_dict
 
-PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 4)
+PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 5)
 """This release's protocol version, the number in every tag. (3: workers stream to
 gateways directly; worker messages name their dispatch all the way. 4: READY's tiers and
 context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
-3 and one of 4 do not talk.) ``MLX_STACK_TEST_PROTOCOL`` is a switch for tests only: it
+3 and one of 4 do not talk. 5: READY and HEARTBEAT carry the worker's load as one record,
+:class:`~common.messages.WorkerLoad`.) ``MLX_STACK_TEST_PROTOCOL`` is a switch for tests only: it
 makes this code speak another version, as a build of another release would, for the
 version-skew tests; never set it on a Mac that serves."""
 GATEWAY = b"MLXS-G%d" % PROTOCOL
@@ -124,12 +126,18 @@ def encode(protocol: bytes, message: Message) -> list[bytes]:
 
 
 def _record(value: Any) -> dict[str, Any]:
-    """msgpack's hook for what it cannot pack itself: a :class:`GenerationRequest` in a
-    field typed so (``request``), as the map of its fields. The only record a message
-    carries; anything else is a bug, refused here rather than sent."""
+    """msgpack's hook for what it cannot pack itself: a record in a field typed so (a
+    :class:`GenerationRequest` in ``request``, a :class:`WorkerLoad` in ``load``), as the
+    map of its fields. The only records a message carries; anything else is a bug,
+    refused here rather than sent."""
     if type(value) is GenerationRequest:
         return value.to_dict()
+    if type(value) is WorkerLoad:
+        return {name: getattr(value, name) for name in _LOAD_FIELDS}
     raise TypeError(f"cannot send a {type(value).__name__} in a message")
+
+
+_LOAD_FIELDS = tuple(f.name for f in dataclasses.fields(WorkerLoad))
 
 
 def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:

@@ -276,12 +276,12 @@ def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
     for key, doc in PROMPT_CACHE_COUNTERS.items():
         family = CounterMetricFamily(f"mlx_stack_{key}", doc, labels=["model"])
         for model in models:
-            family.add_metric([model], sum(w.counters.get(key, 0) for w in workers
+            family.add_metric([model], sum(w.load.counters.get(key, 0) for w in workers
                                            if w.model_id == model))
         yield family
     kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
                            "(running requests and prompt cache), by model.", labels=["model"])
     for model in models:
-        kv.add_metric([model], sum(w.kv_bytes for w in workers if w.model_id == model))
+        kv.add_metric([model], sum(w.load.kv_bytes for w in workers if w.model_id == model))
     yield kv
 

@@ -26,8 +26,10 @@ REQUEST = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "
                               max_tokens=3)
 SEEDS: list[tuple[bytes, msgs.Message]] = [
     (wire.WORKER, msgs.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
-                             tiers=["fuzz-tier"], slots=2, mem_total=2**34, mem_free=2**33)),
-    (wire.WORKER, msgs.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
+                             tiers=["fuzz-tier"], slots=2, mem_total=2**34,
+                             load=msgs.WorkerLoad(mem_free=2**33))),
+    (wire.WORKER, msgs.Heartbeat(load=msgs.WorkerLoad(running=1, mem_free=5, tokens_per_s=1.5,
+                                                      counters={"x": 1}))),
     (wire.WORKER, msgs.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
     (wire.WORKER, msgs.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
     (wire.WORKER, msgs.Fail(job_id="fuzz/0", error="boom", retryable=True)),

@@ -81,13 +81,21 @@ class Worker:
     # ----------------------------------------------------------------- I/O side
 
     def _ready(self) -> msgs.Ready:
-        total, free = self.memory()
         return msgs.Ready(
             worker_id=self.worker_id, node_id=self.settings.node_id,
             model_id=self.engine.model_id, tiers=self.tiers, slots=self.engine.slots,
-            mem_total=total, mem_free=free, model_bytes=self.engine.model_bytes,
+            mem_total=self.memory()[0], model_bytes=self.engine.model_bytes,
             engine=self.engine.kind, context_length=self.engine.context_length,
-        )
+            load=self._load(0.0))
+
+    def _load(self, tokens_per_s: float) -> msgs.WorkerLoad:
+        """The load this worker reports now (READY, every HEARTBEAT)."""
+        with self._counters_lock:
+            counters = dict(self.counters)
+        return msgs.WorkerLoad(
+            running=len(self.running), mem_free=self.memory()[1], tokens_per_s=tokens_per_s,
+            kv_bytes=self.engine.kv_bytes,
+            counters={**counters, **self.link.counters, **self.engine.counters})
 
     def _connect(self, reason: str = "", to: str = "") -> None:
         """Open the link (first call), or move it to another broker; the poller follows."""
@@ -132,15 +140,10 @@ class Worker:
                 self._connect(f"{self.link.endpoint} silent")
             if now >= next_beat:
                 with self._counters_lock:
-                    counters = dict(self.counters)
-                tokens = counters.get("tokens_generated", 0)
-                self.link.send(msgs.Heartbeat(
-                    running=len(self.running), mem_free=self.memory()[1],
-                    tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
-                    kv_bytes=self.engine.kv_bytes,
-                    counters={**counters, **self.link.counters,
-                              **self.engine.counters},
-                    streamed=self.streams.streamed()))
+                    tokens = self.counters["tokens_generated"]
+                rate = round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2)
+                self.link.send(msgs.Heartbeat(load=self._load(rate),
+                                              streamed=self.streams.streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         # Before the cancelled FAILs: the broker runs every job of ours again or has its
         # gateway resume it.
