@@ -8,8 +8,8 @@ The loop (zguide's Majordomo broker, with the gaps closed):
     every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
 
 This module keeps the sockets, the roles, the peers and the election; what happens to
-workers and jobs is decided in :class:`broker.jobs.JobTable`, and CONTROL questions are
-answered by :mod:`broker.control`.
+workers, gateways and jobs is decided in :class:`broker.jobs.JobTable`, and CONTROL
+questions are answered by :mod:`broker.control` from a :meth:`Broker.snapshot`.
 
 Several brokers (one per node) elect one coordinator (:mod:`broker.election`) from the
 ANNOUNCEs they send each other every interval. A standby broker serves nobody: it answers
@@ -26,7 +26,6 @@ and counted as ``handler_error``, never allowed to stop the loop that serves eve
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import time
@@ -46,7 +45,7 @@ from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
 from common.plain import ProtocolError
-from common.status import COORDINATOR, STANDBY
+from common.status import COORDINATOR, STANDBY, BrokerStatus
 from common.transport import admit_members, configure, drain, refused_peers, watch_refusals
 
 log = logging.getLogger("broker")
@@ -58,17 +57,12 @@ class Broker:
     def __init__(self, settings: Settings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.table = JobTable(settings)
-        # This node's workers are loading: a request for their models waits for them.
-        self.table.know(settings.expected_models, time.monotonic())
-        self.gateways: dict[bytes, float] = {}
-        """Live gateways: identity -> when they expire (monotonic seconds)."""
-        self.purged_gateways: set[bytes] = set()
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.rejected: collections.Counter[str] = collections.Counter()
-        """Messages refused, by reason (``ProtocolError.reason`` or the broker's own)."""
         self.started = time.time()
         self.session = uuid.uuid4().hex
+        self.table = JobTable(settings, self.session, time.time() - time.monotonic())
+        """Workers, gateways, jobs, and the counters (the loop's too)."""
+        # This node's workers are loading: a request for their models waits for them.
+        self.table.know(settings.expected_models, time.monotonic())
         self.keys = load_keys(settings.home)
         if self.keys is None and not is_loopback(settings.broker_host):
             raise MeshSecretError(
@@ -152,12 +146,17 @@ class Broker:
             _, msg = wire.decode(frames, wire.FROM_BROKER)
         except ProtocolError as exc:
             if not self._stranger(frames):
-                self._reject(exc.reason, exc)
+                self.table.reject(exc.reason, exc)
             return
         if isinstance(msg, msgs.Announce) and self._plausible(msg):
             self._heard(msg)
 
-    def forget_peer(self, endpoint: str) -> bool:
+    def add_peer(self, endpoint: str) -> bool:
+        """``mlx-stack mesh add``: announce to the peer (again)."""
+        self.peers.restore(endpoint)
+        return True
+
+    def remove_peer(self, endpoint: str) -> bool:
         """Stop announcing to the peer and forget it; whether it was known at all."""
         known = self.peers.remove(endpoint) or endpoint in self.election.peers
         self.election.lost(endpoint)
@@ -203,7 +202,7 @@ class Broker:
                 self._tick(now)
                 next_tick = now + interval
         for identity, protocol in [*((w, wire.WORKER) for w in self.table.workers),
-                                   *((g, wire.GATEWAY) for g in self.gateways)]:
+                                   *((g, wire.GATEWAY) for g in self.table.gateways)]:
             self._send(identity, protocol, msgs.Disconnect(reason=msgs.Reason.LEAVING))
         self.peers.close()
         self.socket.disable_monitor()
@@ -217,14 +216,14 @@ class Broker:
 
     def _count_refusals(self) -> None:
         for peer in refused_peers(self.refusals):
-            self.counters["handshake_refused"] += 1
+            self.table.counters["handshake_refused"] += 1
             log_event(log, "connection_refused", logging.INFO, peer=peer,
                       reason="no mesh secret, a foreign one, or not a member")
 
     def _on_frames(self, frames: list[bytes]) -> None:
         """Validate one message from the ROUTER, then act on it; never raises."""
         if len(frames) < 2:
-            self._reject("frame_count", f"{len(frames)} frames")
+            self.table.reject("frame_count", f"{len(frames)} frames")
             return
         identity = frames[0]
         try:
@@ -234,7 +233,7 @@ class Broker:
                 # Tell it our version: it may only reach us on this connection.
                 self._send(identity, wire.PEER, self._announcement())
                 return
-            self._reject(exc.reason, exc)
+            self.table.reject(exc.reason, exc)
             if (job_id := wire.submitted_job(frames[1:])) is not None:
                 self._send(identity, wire.GATEWAY, msgs.Fail(
                     job_id=job_id, code=msgs.ErrorCode.INVALID_REQUEST,
@@ -242,20 +241,14 @@ class Broker:
             return
         role = self._role_of(identity)
         if role is not None and role != protocol:
-            self._reject("wrong_role", f"{msg.COMMAND.name} on {protocol.decode()} from a "
-                         f"{role.decode()} peer")
+            self.table.reject("wrong_role", f"{msg.COMMAND.name} on {protocol.decode()} "
+                              f"from a {role.decode()} peer")
             return
         try:
             self._on_message(identity, protocol, msg)
         except Exception as exc:  # a bug must not take the whole mesh's broker down
-            self.rejected["handler_error"] += 1
+            self.table.rejected["handler_error"] += 1
             log.exception("handler_error command=%s error=%r", msg.COMMAND.name, exc)
-
-    def _reject(self, reason: str, detail: object) -> None:
-        """Count and drop a message the broker will not act on."""
-        self.rejected[reason] += 1
-        self.counters["dropped"] += 1
-        log_event(log, "frame_dropped", logging.DEBUG, reason=reason, detail=detail)
 
     def _stranger(self, frames: list[bytes]) -> bool:
         """Whether ``frames`` are a broker's ANNOUNCE of another protocol version: noted
@@ -263,7 +256,7 @@ class Broker:
         hello = versions.hello(frames)
         if hello is None:
             return False
-        self.rejected["incompatible_protocol"] += 1
+        self.table.rejected["incompatible_protocol"] += 1
         if (advice := self.skew.heard(hello, time.monotonic())) is not None:
             log_event(log, "incompatible_peer", logging.WARNING, node=hello.node_id,
                       endpoint=hello.endpoint, protocol=hello.protocol, fix=advice)
@@ -273,7 +266,7 @@ class Broker:
         """The protocol tag an identity has spoken so far (None if new)."""
         if identity in self.table.workers:
             return wire.WORKER
-        if identity in self.gateways:
+        if identity in self.table.gateways:
             return wire.GATEWAY
         return self.followers.get(identity)
 
@@ -281,7 +274,7 @@ class Broker:
         """Whether to believe an ANNOUNCE (:func:`broker.announce.doubt`)."""
         doubt = announce.doubt(msg)
         if doubt is not None:
-            self._reject("bad_announce", doubt)
+            self.table.reject("bad_announce", doubt)
         return doubt is None
 
     def _on_message(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
@@ -302,7 +295,7 @@ class Broker:
     def _on_standby(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         """Serve nobody: point the sender at the coordinator, or ask it to wait."""
         if isinstance(msg, msgs.Control):
-            self._send(identity, protocol, control.answer(self, msg))
+            self._send(identity, protocol, control.answer(msg, self.snapshot(), self))
             return
         self.followers[identity] = protocol
         if self.coordinator:
@@ -310,56 +303,36 @@ class Broker:
         else:
             self._send(identity, protocol, msgs.Heartbeat(session=self.session))
 
-    # ----------------------------------------------------------------- gateways
-
     def _on_gateway(self, identity: bytes, msg: msgs.Message) -> None:
-        if isinstance(msg, msgs.Control) and identity not in self.gateways:
-            # A one-off question (`mlx-stack mesh ...`): answer it, register nobody.
-            self._send(identity, wire.GATEWAY, control.answer(self, msg))
-            return
-        if identity not in self.gateways:  # let a new gateway know at once we are here
-            self._send(identity, wire.GATEWAY, msgs.Heartbeat(session=self.session))
-        if identity in self.purged_gateways:
-            # Its jobs were dropped while it was silent: make it resubmit them.
-            self.purged_gateways.discard(identity)
-            self._send(identity, wire.GATEWAY, msgs.Disconnect(reason=msgs.Reason.JOBS_DROPPED))
-        self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
-        match msg:
-            case msgs.Submit():
-                self._apply(self.table.submit(identity, msg, time.monotonic()))
-            case msgs.Cancel():
-                self._apply(self.table.cancel(identity, msg.job_id))
-            case msgs.Control():
-                self._send(identity, wire.GATEWAY, control.answer(self, msg))
-            case msgs.Disconnect():
-                self._purge_gateway(identity, silent=False)
+        self._apply(self.table.gateway_message(identity, msg, time.monotonic()))
+        if isinstance(msg, msgs.Control):
+            self._send(identity, wire.GATEWAY, control.answer(msg, self.snapshot(), self))
 
-    def _purge_gateway(self, gateway: bytes, silent: bool = True) -> None:
-        self.gateways.pop(gateway, None)
-        had_jobs = any(j.gateway == gateway for j in self.table.jobs.values())
-        self._apply(self.table.gateway_lost(gateway))
-        if silent and had_jobs:
-            self._send(gateway, wire.GATEWAY, msgs.Disconnect(reason=msgs.Reason.JOBS_DROPPED))
-            if len(self.purged_gateways) > 10_000:
-                self.purged_gateways.clear()
-            self.purged_gateways.add(gateway)
+    def snapshot(self) -> control.Snapshot:
+        """The broker as CONTROL reads it, now."""
+        now, table = time.monotonic(), self.table
+        return control.Snapshot(routes=list(table.routes), status=BrokerStatus(
+            node_id=self.settings.node_id, endpoint=self.advertise,
+            role=COORDINATOR if self.coordinating else STANDBY,
+            coordinator=self.advertise if self.coordinating else self.coordinator,
+            epoch=self.epoch, priority=self.settings.priority,
+            peers=self.election.status(now), incompatible=self.skew.status(now),
+            alias=self.alias(now), uptime_s=round(time.time() - self.started, 1),
+            workers=[w.status(now) for w in table.workers.values()],
+            queues={m: len(q) for m, q in table.queues.items() if q},
+            known_models=sorted({*table.known_models, *self.mesh_models}),
+            jobs=len(table.jobs), gateways=len(table.gateways), counters=dict(table.counters),
+            rejected=dict(table.rejected), models=table.models()))
 
     # ----------------------------------------------------------------- timers
 
     def _tick(self, now: float) -> None:
         self._elect(now)
-        for gateway in [g for g, expires in self.gateways.items() if expires < now]:
-            self._purge_gateway(gateway)
         self._apply(self.table.tick(now))
-        beat = msgs.Heartbeat(session=self.session)
-        for identity in list(self.table.workers):
-            self._send(identity, wire.WORKER, beat)
-        for identity in list(self.gateways):
-            self._send(identity, wire.GATEWAY, beat)
 
     def _announce(self) -> None:
         if unsent := self.peers.announce(wire.encode(wire.PEER, self._announcement())):
-            self.counters["announce_unsent"] += unsent
+            self.table.counters["announce_unsent"] += unsent
 
     def _elect(self, now: float) -> None:
         """Announce ourselves, then act on the election's verdict (and announce a new
@@ -401,11 +374,10 @@ class Broker:
         for identity in list(self.table.workers):
             self._send(identity, wire.WORKER, reply)
             self.followers[identity] = wire.WORKER
-        for identity in list(self.gateways):
+        for identity in list(self.table.gateways):
             self._send(identity, wire.GATEWAY, reply)
             self.followers[identity] = wire.GATEWAY
         self.table.clear()
-        self.gateways.clear()
 
     # ----------------------------------------------------------------- sending
 
@@ -419,6 +391,6 @@ class Broker:
         try:
             self.socket.send_multipart([identity, *wire.encode(protocol, msg)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not keeping up
-            self.counters["send_failed"] += 1
+            self.table.counters["send_failed"] += 1
             log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)
 

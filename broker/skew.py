@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from common.messages import VERSION
+from common.status import PeerStatus
 from common.versions import Hello
 from common.wire import PROTOCOL
 
@@ -76,6 +77,15 @@ class Skew:
         """Those heard within the timeout, by node id."""
         return sorted((s for s in self.strangers.values()
                        if now - s.last_seen <= self.timeout), key=lambda s: s.hello.node_id)
+
+    def status(self, now: float) -> list[PeerStatus]:
+        """Those heard within the timeout as CONTROL ``status`` shows them (its
+        ``incompatible``), each with what to upgrade."""
+        return [PeerStatus(node_id=s.hello.node_id, endpoint=s.hello.endpoint,
+                           coordinator=s.hello.coordinator, protocol=s.hello.protocol,
+                           advice=advice(self.me, s.hello),
+                           last_seen_s=round(now - s.last_seen, 3))
+                for s in self.live(now)]
 
     def yields_alias(self, now: float) -> bool:
         """Whether a live coordinator of a newer protocol owns ``mlx-stack.local``: then
