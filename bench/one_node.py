@@ -30,7 +30,7 @@ import time
 import httpx
 import psutil
 
-from common import protocol as p
+from common import messages as msgs
 from common.config import Settings
 from common.generation import GenerationRequest
 from worker.batch import BatchLoop
@@ -53,9 +53,9 @@ def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
                                   temperature=0.0)
     stamps: list[float] = []
     start = time.perf_counter()
-    loop.put(p.Job(job_id=f"bench-{start}", request=request))
-    while not isinstance(msg := outbox.get(timeout=300), p.Final):
-        if isinstance(msg, p.Partial) and msg.text:
+    loop.put(msgs.Job(job_id=f"bench-{start}", request=request))
+    while not isinstance(msg := outbox.get(timeout=300), msgs.Final):
+        if isinstance(msg, msgs.Partial) and msg.text:
             stamps.append(time.perf_counter())
     stamps.append(time.perf_counter())
     tokens = msg.usage["completion_tokens"]
@@ -123,7 +123,7 @@ def main() -> None:
         engine = MlxEngine(model_path, DEFAULT_MODEL_ID, max_slots=defaults.max_slots,
                            prompt_cache_bytes=defaults.prompt_cache_bytes,
                            free_memory=psutil.virtual_memory().available)
-        outbox: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
+        outbox: queue.SimpleQueue[msgs.Message] = queue.SimpleQueue()
         loop = BatchLoop(engine, outbox.put, lambda _: None)
         threading.Thread(target=loop.run, daemon=True).start()
         client = httpx.Client(base_url=url, timeout=300)

@@ -48,7 +48,7 @@ from typing import Any, NamedTuple
 import httpx
 import psutil
 
-from common import protocol as p
+from common import messages as msgs
 from common.generation import GenerationRequest
 from common.meshkeys import new_secret
 from tests.harness import Cluster, Proc, free_port, wait_for
@@ -236,15 +236,15 @@ def direct(engine: SyntheticEngine, requests: int, concurrency: int,
             jobs[str(i)] = (time.perf_counter(), content, [])
         request = GenerationRequest(kind="chat", max_tokens=max_tokens, messages=[
             {"role": "user", "content": content}])
-        loop.put(p.Job(job_id=str(i), request=request))
+        loop.put(msgs.Job(job_id=str(i), request=request))
 
-    def send(msg: p.Message) -> None:  # on the loop's thread
+    def send(msg: msgs.Message) -> None:  # on the loop's thread
         job_id = msg.job_id  # type: ignore[attr-defined]
         start, content, parts = jobs[job_id]
-        if isinstance(msg, p.Partial) and msg.text:
+        if isinstance(msg, msgs.Partial) and msg.text:
             firsts.setdefault(job_id, time.perf_counter() - start)
             parts.append(msg.text)
-        elif isinstance(msg, p.Final | p.Fail):
+        elif isinstance(msg, msgs.Final | msgs.Fail):
             results.append(Streamed(firsts.get(job_id, 0.0), time.perf_counter() - start,
                                     content, "".join(parts), len(parts), "in-process"))
             if len(results) == requests:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from broker.election import BrokerInfo, Election
-from common import protocol as p
+from common import messages as msgs
 from common.config import ENDPOINT
+from common.plain import INT_MAX
 
 MODELS_ANNOUNCED = 64
 """Most model names one ANNOUNCE carries (the most recently served): enough for any
@@ -12,7 +13,7 @@ mesh of Macs, and a bound on what a peer must store."""
 
 
 def announcement(election: Election, epoch: int, seq: int,
-                 known_models: dict[str, float]) -> p.Announce:
+                 known_models: dict[str, float]) -> msgs.Announce:
     """This broker's ANNOUNCE number ``seq``, naming the models it knows, most recent
     first: a coordinator's served lately (a standby that takes over knows them), a
     standby's its node's workers will serve (the coordinator knows them while they
@@ -20,25 +21,25 @@ def announcement(election: Election, epoch: int, seq: int,
     me = election.me
     models = sorted(known_models, key=known_models.__getitem__, reverse=True
                     )[:MODELS_ANNOUNCED]
-    return p.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
-                      started=me.started, coordinator=me.coordinator, epoch=epoch, seq=seq,
-                      models=models)
+    return msgs.Announce(node_id=me.node_id, endpoint=me.endpoint, priority=me.priority,
+                         started=me.started, coordinator=me.coordinator, epoch=epoch, seq=seq,
+                         models=models)
 
 
-def doubt(msg: p.Announce) -> str | None:
+def doubt(msg: msgs.Announce) -> str | None:
     """Why an ANNOUNCE does not describe a broker one could be redirected to, or None.
     Its epoch must leave room for one more (a higher one, taken over, would not be on
     the wire: every peer would refuse this broker's messages)."""
     if not ENDPOINT.fullmatch(msg.endpoint):
         return f"endpoint {msg.endpoint[:80]!r}"
-    if not (0 <= msg.epoch < p.INT_MAX and msg.started >= 0 and msg.seq >= 0):
+    if not (0 <= msg.epoch < INT_MAX and msg.started >= 0 and msg.seq >= 0):
         return f"epoch {msg.epoch}, started {msg.started}"
     if len(msg.models) > MODELS_ANNOUNCED:
         return f"{len(msg.models)} models"
     return None
 
 
-def info(msg: p.Announce) -> BrokerInfo:
+def info(msg: msgs.Announce) -> BrokerInfo:
     """The election's view of the broker ``msg`` describes."""
     return BrokerInfo(node_id=msg.node_id, endpoint=msg.endpoint, priority=msg.priority,
                       started=msg.started, epoch=msg.epoch, coordinator=msg.coordinator,

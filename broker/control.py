@@ -1,88 +1,71 @@
 """CONTROL: what a broker answers (``mlx-stack mesh``, the gateway's ``/v1/models``,
-``/metrics`` and dashboard), as a table of operations over the broker's state.
+``/metrics`` and dashboard), as a table of operations over a snapshot of the broker.
 
-Read-only questions, plus the two changes ``mlx-stack mesh add`` / ``remove`` make to the
-static peers. Answers are the typed records of :mod:`common.status`, sent as plain maps;
-the askers decode them with :mod:`common.control`, which lists the same operations.
+Read-only questions are answered from a :class:`Snapshot` the broker takes when the
+question arrives; the two changes ``mlx-stack mesh add`` / ``remove`` make to the static
+peers are the broker's to make (:class:`PeerEdits`). Answers are the typed records of
+:mod:`common.status`, sent as plain maps; the askers decode them with
+:mod:`common.control`, which lists the same operations. Nothing here reads the broker
+itself, so this module imports nothing of broker/server.py.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from broker.skew import advice
-from common import protocol as p
+from common import messages as msgs
 from common.config import ENDPOINT
-from common.status import COORDINATOR, STANDBY, BrokerStatus, PeerStatus, Route, plain
-
-if TYPE_CHECKING:
-    from broker.server import Broker
+from common.status import BrokerStatus, Route, plain
 
 ROUTES = 20
 """Routing decisions answered when ``routes`` names no valid count."""
 
 
-def answer(broker: Broker, msg: p.Control) -> p.ControlReply:
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The broker as CONTROL reads it, taken when a question arrives."""
+
+    status: BrokerStatus
+    routes: list[Route]
+    """The route log, oldest first."""
+
+
+class PeerEdits(Protocol):
+    """The changes CONTROL may ask of a broker: its static peers."""
+
+    def add_peer(self, endpoint: str) -> bool:
+        """Announce to ``endpoint`` again (after a remove, or for the first time)."""
+        ...
+
+    def remove_peer(self, endpoint: str) -> bool:
+        """Stop announcing to the peer and forget it; whether it was known at all."""
+        ...
+
+
+def answer(msg: msgs.Control, snapshot: Snapshot, edits: PeerEdits) -> msgs.ControlReply:
     """The reply to a CONTROL question, from :data:`OPERATIONS`."""
     operation = OPERATIONS.get(msg.op)
+    epoch = snapshot.status.epoch
     try:
         if operation is None:
             raise ValueError(f"unknown op {msg.op!r}")
-        result = operation(broker, msg.args)
+        result = operation(snapshot, edits, msg.args)
     except ValueError as exc:
-        return p.ControlReply(
-            request_id=msg.request_id, ok=False, epoch=broker.epoch,
+        return msgs.ControlReply(
+            request_id=msg.request_id, ok=False, epoch=epoch,
             error=f"{exc}; use {'|'.join(OPERATIONS)} "
             "(add_peer and remove_peer with endpoint='tcp://host:port')")
-    return p.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
-                          epoch=broker.epoch)
+    return msgs.ControlReply(request_id=msg.request_id, ok=True, result=plain(result),
+                             epoch=epoch)
 
 
-def status(broker: Broker, _: dict[str, Any] | None = None) -> BrokerStatus:
-    """The broker, its peers, workers, queues and counters."""
-    now = time.monotonic()
-    table = broker.table
-    return BrokerStatus(
-        node_id=broker.settings.node_id, endpoint=broker.advertise,
-        role=COORDINATOR if broker.coordinating else STANDBY,
-        coordinator=broker.advertise if broker.coordinating else broker.coordinator,
-        epoch=broker.epoch, priority=broker.settings.priority,
-        peers=[PeerStatus(node_id=b.node_id, endpoint=b.endpoint, coordinator=b.coordinator,
-                          epoch=b.epoch, priority=b.priority,
-                          last_seen_s=round(now - b.last_seen, 3))
-               for b in broker.election.live(now)],
-        incompatible=[PeerStatus(node_id=s.hello.node_id, endpoint=s.hello.endpoint,
-                                 coordinator=s.hello.coordinator, protocol=s.hello.protocol,
-                                 advice=advice(broker.settings.node_id, s.hello),
-                                 last_seen_s=round(now - s.last_seen, 3))
-                      for s in broker.skew.live(now)],
-        alias=broker.alias(now),
-        uptime_s=round(time.time() - broker.started, 1),
-        workers=[w.status(now) for w in table.workers.values()],
-        queues={m: len(q) for m, q in table.queues.items() if q},
-        known_models=sorted({*table.known_models, *broker.mesh_models}),
-        jobs=len(table.jobs), gateways=len(broker.gateways),
-        counters=dict(broker.counters + table.counters),
-        rejected=dict(broker.rejected + table.rejected), models=table.models())
-
-
-def routes(broker: Broker, args: dict[str, Any]) -> list[Route]:
+def routes(snapshot: Snapshot, args: dict[str, Any]) -> list[Route]:
     """The last ``last`` routing decisions (default :data:`ROUTES`), oldest first."""
     last = args.get("last", ROUTES)
     last = last if isinstance(last, int) and last > 0 else ROUTES
-    return list(broker.table.routes)[-last:]
-
-
-def add_peer(broker: Broker, args: dict[str, Any]) -> bool:
-    broker.peers.restore(peer_endpoint(args))
-    return True
-
-
-def remove_peer(broker: Broker, args: dict[str, Any]) -> bool:
-    """Stop announcing to the peer and forget it; whether it was known at all."""
-    return broker.forget_peer(peer_endpoint(args))
+    return snapshot.routes[-last:]
 
 
 def peer_endpoint(args: dict[str, Any]) -> str:
@@ -93,10 +76,11 @@ def peer_endpoint(args: dict[str, Any]) -> str:
     return endpoint
 
 
-OPERATIONS: dict[str, Callable[[Broker, dict[str, Any]], Any]] = {
-    "status": status,
-    "models": lambda broker, _: broker.table.models(),
-    "routes": routes,
-    "add_peer": add_peer,
-    "remove_peer": remove_peer,
+Operation = Callable[[Snapshot, PeerEdits, dict[str, Any]], Any]
+OPERATIONS: dict[str, Operation] = {
+    "status": lambda snapshot, _, __: snapshot.status,
+    "models": lambda snapshot, _, __: snapshot.status.models,
+    "routes": lambda snapshot, _, args: routes(snapshot, args),
+    "add_peer": lambda _, edits, args: edits.add_peer(peer_endpoint(args)),
+    "remove_peer": lambda _, edits, args: edits.remove_peer(peer_endpoint(args)),
 }

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.status import PeerStatus
+
 FORGET_AFTER = 10
 """Peers silent for this many timeouts are forgotten (they are long dead to the
 election already; mDNS or a restart brings them back)."""
@@ -89,6 +91,13 @@ class Election:
 
     def live(self, now: float) -> list[BrokerInfo]:
         return [p for p in self.peers.values() if now - p.last_seen <= self.timeout]
+
+    def status(self, now: float) -> list[PeerStatus]:
+        """The live peers as CONTROL ``status`` shows them."""
+        return [PeerStatus(node_id=b.node_id, endpoint=b.endpoint, coordinator=b.coordinator,
+                           epoch=b.epoch, priority=b.priority,
+                           last_seen_s=round(now - b.last_seen, 3))
+                for b in self.live(now)]
 
     def decide(self, now: float) -> Decision:
         """Whether this broker should coordinate now, and whom to follow otherwise."""

@@ -23,7 +23,7 @@ import itertools
 from collections.abc import Iterable
 
 from broker.state import WorkerState
-from common.protocol import Submit
+from common.messages import Submit
 
 W_MEM = 0.25
 W_REMOTE = 0.01
@@ -40,7 +40,7 @@ def score(worker: WorkerState, origin_node: str, cached: float = 0.0) -> float:
     prompt the worker's cache holds the fraction ``cached``."""
     info = worker.info
     load = len(worker.running) / max(info.slots, 1)
-    mem = 1.0 - worker.mem_free / info.mem_total if info.mem_total > 0 else 0.0
+    mem = 1.0 - worker.load.mem_free / info.mem_total if info.mem_total > 0 else 0.0
     remote = 1.0 if origin_node and info.node_id != origin_node else 0.0
     return load + W_MEM * min(max(mem, 0.0), 1.0) + W_REMOTE * remote - W_CACHE * cached
 

@@ -8,8 +8,8 @@ The loop (zguide's Majordomo broker, with the gaps closed):
     every interval: heartbeat every peer, purge the silent ones, expire waiting jobs
 
 This module keeps the sockets, the roles, the peers and the election; what happens to
-workers and jobs is decided in :class:`broker.jobs.JobTable`, and CONTROL questions are
-answered by :mod:`broker.control`.
+workers, gateways and jobs is decided in :class:`broker.jobs.JobTable`, and CONTROL
+questions are answered by :mod:`broker.control` from a :meth:`Broker.snapshot`.
 
 Several brokers (one per node) elect one coordinator (:mod:`broker.election`) from the
 ANNOUNCEs they send each other every interval. A standby broker serves nobody: it answers
@@ -17,7 +17,7 @@ every worker and gateway with REDIRECT to the coordinator (or, while none is kno
 with a heartbeat, and with DISCONNECT once it becomes the coordinator itself, so that
 they register and resubmit here). A coordinator that steps down redirects everyone.
 
-Hostile input: every frame is validated (:func:`common.protocol.decode`) before anything
+Hostile input: every frame is validated (:func:`common.wire.decode`) before anything
 acts on it, then checked against what its sender is: an identity known as a worker may
 only speak the worker protocol, and so on. Whatever is refused is counted by reason and
 shown as ``rejected`` in the CONTROL status reply. A handler that still fails is logged
@@ -26,7 +26,6 @@ and counted as ``handler_error``, never allowed to stop the loop that serves eve
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import time
@@ -39,12 +38,14 @@ from broker.election import BrokerInfo, Election
 from broker.jobs import JobTable, Send
 from broker.peers import PeerLinks
 from broker.skew import Skew
-from common import protocol as p
+from common import messages as msgs
+from common import versions, wire
 from common.config import Settings, is_loopback
 from common.discovery import Advert, Discovery
 from common.logs import log_event
 from common.meshkeys import MeshSecretError, load_keys
-from common.status import COORDINATOR, STANDBY
+from common.plain import ProtocolError
+from common.status import COORDINATOR, STANDBY, BrokerStatus
 from common.transport import admit_members, configure, drain, refused_peers, watch_refusals
 
 log = logging.getLogger("broker")
@@ -56,17 +57,12 @@ class Broker:
     def __init__(self, settings: Settings, ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.ctx = ctx or zmq.Context.instance()
-        self.table = JobTable(settings)
-        # This node's workers are loading: a request for their models waits for them.
-        self.table.know(settings.expected_models, time.monotonic())
-        self.gateways: dict[bytes, float] = {}
-        """Live gateways: identity -> when they expire (monotonic seconds)."""
-        self.purged_gateways: set[bytes] = set()
-        self.counters: collections.Counter[str] = collections.Counter()
-        self.rejected: collections.Counter[str] = collections.Counter()
-        """Messages refused, by reason (``ProtocolError.reason`` or the broker's own)."""
         self.started = time.time()
         self.session = uuid.uuid4().hex
+        self.table = JobTable(settings, self.session, time.time() - time.monotonic())
+        """Workers, gateways, jobs, and the counters (the loop's too)."""
+        # This node's workers are loading: a request for their models waits for them.
+        self.table.know(settings.expected_models, time.monotonic())
         self.keys = load_keys(settings.home)
         if self.keys is None and not is_loopback(settings.broker_host):
             raise MeshSecretError(
@@ -125,11 +121,11 @@ class Broker:
         self.election.decide(time.monotonic())
         self._save_epoch()
 
-    def _announcement(self) -> p.Announce:
+    def _announcement(self) -> msgs.Announce:
         return announce.announcement(self.election, self.epoch, next(self._seq),
                                      self.table.known_models)
 
-    def _heard(self, msg: p.Announce) -> None:
+    def _heard(self, msg: msgs.Announce) -> None:
         if msg.endpoint in self.peers.removed:
             return
         before, now = self.election.peers.get(msg.endpoint), time.monotonic()
@@ -147,15 +143,20 @@ class Broker:
     def _on_peer_reply(self, frames: list[bytes]) -> None:
         """An announcement a peer sent back on our own link to it."""
         try:
-            _, msg = p.decode(frames, p.FROM_BROKER)
-        except p.ProtocolError as exc:
+            _, msg = wire.decode(frames, wire.FROM_BROKER)
+        except ProtocolError as exc:
             if not self._stranger(frames):
-                self._reject(exc.reason, exc)
+                self.table.reject(exc.reason, exc)
             return
-        if isinstance(msg, p.Announce) and self._plausible(msg):
+        if isinstance(msg, msgs.Announce) and self._plausible(msg):
             self._heard(msg)
 
-    def forget_peer(self, endpoint: str) -> bool:
+    def add_peer(self, endpoint: str) -> bool:
+        """``mlx-stack mesh add``: announce to the peer (again)."""
+        self.peers.restore(endpoint)
+        return True
+
+    def remove_peer(self, endpoint: str) -> bool:
         """Stop announcing to the peer and forget it; whether it was known at all."""
         known = self.peers.remove(endpoint) or endpoint in self.election.peers
         self.election.lost(endpoint)
@@ -200,9 +201,9 @@ class Broker:
             if now >= next_tick:
                 self._tick(now)
                 next_tick = now + interval
-        for identity, protocol in [*((w, p.WORKER) for w in self.table.workers),
-                                   *((g, p.GATEWAY) for g in self.gateways)]:
-            self._send(identity, protocol, p.Disconnect(reason=p.Reason.LEAVING))
+        for identity, protocol in [*((w, wire.WORKER) for w in self.table.workers),
+                                   *((g, wire.GATEWAY) for g in self.table.gateways)]:
+            self._send(identity, protocol, msgs.Disconnect(reason=msgs.Reason.LEAVING))
         self.peers.close()
         self.socket.disable_monitor()
         self.refusals.close(linger=0)
@@ -215,53 +216,47 @@ class Broker:
 
     def _count_refusals(self) -> None:
         for peer in refused_peers(self.refusals):
-            self.counters["handshake_refused"] += 1
+            self.table.counters["handshake_refused"] += 1
             log_event(log, "connection_refused", logging.INFO, peer=peer,
                       reason="no mesh secret, a foreign one, or not a member")
 
     def _on_frames(self, frames: list[bytes]) -> None:
         """Validate one message from the ROUTER, then act on it; never raises."""
         if len(frames) < 2:
-            self._reject("frame_count", f"{len(frames)} frames")
+            self.table.reject("frame_count", f"{len(frames)} frames")
             return
         identity = frames[0]
         try:
-            protocol, msg = p.decode(frames[1:], p.TO_BROKER)
-        except p.ProtocolError as exc:
+            protocol, msg = wire.decode(frames[1:], wire.TO_BROKER)
+        except ProtocolError as exc:
             if self._stranger(frames[1:]):
                 # Tell it our version: it may only reach us on this connection.
-                self._send(identity, p.PEER, self._announcement())
+                self._send(identity, wire.PEER, self._announcement())
                 return
-            self._reject(exc.reason, exc)
-            if (job_id := p.submitted_job(frames[1:])) is not None:
-                self._send(identity, p.GATEWAY, p.Fail(
-                    job_id=job_id, code=p.ErrorCode.INVALID_REQUEST,
+            self.table.reject(exc.reason, exc)
+            if (job_id := wire.submitted_job(frames[1:])) is not None:
+                self._send(identity, wire.GATEWAY, msgs.Fail(
+                    job_id=job_id, code=msgs.ErrorCode.INVALID_REQUEST,
                     error=f"the broker cannot read this request: {exc}"))
             return
         role = self._role_of(identity)
         if role is not None and role != protocol:
-            self._reject("wrong_role", f"{msg.COMMAND.name} on {protocol.decode()} from a "
-                         f"{role.decode()} peer")
+            self.table.reject("wrong_role", f"{msg.COMMAND.name} on {protocol.decode()} "
+                              f"from a {role.decode()} peer")
             return
         try:
             self._on_message(identity, protocol, msg)
         except Exception as exc:  # a bug must not take the whole mesh's broker down
-            self.rejected["handler_error"] += 1
+            self.table.rejected["handler_error"] += 1
             log.exception("handler_error command=%s error=%r", msg.COMMAND.name, exc)
-
-    def _reject(self, reason: str, detail: object) -> None:
-        """Count and drop a message the broker will not act on."""
-        self.rejected[reason] += 1
-        self.counters["dropped"] += 1
-        log_event(log, "frame_dropped", logging.DEBUG, reason=reason, detail=detail)
 
     def _stranger(self, frames: list[bytes]) -> bool:
         """Whether ``frames`` are a broker's ANNOUNCE of another protocol version: noted
         for the status (broker/skew.py), warned of once with what to upgrade."""
-        hello = p.hello(frames)
+        hello = versions.hello(frames)
         if hello is None:
             return False
-        self.rejected["incompatible_protocol"] += 1
+        self.table.rejected["incompatible_protocol"] += 1
         if (advice := self.skew.heard(hello, time.monotonic())) is not None:
             log_event(log, "incompatible_peer", logging.WARNING, node=hello.node_id,
                       endpoint=hello.endpoint, protocol=hello.protocol, fix=advice)
@@ -270,94 +265,74 @@ class Broker:
     def _role_of(self, identity: bytes) -> bytes | None:
         """The protocol tag an identity has spoken so far (None if new)."""
         if identity in self.table.workers:
-            return p.WORKER
-        if identity in self.gateways:
-            return p.GATEWAY
+            return wire.WORKER
+        if identity in self.table.gateways:
+            return wire.GATEWAY
         return self.followers.get(identity)
 
-    def _plausible(self, msg: p.Announce) -> bool:
+    def _plausible(self, msg: msgs.Announce) -> bool:
         """Whether to believe an ANNOUNCE (:func:`broker.announce.doubt`)."""
         doubt = announce.doubt(msg)
         if doubt is not None:
-            self._reject("bad_announce", doubt)
+            self.table.reject("bad_announce", doubt)
         return doubt is None
 
-    def _on_message(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Announce):
+    def _on_message(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
+        if isinstance(msg, msgs.Announce):
             if not self._plausible(msg):
                 return
             self._heard(msg)
             # Answer on this connection: our own socket to that broker may still be in
             # reconnect backoff, and a broker that just started must learn of us now.
-            self._send(identity, p.PEER, self._announcement())
+            self._send(identity, wire.PEER, self._announcement())
         elif not self.coordinating:
             self._on_standby(identity, protocol, msg)
-        elif protocol == p.WORKER:
+        elif protocol == wire.WORKER:
             self._apply(self.table.worker_message(identity, msg, time.monotonic()))
         else:
             self._on_gateway(identity, msg)
 
-    def _on_standby(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+    def _on_standby(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         """Serve nobody: point the sender at the coordinator, or ask it to wait."""
-        if isinstance(msg, p.Control):
-            self._send(identity, protocol, control.answer(self, msg))
+        if isinstance(msg, msgs.Control):
+            self._send(identity, protocol, control.answer(msg, self.snapshot(), self))
             return
         self.followers[identity] = protocol
         if self.coordinator:
-            self._send(identity, protocol, p.Redirect(endpoint=self.coordinator))
+            self._send(identity, protocol, msgs.Redirect(endpoint=self.coordinator))
         else:
-            self._send(identity, protocol, p.Heartbeat(session=self.session))
+            self._send(identity, protocol, msgs.Heartbeat(session=self.session))
 
-    # ----------------------------------------------------------------- gateways
+    def _on_gateway(self, identity: bytes, msg: msgs.Message) -> None:
+        self._apply(self.table.gateway_message(identity, msg, time.monotonic()))
+        if isinstance(msg, msgs.Control):
+            self._send(identity, wire.GATEWAY, control.answer(msg, self.snapshot(), self))
 
-    def _on_gateway(self, identity: bytes, msg: p.Message) -> None:
-        if isinstance(msg, p.Control) and identity not in self.gateways:
-            # A one-off question (`mlx-stack mesh ...`): answer it, register nobody.
-            self._send(identity, p.GATEWAY, control.answer(self, msg))
-            return
-        if identity not in self.gateways:  # let a new gateway know at once we are here
-            self._send(identity, p.GATEWAY, p.Heartbeat(session=self.session))
-        if identity in self.purged_gateways:
-            # Its jobs were dropped while it was silent: make it resubmit them.
-            self.purged_gateways.discard(identity)
-            self._send(identity, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
-        self.gateways[identity] = time.monotonic() + self.settings.peer_timeout
-        match msg:
-            case p.Submit():
-                self._apply(self.table.submit(identity, msg, time.monotonic()))
-            case p.Cancel():
-                self._apply(self.table.cancel(identity, msg.job_id))
-            case p.Control():
-                self._send(identity, p.GATEWAY, control.answer(self, msg))
-            case p.Disconnect():
-                self._purge_gateway(identity, silent=False)
-
-    def _purge_gateway(self, gateway: bytes, silent: bool = True) -> None:
-        self.gateways.pop(gateway, None)
-        had_jobs = any(j.gateway == gateway for j in self.table.jobs.values())
-        self._apply(self.table.gateway_lost(gateway))
-        if silent and had_jobs:
-            self._send(gateway, p.GATEWAY, p.Disconnect(reason=p.Reason.JOBS_DROPPED))
-            if len(self.purged_gateways) > 10_000:
-                self.purged_gateways.clear()
-            self.purged_gateways.add(gateway)
+    def snapshot(self) -> control.Snapshot:
+        """The broker as CONTROL reads it, now."""
+        now, table = time.monotonic(), self.table
+        return control.Snapshot(routes=list(table.routes), status=BrokerStatus(
+            node_id=self.settings.node_id, endpoint=self.advertise,
+            role=COORDINATOR if self.coordinating else STANDBY,
+            coordinator=self.advertise if self.coordinating else self.coordinator,
+            epoch=self.epoch, priority=self.settings.priority,
+            peers=self.election.status(now), incompatible=self.skew.status(now),
+            alias=self.alias(now), uptime_s=round(time.time() - self.started, 1),
+            workers=[w.status(now) for w in table.workers.values()],
+            queues={m: len(q) for m, q in table.queues.items() if q},
+            known_models=sorted({*table.known_models, *self.mesh_models}),
+            jobs=len(table.jobs), gateways=len(table.gateways), counters=dict(table.counters),
+            rejected=dict(table.rejected), models=table.models()))
 
     # ----------------------------------------------------------------- timers
 
     def _tick(self, now: float) -> None:
         self._elect(now)
-        for gateway in [g for g, expires in self.gateways.items() if expires < now]:
-            self._purge_gateway(gateway)
         self._apply(self.table.tick(now))
-        beat = p.Heartbeat(session=self.session)
-        for identity in list(self.table.workers):
-            self._send(identity, p.WORKER, beat)
-        for identity in list(self.gateways):
-            self._send(identity, p.GATEWAY, beat)
 
     def _announce(self) -> None:
-        if unsent := self.peers.announce(p.encode(p.PEER, self._announcement())):
-            self.counters["announce_unsent"] += unsent
+        if unsent := self.peers.announce(wire.encode(wire.PEER, self._announcement())):
+            self.table.counters["announce_unsent"] += unsent
 
     def _elect(self, now: float) -> None:
         """Announce ourselves, then act on the election's verdict (and announce a new
@@ -377,13 +352,13 @@ class Broker:
             self.table.know(self.mesh_models, now)
             # Those that waited on us as standby register and resubmit here now.
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Disconnect(reason=p.Reason.COORDINATING))
+                self._send(identity, protocol, msgs.Disconnect(reason=msgs.Reason.COORDINATING))
             self.followers.clear()
         elif decision.changed:
             self._hand_over(coordinator)
         elif coordinator and coordinator != self.coordinator:
             for identity, protocol in self.followers.items():
-                self._send(identity, protocol, p.Redirect(endpoint=coordinator))
+                self._send(identity, protocol, msgs.Redirect(endpoint=coordinator))
         self.coordinator = coordinator
 
     def _save_epoch(self) -> None:
@@ -394,16 +369,15 @@ class Broker:
     def _hand_over(self, coordinator: str) -> None:
         """Step down: send every worker and gateway to the new coordinator. Gateways
         resubmit their open jobs there with what their clients have seen."""
-        reply: p.Message = (p.Redirect(endpoint=coordinator) if coordinator
-                            else p.Disconnect(reason=p.Reason.STEPPED_DOWN))
+        reply: msgs.Message = (msgs.Redirect(endpoint=coordinator) if coordinator
+                               else msgs.Disconnect(reason=msgs.Reason.STEPPED_DOWN))
         for identity in list(self.table.workers):
-            self._send(identity, p.WORKER, reply)
-            self.followers[identity] = p.WORKER
-        for identity in list(self.gateways):
-            self._send(identity, p.GATEWAY, reply)
-            self.followers[identity] = p.GATEWAY
+            self._send(identity, wire.WORKER, reply)
+            self.followers[identity] = wire.WORKER
+        for identity in list(self.table.gateways):
+            self._send(identity, wire.GATEWAY, reply)
+            self.followers[identity] = wire.GATEWAY
         self.table.clear()
-        self.gateways.clear()
 
     # ----------------------------------------------------------------- sending
 
@@ -412,11 +386,11 @@ class Broker:
         for identity, protocol, msg in sends:
             self._send(identity, protocol, msg)
 
-    def _send(self, identity: bytes, protocol: bytes, msg: p.Message) -> None:
+    def _send(self, identity: bytes, protocol: bytes, msg: msgs.Message) -> None:
         msg.epoch = self.epoch
         try:
-            self.socket.send_multipart([identity, *p.encode(protocol, msg)], zmq.NOBLOCK)
+            self.socket.send_multipart([identity, *wire.encode(protocol, msg)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: gone; EAGAIN: not keeping up
-            self.counters["send_failed"] += 1
+            self.table.counters["send_failed"] += 1
             log_event(log, "send_failed", logging.DEBUG, error=exc.strerror)
 

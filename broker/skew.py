@@ -1,8 +1,8 @@
 """Brokers of another protocol version: seen, shown, warned of once, never followed.
 
 People upgrade one Mac at a time, so for a while some brokers speak another protocol
-version. Their messages cannot be decoded (the tags differ: :mod:`common.protocol`), but
-every release reads the :class:`~common.protocol.Hello` in another one's ANNOUNCE. This
+version. Their messages cannot be decoded (the tags differ: :mod:`common.wire`), but
+every release reads the :class:`~common.versions.Hello` in another one's ANNOUNCE. This
 table keeps who spoke which version lately, for ``mesh status`` / ``mesh nodes`` and the
 dashboard (``incompatible (protocol N)``), and decides, without I/O:
 
@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.protocol import PROTOCOL, VERSION, Hello
+from common.messages import VERSION
+from common.status import PeerStatus
+from common.versions import Hello
+from common.wire import PROTOCOL
 
 MAX_STRANGERS = 64
 """Most brokers of other versions remembered: a flood of made-up ones evicts the stalest."""
@@ -74,6 +77,15 @@ class Skew:
         """Those heard within the timeout, by node id."""
         return sorted((s for s in self.strangers.values()
                        if now - s.last_seen <= self.timeout), key=lambda s: s.hello.node_id)
+
+    def status(self, now: float) -> list[PeerStatus]:
+        """Those heard within the timeout as CONTROL ``status`` shows them (its
+        ``incompatible``), each with what to upgrade."""
+        return [PeerStatus(node_id=s.hello.node_id, endpoint=s.hello.endpoint,
+                           coordinator=s.hello.coordinator, protocol=s.hello.protocol,
+                           advice=advice(self.me, s.hello),
+                           last_seen_s=round(now - s.last_seen, 3))
+                for s in self.live(now)]
 
     def yields_alias(self, now: float) -> bool:
         """Whether a live coordinator of a newer protocol owns ``mlx-stack.local``: then

@@ -1,12 +1,13 @@
-"""What the broker remembers about workers and jobs. Plain records, no I/O."""
+"""What the broker remembers about workers, gateways and jobs. Plain records, no I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from broker.prefixes import PrefixMirror
-from common.protocol import Ready, Submit
-from common.status import Route, WorkerStatus
+from common.messages import Ready, Submit, WorkerLoad
+from common.status import Candidate, Route, WorkerStatus
 
 
 @dataclass(slots=True)
@@ -17,12 +18,9 @@ class WorkerState:
     identity: bytes
     info: Ready
     expires: float
+    load: WorkerLoad
+    """Its last report, kept as it came (READY's, then each HEARTBEAT's)."""
     running: set[str] = field(default_factory=set)
-    mem_free: int = 0
-    reported_running: int = 0
-    tokens_per_s: float = 0.0
-    kv_bytes: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
     last_seen: float = 0.0
     prefixes: PrefixMirror = field(default_factory=PrefixMirror)
     """What its prompt cache probably holds, from the jobs it finished."""
@@ -42,10 +40,9 @@ class WorkerState:
             worker_id=info.worker_id, node_id=info.node_id, model_id=info.model_id,
             tiers=list(info.tiers), engine=info.engine, slots=info.slots,
             context_length=info.context_length,
-            running=len(self.running), reported_running=self.reported_running,
-            mem_total=info.mem_total, mem_free=self.mem_free, model_bytes=info.model_bytes,
-            tokens_per_s=self.tokens_per_s, kv_bytes=self.kv_bytes,
-            counters=dict(self.counters), last_heartbeat_s=round(now - self.last_seen, 3))
+            mem_total=info.mem_total, model_bytes=info.model_bytes,
+            running=len(self.running), load=self.load,
+            last_heartbeat_s=round(now - self.last_seen, 3))
 
 
 @dataclass(slots=True)
@@ -67,3 +64,68 @@ class JobState:
     retries: int = 0
     route: Route | None = None
     """Its entry in the route log, made at its first dispatch."""
+
+    def route_to(self, worker: WorkerState, scored: list[tuple[WorkerState, float, int]],
+                 now: float, wall: float) -> Route:
+        """Its route log entry as it is dispatched to ``worker`` (chosen among ``scored``:
+        each candidate, its score and cached characters) at ``now``, which is ``wall``
+        on the wall clock; made at the first dispatch, updated at each."""
+        if self.route is None:
+            self.route = Route(job_id=self.submit.job_id, request_id=self.submit.request_id,
+                               model=self.submit.model, time=wall)
+        route = self.route
+        route.retries = self.retries
+        route.candidates = [Candidate(worker_id=w.info.worker_id, node_id=w.info.node_id,
+                                      score=round(s, 4), cached=c) for w, s, c in scored]
+        route.worker_id, route.node_id = worker.info.worker_id, worker.info.node_id
+        route.queue_wait_ms = round((now - self.enqueued) * 1000, 2)
+        return route
+
+
+MAX_DROPPED = 10_000
+"""Most gateways remembered as having had their jobs dropped (a flood of identities clears
+the set: such a gateway then learns of it from its own timeouts)."""
+
+
+class Gateways:
+    """The live gateways, each with when it expires (monotonic seconds), and those whose
+    jobs were dropped while they were silent (they must be told to resubmit them)."""
+
+    def __init__(self) -> None:
+        self.expires: dict[bytes, float] = {}
+        self.dropped: set[bytes] = set()
+
+    def __contains__(self, identity: object) -> bool:
+        return identity in self.expires
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(list(self.expires))
+
+    def __len__(self) -> int:
+        return len(self.expires)
+
+    def heard(self, identity: bytes, expires: float) -> tuple[bool, bool]:
+        """A gateway spoke: it is live until ``expires``. Whether it is new, and whether
+        it must be told that its jobs were dropped (once)."""
+        new = identity not in self.expires
+        self.expires[identity] = expires
+        if identity in self.dropped:
+            self.dropped.discard(identity)
+            return new, True
+        return new, False
+
+    def silent(self, now: float) -> list[bytes]:
+        """The gateways that expired before ``now``."""
+        return [g for g, expires in self.expires.items() if expires < now]
+
+    def remove(self, identity: bytes, dropped: bool) -> None:
+        """Forget a gateway; ``dropped``: its jobs were dropped (remembered, see
+        :meth:`heard`)."""
+        self.expires.pop(identity, None)
+        if dropped:
+            if len(self.dropped) >= MAX_DROPPED:
+                self.dropped.clear()
+            self.dropped.add(identity)
+
+    def clear(self) -> None:
+        self.expires.clear()

@@ -1,5 +1,6 @@
 """One name, one model: which model answers a name (a model id or a tier) that workers of
-several models serve. Pure, no I/O: tested without sockets (tests/test_jobs.py).
+several models serve. Pure, no I/O but a warning in the log: tested without sockets
+(tests/test_jobs.py).
 
 Every worker serves its model under the model's id and its tiers. Two Macs may give one
 tier to different models (a node's default model takes ``standard``, and so may a 32B
@@ -12,16 +13,20 @@ every coordinator, before and after a failover, decides alike:
 3. a tie goes to the model whose id sorts first.
 
 The other models get none of that name's requests while it is ambiguous; the broker warns
-once (broker/jobs.py), and ``mlx-stack mesh status`` and ``/v1/models`` mark the name.
+once (:func:`warn_ambiguous`), and ``mlx-stack mesh status`` and ``/v1/models`` mark the name.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sized
 
 from broker.state import WorkerState
+from common.logs import log_event
 from common.status import ModelEntry
+
+log = logging.getLogger("broker")
 
 
 def choose(name: str, counts: Mapping[str, int]) -> str:
@@ -66,3 +71,18 @@ def entries(workers: Iterable[WorkerState],
         if entry.is_tier and entry.model_id in found:
             found[entry.model_id].tiers.append(entry.id)
     return sorted(found.values(), key=lambda e: e.id)
+
+
+def warn_ambiguous(workers: Iterable[WorkerState], warned: set[str]) -> set[str]:
+    """Warn once of each name that workers of several models serve (``warned``: those
+    already warned of, until they are no longer ambiguous): only one of them gets its
+    requests, and the user should give the others another tier. Returns the names
+    ambiguous now."""
+    found = {e.id: e for e in entries(workers) if e.ambiguous}
+    for name in found.keys() - warned:
+        entry = found[name]
+        log_event(log, "name_ambiguous", logging.WARNING, name=name,
+                  models=",".join(entry.ambiguous), routed_to=entry.model_id,
+                  fix=f"give one of them another tier: --model SPEC=TIER on its node "
+                  f"(or serve in its config.toml's [models]), so '{name}' names one model")
+    return set(found)

@@ -123,26 +123,26 @@ def gib(n: int) -> str:
     return f"{n / 1024**3:.1f}" if n else "-"
 
 
-def print_nodes(rows: list[dict[str, Any]]) -> None:
+def print_nodes(rows: list[meshview.NodeView]) -> None:
     """The nodes table, then in yellow what to do about each node of another protocol
     version."""
     out.print(nodes_table(rows))
     for r in rows:
-        if r["advice"]:
-            out.print(f"[yellow]{escape(r['node_id'])}: {escape(r['advice'])}[/yellow]")
+        if r.advice:
+            out.print(f"[yellow]{escape(r.node_id)}: {escape(r.advice)}[/yellow]")
 
 
-def nodes_table(rows: list[dict[str, Any]]) -> Table:
+def nodes_table(rows: list[meshview.NodeView]) -> Table:
     table = Table(title="Nodes")
     for column in ("Node", "Role", "Models (queued)", "Slots", "Memory free/total GiB",
                    "Last heartbeat"):
         table.add_column(column)
     for r in rows:
-        heard = "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f} s ago"
-        models = ", ".join(f"{m['model_id']} ({m['queue']})" for m in r["models"])
-        table.add_row(*map(escape, (r["node_id"], r["role"], models or "-",
-                                    f"{r['slots_in_use']}/{r['slots_total']}",
-                                    f"{gib(r['mem_free'])}/{gib(r['mem_total'])}", heard)))
+        heard = "-" if r.heartbeat_age_s is None else f"{r.heartbeat_age_s:.1f} s ago"
+        models = ", ".join(f"{m.model_id} ({m.queue})" for m in r.models)
+        table.add_row(*map(escape, (r.node_id, r.role, models or "-",
+                                    f"{r.slots_in_use}/{r.slots_total}",
+                                    f"{gib(r.mem_free)}/{gib(r.mem_total)}", heard)))
     return table
 
 
@@ -171,45 +171,45 @@ def status(json_: Json = False, broker: BrokerAt = None, home: Home = None,
     finally:
         asker.close()
     keys = asker.keys
-    view = {"mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
-            "url": f"http://{ALIAS.rstrip('.') if keys else 'localhost'}:{cfg.gateway_port}/v1",
-            "coordinator": meshview.coordinator(st), "nodes": meshview.nodes(st),
-            "models": meshview.models(st), "tiers": meshview.tiers(st), "jobs": st.jobs}
+    lead, rows = meshview.coordinator(st), meshview.nodes(st)
+    models, tiers = meshview.models(st), meshview.tiers(st)
     if json_:
-        out.print_json(json.dumps(view))
+        url = f"http://{ALIAS.rstrip('.') if keys else 'localhost'}:{cfg.gateway_port}/v1"
+        out.print_json(json.dumps({
+            "mesh_id": keys.mesh_id if keys else None, "enabled": keys is not None,
+            "url": url, "coordinator": plain(lead), "nodes": plain(rows),
+            "models": plain(models), "tiers": plain(tiers), "jobs": st.jobs}))
         return
     name = f"mesh {keys.mesh_id}" if keys else "mesh not enabled (this Mac only)"
-    lead = view["coordinator"]
-    out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead['node_id'] or '?')}"
-              f"[/green] ({escape(lead['endpoint'] or 'none known')}), epoch {lead['epoch']}, "
+    out.print(f"[bold]{name}[/bold]: coordinator [green]{escape(lead.node_id or '?')}"
+              f"[/green] ({escape(lead.endpoint or 'none known')}), epoch {lead.epoch}, "
               f"{st.jobs} jobs running or queued\nClients use it with:\n{client_setup(cfg)}")
-    print_nodes(view["nodes"])
+    print_nodes(rows)
     table = Table(title="Models")
     for column in ("Model", "Engine", "Workers", "Slots", "Context", "Queued"):
         table.add_column(column)
-    for m in view["models"]:
-        table.add_row(*map(escape, (m["model"], m["engine"], str(m["workers"]),
-                                    f"{m['slots_in_use']}/{m['slots_total']}",
-                                    str(m["context_length"] or "-"), str(m["queued"]))))
+    for m in models:
+        table.add_row(*map(escape, (m.model, m.engine, str(m.workers),
+                                    f"{m.slots_in_use}/{m.slots_total}",
+                                    str(m.context_length or "-"), str(m.queued))))
     out.print(table)
-    if view["tiers"]:
-        out.print(tiers_table(view["tiers"]))
+    if tiers:
+        out.print(tiers_table(tiers))
 
 
-def tiers_table(rows: list[dict[str, Any]]) -> Table:
+def tiers_table(rows: list[meshview.TierView]) -> Table:
     """Each tier, the model that answers it, where, and its queue; an ambiguous name in
     red with the models that also serve it and what to do."""
     table = Table(title="Tiers")
     for column in ("Tier", "Model", "Nodes", "Queued"):
         table.add_column(column)
     for r in rows:
-        model = escape(r["model"])
-        if r["ambiguous"]:
-            others = ", ".join(m for m in r["ambiguous"] if m != r["model"])
+        model = escape(r.model)
+        if r.ambiguous:
+            others = ", ".join(m for m in r.ambiguous if m != r.model)
             model += (f"\n[red]ambiguous: also served by {escape(others)}; only "
-                      f"{escape(r['model'])} answers. Give one of them another tier[/red]")
-        table.add_row(escape(r["tier"]), model, escape(", ".join(r["nodes"])),
-                      str(r["queued"]))
+                      f"{escape(r.model)} answers. Give one of them another tier[/red]")
+        table.add_row(escape(r.tier), model, escape(", ".join(r.nodes)), str(r.queued))
     return table
 
 
@@ -222,7 +222,7 @@ def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> No
     finally:
         asker.close()
     if json_:
-        out.print_json(json.dumps(rows))
+        out.print_json(json.dumps(plain(rows)))
     else:
         print_nodes(rows)
 

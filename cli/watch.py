@@ -15,7 +15,6 @@ import collections
 import datetime
 import time
 from collections.abc import Callable
-from typing import Any
 
 from rich.console import Group, RenderableType
 from rich.live import Live
@@ -60,7 +59,7 @@ class Watch:
     def __init__(self, interval: float) -> None:
         self.tokens: collections.deque[float] = collections.deque(
             maxlen=int(WINDOW_S / interval) + 1)
-        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
+        self.events: collections.deque[meshview.Event] = collections.deque(maxlen=EVENTS)
         self.changes = meshview.Changes(WINDOW_S)
         self.status: BrokerStatus | None = None
         self.error = ""
@@ -71,7 +70,7 @@ class Watch:
         self.error = error
         if status is not None:
             self.status = status
-            self.tokens.append(sum(w.tokens_per_s for w in status.workers))
+            self.tokens.append(sum(w.load.tokens_per_s for w in status.workers))
 
     def render(self) -> RenderableType:
         clock = datetime.datetime.now().strftime("%H:%M:%S")
@@ -80,8 +79,8 @@ class Watch:
             return Text(f"{clock}  no broker answered: {self.error}", style="red")
         lead = meshview.coordinator(status)
         head = Text.from_markup(
-            f"[bold]{clock}[/bold]  coordinator [green]{escape(lead['node_id'] or '?')}"
-            f"[/green], epoch {lead['epoch']}, {status.jobs} jobs running or queued")
+            f"[bold]{clock}[/bold]  coordinator [green]{escape(lead.node_id or '?')}"
+            f"[/green], epoch {lead.epoch}, {status.jobs} jobs running or queued")
         if self.error:
             head.append(f"  (broker not answering: {self.error}; last picture shown)",
                         style="red")
@@ -90,27 +89,27 @@ class Watch:
                        "Heartbeat"):
             nodes.add_column(column)
         for n in meshview.nodes(status):
-            used = n["mem_total"] - n["mem_free"]
-            memory = (f"{bar(used, n['mem_total'])} {used / 2**30:.1f}/"
-                      f"{n['mem_total'] / 2**30:.1f} GiB") if n["mem_total"] else "-"
-            models = "\n".join(f"{m['model_id']} ({m['slots_in_use']}/{m['slots_total']}, "
-                               f"queue {m['queue']})" for m in n["models"]) or "-"
-            age = n["heartbeat_age_s"]
-            role = f"[bold cyan]{n['role']}[/bold cyan]" if n["role"] == "coordinator" \
-                else escape(n["role"])
-            nodes.add_row(escape(n["node_id"]), role, memory, escape(models),
-                          f"{n['slots_in_use']}/{n['slots_total']}", f"{n['tokens_per_s']:g}",
-                          percent(n["cache_hit_rate"]), "-" if age is None else f"{age:.1f} s")
-        for n in self.changes.unreachable(status):
-            nodes.add_row(escape(n["node_id"]), "[red]unreachable[/red]", "-", "-", "-", "-",
-                          "-", f"last seen {time.time() - n['last_seen']:.0f} s ago")
-        queues = ", ".join(f"{escape(m['model'])} {m['queued']}"
+            used = n.mem_total - n.mem_free
+            memory = (f"{bar(used, n.mem_total)} {used / 2**30:.1f}/"
+                      f"{n.mem_total / 2**30:.1f} GiB") if n.mem_total else "-"
+            models = "\n".join(f"{m.model_id} ({m.slots_in_use}/{m.slots_total}, "
+                               f"queue {m.queue})" for m in n.models) or "-"
+            age = n.heartbeat_age_s
+            role = f"[bold cyan]{n.role}[/bold cyan]" if n.role == "coordinator" \
+                else escape(n.role)
+            nodes.add_row(escape(n.node_id), role, memory, escape(models),
+                          f"{n.slots_in_use}/{n.slots_total}", f"{n.tokens_per_s:g}",
+                          percent(n.cache_hit_rate), "-" if age is None else f"{age:.1f} s")
+        for gone in self.changes.unreachable(status):
+            nodes.add_row(escape(gone.node_id), "[red]unreachable[/red]", "-", "-", "-", "-",
+                          "-", f"last seen {time.time() - gone.last_seen:.0f} s ago")
+        queues = ", ".join(f"{escape(m.model)} {m.queued}"
                            for m in meshview.models(status)) or "-"
         spark = Text(f"tokens/s {self.tokens[-1] if self.tokens else 0:g}  ")
         spark.append(sparkline(list(self.tokens)), style="cyan")
         events = Text("\n".join(
-            f"{datetime.datetime.fromtimestamp(e['time']).strftime('%H:%M:%S')} "
-            f"{e['kind'].replace('_', ' ')}: {e['text']}" for e in reversed(self.events))
+            f"{datetime.datetime.fromtimestamp(e.time).strftime('%H:%M:%S')} "
+            f"{e.kind.replace('_', ' ')}: {e.text}" for e in reversed(self.events))
             or "no events yet")
         return Group(head, nodes, spark, Text(f"queues: {queues}"),
                      Text("Events", style="bold"), events)

@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
+from common.plain import ProtocolError
 from common.transport import (
     BrokerChoice,
     close_watched,
@@ -49,7 +51,7 @@ class BrokerLink:
     HEARTBEAT), so the broker answers, and knows the sender, at once."""
 
     def __init__(self, settings: Settings, protocol: bytes, keys: MeshKeys | None,
-                 hello: Callable[[], p.Message], ctx: zmq.Context | None = None) -> None:
+                 hello: Callable[[], msgs.Message], ctx: zmq.Context | None = None) -> None:
         self.settings = settings
         self.protocol = protocol
         self.keys = keys
@@ -102,23 +104,23 @@ class BrokerLink:
         log_event(log, "broker_changed", logging.INFO, reason=reason, now=self.broker.current)
         self.connect()
 
-    def send(self, msg: p.Message) -> bool:
+    def send(self, msg: msgs.Message) -> bool:
         """Send without blocking; with no broker there the frame is dropped (and counted:
         the jobs it belongs to are resubmitted by their gateway)."""
         assert self.sock is not None, "connect() first"
         try:
-            self.sock.send_multipart(p.encode(self.protocol, msg), zmq.NOBLOCK)
+            self.sock.send_multipart(wire.encode(self.protocol, msg), zmq.NOBLOCK)
         except zmq.Again:
             self.counters["frames_unsent"] += 1
             return False
         return True
 
-    def receive(self) -> list[p.Message]:
+    def receive(self) -> list[msgs.Message]:
         """The messages waiting, decoded and fenced, without blocking. Malformed frames
         and frames from a broker older than the newest epoch seen are dropped (counted)."""
         assert self.sock is not None, "connect() first"
-        out: list[p.Message] = []
-        for msg in receive(self.sock, p.FROM_BROKER, self._refused):
+        out: list[msgs.Message] = []
+        for msg in receive(self.sock, wire.FROM_BROKER, self._refused):
             if msg.epoch < self.max_epoch:
                 self.counters["stale_epoch"] += 1
                 continue
@@ -128,11 +130,11 @@ class BrokerLink:
             out.append(msg)
         return out
 
-    def _refused(self, exc: p.ProtocolError) -> None:
+    def _refused(self, exc: ProtocolError) -> None:
         self.counters["frames_dropped"] += 1
         log_event(log, "frame_dropped", logging.DEBUG, reason=exc)
 
-    def restarted(self, beat: p.Heartbeat) -> bool:
+    def restarted(self, beat: msgs.Heartbeat) -> bool:
         """Whether ``beat`` comes from another broker process than the earlier ones on
         this connection (it restarted, or another took its address): what was open with
         the old one is lost."""

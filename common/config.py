@@ -22,7 +22,7 @@ from typing import Any
 import tomli_w
 
 from common.names import DEFAULT_NAMES, ModelSpec, format_names, parse_names
-from common.protocol import MAX_BODY_BYTES
+from common.wire import MAX_BODY_BYTES
 
 ENV_PREFIX = "MLX_STACK_"
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.meshkeys import MeshKeys
-from common.plain import from_dict
+from common.plain import ProtocolError, from_dict
 from common.status import BrokerStatus, ModelEntry, Route
 from common.transport import configure
 
@@ -54,12 +55,12 @@ class ControlError(RuntimeError):
     answer that does not decode."""
 
 
-def question(op: str, args: dict[str, Any] | None = None) -> p.Control:
+def question(op: str, args: dict[str, Any] | None = None) -> msgs.Control:
     """A CONTROL message asking ``op``, with a fresh request id."""
-    return p.Control(request_id=uuid.uuid4().hex, op=op, args=args or {})
+    return msgs.Control(request_id=uuid.uuid4().hex, op=op, args=args or {})
 
 
-def answer(op: str, reply: p.ControlReply) -> Any:
+def answer(op: str, reply: msgs.ControlReply) -> Any:
     """The typed result of ``reply`` to ``op``; :class:`ControlError` when refused."""
     if not reply.ok:
         raise ControlError(reply.error)
@@ -68,7 +69,7 @@ def answer(op: str, reply: p.ControlReply) -> Any:
         raise ControlError(f"unknown op {op!r}")
     try:
         return decode(reply.result)
-    except (p.ProtocolError, TypeError, AttributeError) as exc:
+    except (ProtocolError, TypeError, AttributeError) as exc:
         raise ControlError(f"the broker's answer to {op!r} does not decode: {exc}") from None
 
 
@@ -87,14 +88,14 @@ class ControlClient:
         """The typed result of CONTROL ``op``; None when the broker does not answer in
         time, :class:`ControlError` when it refuses."""
         msg = question(op, args)
-        self.sock.send_multipart(p.encode(p.GATEWAY, msg))
+        self.sock.send_multipart(wire.encode(wire.GATEWAY, msg))
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self.sock.poll(left * 1000):
             try:
-                _, reply = p.decode(self.sock.recv_multipart(), p.FROM_BROKER)
-            except p.ProtocolError:
+                _, reply = wire.decode(self.sock.recv_multipart(), wire.FROM_BROKER)
+            except ProtocolError:
                 continue
-            if isinstance(reply, p.ControlReply) and reply.request_id == msg.request_id:
+            if isinstance(reply, msgs.ControlReply) and reply.request_id == msg.request_id:
                 return answer(op, reply)
         return None
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
 from common.logs import log_event
-from common.protocol import VERSION
+from common.messages import VERSION
 
 SERVICE = "_mlx-stack._tcp.local."
 ALIAS = "mlx-stack.local."

@@ -1,6 +1,6 @@
 """What a worker generates: one request, as the gateway hands it to the mesh.
 
-The body of ``Job.request`` and ``Submit.request`` on the wire (common/protocol.py), kept
+The body of ``Job.request`` and ``Submit.request`` on the wire (common/messages.py), kept
 apart from the messages because it is what the OpenAI surface (gateway/schemas.py) and
 the engines (worker/) agree on, not how the roles talk.
 """

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.messages import WorkerLoad
+
 COORDINATOR = "coordinator"
 STANDBY = "standby"
 """The two roles of a broker."""
@@ -28,18 +30,14 @@ class WorkerStatus:
     engine: str = "mlx"
     slots: int = 1
     context_length: int = 0
+    mem_total: int = 0
+    model_bytes: int = 0
     running: int = 0
     """Jobs the broker dispatched to it that have not ended: the broker's own count, which
-    routing uses, updated at dispatch time rather than at the next heartbeat."""
-    reported_running: int = 0
-    """The jobs running by the worker's last heartbeat (differs from ``running`` while a
-    JOB or FINAL is on the wire)."""
-    mem_total: int = 0
-    mem_free: int = 0
-    model_bytes: int = 0
-    tokens_per_s: float = 0.0
-    kv_bytes: int = 0
-    counters: dict[str, int] = field(default_factory=dict)
+    routing uses, updated at dispatch time rather than at the next heartbeat (the
+    worker's own is ``load.running``: they differ while a JOB or FINAL is on the wire)."""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    """What the worker last reported of its load, as it sent it."""
     last_heartbeat_s: float = 0.0
 
     @property

@@ -29,7 +29,9 @@ from zmq.utils.monitor import parse_monitor_message
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
-from common.protocol import MAX_BODY_BYTES, Allowed, Message, ProtocolError, decode
+from common.messages import Message
+from common.plain import ProtocolError
+from common.wire import MAX_BODY_BYTES, Allowed, decode
 
 HWM = 100_000
 DRAIN = 1000

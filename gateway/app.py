@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from common import heap
-from common import protocol as p
+from common import messages as msgs
 from common.config import Settings
 from common.generation import GenerationRequest
 from common.logs import log_event
@@ -140,7 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         await client.close()
 
-    app = FastAPI(title="mlx-stack gateway", version=p.VERSION, lifespan=lifespan,
+    app = FastAPI(title="mlx-stack gateway", version=msgs.VERSION, lifespan=lifespan,
                   summary="OpenAI-compatible endpoint of an mlx-stack mesh.",
                   telemetry=telemetry())
     app.state.client = client
@@ -197,7 +197,7 @@ def create_app(settings: Settings) -> FastAPI:
                 try:
                     served = await anext(events)
                 except JobError as exc:
-                    if exc.code != p.ErrorCode.MODEL_NOT_FOUND or asked == model:
+                    if exc.code != msgs.ErrorCode.MODEL_NOT_FOUND or asked == model:
                         raise
                     raise JobError(exc.code, f"{exc.message} (the [models] names setting "
                                    f"maps '{asked}' to '{model}')", exc.param) from None

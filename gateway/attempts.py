@@ -15,15 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from common import protocol as p
+from common import messages as msgs
 from gateway.inbox import Lost
 
-RESUBMIT_CODES = frozenset({p.ErrorCode.WORKER_LOST})
+RESUBMIT_CODES = frozenset({msgs.ErrorCode.WORKER_LOST})
 """Failures after which the request goes on elsewhere (the rest end it)."""
 
 
 class JobError(Exception):
-    """A request that cannot complete; ``code`` is a :class:`common.protocol.ErrorCode`."""
+    """A request that cannot complete; ``code`` is a :class:`common.messages.ErrorCode`."""
 
     def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -108,7 +108,7 @@ class Attempts:
         """Whether the client has been told the request started (:class:`Served`)."""
         self.ended = False
         """Whether the current attempt ended in a FINAL or a refusal (no CANCEL owed)."""
-        self._accepted: p.Accepted | None = None
+        self._accepted: msgs.Accepted | None = None
         """The current attempt's latest ACCEPTED: the worker it runs on."""
 
     def submission(self) -> dict[str, Any]:
@@ -117,22 +117,22 @@ class Attempts:
         return {"resume_token_ids": self.token_ids, "resume_text": "".join(self.text),
                 "attempt": self.submitted}
 
-    def apply(self, msg: p.Message | Lost) -> list[Step]:
+    def apply(self, msg: msgs.Message | Lost) -> list[Step]:
         """What ``msg``, the next message of the current attempt, means; raises
         :class:`JobError` when the request ends in an error."""
         match msg:
             case Lost():
                 return [Resubmit(msg.kind, msg.reason)]
-            case p.Fail() if msg.retryable and msg.code in RESUBMIT_CODES:
+            case msgs.Fail() if msg.retryable and msg.code in RESUBMIT_CODES:
                 return [Resubmit("mid_stream", msg.error)]
-            case p.Fail():
+            case msgs.Fail():
                 self.ended = True
                 raise JobError(msg.code, msg.error, msg.param or None)
-            case p.Accepted():
+            case msgs.Accepted():
                 again = self._accepted is not None
                 self._accepted = msg
                 return [REDISPATCHED] if again else []
-            case p.Partial():
+            case msgs.Partial():
                 self.token_ids.extend(msg.token_ids)
                 self.text.append(msg.text)
                 steps = self._start()
@@ -140,7 +140,7 @@ class Attempts:
                     steps.append(Piece(msg.text, len(msg.token_ids), msg.tool_calls,
                                        msg.logprobs))
                 return steps
-            case p.Final():
+            case msgs.Final():
                 self.ended = True
                 return [*self._start(), Done(msg.finish_reason, msg.usage, msg.stop_sequence)]
         return []
@@ -162,6 +162,6 @@ class Attempts:
         if why.kind == "mid_stream":
             self.lost_workers += 1
             if self.lost_workers > self.max_retries:
-                raise JobError(p.ErrorCode.WORKER_LOST, (
+                raise JobError(msgs.ErrorCode.WORKER_LOST, (
                     f"gave up after {self.lost_workers} workers were lost under this "
                     f"request (max_retries={self.max_retries}); last error: {why.reason}"))

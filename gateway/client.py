@@ -41,7 +41,8 @@ from typing import Any
 
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.brokerlink import BrokerLink
 from common.config import Settings
 from common.control import ControlError, answer, question
@@ -66,11 +67,11 @@ class BrokerClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keys = load_keys(settings.home)
-        self.link = BrokerLink(settings, p.GATEWAY, self.keys, p.Heartbeat)
+        self.link = BrokerLink(settings, wire.GATEWAY, self.keys, msgs.Heartbeat)
         self.stream_socket: StreamSocket | None = None
         """Where workers stream output to this gateway (bound by :meth:`start`)."""
         self.streams: dict[str, Inbox] = {}
-        self.controls: dict[str, asyncio.Future[p.ControlReply]] = {}
+        self.controls: dict[str, asyncio.Future[msgs.ControlReply]] = {}
         self.up = asyncio.Event()
         """Set while the broker answers; requests wait on it (up to the grace period)."""
         self.counters: dict[str, int] = {"broker_lost": 0}
@@ -103,7 +104,7 @@ class BrokerClient:
                 await task
         if self.link.sock is not None:
             self._unwatch()
-            self.link.send(p.Disconnect(reason=p.Reason.LEAVING))
+            self.link.send(msgs.Disconnect(reason=msgs.Reason.LEAVING))
             self.link.close()
         if self.stream_socket is not None:
             asyncio.get_running_loop().remove_reader(self.stream_socket.fd)
@@ -129,7 +130,7 @@ class BrokerClient:
             loop.remove_reader(fd)
         self._watched = []
 
-    def _send(self, msg: p.Message) -> None:
+    def _send(self, msg: msgs.Message) -> None:
         """Send on the link; a send can consume the descriptor's "look again" while frames
         wait, so wake the reader if they do."""
         self.link.send(msg)
@@ -156,7 +157,7 @@ class BrokerClient:
         try:
             await asyncio.wait_for(self.up.wait(), max(wait, 0.0))
         except TimeoutError:
-            raise JobError(p.ErrorCode.NO_BROKER, (
+            raise JobError(msgs.ErrorCode.NO_BROKER, (
                 f"no broker answers at {', '.join(self.link.broker.candidates)}; start one "
                 "with `mlx-stack up` or `mlx-stack broker`")) from None
 
@@ -190,7 +191,7 @@ class BrokerClient:
         """Deliver what waits on the link (also its descriptor's callback). When more
         waits than one read takes, the reader comes back for it after a turn of the loop."""
         for msg in self.link.receive():
-            if self._move_to is None and not isinstance(msg, p.Redirect | p.Disconnect):
+            if self._move_to is None and not isinstance(msg, msgs.Redirect | msgs.Disconnect):
                 # A broker that sends us away is not up for us: jobs woken now
                 # would be submitted to it and lost, unseen by the move after.
                 self.up.set()
@@ -208,21 +209,21 @@ class BrokerClient:
         if self._streamed():
             self._readable.set()
 
-    def _on_message(self, msg: p.Message) -> None:
+    def _on_message(self, msg: msgs.Message) -> None:
         match msg:
-            case p.ControlReply():
+            case msgs.ControlReply():
                 future = self.controls.pop(msg.request_id, None)
                 if future is not None and not future.done():
                     future.set_result(msg)
-            case p.Heartbeat():
+            case msgs.Heartbeat():
                 if self.link.restarted(msg):
                     self._lose_broker("broker restarted")
-            case p.Disconnect():
+            case msgs.Disconnect():
                 self._lose_broker(f"broker disconnected ({msg.reason or 'no reason'})")
-            case p.Redirect():
+            case msgs.Redirect():
                 if msg.endpoint != self.link.endpoint:
                     self._move(f"redirected to {msg.endpoint}", to=msg.endpoint)
-            case p.Accepted() | p.Partial() | p.Final() | p.Fail():
+            case msgs.Accepted() | msgs.Partial() | msgs.Final() | msgs.Fail():
                 # A worker's messages name the dispatch, <job id>/<n>.
                 inbox = self.streams.get(msg.job_id.partition("/")[0])
                 if inbox is not None:
@@ -239,7 +240,7 @@ class BrokerClient:
             stalled = now - slept > 2 * interval
             if not stalled and self._move_to is None and self.link.silent(now):
                 self._move(f"{self.link.endpoint} silent")
-            self._send(p.Heartbeat())
+            self._send(msgs.Heartbeat())
 
     def _move(self, reason: str, to: str = "") -> None:
         """Leave the broker in use (for ``to``, else the next candidate); open jobs are
@@ -263,13 +264,13 @@ class BrokerClient:
         """Ask the broker a CONTROL question; its typed answer (common/control.py)."""
         msg = question(op, args)
         request_id = msg.request_id
-        future: asyncio.Future[p.ControlReply] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[msgs.ControlReply] = asyncio.get_running_loop().create_future()
         self.controls[request_id] = future
         self._send(msg)
         try:
             reply = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise JobError(p.ErrorCode.NO_BROKER,
+            raise JobError(msgs.ErrorCode.NO_BROKER,
                            f"the broker at {self.link.endpoint} did not answer "
                            f"within {timeout:g} s; is `mlx-stack broker` running?") from None
         finally:
@@ -277,7 +278,7 @@ class BrokerClient:
         try:
             return answer(op, reply)
         except ControlError as exc:
-            raise JobError(p.ErrorCode.INVALID_REQUEST, str(exc)) from None
+            raise JobError(msgs.ErrorCode.INVALID_REQUEST, str(exc)) from None
 
     async def run(self, model: str, request: GenerationRequest,
                   request_id: str) -> AsyncIterator[JobEvent]:
@@ -302,7 +303,7 @@ class BrokerClient:
             log_event(log, "job_submitted", logging.DEBUG, request=request_id, job=job_id,
                       model=model, attempt=attempts.submitted)
             try:
-                self._send(p.Submit(
+                self._send(msgs.Submit(
                     job_id=job_id, request_id=request_id, model=model, request=request,
                     node_id=self.settings.node_id, deadline=deadline - time.monotonic(),
                     reply_to=self._reply_to(), prefix_hashes=prefix.hashes,
@@ -312,7 +313,7 @@ class BrokerClient:
                     try:
                         msg = await inbox.next()
                     except TimeoutError:
-                        raise JobError(p.ErrorCode.DEADLINE, (
+                        raise JobError(msgs.ErrorCode.DEADLINE, (
                             f"the request did not complete within "
                             f"{self.settings.request_timeout:g} s")) from None
                     for step in attempts.apply(msg):
@@ -327,7 +328,7 @@ class BrokerClient:
             finally:
                 self.streams.pop(job_id).close()
                 if not attempts.ended:
-                    self._send(p.Cancel(job_id=job_id))
+                    self._send(msgs.Cancel(job_id=job_id))
             attempts.resubmit(resubmit)
             self.failovers[resubmit.kind] += 1
             log_event(log, "job_resubmitted", request=request_id,

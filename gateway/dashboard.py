@@ -56,9 +56,10 @@ async def snapshot(client: BrokerClient, history: History) -> dict[str, Any]:
     except JobError as exc:
         view["error"] = exc.message
         return view
-    view.update(up=True, coordinator=meshview.coordinator(status), nodes=meshview.nodes(status),
-                unreachable=history.changes.unreachable(status),
-                tiers=meshview.tiers(status), routes=plain(routes[::-1]))
+    view.update(up=True, coordinator=plain(meshview.coordinator(status)),
+                nodes=plain(meshview.nodes(status)),
+                unreachable=plain(history.changes.unreachable(status)),
+                tiers=plain(meshview.tiers(status)), routes=plain(routes[::-1]))
     return view
 
 

@@ -59,7 +59,7 @@ function nodeBox(node, x, y, height) {
            svg("text", {class: "muted", x: 12, y: 50},
                node.mem_total ? `memory ${gib(node.mem_total - node.mem_free)} / ` +
                  `${gib(node.mem_total)} GiB` : "memory —"));
-  if (node.protocol !== undefined) {
+  if (typeof node.protocol === "number") {  // null: a node of our own version
     g.append(svg("text", {class: "muted", x: w - 12, y: 50, "text-anchor": "end"},
                  `protocol ${fit(node.protocol, 12)}`));
   }

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.logs import log_event
-from common.protocol import ErrorCode
+from common.messages import ErrorCode
 from gateway.attempts import JobError
 from gateway.auth import Unauthorized
 from gateway.schemas import Unsupported

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from common import meshview
-from common.status import BrokerStatus
+from common.status import BrokerStatus, plain
 from gateway.attempts import JobError
 from gateway.client import BrokerClient
 from gateway.metrics import Metrics
@@ -103,19 +103,19 @@ class History:
             status, error = None, exc.message
         self.seq += 1
         events = self.changes.update(status, now, error) + self.own_events(now)
-        self.events.extend({**e, "seq": self.seq} for e in events)
+        self.events.extend({**plain(e), "seq": self.seq} for e in events)
         sample = {"seq": self.seq, "time": round(now, 3), "up": status is not None,
                   "requests": self.requests(), **self.first_token_times()}
         if status is not None:
             nodes = meshview.nodes(status)
             sample.update(
-                tokens_per_s=round(sum(n["tokens_per_s"] for n in nodes), 2),
-                nodes={n["node_id"]: n["tokens_per_s"] for n in nodes},
-                queues={m["model"]: m["queued"] for m in meshview.models(status)})
+                tokens_per_s=round(sum(n.tokens_per_s for n in nodes), 2),
+                nodes={n.node_id: n.tokens_per_s for n in nodes},
+                queues={m.model: m.queued for m in meshview.models(status)})
         self.samples.append(sample)
         return sample
 
-    def own_events(self, now: float) -> list[dict[str, Any]]:
+    def own_events(self, now: float) -> list[meshview.Event]:
         """This gateway's failovers and broker changes since the last sample."""
         events = []
         for kind, count in sorted((self.client.failovers - self.failovers).items()):

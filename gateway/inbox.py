@@ -4,7 +4,7 @@ They come two ways: from the broker (ACCEPTED, FAIL, FINAL, and relayed PARTIALs
 straight from the worker (PARTIALs and FINAL, gateway/streams.py), so they need not
 arrive in the order they were sent. The inbox puts them back in order:
 
-- every worker message names its dispatch (``<job id>/<n>``, see :class:`~common.protocol.Job`).
+- every worker message names its dispatch (``<job id>/<n>``, see :class:`~common.messages.Job`).
   A dispatch's frames are taken after its ACCEPTED (held until it comes), an earlier
   dispatch's are dropped, and a new dispatch after output reached the client is a loss
   (the broker could not know, so it ran the job again from the start: resubmit from
@@ -21,13 +21,13 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from common import protocol as p
+from common import messages as msgs
 
 FINAL_WAIT_S = 2.0
 """Longest a FINAL waits for the PARTIALs it counts (on their direct way, normally the
 faster one) before they count as lost."""
 
-Message = p.Accepted | p.Partial | p.Final | p.Fail
+Message = msgs.Accepted | msgs.Partial | msgs.Final | msgs.Fail
 
 
 class Lost:
@@ -68,7 +68,7 @@ class Inbox:
         """Taken before the queue: held frames whose turn came."""
         self._early: list[Message] = []
         """Frames of a dispatch whose ACCEPTED has not come yet."""
-        self._final: p.Final | None = None
+        self._final: msgs.Final | None = None
         self._final_by = 0.0
 
     def put(self, msg: Message | Lost) -> None:
@@ -90,7 +90,7 @@ class Inbox:
             if number is not None and number != self.dispatch:
                 if number < self.dispatch:
                     continue  # an earlier dispatch's frame, late
-                if not isinstance(msg, p.Accepted):
+                if not isinstance(msg, msgs.Accepted):
                     self._early.append(msg)
                     continue
                 if self.output:
@@ -100,9 +100,9 @@ class Inbox:
                 self._ready.extend(m for m in self._early if dispatch_of(m.job_id) == number)
                 self._early = [m for m in self._early if dispatch_of(m.job_id) > number]
                 return msg
-            if isinstance(msg, p.Partial):
+            if isinstance(msg, msgs.Partial):
                 return self._partial(msg)
-            if isinstance(msg, p.Final) and msg.parts > self.seq:
+            if isinstance(msg, msgs.Final) and msg.parts > self.seq:
                 self._final = msg
                 self._final_by = asyncio.get_running_loop().time() + FINAL_WAIT_S
                 continue
@@ -145,7 +145,7 @@ class Inbox:
             self._alarm.cancel()
             self._alarm = None
 
-    def _partial(self, msg: p.Partial) -> p.Partial | Lost:
+    def _partial(self, msg: msgs.Partial) -> msgs.Partial | Lost:
         """Check ``msg``'s place in the sequence and merge the PARTIALs queued behind it."""
         if msg.seq != self.seq:
             return Lost(f"expected PARTIAL {self.seq}, got {msg.seq}", "lost_frame")
@@ -154,7 +154,7 @@ class Inbox:
             if not self._ready:
                 self._ready.append(self._arrived.popleft())
             more = self._ready[0]
-            if not (isinstance(more, p.Partial) and more.job_id == msg.job_id
+            if not (isinstance(more, msgs.Partial) and more.job_id == msg.job_id
                     and more.seq == self.seq):
                 break
             self._ready.popleft()

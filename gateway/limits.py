@@ -19,9 +19,10 @@ import collections
 import msgpack
 from fastapi.responses import JSONResponse
 
-from common import protocol as p
+from common import wire
 from common.config import Settings
 from common.generation import GenerationRequest
+from common.plain import ProtocolError, check_plain
 from gateway import errors
 from gateway.errors import RETRY_AFTER_S
 from gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -44,18 +45,18 @@ def check_request(settings: Settings, body: ChatCompletionRequest | CompletionRe
             400, f"max_tokens={generation.max_tokens} exceeds this server's limit of "
             f"{settings.max_tokens_limit}; ask for fewer or raise MLX_STACK_MAX_TOKENS_LIMIT.",
             code="invalid_value", param="max_tokens")
-    wire = generation.to_dict()  # shallow: asdict() would recurse before depth is known
+    fields = generation.to_dict()  # shallow: asdict() would recurse before depth is known
     try:  # as it sits in a SUBMIT (body -> request -> field)
-        p.check_plain({"request": wire})
-    except p.ProtocolError as exc:
+        check_plain({"request": fields})
+    except ProtocolError as exc:
         return errors.error_response(
             400, f"The body holds a value this server cannot pass on ({exc}); send "
             "integers within 64 bits, finite numbers and JSON nested less deeply.",
             code="invalid_value")
     # The frame must fit with room for a resubmission's resume tokens and text: JSON and
     # msgpack sizes differ (a 4-byte "1e1," is a 9-byte double), so measure, do not guess.
-    size = len(msgpack.packb(wire, use_bin_type=True))
-    room = p.MAX_BODY_BYTES - RESUME_BYTES_PER_TOKEN * generation.max_tokens - ENVELOPE_BYTES
+    size = len(msgpack.packb(fields, use_bin_type=True))
+    room = wire.MAX_BODY_BYTES - RESUME_BYTES_PER_TOKEN * generation.max_tokens - ENVELOPE_BYTES
     if size > room:
         return errors.error_response(
             413, f"The request takes {size} bytes on the mesh, over the {max(room, 0)} it can "

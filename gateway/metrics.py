@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common import protocol as p
+from common import messages as msgs
 from common.logs import log_event
 from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
 from gateway.attempts import JobError, JobEvent, Piece, Served
@@ -41,7 +41,7 @@ KNOWN_MODELS_TTL = 5.0
 """Seconds the list of served names is trusted when labelling a refused request."""
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 log = logging.getLogger("gateway")
-NOT_ADMITTED = frozenset({p.ErrorCode.MODEL_NOT_FOUND, p.ErrorCode.INVALID_REQUEST})
+NOT_ADMITTED = frozenset({msgs.ErrorCode.MODEL_NOT_FOUND, msgs.ErrorCode.INVALID_REQUEST})
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 FIRST_TOKENS = 4096
 """Times to first token kept for the dashboard: a few seconds' worth at the busiest."""
@@ -276,12 +276,12 @@ def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
     for key, doc in PROMPT_CACHE_COUNTERS.items():
         family = CounterMetricFamily(f"mlx_stack_{key}", doc, labels=["model"])
         for model in models:
-            family.add_metric([model], sum(w.counters.get(key, 0) for w in workers
+            family.add_metric([model], sum(w.load.counters.get(key, 0) for w in workers
                                            if w.model_id == model))
         yield family
     kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
                            "(running requests and prompt cache), by model.", labels=["model"])
     for model in models:
-        kv.add_metric([model], sum(w.kv_bytes for w in workers if w.model_id == model))
+        kv.add_metric([model], sum(w.load.kv_bytes for w in workers if w.model_id == model))
     yield kv
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common import protocol as p
+from common import messages as msgs
 from common.logs import log_event
 from gateway import errors
 from gateway.attempts import Done, JobError, JobEvent, Piece, Served
@@ -146,7 +146,7 @@ async def collect(events: AsyncIterator[JobEvent]) -> Whole:
             logprobs += event.logprobs
         elif isinstance(event, Done):
             return Whole("".join(parts), calls, logprobs, event)
-    raise JobError(p.ErrorCode.INTERNAL, "the job ended without a final message")
+    raise JobError(msgs.ErrorCode.INTERNAL, "the job ended without a final message")
 
 
 compact = json.JSONEncoder(separators=(",", ":")).encode
@@ -183,7 +183,7 @@ async def typed_events(job: AsyncIterator[JobEvent], shape: TypedEvents
         yield shape.failed(exc.code, exc.message)
     except Exception as exc:
         log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
-        yield shape.failed(p.ErrorCode.INTERNAL, "internal error while streaming; see the "
+        yield shape.failed(msgs.ErrorCode.INTERNAL, "internal error while streaming; see the "
                            "gateway log")
 
 
@@ -214,4 +214,4 @@ async def sse(events: AsyncIterator[JobEvent], shape: Completion) -> AsyncIterat
     except Exception as exc:  # the headers are sent: an error event is all that is left
         log_event(log, "stream_failed", logging.ERROR, error=repr(exc))
         yield _data(errors.error_body("internal error while streaming; see the gateway log",
-                                      "server_error", p.ErrorCode.INTERNAL))
+                                      "server_error", msgs.ErrorCode.INTERNAL))

@@ -8,7 +8,7 @@ secret it speaks CURVE and admits members only, like a broker's. It binds where 
 node's broker binds (the network the workers are on), on ``stream_port`` or any free
 port, and is advertised at the broker's advertised host.
 
-Nothing received is trusted: frames are decoded against :data:`common.protocol.TO_GATEWAY`
+Nothing received is trusted: frames are decoded against :data:`common.wire.TO_GATEWAY`
 and whatever fails is dropped (and logged at debug level). Which frames belong to which
 job attempt is the inbox's business (gateway/inbox.py).
 """
@@ -20,10 +20,12 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings, is_loopback
 from common.logs import log_event
 from common.meshkeys import MeshKeys
+from common.plain import ProtocolError
 from common.transport import admit_members, configure, receive, waiting
 
 log = logging.getLogger("gateway")
@@ -60,12 +62,12 @@ class StreamSocket:
         """Whether frames wait (which also re-arms the descriptor)."""
         return waiting(self.sock)
 
-    def receive(self) -> list[p.Message]:
+    def receive(self) -> list[msgs.Message]:
         """The messages waiting (PARTIALs and FINALs), decoded, without blocking."""
-        return receive(self.sock, p.TO_GATEWAY, self._refused, envelope=1)
+        return receive(self.sock, wire.TO_GATEWAY, self._refused, envelope=1)
 
     @staticmethod
-    def _refused(exc: p.ProtocolError) -> None:
+    def _refused(exc: ProtocolError) -> None:
         log_event(log, "frame_dropped", logging.DEBUG, reason=exc.reason)
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from common import protocol as p
+from common import messages as msgs
 from worker.batch import BatchLoop
 from worker.engine import Engine
 
@@ -17,7 +17,7 @@ class RunningLoop:
     """``with RunningLoop(engine) as loop: loop.run(job)``; the loop thread always stops."""
 
     def __init__(self, engine: Engine) -> None:
-        self.sent: list[p.Message] = []
+        self.sent: list[msgs.Message] = []
         self.counts: dict[str, int] = {}
         self.cancel_after: int | None = None
         """Cancel a job once this many of its tokens were sent (as a client leaving)."""
@@ -36,17 +36,17 @@ class RunningLoop:
         self._thread.join(TIMEOUT)
         assert not self._thread.is_alive(), "the batch loop did not stop"
 
-    def start(self, job: p.Job) -> None:
+    def start(self, job: msgs.Job) -> None:
         self._ended[job.job_id] = threading.Event()
         self.loop.put(job)
 
-    def wait(self, job_id: str) -> list[p.Message]:
+    def wait(self, job_id: str) -> list[msgs.Message]:
         """Every message of ``job_id`` once its FINAL or FAIL was sent."""
         assert self._ended[job_id].wait(TIMEOUT), f"job {job_id} did not end"
         with self._lock:
             return [m for m in self.sent if getattr(m, "job_id", None) == job_id]
 
-    def run(self, job: p.Job) -> list[p.Message]:
+    def run(self, job: msgs.Job) -> list[msgs.Message]:
         self.start(job)
         return self.wait(job.job_id)
 
@@ -55,16 +55,16 @@ class RunningLoop:
         with self._lock:
             return self._tokens.get(job_id, 0)
 
-    def _send(self, msg: p.Message) -> None:
+    def _send(self, msg: msgs.Message) -> None:
         job_id = msg.job_id  # type: ignore[attr-defined]
         with self._lock:
             self.sent.append(msg)
-            if isinstance(msg, p.Partial):
+            if isinstance(msg, msgs.Partial):
                 self._tokens[job_id] = self._tokens.get(job_id, 0) + len(msg.token_ids)
-        if isinstance(msg, p.Partial):
+        if isinstance(msg, msgs.Partial):
             if self.cancel_after is not None and self._tokens[job_id] >= self.cancel_after:
-                self.loop.put(p.Cancel(job_id=job_id))
-        elif isinstance(msg, p.Final | p.Fail):
+                self.loop.put(msgs.Cancel(job_id=job_id))
+        elif isinstance(msg, msgs.Final | msgs.Fail):
             self._ended[job_id].set()
 
     def _count(self, key: str) -> None:

@@ -13,8 +13,10 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.generation import GenerationRequest
+from common.plain import MAX_DEPTH, ProtocolError
 
 FUZZ_MODEL = "fuzz-model"
 """Every seed names this model, never the one the test serves, so a fake READY or SUBMIT
@@ -22,32 +24,34 @@ that stays valid cannot take the real worker's place or its slots."""
 
 REQUEST = GenerationRequest(kind="chat", messages=[{"role": "user", "content": "hi"}],
                               max_tokens=3)
-SEEDS: list[tuple[bytes, p.Message]] = [
-    (p.WORKER, p.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
-                       tiers=["fuzz-tier"], slots=2, mem_total=2**34, mem_free=2**33)),
-    (p.WORKER, p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
-    (p.WORKER, p.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
-    (p.WORKER, p.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
-    (p.WORKER, p.Fail(job_id="fuzz/0", error="boom", retryable=True)),
-    (p.WORKER, p.Disconnect()),
-    (p.GATEWAY, p.Submit(job_id="fuzz-job", model=FUZZ_MODEL, request=REQUEST,
-                         node_id="fuzz", deadline=2.0)),
-    (p.GATEWAY, p.Submit(job_id="fuzz-again", model=FUZZ_MODEL, request=REQUEST,
-                         attempt=1, resume_token_ids=[5], resume_text="x")),
-    (p.GATEWAY, p.Cancel(job_id="fuzz-job")),
-    (p.GATEWAY, p.Control(request_id="r", op="routes", args={"last": 3})),
-    (p.GATEWAY, p.Control(request_id="r", op="status")),
-    (p.GATEWAY, p.Heartbeat()),
-    (p.GATEWAY, p.Disconnect()),
-    (p.PEER, p.Announce(node_id="fuzz", endpoint="tcp://127.0.0.1:9", priority=-1,
-                        started=1.0)),
+SEEDS: list[tuple[bytes, msgs.Message]] = [
+    (wire.WORKER, msgs.Ready(worker_id="fuzz-worker", node_id="fuzz", model_id=FUZZ_MODEL,
+                             tiers=["fuzz-tier"], slots=2, mem_total=2**34,
+                             load=msgs.WorkerLoad(mem_free=2**33))),
+    (wire.WORKER, msgs.Heartbeat(load=msgs.WorkerLoad(running=1, mem_free=5, tokens_per_s=1.5,
+                                                      counters={"x": 1}))),
+    (wire.WORKER, msgs.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
+    (wire.WORKER, msgs.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
+    (wire.WORKER, msgs.Fail(job_id="fuzz/0", error="boom", retryable=True)),
+    (wire.WORKER, msgs.Disconnect()),
+    (wire.GATEWAY, msgs.Submit(job_id="fuzz-job", model=FUZZ_MODEL, request=REQUEST,
+                               node_id="fuzz", deadline=2.0)),
+    (wire.GATEWAY, msgs.Submit(job_id="fuzz-again", model=FUZZ_MODEL, request=REQUEST,
+                               attempt=1, resume_token_ids=[5], resume_text="x")),
+    (wire.GATEWAY, msgs.Cancel(job_id="fuzz-job")),
+    (wire.GATEWAY, msgs.Control(request_id="r", op="routes", args={"last": 3})),
+    (wire.GATEWAY, msgs.Control(request_id="r", op="status")),
+    (wire.GATEWAY, msgs.Heartbeat()),
+    (wire.GATEWAY, msgs.Disconnect()),
+    (wire.PEER, msgs.Announce(node_id="fuzz", endpoint="tcp://127.0.0.1:9", priority=-1,
+                              started=1.0)),
     # Commands only brokers send: the broker must refuse them from anyone.
-    (p.WORKER, p.Job(job_id="j", request=REQUEST)),
-    (p.GATEWAY, p.Accepted(job_id="j", node_id="n", worker_id="w", model_id="m")),
-    (p.GATEWAY, p.ControlReply(request_id="r", ok=True, result={"a": [1]})),
-    (p.WORKER, p.Redirect(endpoint="tcp://127.0.0.1:9")),
+    (wire.WORKER, msgs.Job(job_id="j", request=REQUEST)),
+    (wire.GATEWAY, msgs.Accepted(job_id="j", node_id="n", worker_id="w", model_id="m")),
+    (wire.GATEWAY, msgs.ControlReply(request_id="r", ok=True, result={"a": [1]})),
+    (wire.WORKER, msgs.Redirect(endpoint="tcp://127.0.0.1:9")),
 ]
-TAGS = [p.WORKER, p.GATEWAY, p.PEER]
+TAGS = [wire.WORKER, wire.GATEWAY, wire.PEER]
 
 
 def nested(depth: int) -> Any:
@@ -71,20 +75,20 @@ hostile_values = st.one_of(
     st.recursive(scalars, lambda inner: st.one_of(
         st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
         max_leaves=12),
-    st.integers(p.MAX_DEPTH - 2, 500).map(nested),  # msgpack packs 511 at most,
+    st.integers(MAX_DEPTH - 2, 500).map(nested),  # msgpack packs 511 at most,
     st.integers(1, 200_000).map(lambda n: "x" * n),
 )
 
 
-def body_of(msg: p.Message) -> dict[str, Any]:
+def body_of(msg: msgs.Message) -> dict[str, Any]:
     """The body of ``msg`` as it goes on the wire (records inside as maps)."""
-    return msgpack.unpackb(p.encode(p.WORKER, msg)[2])
+    return msgpack.unpackb(wire.encode(wire.WORKER, msg)[2])
 
 
 @st.composite
 def valid(draw: st.DrawFn) -> list[bytes]:
     tag, msg = draw(st.sampled_from(SEEDS))
-    return p.encode(tag, msg)
+    return wire.encode(tag, msg)
 
 
 @st.composite
@@ -140,7 +144,7 @@ def frame_mutation(draw: st.DrawFn) -> list[bytes]:
     elif action == "tag":
         frames[0] = draw(st.sampled_from([*TAGS, b"", b"MLXS-W3", b"MLXS-G4\x00"]))
     else:
-        frames[1] = draw(st.one_of(st.sampled_from([bytes((c,)) for c in p.Command]),
+        frames[1] = draw(st.one_of(st.sampled_from([bytes((c,)) for c in msgs.Command]),
                                    st.binary(max_size=3)))
     return frames if frames else [b""]
 
@@ -157,10 +161,10 @@ def harmless(frames: list[bytes]) -> list[bytes]:
     impostor broker is stopped by the mesh secret (CURVE), not by validation, and would
     rightly take the mesh over here."""
     try:
-        tag, msg = p.decode(frames, p.TO_BROKER)
-    except p.ProtocolError:
+        tag, msg = wire.decode(frames, wire.TO_BROKER)
+    except ProtocolError:
         return frames
-    if isinstance(msg, p.Announce) and msg.coordinator:
+    if isinstance(msg, msgs.Announce) and msg.coordinator:
         msg.coordinator = False
-        return p.encode(tag, msg)
+        return wire.encode(tag, msg)
     return frames

@@ -225,7 +225,7 @@ class Cluster:
         def check() -> tuple[dict[str, int]] | None:  # a tuple: counters may be {}
             worker = next((w for w in self.workers()
                            if worker_id is None or w.worker_id == worker_id), None)
-            return (worker.counters,) if worker is not None and ready(worker) else None
+            return (worker.load.counters,) if worker is not None and ready(worker) else None
 
         return wait_for("the worker's counters", check, timeout=10)[0]
 

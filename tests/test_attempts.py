@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from common import protocol as p
+from common import messages as msgs
 from gateway.attempts import REDISPATCHED, Attempts, Done, JobError, Piece, Resubmit, Served
 from gateway.inbox import Lost
 
 
-def accepted(worker: str) -> p.Accepted:
-    return p.Accepted(job_id="j", node_id=f"node-{worker}", worker_id=worker, model_id="m")
+def accepted(worker: str) -> msgs.Accepted:
+    return msgs.Accepted(job_id="j", node_id=f"node-{worker}", worker_id=worker, model_id="m")
 
 
-def partial(text: str, *tokens: int) -> p.Partial:
-    return p.Partial(job_id="j/1", token_ids=list(tokens), text=text)
+def partial(text: str, *tokens: int) -> msgs.Partial:
+    return msgs.Partial(job_id="j/1", token_ids=list(tokens), text=text)
 
 
 def test_the_request_starts_at_the_workers_first_message_and_names_that_worker() -> None:
@@ -27,7 +27,7 @@ def test_the_request_starts_at_the_workers_first_message_and_names_that_worker()
     assert attempts.apply(partial("")) == [Served("node-w2", "w2", "m")]  # started, empty
     assert attempts.apply(partial("Hi", 7)) == [Piece("Hi", 1, [], [])]
     assert not attempts.ended
-    final = p.Final(job_id="j/1", finish_reason="stop", usage={"completion_tokens": 1})
+    final = msgs.Final(job_id="j/1", finish_reason="stop", usage={"completion_tokens": 1})
     assert attempts.apply(final) == [Done("stop", {"completion_tokens": 1})]
     assert attempts.ended
 
@@ -36,7 +36,7 @@ def test_a_final_without_output_still_starts_the_request() -> None:
     attempts = Attempts(max_retries=3)
     attempts.submission()
     attempts.apply(accepted("w1"))
-    steps = attempts.apply(p.Final(job_id="j/1", finish_reason="length"))
+    steps = attempts.apply(msgs.Final(job_id="j/1", finish_reason="length"))
     assert steps == [Served("node-w1", "w1", "m"), Done("length", {})]
 
 
@@ -46,8 +46,8 @@ def test_a_resubmission_resumes_from_what_the_client_was_sent() -> None:
     attempts.apply(accepted("w1"))
     attempts.apply(partial("Hel", 1, 2))
     attempts.apply(partial("lo", 3))
-    (lost,) = attempts.apply(p.Fail(job_id="j/1", error="worker gone",
-                                    code=p.ErrorCode.WORKER_LOST, retryable=True))
+    (lost,) = attempts.apply(msgs.Fail(job_id="j/1", error="worker gone",
+                                       code=msgs.ErrorCode.WORKER_LOST, retryable=True))
     assert lost == Resubmit("mid_stream", "worker gone") and not attempts.ended
     attempts.resubmit(lost)
     assert attempts.submission() == {"resume_token_ids": [1, 2, 3], "resume_text": "Hello",
@@ -68,7 +68,7 @@ def test_only_lost_workers_count_against_max_retries() -> None:
     attempts.submission()
     with pytest.raises(JobError) as gave_up:
         attempts.resubmit(Resubmit("mid_stream", "second"))
-    assert gave_up.value.code == p.ErrorCode.WORKER_LOST
+    assert gave_up.value.code == msgs.ErrorCode.WORKER_LOST
     assert "2 workers were lost" in gave_up.value.message and "second" in gave_up.value.message
 
 
@@ -77,7 +77,7 @@ def test_a_refusal_ends_the_request_with_its_code_and_param() -> None:
     attempts.submission()
     attempts.apply(accepted("w1"))
     with pytest.raises(JobError) as refused:
-        attempts.apply(p.Fail(job_id="j/1", error="no tools here", param="tools",
-                              code=p.ErrorCode.INVALID_REQUEST, retryable=False))
-    assert (refused.value.code, refused.value.param) == (p.ErrorCode.INVALID_REQUEST, "tools")
+        attempts.apply(msgs.Fail(job_id="j/1", error="no tools here", param="tools",
+                                 code=msgs.ErrorCode.INVALID_REQUEST, retryable=False))
+    assert (refused.value.code, refused.value.param) == (msgs.ErrorCode.INVALID_REQUEST, "tools")
     assert attempts.ended and not attempts.started  # still an HTTP 400, not a stream error

@@ -3,17 +3,17 @@ a job leaves the batch alone (finished, stopped, cancelled or failed), the other
 
 from __future__ import annotations
 
-from common import protocol as p
+from common import messages as msgs
 from common.generation import GenerationRequest
 from tests.batchloop import RunningLoop
 from tests.harness import wait_for
 from worker.synthetic import FAULT, SyntheticEngine, next_token, word
 
 
-def job(job_id: str, prompt: str, max_tokens: int = 20, stop: list[str] | None = None) -> p.Job:
+def job(job_id: str, prompt: str, max_tokens: int = 20, stop: list[str] | None = None) -> msgs.Job:
     request = GenerationRequest(kind="completion", prompt=prompt, max_tokens=max_tokens,
                                   stop=stop or [])
-    return p.Job(job_id=job_id, request=request)
+    return msgs.Job(job_id=job_id, request=request)
 
 
 def expected(prompt: str, n: int) -> list[int]:
@@ -23,8 +23,8 @@ def expected(prompt: str, n: int) -> list[int]:
     return seq[len(prompt):]
 
 
-def tokens_of(messages: list[p.Message]) -> list[int]:
-    return [t for m in messages if isinstance(m, p.Partial) for t in m.token_ids]
+def tokens_of(messages: list[msgs.Message]) -> list[int]:
+    return [t for m in messages if isinstance(m, msgs.Partial) for t in m.token_ids]
 
 
 def test_jobs_in_one_batch_advance_together_and_each_is_exact() -> None:
@@ -53,10 +53,10 @@ def test_a_cancelled_job_leaves_the_batch_and_the_others_finish() -> None:
         loop.start(job("gone", "b", max_tokens=60))
         loop.start(job("long-c", "c", max_tokens=60))
         wait_for("5 tokens of the job to cancel", lambda: loop.tokens("gone") >= 5, timeout=10)
-        loop.loop.put(p.Cancel(job_id="gone"))
+        loop.loop.put(msgs.Cancel(job_id="gone"))
         gone = loop.wait("gone")
         a, c = loop.wait("long-a"), loop.wait("long-c")
-    assert isinstance(gone[-1], p.Fail) and gone[-1].code == p.ErrorCode.CANCELLED
+    assert isinstance(gone[-1], msgs.Fail) and gone[-1].code == msgs.ErrorCode.CANCELLED
     assert len(tokens_of(gone)) < 60
     assert tokens_of(a) == expected("a", 60) and tokens_of(c) == expected("c", 60)
     assert loop.counts["jobs_cancelled"] == 1 and loop.counts["jobs_done"] == 2
@@ -70,7 +70,7 @@ def test_a_stop_sequence_ends_one_job_and_frees_its_seat() -> None:
         assert engine.wait() is None  # removed from the engine, not run to max_tokens
         other = loop.run(job("other", "y", max_tokens=5))
     assert stopped[-1].finish_reason == "stop" and len(tokens_of(stopped)) == 3
-    assert "".join(m.text for m in stopped if isinstance(m, p.Partial)) == "".join(
+    assert "".join(m.text for m in stopped if isinstance(m, msgs.Partial)) == "".join(
         word(t) for t in expected("x", 2))
     assert tokens_of(other) == expected("y", 5)
 
@@ -81,7 +81,7 @@ def test_an_engine_error_fails_that_job_only() -> None:
         loop.start(job("fine", "hello", max_tokens=10))
         bad = loop.run(job("bad", f"x {FAULT} y"))
         fine = loop.wait("fine")
-    assert isinstance(bad[-1], p.Fail) and bad[-1].code == p.ErrorCode.INTERNAL
+    assert isinstance(bad[-1], msgs.Fail) and bad[-1].code == msgs.ErrorCode.INTERNAL
     assert "fault switch" in bad[-1].error
     assert tokens_of(fine) == expected("hello", 10)
     assert loop.counts["jobs_failed"] == 1
@@ -93,7 +93,7 @@ def test_stopping_the_loop_cancels_what_still_runs() -> None:
     with loop:
         loop.start(job("slow", "z"))
     messages = loop.wait("slow")
-    assert isinstance(messages[-1], p.Fail) and messages[-1].retryable
+    assert isinstance(messages[-1], msgs.Fail) and messages[-1].retryable
 
 
 class BrokenEngine(SyntheticEngine):
@@ -120,5 +120,5 @@ def test_a_broken_batch_fails_its_jobs_and_the_loop_serves_the_next() -> None:
         loop.start(job("b", "b", max_tokens=50))
         failed = [loop.wait("a")[-1], loop.wait("b")[-1]]
         after = loop.run(job("c", "c", max_tokens=3))
-    assert all(isinstance(m, p.Fail) and "the batch broke" in m.error for m in failed)
+    assert all(isinstance(m, msgs.Fail) and "the batch broke" in m.error for m in failed)
     assert tokens_of(after) == expected("c", 3)

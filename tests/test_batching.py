@@ -147,7 +147,7 @@ def test_a_seeded_sample_is_the_same_inside_a_batch_as_alone(pair: Pair) -> None
 
 def test_a_cancelled_stream_frees_its_seat_at_once_and_the_others_go_on(pair: Pair) -> None:
     cluster, worker_id = pair.cluster, pair.ids["cached"]
-    before = worker_status(cluster, worker_id).counters.get("jobs_cancelled", 0)
+    before = worker_status(cluster, worker_id).load.counters.get("jobs_cancelled", 0)
     leave = threading.Event()
 
     def leaver() -> None:
@@ -167,7 +167,7 @@ def test_a_cancelled_stream_frees_its_seat_at_once_and_the_others_go_on(pair: Pa
 
         def seat_freed() -> bool:
             status = worker_status(cluster, worker_id)
-            return (status.counters.get("jobs_cancelled", 0) > before
+            return (status.load.counters.get("jobs_cancelled", 0) > before
                     and status.running == 4)
 
         wait_for("the cancelled stream to leave the batch", seat_freed, timeout=30)
@@ -186,10 +186,10 @@ def test_second_turn_reuses_the_prompt_cache_and_answers_the_same(pair: Pair) ->
                {"role": "user", "content": "What should I plant in spring?"}]
 
     def done(jobs: int) -> Callable[[WorkerStatus], bool]:
-        return lambda w: w.counters.get("jobs_done", 0) >= jobs
+        return lambda w: w.load.counters.get("jobs_done", 0) >= jobs
 
     # From a heartbeat sent with no job running (the test before ends its own streams).
-    idle = cluster.counters_when(lambda w: w.running == 0 and w.reported_running == 0,
+    idle = cluster.counters_when(lambda w: w.running == 0 and w.load.running == 0,
                                  worker_id)
     first = stream(pair.client, "cached", history, 16)
     history += [{"role": "assistant", "content": first.text},

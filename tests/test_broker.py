@@ -13,10 +13,12 @@ import openai
 import pytest
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.control import ControlClient, ControlError
 from common.generation import GenerationRequest
+from common.plain import INT_MAX
 from tests.harness import Cluster, wait_for
 
 
@@ -192,8 +194,8 @@ def test_garbage_frames_on_the_broker_port_are_dropped_and_counted(cluster: Clus
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(cluster.endpoint)
     garbage = [
-        [b""], [b"x"] * 7, [p.WORKER, b"\x01", b"\xc1"], [p.GATEWAY, b"\x09", b"\x80"],
-        [p.WORKER, bytes((p.Command.PARTIAL,)), b"\x81\xa6job_id\x01"],
+        [b""], [b"x"] * 7, [wire.WORKER, b"\x01", b"\xc1"], [wire.GATEWAY, b"\x09", b"\x80"],
+        [wire.WORKER, bytes((msgs.Command.PARTIAL,)), b"\x81\xa6job_id\x01"],
         *([rng.randbytes(rng.randrange(1, 64)) for _ in range(3)] for _ in range(50)),
     ]
     for frames in garbage:
@@ -220,13 +222,13 @@ def test_a_submit_the_broker_cannot_read_is_refused_at_once(
     sock = dealer()
     body = {"job_id": "newer", "model": "syn",
             "request": {**GenerationRequest(kind="chat").to_dict(), "novel_field": 1}}
-    sock.send_multipart([p.GATEWAY, bytes((p.Command.SUBMIT,)), msgpack.packb(body)])
-    sock.send_multipart([p.GATEWAY, bytes((p.Command.SUBMIT,)),
+    sock.send_multipart([wire.GATEWAY, bytes((msgs.Command.SUBMIT,)), msgpack.packb(body)])
+    sock.send_multipart([wire.GATEWAY, bytes((msgs.Command.SUBMIT,)),
                          msgpack.packb({**body, "job_id": 7})])
     assert sock.poll(5000), "no answer to a SUBMIT the broker could not read"
-    _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
-    assert isinstance(msg, p.Fail) and msg.job_id == "newer", msg
-    assert msg.code == p.ErrorCode.INVALID_REQUEST and "novel_field" in msg.error
+    _, msg = wire.decode(sock.recv_multipart(), wire.FROM_BROKER)
+    assert isinstance(msg, msgs.Fail) and msg.job_id == "newer", msg
+    assert msg.code == msgs.ErrorCode.INVALID_REQUEST and "novel_field" in msg.error
     assert not sock.poll(500), "a SUBMIT without a job id was answered"
 
 
@@ -235,13 +237,14 @@ def test_a_peer_may_not_switch_roles_and_strangers_must_register(
     """A gateway's connection cannot register a worker; a worker that never sent READY
     is told to (DISCONNECT) and nothing it sends is acted on. Both are counted."""
     sock = dealer()
-    sock.send_multipart(p.encode(p.GATEWAY, p.Heartbeat()))
-    sock.send_multipart(p.encode(p.WORKER, p.Ready(worker_id="w", node_id="n",
-                                                   model_id="impostor")))
+    sock.send_multipart(wire.encode(wire.GATEWAY, msgs.Heartbeat()))
+    sock.send_multipart(wire.encode(wire.WORKER, msgs.Ready(worker_id="w", node_id="n",
+                                                            model_id="impostor")))
     stranger = dealer()
-    stranger.send_multipart(p.encode(p.WORKER, p.Final(job_id="x/0", finish_reason="stop")))
+    stranger.send_multipart(wire.encode(wire.WORKER,
+                                        msgs.Final(job_id="x/0", finish_reason="stop")))
     assert stranger.poll(5000), "no answer to an unregistered worker"
-    assert isinstance(p.decode(stranger.recv_multipart(), p.FROM_BROKER)[1], p.Disconnect)
+    assert isinstance(wire.decode(stranger.recv_multipart(), wire.FROM_BROKER)[1], msgs.Disconnect)
     status = wait_for("both rejects to be counted", lambda: (s := cluster.control("status"))
                       and {"wrong_role", "unregistered"} <= s.rejected.keys() and s)
     assert status.workers == []
@@ -249,7 +252,7 @@ def test_a_peer_may_not_switch_roles_and_strangers_must_register(
 
 def test_an_announce_with_an_unusable_endpoint_is_refused(
         cluster: Cluster, dealer: Callable[[], zmq.Socket]) -> None:
-    dealer().send_multipart(p.encode(p.PEER, p.Announce(node_id="x", endpoint="not a url",
+    dealer().send_multipart(wire.encode(wire.PEER, msgs.Announce(node_id="x", endpoint="not a url",
                                                     priority=99, coordinator=True, epoch=7)))
     status = wait_for("the ANNOUNCE to be refused", lambda: (s := cluster.control("status"))
                       and s.rejected.get("bad_announce") and s)
@@ -268,7 +271,7 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
         request = GenerationRequest(kind="completion", prompt="x", max_tokens=10)
 
         def submit(job_id: str, attempt: int) -> None:
-            sock.send_multipart(p.encode(p.GATEWAY, p.Submit(
+            sock.send_multipart(wire.encode(wire.GATEWAY, msgs.Submit(
                 job_id=job_id, model="syn", request=request, attempt=attempt)))
 
         submit("running", 0)
@@ -279,8 +282,8 @@ def test_a_resubmission_skips_the_full_queue(tmp_path) -> None:
         deadline = time.monotonic() + 30
         while len(outcomes) < 4 and time.monotonic() < deadline:
             if sock.poll(1000):
-                _, msg = p.decode(sock.recv_multipart(), p.FROM_BROKER)
-                if isinstance(msg, p.Final | p.Fail):
+                _, msg = wire.decode(sock.recv_multipart(), wire.FROM_BROKER)
+                if isinstance(msg, msgs.Final | msgs.Fail):
                     outcomes[msg.job_id.partition("/")[0]] = getattr(msg, "code", "ok")
         assert outcomes == {"running": "ok", "queued": "ok", "refused": "queue_full",
                             "resumed": "ok"}
@@ -295,17 +298,17 @@ def test_the_highest_epoch_a_peer_may_announce_still_leaves_room_to_take_over(
     """Wire integers stop at 2**63 - 1 and a peer's epoch must be below that, so the
     broker's epoch + 1 on taking over is still one every peer accepts."""
     sock = dealer()
-    sock.send_multipart(p.encode(p.PEER, p.Announce(
+    sock.send_multipart(wire.encode(wire.PEER, msgs.Announce(
         node_id="a", endpoint="tcp://127.0.0.1:9", priority=99, coordinator=True,
-        epoch=p.INT_MAX - 1)))
+        epoch=INT_MAX - 1)))
     wait_for("the broker to follow the peer", lambda: cluster.control("status").role
              == "standby")
-    for epoch in (p.INT_MAX, 2**64 - 1):  # refused: no room left / not on the wire
-        sock.send_multipart(p.encode(p.PEER, p.Announce(
+    for epoch in (INT_MAX, 2**64 - 1):  # refused: no room left / not on the wire
+        sock.send_multipart(wire.encode(wire.PEER, msgs.Announce(
             node_id="b", endpoint="tcp://127.0.0.1:10", epoch=epoch)))
     status = wait_for("the broker to take over once the peer is silent",
                       lambda: (s := cluster.control("status")).role == "coordinator" and s)
-    assert status.epoch == p.INT_MAX
+    assert status.epoch == INT_MAX
     assert status.rejected.get("bad_value") == 1
     assert status.rejected.get("bad_announce") == 1
 

@@ -125,7 +125,7 @@ def test_three_nodes_under_load_and_a_killed_worker(mesh: Mesh, page: Any,
             status = mesh.status("node-a")
             if shown is None or status is None:
                 return False
-            queued = {m["model"]: m["queued"] for m in meshview.models(status)}
+            queued = {m.model: m.queued for m in meshview.models(status)}
             return shown > 0 and shown == queued.get("syn")
 
         # A sample every 2 s and a poll every second: the broker's figure shows within one

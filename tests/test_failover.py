@@ -248,8 +248,9 @@ def test_streams_go_direct_to_a_reachable_gateway_and_through_the_broker_otherwi
         stream.wait()
         assert stream.text == expected_text(stream.content, 12)
     wait_for("the workers' next heartbeats", lambda: sum(
-        w.counters.get("jobs_started", 0) for w in cluster.workers()) >= 8)
-    ways = {w.node_id: (w.counters.get("jobs_direct", 0), w.counters.get("jobs_relayed", 0))
+        w.load.counters.get("jobs_started", 0) for w in cluster.workers()) >= 8)
+    ways = {w.node_id: (w.load.counters.get("jobs_direct", 0),
+                        w.load.counters.get("jobs_relayed", 0))
             for w in cluster.workers()}
     # (A first job may go through the broker: the connection to the gateway opens with
     # it, and its first message may leave before the connection is up.)
@@ -278,7 +279,7 @@ def test_a_worker_lost_before_its_heartbeat_told_of_direct_output_is_resumed(
         # Start right after a heartbeat (it carries the counters the warm-up changed):
         # the next one, which would tell of the direct output, is a whole interval away.
         wait_for("a heartbeat of the worker just now", lambda: any(
-            w.counters.get("jobs_done") and w.last_heartbeat_s < 0.3
+            w.load.counters.get("jobs_done") and w.last_heartbeat_s < 0.3
             for w in cluster.workers()), timeout=3 * interval)
         beat = time.monotonic()
         stream = Stream(url, "quick now", 30).start()

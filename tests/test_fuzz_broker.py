@@ -22,7 +22,8 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.generation import GenerationRequest
 from tests.fuzz_frames import TAGS, harmless, hostile_frames, nested
 from tests.harness import Cluster, close_and_report, wait_for
@@ -145,11 +146,11 @@ def node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Clust
 
 
 EXTREMES = [
-    [p.GATEWAY, bytes((p.Command.SUBMIT,)), b"\x91" * 5000 + b"\xc0"],  # deeper than msgpack
-    [p.GATEWAY, bytes((p.Command.CONTROL,)), b"\xdf\xff\xff\xff\xff"],  # claims 4G entries
-    [p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 1)],
-    [p.WORKER, bytes((p.Command.HEARTBEAT,)), b"\x00" * (p.MAX_BODY_BYTES + 4096)],  # cut
-    p.encode(p.GATEWAY, p.Submit(job_id="deep", model="m", request=GenerationRequest(
+    [wire.GATEWAY, bytes((msgs.Command.SUBMIT,)), b"\x91" * 5000 + b"\xc0"],  # deeper than msgpack
+    [wire.GATEWAY, bytes((msgs.Command.CONTROL,)), b"\xdf\xff\xff\xff\xff"],  # claims 4G entries
+    [wire.WORKER, bytes((msgs.Command.HEARTBEAT,)), b"\x00" * (wire.MAX_BODY_BYTES + 1)],
+    [wire.WORKER, bytes((msgs.Command.HEARTBEAT,)), b"\x00" * (wire.MAX_BODY_BYTES + 4096)],  # cut
+    wire.encode(wire.GATEWAY, msgs.Submit(job_id="deep", model="m", request=GenerationRequest(
         kind="chat", messages=[{"role": "user", "content": nested(500)}]))),
     [b""] * 200,
 ]

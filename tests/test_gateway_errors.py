@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from common import protocol as p
+from common.plain import MAX_DEPTH
 from tests.harness import Cluster, wait_for
 
 LIMIT = 64 * 1024
@@ -250,10 +250,10 @@ def test_nesting_is_measured_as_the_mesh_carries_it(url: str) -> None:
     """The tool's parameters sit 5 levels deep in a SUBMIT: 59 more levels are the most
     the protocol carries (64). One more is a 400 at once, not a job the broker drops."""
     ok = httpx.post(f"{url}/v1/chat/completions", timeout=10,
-                    json={**GOOD, "tools": tool(nest(p.MAX_DEPTH - 5))})
+                    json={**GOOD, "tools": tool(nest(MAX_DEPTH - 5))})
     assert ok.status_code == 200, ok.text
     too_deep = httpx.post(f"{url}/v1/chat/completions", timeout=10,
-                          json={**GOOD, "tools": tool(nest(p.MAX_DEPTH - 4))})
+                          json={**GOOD, "tools": tool(nest(MAX_DEPTH - 4))})
     assert_openai_error(too_deep, 400, "invalid_value")
 
 

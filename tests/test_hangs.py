@@ -85,5 +85,5 @@ def test_an_engine_step_error_mid_batch_resumes_every_job_of_the_batch(
     assert lost and all(job in line for job in lost), (lost, line)
     assert failed.alive() and len(cluster.workers()) == 2  # it stays up and serves on
     (worker_id,) = [w.worker_id for w in cluster.workers() if w.node_id == node]
-    counters = cluster.counters_when(lambda w: w.counters.get("engine_errors"), worker_id)
+    counters = cluster.counters_when(lambda w: w.load.counters.get("engine_errors"), worker_id)
     assert counters["engine_errors"] == 1

@@ -11,22 +11,22 @@ import asyncio
 
 import pytest
 
-from common import protocol as p
+from common import messages as msgs
 from gateway import inbox as inbox_module
 from gateway.inbox import Inbox, Lost
 
 
-def accepted(dispatch: int = 0) -> p.Accepted:
-    return p.Accepted(job_id=f"j/{dispatch}", node_id="n", worker_id="w", model_id="m")
+def accepted(dispatch: int = 0) -> msgs.Accepted:
+    return msgs.Accepted(job_id=f"j/{dispatch}", node_id="n", worker_id="w", model_id="m")
 
 
-def partial(seq: int, text: str = "", dispatch: int = 0) -> p.Partial:
-    return p.Partial(job_id=f"j/{dispatch}", seq=seq, token_ids=[seq] if text else [],
-                     text=text)
+def partial(seq: int, text: str = "", dispatch: int = 0) -> msgs.Partial:
+    return msgs.Partial(job_id=f"j/{dispatch}", seq=seq, token_ids=[seq] if text else [],
+                        text=text)
 
 
-def final(parts: int, dispatch: int = 0) -> p.Final:
-    return p.Final(job_id=f"j/{dispatch}", finish_reason="stop", parts=parts)
+def final(parts: int, dispatch: int = 0) -> msgs.Final:
+    return msgs.Final(job_id=f"j/{dispatch}", finish_reason="stop", parts=parts)
 
 
 def take(messages: list, count: int, deadline_s: float = 5.0) -> list:
@@ -53,7 +53,7 @@ def shown(messages: list) -> list:
     for msg in messages:
         if isinstance(msg, Lost):
             out.append(("lost", msg.kind))
-        elif isinstance(msg, p.Partial):
+        elif isinstance(msg, msgs.Partial):
             out.append(("partial", msg.text))
         else:
             out.append((type(msg).__name__.lower(), msg.job_id))

@@ -1,41 +1,52 @@
 """The broker's job table without sockets: each transition's messages, for queueing,
-refusals (404, 429, 503), routing ties, pre-token re-dispatch and worker loss."""
+refusals (404, 429, 503), routing ties, pre-token re-dispatch, worker loss, gateways'
+liveness and a worker's load."""
 
 from __future__ import annotations
 
 import pytest
 
 from broker.jobs import MAX_MODELS, MODEL_MEMORY, JobTable, Send
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.generation import GenerationRequest
+from common.plain import from_dict
+from common.status import BrokerStatus, plain
 
 GW = b"gateway"
 REQUEST = GenerationRequest(kind="completion", prompt="x", max_tokens=4)
 
 
 def table(**settings: object) -> JobTable:
-    return JobTable(Settings(**{"grace": 5.0, "queue_size": 2, **settings}))
+    """A table whose peers stay live for a minute unless a test says otherwise."""
+    return JobTable(Settings(**{"grace": 5.0, "queue_size": 2, "heartbeat_liveness": 120,
+                                **settings}))
 
 
 def ready(t: JobTable, name: str, slots: int = 1, now: float = 0.0) -> list[Send]:
-    return t.worker_message(name.encode(), p.Ready(worker_id=name, node_id=name,
-                                                   model_id="m", slots=slots), now)
+    return t.worker_message(name.encode(), msgs.Ready(worker_id=name, node_id=name,
+                                                      model_id="m", slots=slots), now)
 
 
 def submit(t: JobTable, job_id: str, model: str = "m", now: float = 0.0,
            attempt: int = 0) -> list[Send]:
-    return t.submit(GW, p.Submit(job_id=job_id, model=model, request=REQUEST,
-                                 attempt=attempt), now)
+    return t.gateway_message(GW, msgs.Submit(job_id=job_id, model=model, request=REQUEST,
+                                             attempt=attempt), now)
 
 
 def jobs_to(sends: list[Send]) -> dict[str, str]:
     """Dispatch id -> worker name, for the JOBs among ``sends``."""
-    return {m.job_id: ident.decode() for ident, _, m in sends if isinstance(m, p.Job)}
+    return {m.job_id: ident.decode() for ident, _, m in sends if isinstance(m, msgs.Job)}
 
 
-def to_gateway(sends: list[Send]) -> list[p.Message]:
-    return [m for ident, proto, m in sends if ident == GW and proto == p.GATEWAY]
+def news(sends: list[Send]) -> list[Send]:
+    """``sends`` without the heartbeats (a new gateway's, every tick's)."""
+    return [s for s in sends if not isinstance(s[2], msgs.Heartbeat)]
+
+
+def to_gateway(sends: list[Send]) -> list[msgs.Message]:
+    return [m for ident, proto, m in news(sends) if ident == GW and proto == wire.GATEWAY]
 
 
 def test_a_job_waits_for_a_free_slot_and_runs_when_one_frees() -> None:
@@ -44,8 +55,8 @@ def test_a_job_waits_for_a_free_slot_and_runs_when_one_frees() -> None:
     assert jobs_to(submit(t, "a")) == {"a/0": "w"}
     assert submit(t, "b") == []  # queued: the worker's one slot is taken
     assert list(t.queues["m"]) == ["b"]
-    sends = t.worker_message(b"w", p.Final(job_id="a/0", finish_reason="stop"), 1.0)
-    assert [type(m) for m in to_gateway(sends)] == [p.Final, p.Accepted]
+    sends = t.worker_message(b"w", msgs.Final(job_id="a/0", finish_reason="stop"), 1.0)
+    assert [type(m) for m in to_gateway(sends)] == [msgs.Final, msgs.Accepted]
     assert jobs_to(sends) == {"b/0": "w"}
     assert [r.outcome for r in t.routes] == ["ok", "running"]
 
@@ -54,7 +65,7 @@ def test_unknown_model_is_refused_at_once_naming_what_exists() -> None:
     t = table()
     ready(t, "w")
     (fail,) = to_gateway(submit(t, "a", model="nope"))
-    assert isinstance(fail, p.Fail) and fail.code == p.ErrorCode.MODEL_NOT_FOUND
+    assert isinstance(fail, msgs.Fail) and fail.code == msgs.ErrorCode.MODEL_NOT_FOUND
     assert fail.error.endswith("Available: m.")
     assert t.jobs == {}
 
@@ -65,7 +76,7 @@ def test_a_full_queue_is_429_but_a_resubmission_still_gets_in() -> None:
     submit(t, "running")
     submit(t, "waiting")
     (fail,) = to_gateway(submit(t, "refused"))
-    assert fail.code == p.ErrorCode.QUEUE_FULL and fail.retryable
+    assert fail.code == msgs.ErrorCode.QUEUE_FULL and fail.retryable
     assert submit(t, "resumed", attempt=1) == []
     assert list(t.queues["m"]) == ["resumed", "waiting"]  # resubmissions wait at the head
 
@@ -73,18 +84,18 @@ def test_a_full_queue_is_429_but_a_resubmission_still_gets_in() -> None:
 def test_a_known_model_without_workers_waits_the_grace_then_503() -> None:
     t = table()
     ready(t, "w")
-    t.worker_message(b"w", p.Disconnect(), 0.0)
-    assert submit(t, "a", now=1.0) == []  # known model: it waits
-    assert t.tick(5.5) == []              # within the grace period
+    t.worker_message(b"w", msgs.Disconnect(), 0.0)
+    assert news(submit(t, "a", now=1.0)) == []  # known model: it waits
+    assert news(t.tick(5.5)) == []        # within the grace period
     (fail,) = to_gateway(t.tick(6.5))
-    assert fail.code == p.ErrorCode.NO_WORKER and fail.retryable
+    assert fail.code == msgs.ErrorCode.NO_WORKER and fail.retryable
     assert t.jobs == {}
 
 
 def test_a_worker_that_returns_within_the_grace_gets_the_waiting_job() -> None:
     t = table()
     ready(t, "w")
-    t.worker_message(b"w", p.Disconnect(), 0.0)
+    t.worker_message(b"w", msgs.Disconnect(), 0.0)
     submit(t, "a", now=1.0)
     assert jobs_to(ready(t, "w2", now=3.0)) == {"a/0": "w2"}
 
@@ -97,7 +108,7 @@ def test_equal_workers_take_turns() -> None:
     for i in range(4):
         placed |= jobs_to(submit(t, f"j{i}"))
         t.worker_message(placed[f"j{i}/0"].encode(),
-                         p.Final(job_id=f"j{i}/0", finish_reason="stop"), 0.0)
+                         msgs.Final(job_id=f"j{i}/0", finish_reason="stop"), 0.0)
     assert list(placed.values()) == ["w1", "w2", "w1", "w2"]
 
 
@@ -108,14 +119,14 @@ def test_a_worker_lost_before_the_first_token_re_dispatches_silently() -> None:
     first = jobs_to(submit(t, "a"))["a/0"]
     other = "w2" if first == "w1" else "w1"
     # The worker said the job started (an empty PARTIAL): still nothing reached the client.
-    started = t.worker_message(first.encode(), p.Partial(job_id="a/0", token_ids=[], text=""),
+    started = t.worker_message(first.encode(), msgs.Partial(job_id="a/0", token_ids=[], text=""),
                                0.5)
     assert [m.token_ids for m in to_gateway(started)] == [[]]
-    sends = t.worker_message(first.encode(), p.Disconnect(), 1.0)
+    sends = t.worker_message(first.encode(), msgs.Disconnect(), 1.0)
     assert jobs_to(sends) == {"a/1": other}  # a new dispatch id: the old one is stale
-    assert [type(m) for m in to_gateway(sends)] == [p.Accepted]  # no FAIL: nothing was sent
+    assert [type(m) for m in to_gateway(sends)] == [msgs.Accepted]  # no FAIL: nothing was sent
     assert t.counters["redispatched"] == 1
-    stale = t.worker_message(other.encode(), p.Partial(job_id="a/0", token_ids=[1], text="x"),
+    stale = t.worker_message(other.encode(), msgs.Partial(job_id="a/0", token_ids=[1], text="x"),
                              1.1)
     assert stale == []
 
@@ -126,16 +137,17 @@ def test_a_worker_lost_mid_stream_fails_the_job_for_the_gateway_to_resume(how: s
     ready(t, "w1", now=0.0)
     ready(t, "w2", now=0.0)
     worker = jobs_to(submit(t, "a"))["a/0"]
-    sent = t.worker_message(worker.encode(), p.Partial(job_id="a/0", token_ids=[7, 8],
-                                                       text="hi"), 0.1)
+    sent = t.worker_message(worker.encode(), msgs.Partial(job_id="a/0", token_ids=[7, 8],
+                                                          text="hi"), 0.1)
     assert [m.token_ids for m in to_gateway(sent)] == [[7, 8]]
     if how == "disconnect":
-        sends = t.worker_message(worker.encode(), p.Disconnect(), 0.2)
+        sends = t.worker_message(worker.encode(), msgs.Disconnect(), 0.2)
     else:
-        t.worker_message(b"w2" if worker == "w1" else b"w1", p.Heartbeat(), 10.0)
-        sends = t.tick(10.0)  # the other one spoke at 10.0; this one is silent since 0.1
+        t.worker_message(b"w2" if worker == "w1" else b"w1", msgs.Heartbeat(), 70.0)
+        t.gateway_message(GW, msgs.Heartbeat(), 70.0)
+        sends = t.tick(70.0)  # the other one spoke at 70.0; this one is silent since 0.1
     (fail,) = to_gateway(sends)
-    assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
+    assert fail.code == msgs.ErrorCode.WORKER_LOST and fail.retryable
     assert "resume tokens" in fail.error and jobs_to(sends) == {}
     assert t.jobs == {} and t.routes[-1].outcome == "worker_lost"
 
@@ -145,20 +157,20 @@ def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> No
     ready(t, "w")
     submit(t, "a")
     submit(t, "b")
-    (cancel,) = [m for _, _, m in t.cancel(GW, "a")]
-    assert isinstance(cancel, p.Cancel) and cancel.job_id == "a/0"
+    (cancel,) = [m for _, _, m in t.gateway_message(GW, msgs.Cancel(job_id="a"), 0.5)]
+    assert isinstance(cancel, msgs.Cancel) and cancel.job_id == "a/0"
     assert t.workers[b"w"].running == {"a"}  # not before the worker stops
-    sends = t.worker_message(b"w", p.Fail(job_id="a/0", error="cancelled", retryable=True,
-                                          code=p.ErrorCode.CANCELLED), 1.0)
-    assert to_gateway(sends) == [p.Accepted(job_id="b/0", node_id="w", worker_id="w",
-                                            model_id="m")]
+    sends = t.worker_message(b"w", msgs.Fail(job_id="a/0", error="cancelled", retryable=True,
+                                             code=msgs.ErrorCode.CANCELLED), 1.0)
+    assert to_gateway(sends) == [msgs.Accepted(job_id="b/0", node_id="w", worker_id="w",
+                                               model_id="m")]
     assert jobs_to(sends) == {"b/0": "w"}
 
 
 def test_an_unregistered_worker_is_told_to_register() -> None:
     t = table()
-    sends = t.worker_message(b"ghost", p.Final(job_id="x/0", finish_reason="stop"), 0.0)
-    assert [(ident, type(m)) for ident, _, m in sends] == [(b"ghost", p.Disconnect)]
+    sends = t.worker_message(b"ghost", msgs.Final(job_id="x/0", finish_reason="stop"), 0.0)
+    assert [(ident, type(m)) for ident, _, m in sends] == [(b"ghost", msgs.Disconnect)]
     assert t.rejected["unregistered"] == 1
 
 
@@ -166,16 +178,16 @@ def test_a_job_past_its_deadline_is_cancelled_and_504() -> None:
     t = table(request_timeout=2.0)
     ready(t, "w")
     submit(t, "a", now=0.0)
-    t.worker_message(b"w", p.Heartbeat(), 2.4)  # alive: only the deadline passes
+    t.worker_message(b"w", msgs.Heartbeat(), 2.4)  # alive: only the deadline passes
     sends = t.tick(2.5)
-    assert [type(m) for _, _, m in sends] == [p.Cancel, p.Fail]
-    assert to_gateway(sends)[0].code == p.ErrorCode.DEADLINE
+    assert [type(m) for _, _, m in news(sends)] == [msgs.Cancel, msgs.Fail]
+    assert to_gateway(sends)[0].code == msgs.ErrorCode.DEADLINE
 
 
 def test_a_model_long_unserved_is_forgotten_and_a_flood_of_names_stays_bounded() -> None:
     t = table()
     ready(t, "w")
-    t.worker_message(b"w", p.Disconnect(), 1.0)
+    t.worker_message(b"w", msgs.Disconnect(), 1.0)
     t.tick(1.0)
     assert "m" in t.known_models  # a moment ago: a request waits the grace
     t.tick(2.0 + MODEL_MEMORY)
@@ -192,9 +204,9 @@ def test_a_job_whose_output_went_direct_is_resumed_by_its_gateway_once_heard_of(
     ready(t, "w1")
     ready(t, "w2")
     worker = jobs_to(submit(t, "a"))["a/0"]
-    assert t.worker_message(worker.encode(), p.Heartbeat(streamed=["a/0", "x/0"]), 0.1) == []
-    (fail,) = to_gateway(t.worker_message(worker.encode(), p.Disconnect(), 0.2))
-    assert fail.code == p.ErrorCode.WORKER_LOST and fail.retryable
+    assert t.worker_message(worker.encode(), msgs.Heartbeat(streamed=["a/0", "x/0"]), 0.1) == []
+    (fail,) = to_gateway(t.worker_message(worker.encode(), msgs.Disconnect(), 0.2))
+    assert fail.code == msgs.ErrorCode.WORKER_LOST and fail.retryable
 
 
 @pytest.mark.parametrize(("reply_to", "worker_node", "given"), [
@@ -206,10 +218,10 @@ def test_a_job_whose_output_went_direct_is_resumed_by_its_gateway_once_heard_of(
 def test_a_job_names_the_gateways_stream_endpoint_only_where_it_is_reachable(
         reply_to: str, worker_node: str, given: str) -> None:
     t = table()
-    t.worker_message(b"w", p.Ready(worker_id="w", node_id=worker_node, model_id="m"), 0.0)
-    sends = t.submit(GW, p.Submit(job_id="a", model="m", request=REQUEST, node_id="gw-node",
-                                  reply_to=reply_to), 0.0)
-    (job,) = [m for _, _, m in sends if isinstance(m, p.Job)]
+    t.worker_message(b"w", msgs.Ready(worker_id="w", node_id=worker_node, model_id="m"), 0.0)
+    sends = t.gateway_message(GW, msgs.Submit(job_id="a", model="m", request=REQUEST,
+                                              node_id="gw-node", reply_to=reply_to), 0.0)
+    (job,) = [m for _, _, m in sends if isinstance(m, msgs.Job)]
     assert job.reply_to == given
 
 
@@ -219,7 +231,7 @@ def test_a_job_names_the_gateways_stream_endpoint_only_where_it_is_reachable(
 def serve(t: JobTable, name: str, model: str, tiers: list[str], slots: int = 1,
           context_length: int = 0, now: float = 0.0) -> list[Send]:
     """Worker ``name`` (on node ``name``) registers ``model`` under ``tiers``."""
-    return t.worker_message(name.encode(), p.Ready(
+    return t.worker_message(name.encode(), msgs.Ready(
         worker_id=name, node_id=name, model_id=model, tiers=tiers, slots=slots,
         context_length=context_length), now)
 
@@ -273,7 +285,7 @@ def test_an_ambiguous_name_is_warned_of_once_with_the_fix(caplog: pytest.LogCapt
     assert "give one of them another tier" in warned[0]
     # No longer ambiguous, then ambiguous again: said again.
     for worker in (b"a-1", b"a-2"):
-        t.worker_message(worker, p.Disconnect(), 0.2)
+        t.worker_message(worker, msgs.Disconnect(), 0.2)
     t.tick(0.3)
     serve(t, "a-3", "a", ["standard"], now=0.4)
     assert sum("name_ambiguous" in r.getMessage() for r in caplog.records) == 2
@@ -293,3 +305,62 @@ def test_models_list_each_tier_with_its_model_and_the_context_length() -> None:
     assert models["fast"].context_length == 8192
     assert models["standard"].context_length == 32768
     assert not any(e.ambiguous for e in models.values())
+
+
+def test_a_silent_gateway_is_purged_its_jobs_cancelled_and_it_is_told_to_resubmit() -> None:
+    t = table(heartbeat_interval=1.0, heartbeat_liveness=3)  # a peer timeout of 3 s
+    ready(t, "w")
+    first = submit(t, "a", now=0.0)
+    assert [type(m) for m in (m for i, _, m in first if i == GW)][:1] == [msgs.Heartbeat]
+    submit(t, "b", now=0.0)  # queued behind a
+    t.worker_message(b"w", msgs.Heartbeat(), 2.9)
+    assert to_gateway(t.tick(2.9)) == [] and GW in t.gateways  # within the timeout
+    t.worker_message(b"w", msgs.Heartbeat(), 3.1)
+    sends = news(t.tick(3.1))  # time comes from ``now`` only: silent since 0.0
+    assert [(i, type(m)) for i, _, m in sends] == [(b"w", msgs.Cancel),
+                                                  (GW, msgs.Disconnect)]
+    assert sends[1][2].reason == msgs.Reason.JOBS_DROPPED
+    assert GW not in t.gateways and list(t.jobs) == ["a"]  # b is gone, a until w confirms
+    again = t.gateway_message(GW, msgs.Heartbeat(), 4.0)  # it speaks before it noticed
+    assert [type(m) for _, _, m in again] == [msgs.Heartbeat, msgs.Disconnect]
+    assert [type(m) for _, _, m in t.gateway_message(GW, msgs.Heartbeat(), 4.5)] == []
+
+
+def test_a_gateway_that_leaves_has_its_jobs_cancelled_and_a_one_off_question_registers_nobody(
+        ) -> None:
+    t = table()
+    ready(t, "w")
+    submit(t, "a")
+    sends = t.gateway_message(GW, msgs.Disconnect(), 1.0)
+    assert [type(m) for _, _, m in sends] == [msgs.Cancel]  # nothing to tell who left
+    assert GW not in t.gateways and t.gateway_message(GW, msgs.Heartbeat(), 1.5)[0][2] == \
+        msgs.Heartbeat(session=t.session)  # new again, and nothing dropped to resubmit
+    assert t.gateway_message(b"cli", msgs.Control(request_id="r", op="status"), 2.0) == []
+    assert b"cli" not in t.gateways
+
+
+def test_a_route_is_timed_by_now_alone() -> None:
+    t = JobTable(Settings(), wall_offset=1_000_000.0)
+    ready(t, "w")
+    submit(t, "a", now=10.0)
+    submit(t, "b", now=10.5)
+    t.worker_message(b"w", msgs.Final(job_id="a/0", finish_reason="stop"), 12.0)
+    a, b = t.routes
+    assert (a.time, a.queue_wait_ms) == (1_000_010.0, 0.0)
+    assert (b.time, b.queue_wait_ms) == (1_000_012.0, 1500.0)
+
+
+def test_a_workers_load_is_kept_as_it_came_and_shown_in_its_status() -> None:
+    t = table()
+    t.worker_message(b"w", msgs.Ready(worker_id="w", node_id="n", model_id="m", slots=2,
+                                      load=msgs.WorkerLoad(mem_free=7)), 0.0)
+    assert t.workers[b"w"].status(0.0).load == msgs.WorkerLoad(mem_free=7)
+    load = msgs.WorkerLoad(running=1, mem_free=5, tokens_per_s=2.5, kv_bytes=9,
+                           counters={"jobs_done": 3})
+    t.worker_message(b"w", msgs.Heartbeat(load=load), 1.0)
+    status = t.workers[b"w"].status(1.5)
+    assert status.load == load and status.last_heartbeat_s == 0.5
+    decoded = from_dict(BrokerStatus, plain(BrokerStatus(
+        node_id="n", endpoint="e", role="coordinator", coordinator="e", epoch=1,
+        workers=[status])))
+    assert decoded.workers[0].load == load  # through CONTROL: a nested record, typed

@@ -118,7 +118,7 @@ def test_models_lists_id_and_tiers_with_the_context_length(client: openai.OpenAI
 def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> None:
     cluster, url = model_node
     # Counters come in heartbeats: take them from one sent with no job running.
-    before = cluster.counters_when(lambda w: w.running == 0 and w.reported_running == 0)
+    before = cluster.counters_when(lambda w: w.running == 0 and w.load.running == 0)
     max_tokens = 1000  # a cancel must land within a quarter of it, on a loaded machine too
     with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
             "model": "fast", "max_tokens": max_tokens, "temperature": 0.8, "stream": True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import select
 
-from common import protocol as p
+from common import messages as msgs
 from worker.outbox import Outbox
 
 
@@ -15,17 +15,17 @@ def readable(box: Outbox) -> bool:
 def test_merges_partials_per_job_and_numbers_them() -> None:
     box = Outbox()
     assert not readable(box)
-    box.put(p.Partial(job_id="a", token_ids=[1], text="x"))
+    box.put(msgs.Partial(job_id="a", token_ids=[1], text="x"))
     assert readable(box)
-    box.put(p.Partial(job_id="b", token_ids=[9], text="q"))
-    box.put(p.Partial(job_id="a", token_ids=[2], text="y"))
+    box.put(msgs.Partial(job_id="b", token_ids=[9], text="q"))
+    box.put(msgs.Partial(job_id="a", token_ids=[2], text="y"))
     out = box.take()
     assert not readable(box)
     assert [(m.job_id, m.seq, m.token_ids, m.text) for m in out] == [
         ("a", 0, [1, 2], "xy"), ("b", 0, [9], "q")]
-    box.put(p.Partial(job_id="a", token_ids=[3], text="z"))
-    box.put(p.Final(job_id="a", finish_reason="stop"))
-    box.put(p.Partial(job_id="b", token_ids=[8], text=""))
+    box.put(msgs.Partial(job_id="a", token_ids=[3], text="z"))
+    box.put(msgs.Final(job_id="a", finish_reason="stop"))
+    box.put(msgs.Partial(job_id="b", token_ids=[8], text=""))
     out = box.take()
     assert [(type(m).__name__, m.job_id, getattr(m, "seq", None)) for m in out] == [
         ("Partial", "a", 1), ("Final", "a", None), ("Partial", "b", 1)]
@@ -35,9 +35,9 @@ def test_merges_partials_per_job_and_numbers_them() -> None:
 
 def test_a_put_after_take_wakes_again() -> None:
     box = Outbox()
-    box.put(p.Partial(job_id="a", token_ids=[1], text=""))
+    box.put(msgs.Partial(job_id="a", token_ids=[1], text=""))
     box.take()
-    box.put(p.Partial(job_id="a", token_ids=[2], text=""))
+    box.put(msgs.Partial(job_id="a", token_ids=[2], text=""))
     assert readable(box)
     assert box.take()[0].seq == 1
     box.close()

@@ -15,16 +15,15 @@ import collections
 from broker.routing import MIN_CACHED_CHARS, Chooser
 from broker.state import WorkerState
 from common.generation import GenerationRequest
-from common.protocol import Ready, Submit
+from common.messages import Ready, Submit, WorkerLoad
 
 GIB = 1024**3
 
 
 def worker(node: str, mem_free_gib: float = 8.0, slots: int = 10) -> WorkerState:
     info = Ready(worker_id=f"{node}-w", node_id=node, model_id="m", slots=slots,
-                 mem_total=16 * GIB, mem_free=int(mem_free_gib * GIB))
-    return WorkerState(identity=node.encode(), info=info, expires=0.0,
-                       mem_free=info.mem_free)
+                 mem_total=16 * GIB, load=WorkerLoad(mem_free=int(mem_free_gib * GIB)))
+    return WorkerState(identity=node.encode(), info=info, expires=0.0, load=info.load)
 
 
 def job(origin: str, chain: int = 0, blocks: int = 0, block_chars: int = 256) -> Submit:

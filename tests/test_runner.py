@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from common import protocol as p
+from common import messages as msgs
 from common.generation import GenerationRequest
 from tests.batchloop import RunningLoop
 from worker.synthetic import SyntheticEngine, next_token, word
@@ -35,15 +35,15 @@ class LaggingEngine(SyntheticEngine):
 
 def run(engine: SyntheticEngine, max_tokens: int = 12, stop: list[str] | None = None,
         resume: list[int] | None = None, resume_text: str = "",
-        cancel_after: int | None = None) -> tuple[list[p.Message], list[int], str]:
+        cancel_after: int | None = None) -> tuple[list[msgs.Message], list[int], str]:
     request = GenerationRequest(kind="completion", prompt="abc", max_tokens=max_tokens,
                                   stop=stop or [])
-    job = p.Job(job_id="j", request=request, resume_token_ids=resume or [],
-                resume_text=resume_text)
+    job = msgs.Job(job_id="j", request=request, resume_token_ids=resume or [],
+                   resume_text=resume_text)
     with RunningLoop(engine) as loop:
         loop.cancel_after = cancel_after
         sent = loop.run(job)
-    partials = [m for m in sent if isinstance(m, p.Partial)]
+    partials = [m for m in sent if isinstance(m, msgs.Partial)]
     return sent, [t for m in partials for t in m.token_ids], "".join(m.text for m in partials)
 
 
@@ -61,7 +61,7 @@ def test_uninterrupted_run(engine: SyntheticEngine) -> None:
     assert tokens == expected_tokens(b"abc", 12)
     assert text == "".join(word(t) for t in tokens)
     final = sent[-1]
-    assert isinstance(final, p.Final) and final.finish_reason == "length"
+    assert isinstance(final, msgs.Final) and final.finish_reason == "length"
     assert final.usage == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
 
 
@@ -73,9 +73,9 @@ def test_resume_continues_exactly(engine: SyntheticEngine, cut: int) -> None:
     detokenizer the resume tokens' last word was never sent and comes first."""
     _, all_tokens, all_text = run(engine)
     sent, _, _ = run(engine, cancel_after=cut)
-    seen_tokens = [t for m in sent if isinstance(m, p.Partial) for t in m.token_ids]
-    seen_text = "".join(m.text for m in sent if isinstance(m, p.Partial))
-    assert isinstance(sent[-1], p.Fail) and sent[-1].code == p.ErrorCode.CANCELLED
+    seen_tokens = [t for m in sent if isinstance(m, msgs.Partial) for t in m.token_ids]
+    seen_text = "".join(m.text for m in sent if isinstance(m, msgs.Partial))
+    assert isinstance(sent[-1], msgs.Fail) and sent[-1].code == msgs.ErrorCode.CANCELLED
     resumed, more_tokens, more_text = run(engine, resume=seen_tokens, resume_text=seen_text)
     assert seen_tokens + more_tokens == all_tokens
     assert seen_text + more_text == all_text

@@ -18,7 +18,8 @@ import pytest
 import zmq
 from zeroconf import ServiceInfo, Zeroconf
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.control import ControlClient
 from common.discovery import SERVICE
@@ -130,7 +131,7 @@ def test_zap_turns_away_a_client_that_knows_only_the_public_key(
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(c.endpoint)
     try:
-        sock.send_multipart(p.encode(p.GATEWAY, p.Control(request_id="x", op="status")))
+        sock.send_multipart(wire.encode(wire.GATEWAY, msgs.Control(request_id="x", op="status")))
         wait_for("ZAP to refuse the impostor", lambda: c.control("status").counters.get(
             "handshake_refused", 0) >= 1, timeout=10)
         assert not sock.poll(500)  # and nothing came back to it

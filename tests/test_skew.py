@@ -1,11 +1,11 @@
 """Version skew: a Mac upgraded before the others. Brokers read each other's protocol
-version from the part of an ANNOUNCE every release keeps (common/protocol.py ``hello``);
+version from the part of an ANNOUNCE every release keeps (common/versions.py ``hello``);
 a node of another version is shown ``incompatible (protocol N)`` with what to upgrade,
 warned of once, never joins the election and never takes mlx-stack.local from a newer
 coordinator; each side goes on serving its own requests.
 
 The "other build" is this code started with ``MLX_STACK_TEST_PROTOCOL`` (the test-only
-switch in common/protocol.py): its tags carry another number, as another release's do."""
+switch in common/wire.py): its tags carry another number, as another release's do."""
 
 from __future__ import annotations
 
@@ -17,37 +17,39 @@ import msgpack
 import pytest
 
 from broker.skew import Skew, advice
-from common import protocol as p
+from common import messages as msgs
+from common import wire
+from common.versions import Hello, hello, tag_version
 from tests.harness import Mesh, close_and_report, free_port, run_cli, wait_for
 from tests.test_failover import expected_text
 
 
 def announce_of(protocol: int, **body: object) -> list[bytes]:
-    return [b"MLXS-B%d" % protocol, bytes((p.Command.ANNOUNCE,)), msgpack.packb(body)]
+    return [b"MLXS-B%d" % protocol, bytes((msgs.Command.ANNOUNCE,)), msgpack.packb(body)]
 
 
 def test_hello_reads_another_versions_announce_and_nothing_else() -> None:
-    older = announce_of(p.PROTOCOL - 1, node_id="mini-2", endpoint="tcp://10.0.0.2:4100",
+    older = announce_of(wire.PROTOCOL - 1, node_id="mini-2", endpoint="tcp://10.0.0.2:4100",
                         coordinator=True, priority=3, some_field_of_that_version=[1])
-    assert p.hello(older) == p.Hello(p.PROTOCOL - 1, "mini-2", "tcp://10.0.0.2:4100", True)
-    newer = announce_of(p.PROTOCOL + 1, node_id="mini-3", endpoint="tcp://h:1", version="9.0")
-    assert p.hello(newer) == p.Hello(p.PROTOCOL + 1, "mini-3", "tcp://h:1", False, "9.0")
-    ours = p.encode(p.PEER, p.Announce(node_id="me", endpoint="tcp://h:2"))
-    assert p.hello(ours) is None  # our own version decodes normally
-    assert p.hello([b"MLXS-W3", *older[1:]]) is None  # a worker's tag is no broker's hello
-    assert p.hello(announce_of(3, node_id=7, endpoint="tcp://h:1")) is None
-    assert p.hello([b"MLXS-B3", older[1], b"\xc1"]) is None
-    assert p.tag_version(b"MLXS-G12") == 12 and p.tag_version(b"HTTP/1.1") is None
+    assert hello(older) == Hello(wire.PROTOCOL - 1, "mini-2", "tcp://10.0.0.2:4100", True)
+    newer = announce_of(wire.PROTOCOL + 1, node_id="mini-3", endpoint="tcp://h:1", version="9.0")
+    assert hello(newer) == Hello(wire.PROTOCOL + 1, "mini-3", "tcp://h:1", False, "9.0")
+    ours = wire.encode(wire.PEER, msgs.Announce(node_id="me", endpoint="tcp://h:2"))
+    assert hello(ours) is None  # our own version decodes normally
+    assert hello([b"MLXS-W3", *older[1:]]) is None  # a worker's tag is no broker's hello
+    assert hello(announce_of(3, node_id=7, endpoint="tcp://h:1")) is None
+    assert hello([b"MLXS-B3", older[1], b"\xc1"]) is None
+    assert tag_version(b"MLXS-G12") == 12 and tag_version(b"HTTP/1.1") is None
 
 
 def test_skew_warns_once_per_broker_and_version_and_yields_the_alias_to_a_newer_one() -> None:
     skew = Skew("mini-1", timeout=1.5)
-    old = p.Hello(p.PROTOCOL - 1, "mini-2", "tcp://a:1", coordinator=True)
+    old = Hello(wire.PROTOCOL - 1, "mini-2", "tcp://a:1", coordinator=True)
     warning = skew.heard(old, now=0.0)
-    assert warning is not None and f"upgrade mini-2 to mlx-stack {p.VERSION}" in warning
+    assert warning is not None and f"upgrade mini-2 to mlx-stack {msgs.VERSION}" in warning
     assert skew.heard(old, now=0.5) is None  # once, not every announcement
     assert not skew.yields_alias(0.5)  # an older coordinator never takes the alias
-    new = p.Hello(p.PROTOCOL + 1, "mini-3", "tcp://b:1", coordinator=True, version="0.2.0")
+    new = Hello(wire.PROTOCOL + 1, "mini-3", "tcp://b:1", coordinator=True, version="0.2.0")
     assert "upgrade mini-1 to mlx-stack 0.2.0" in (skew.heard(new, now=1.0) or "")
     assert skew.yields_alias(1.0)
     assert [s.hello.node_id for s in skew.live(1.0)] == ["mini-2", "mini-3"]
@@ -67,7 +69,7 @@ def test_a_node_of_another_protocol_is_shown_warned_and_kept_apart(
     node-b runs another protocol version: each coordinates its own mesh and serves its
     own requests, each shows the other as incompatible with what to upgrade, and the
     newer one holds mlx-stack.local."""
-    other = p.PROTOCOL + offset
+    other = wire.PROTOCOL + offset
     skewed = {"MLX_STACK_TEST_PROTOCOL": str(other)}
     mesh = Mesh(tmp_path, {"node-a": 2, "node-b": 1})
     try:
@@ -104,7 +106,7 @@ def test_a_node_of_another_protocol_is_shown_warned_and_kept_apart(
         assert view_b["coordinator"]["node_id"] == "node-b"  # never joined node-a's election
         assert view_b["coordinator"]["alias"] is (offset > 0)
         row_a = next(n for n in view_b["nodes"] if n["node_id"] == "node-a")
-        assert row_a["role"] == f"incompatible (protocol {p.PROTOCOL})"
+        assert row_a["role"] == f"incompatible (protocol {wire.PROTOCOL})"
         assert f"upgrade {upgrade} to" in row_a["advice"]
 
         # Each side serves its own requests, with its own workers, exactly.

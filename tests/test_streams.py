@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.generation import GenerationRequest
 from common.meshkeys import MeshKeys, new_secret
@@ -24,16 +25,16 @@ from worker.streams import Streams
 SETTINGS = Settings(heartbeat_interval=0.2)
 
 
-def job(job_id: str, reply_to: str) -> p.Job:
-    return p.Job(job_id=job_id, request=GenerationRequest(kind="chat"), reply_to=reply_to)
+def job(job_id: str, reply_to: str) -> msgs.Job:
+    return msgs.Job(job_id=job_id, request=GenerationRequest(kind="chat"), reply_to=reply_to)
 
 
-def started(job_id: str) -> p.Partial:
-    return p.Partial(job_id=job_id, token_ids=[], text="")
+def started(job_id: str) -> msgs.Partial:
+    return msgs.Partial(job_id=job_id, token_ids=[], text="")
 
 
-def output(job_id: str, seq: int) -> p.Partial:
-    return p.Partial(job_id=job_id, token_ids=[seq], text=f"t{seq}", seq=seq)
+def output(job_id: str, seq: int) -> msgs.Partial:
+    return msgs.Partial(job_id=job_id, token_ids=[seq], text=f"t{seq}", seq=seq)
 
 
 class Setup:
@@ -41,12 +42,12 @@ class Setup:
         self.ctx = zmq.Context()
         self.counters: collections.Counter[str] = collections.Counter()
         self.streams = Streams(SETTINGS, None, self.ctx, self.count)
-        self.to_broker: list[p.Message] = []
+        self.to_broker: list[msgs.Message] = []
 
     def count(self, key: str) -> None:
         self.counters[key] += 1
 
-    def send(self, msg: p.Partial | p.Final | p.Fail) -> list[str]:
+    def send(self, msg: msgs.Partial | msgs.Final | msgs.Fail) -> list[str]:
         return self.streams.send(msg, self.to_broker.append)
 
     def connect(self, gateway: StreamSocket) -> None:
@@ -54,7 +55,7 @@ class Setup:
         for n in range(100):
             self.streams.expect(job(f"warm/{n}", gateway.endpoint))
             self.send(started(f"warm/{n}"))
-            self.send(p.Final(job_id=f"warm/{n}", finish_reason="stop"))
+            self.send(msgs.Final(job_id=f"warm/{n}", finish_reason="stop"))
             if gateway.sock.poll(50):
                 gateway.receive()
                 self.to_broker.clear()
@@ -73,7 +74,7 @@ def test_with_nobody_listening_the_broker_relays_everything() -> None:
         for n in range(2):  # the first opens the connection, the second finds it down
             s.streams.expect(job(f"a/{n}", endpoint))
             messages = [started(f"a/{n}"), output(f"a/{n}", 1),
-                        p.Final(job_id=f"a/{n}", finish_reason="stop", parts=2)]
+                        msgs.Final(job_id=f"a/{n}", finish_reason="stop", parts=2)]
             assert [s.send(m) for m in messages] == [[], [], []]
             assert s.to_broker == messages and s.streams.streamed() == []
             s.to_broker.clear()
@@ -99,10 +100,10 @@ def connected() -> Iterator[tuple[Setup, StreamSocket]]:
 def test_a_connected_job_streams_direct_and_the_heartbeat_tells_of_its_output(
         connected: tuple[Setup, StreamSocket]) -> None:
     s, gateway = connected
-    final = p.Final(job_id="a/0", finish_reason="stop")  # parts: set on its way
+    final = msgs.Final(job_id="a/0", finish_reason="stop")  # parts: set on its way
     for msg in (started("a/0"), output("a/0", 1), output("a/0", 2), final):
         assert s.send(msg) == []
-    got: list[p.Message] = []
+    got: list[msgs.Message] = []
     while len(got) < 4 and gateway.sock.poll(5000):
         got += gateway.receive()
     assert [(type(m).__name__, getattr(m, "seq", None)) for m in got] == [
@@ -131,22 +132,22 @@ def test_a_dropped_direct_connection_cancels_its_jobs(
     # Until the cancellations end them, their output is dropped, not sent out of order
     # through the broker; the cancellations' FAILs go to the broker.
     assert s.send(output("b/0", 1)) == [] and s.to_broker == []
-    s.send(p.Fail(job_id="a/0", error="cancelled", code=p.ErrorCode.CANCELLED,
-                  retryable=True))
-    assert [type(m) for m in s.to_broker] == [p.Fail]
+    s.send(msgs.Fail(job_id="a/0", error="cancelled", code=msgs.ErrorCode.CANCELLED,
+                     retryable=True))
+    assert [type(m) for m in s.to_broker] == [msgs.Fail]
     assert s.counters["streams_lost"] == 2
     # b ends before its cancellation: its FINAL would end the stream short of what was
     # lost, so the broker gets a retryable FAIL and the gateway resumes it.
-    s.send(p.Final(job_id="b/0", finish_reason="stop"))
+    s.send(msgs.Final(job_id="b/0", finish_reason="stop"))
     (fail,) = s.to_broker[1:]
-    assert isinstance(fail, p.Fail) and fail.retryable and fail.job_id == "b/0"
+    assert isinstance(fail, msgs.Fail) and fail.retryable and fail.job_id == "b/0"
 
 
 def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
     keys = MeshKeys.from_secret(new_secret())
     ctx = zmq.Context()
     gateway = StreamSocket(SETTINGS, keys, ctx)
-    frames = p.encode(p.WORKER, output("a/0", 0))
+    frames = wire.encode(wire.WORKER, output("a/0", 0))
 
     def client(member: bool, own_pair: bool) -> zmq.Socket:
         sock = ctx.socket(zmq.DEALER)
@@ -185,7 +186,7 @@ def test_connections_no_job_uses_any_more_are_closed(monkeypatch) -> None:
             s.streams.expect(job(name, endpoint))
             s.send(started(name))
             if name == "a/0":
-                s.send(p.Final(job_id="a/0", finish_reason="stop"))
+                s.send(msgs.Final(job_id="a/0", finish_reason="stop"))
         assert list(s.streams.sockets) == [busy, new]
     finally:
         s.close()

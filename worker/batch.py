@@ -19,7 +19,7 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 
-from common import protocol as p
+from common import messages as msgs
 from common.logs import log_event
 from worker.engine import Engine, RequestRefused
 from worker.runner import JobRun
@@ -30,12 +30,12 @@ log = logging.getLogger("worker")
 class BatchLoop:
     """Runs ``engine`` for the worker's jobs; :meth:`run` is the loop thread's body."""
 
-    def __init__(self, engine: Engine, send: Callable[[p.Message], None],
+    def __init__(self, engine: Engine, send: Callable[[msgs.Message], None],
                  count: Callable[[str], None]) -> None:
         self.engine = engine
         self._send = send
         self._count = count
-        self._inbox: queue.SimpleQueue[p.Job | p.Cancel | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[msgs.Job | msgs.Cancel | None] = queue.SimpleQueue()
         self._runs: dict[int, JobRun] = {}
         """Running jobs by engine sequence id."""
         self._seqs: dict[str, int] = {}
@@ -58,7 +58,7 @@ class BatchLoop:
         finally:
             self._busy_since = None
 
-    def put(self, msg: p.Job | p.Cancel | None) -> None:
+    def put(self, msg: msgs.Job | msgs.Cancel | None) -> None:
         """From the I/O thread: a JOB to start, a CANCEL to apply, None to stop the loop."""
         self._inbox.put(msg)
 
@@ -70,7 +70,7 @@ class BatchLoop:
                     for seq in list(self._runs):
                         self._drop(seq).cancel()
                     return
-                if isinstance(msg, p.Job):
+                if isinstance(msg, msgs.Job):
                     self._start(msg)
                 elif msg.job_id in self._seqs:
                     self._count("jobs_cancelled")
@@ -78,7 +78,7 @@ class BatchLoop:
             if self.engine.wait() == 0:
                 self._step()
 
-    def _messages(self) -> list[p.Job | p.Cancel | None]:
+    def _messages(self) -> list[msgs.Job | msgs.Cancel | None]:
         """Everything in the inbox; waits for the first only while the engine has no
         token due, so new jobs join the batch between two steps."""
         wait = self.engine.wait()
@@ -92,8 +92,8 @@ class BatchLoop:
                 messages.append(self._inbox.get_nowait())
         return messages
 
-    def _start(self, job: p.Job) -> None:
-        def send(msg: p.Message) -> None:
+    def _start(self, job: msgs.Job) -> None:
+        def send(msg: msgs.Message) -> None:
             msg.epoch = job.epoch
             self._send(msg)
 
@@ -107,8 +107,8 @@ class BatchLoop:
                 seq = self.engine.insert(run.prompt, run.request, run.budget, run.prompt_len)
         except RequestRefused as exc:
             self._count("jobs_refused")
-            send(p.Fail(job_id=job.job_id, error=str(exc), code=p.ErrorCode.INVALID_REQUEST,
-                        param=exc.param))
+            send(msgs.Fail(job_id=job.job_id, error=str(exc), code=msgs.ErrorCode.INVALID_REQUEST,
+                           param=exc.param))
             return
         except Exception as exc:  # a bad request or an engine error fails the job only
             self._fail(job.job_id, exc, send)
@@ -134,8 +134,8 @@ class BatchLoop:
                 with contextlib.suppress(Exception):  # the engine may be past helping
                     self.engine.remove(seq)
                 self._count("jobs_failed")
-                run.send(p.Fail(job_id=run.job_id, error=f"engine error: {exc}",
-                                code=p.ErrorCode.INTERNAL, retryable=True))
+                run.send(msgs.Fail(job_id=run.job_id, error=f"engine error: {exc}",
+                                   code=msgs.ErrorCode.INTERNAL, retryable=True))
 
     def _advance(self) -> None:
         """One engine step, each token to its job."""
@@ -167,7 +167,7 @@ class BatchLoop:
         del self._seqs[run.job_id]
         return run
 
-    def _fail(self, job_id: str, exc: Exception, send: Callable[[p.Message], None]) -> None:
+    def _fail(self, job_id: str, exc: Exception, send: Callable[[msgs.Message], None]) -> None:
         log_event(log, "job_failed", logging.ERROR, job=job_id, error=repr(exc))
         self._count("jobs_failed")
-        send(p.Fail(job_id=job_id, error=f"engine error: {exc}", code=p.ErrorCode.INTERNAL))
+        send(msgs.Fail(job_id=job_id, error=f"engine error: {exc}", code=msgs.ErrorCode.INTERNAL))

@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 
-from common.protocol import Fail, Final, Message, Partial
+from common.messages import Fail, Final, Message, Partial
 
 
 class Outbox:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.protocol import ErrorCode, Fail, Final, Job, Message, Partial
+from common.messages import ErrorCode, Fail, Final, Job, Message, Partial
 from worker.engine import Engine, RequestRefused
 from worker.tools import ToolScanner
 
@@ -109,7 +109,7 @@ class JobRun:
 
     def started(self) -> None:
         """The engine took the job: say so with an empty PARTIAL (see
-        :class:`~common.protocol.Partial`). After a resume seam's text it changes nothing:
+        :class:`~common.messages.Partial`). After a resume seam's text it changes nothing:
         the gateway answered its status long ago, and empty output shows nothing."""
         self.send(Partial(job_id=self.job_id, token_ids=[], text=""))
 

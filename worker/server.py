@@ -24,7 +24,8 @@ from collections.abc import Callable
 import psutil
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.brokerlink import BrokerLink
 from common.config import Settings
 from common.logs import log_event
@@ -69,7 +70,7 @@ class Worker:
         self.batch = BatchLoop(engine, self._emit, self._count)
         self._stopping = threading.Event()
         keys = load_keys(settings.home)
-        self.link = BrokerLink(settings, p.WORKER, keys, self._ready, ctx)
+        self.link = BrokerLink(settings, wire.WORKER, keys, self._ready, ctx)
         self.poller = zmq.Poller()
         self.streams = Streams(settings, keys, self.link.ctx, self._count)
 
@@ -79,14 +80,22 @@ class Worker:
 
     # ----------------------------------------------------------------- I/O side
 
-    def _ready(self) -> p.Ready:
-        total, free = self.memory()
-        return p.Ready(
+    def _ready(self) -> msgs.Ready:
+        return msgs.Ready(
             worker_id=self.worker_id, node_id=self.settings.node_id,
             model_id=self.engine.model_id, tiers=self.tiers, slots=self.engine.slots,
-            mem_total=total, mem_free=free, model_bytes=self.engine.model_bytes,
+            mem_total=self.memory()[0], model_bytes=self.engine.model_bytes,
             engine=self.engine.kind, context_length=self.engine.context_length,
-        )
+            load=self._load(0.0))
+
+    def _load(self, tokens_per_s: float) -> msgs.WorkerLoad:
+        """The load this worker reports now (READY, every HEARTBEAT)."""
+        with self._counters_lock:
+            counters = dict(self.counters)
+        return msgs.WorkerLoad(
+            running=len(self.running), mem_free=self.memory()[1], tokens_per_s=tokens_per_s,
+            kv_bytes=self.engine.kv_bytes,
+            counters={**counters, **self.link.counters, **self.engine.counters})
 
     def _connect(self, reason: str = "", to: str = "") -> None:
         """Open the link (first call), or move it to another broker; the poller follows."""
@@ -131,19 +140,14 @@ class Worker:
                 self._connect(f"{self.link.endpoint} silent")
             if now >= next_beat:
                 with self._counters_lock:
-                    counters = dict(self.counters)
-                tokens = counters.get("tokens_generated", 0)
-                self.link.send(p.Heartbeat(
-                    running=len(self.running), mem_free=self.memory()[1],
-                    tokens_per_s=round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2),
-                    kv_bytes=self.engine.kv_bytes,
-                    counters={**counters, **self.link.counters,
-                              **self.engine.counters},
-                    streamed=self.streams.streamed()))
+                    tokens = self.counters["tokens_generated"]
+                rate = round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2)
+                self.link.send(msgs.Heartbeat(load=self._load(rate),
+                                              streamed=self.streams.streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         # Before the cancelled FAILs: the broker runs every job of ours again or has its
         # gateway resume it.
-        self.link.send(p.Disconnect(reason=p.Reason.LEAVING))
+        self.link.send(msgs.Disconnect(reason=msgs.Reason.LEAVING))
         self._abandon_jobs()
         self.batch.put(None)
         batch.join(STOP_TIMEOUT if status == 0 else 0.0)  # a stalled loop never ends
@@ -172,40 +176,40 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
-    def _on_broker(self, msg: p.Message) -> None:
+    def _on_broker(self, msg: msgs.Message) -> None:
         match msg:
-            case p.Job():
+            case msgs.Job():
                 log_event(log, "job_started", logging.DEBUG, request=msg.request_id,
                           job=msg.job_id)
                 self.running.add(msg.job_id)
                 self.streams.expect(msg)
                 self.batch.put(msg)
-            case p.Cancel():
+            case msgs.Cancel():
                 if msg.job_id in self.running:
                     self.batch.put(msg)
-            case p.Redirect() if msg.endpoint != self.link.endpoint:
+            case msgs.Redirect() if msg.endpoint != self.link.endpoint:
                 self._connect(f"redirected to {msg.endpoint}", to=msg.endpoint)
-            case p.Disconnect():
-                # Whatever the broker held for us is gone (p.Reason): register again.
+            case msgs.Disconnect():
+                # Whatever the broker held for us is gone (msgs.Reason): register again.
                 log_event(log, "broker_disconnected", logging.INFO, reason=msg.reason)
                 self._abandon_jobs()
                 self.link.send(self._ready())
 
-    def _forward(self, messages: list[p.Message]) -> None:
+    def _forward(self, messages: list[msgs.Message]) -> None:
         """Send the outbox's messages to the broker; a FINAL/FAIL ends a job here."""
         for msg in messages:
-            if isinstance(msg, p.Final | p.Fail):
+            if isinstance(msg, msgs.Final | msgs.Fail):
                 self.running.discard(msg.job_id)
             self.link.send(msg)
 
-    def _emit(self, msg: p.Partial | p.Final | p.Fail) -> None:
+    def _emit(self, msg: msgs.Partial | msgs.Final | msgs.Fail) -> None:
         """Batch loop thread: a job's message, sent its way (worker/streams.py)."""
-        if isinstance(msg, p.Partial) and msg.token_ids:
+        if isinstance(msg, msgs.Partial) and msg.token_ids:
             self._count("tokens_generated", len(msg.token_ids))
         for job_id in self.streams.send(msg, self.outbox.put):
-            self.batch.put(p.Cancel(job_id=job_id))
+            self.batch.put(msgs.Cancel(job_id=job_id))
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""
         for job_id in self.running:
-            self.batch.put(p.Cancel(job_id=job_id))
+            self.batch.put(msgs.Cancel(job_id=job_id))

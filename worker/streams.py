@@ -35,7 +35,8 @@ from collections.abc import Callable
 
 import zmq
 
-from common import protocol as p
+from common import messages as msgs
+from common import wire
 from common.config import Settings
 from common.logs import log_event
 from common.meshkeys import MeshKeys
@@ -80,7 +81,7 @@ class Streams:
         self._unannounced: list[str] = []
         self._lock = threading.Lock()
 
-    def expect(self, job: p.Job) -> None:
+    def expect(self, job: msgs.Job) -> None:
         """I/O thread, before the job goes to the batch loop: where its output may go."""
         if job.reply_to.startswith("tcp://"):
             self.reply_to[job.job_id] = job.reply_to
@@ -92,13 +93,13 @@ class Streams:
             jobs, self._unannounced = self._unannounced, []
         return jobs
 
-    def send(self, msg: p.Partial | p.Final | p.Fail,
-             relay: Callable[[p.Message], object]) -> list[str]:
+    def send(self, msg: msgs.Partial | msgs.Final | msgs.Fail,
+             relay: Callable[[msgs.Message], object]) -> list[str]:
         """Send one of a job's messages its way (``relay`` hands it to the I/O thread for
         the broker). Returns the jobs to cancel: those on a direct connection that failed
         or dropped (even one that came back: what was in flight is lost)."""
         job_id = msg.job_id
-        if isinstance(msg, p.Fail):
+        if isinstance(msg, msgs.Fail):
             self._end(job_id)
             relay(msg)
             return []
@@ -106,7 +107,7 @@ class Streams:
         endpoint = self.reply_to.get(job_id, RELAYED) if way is None else way
         broken = self._check(endpoint)
         way = self.ways.get(job_id)
-        if isinstance(msg, p.Final):  # how many PARTIALs the gateway must have first
+        if isinstance(msg, msgs.Final):  # how many PARTIALs the gateway must have first
             msg.parts = self.seq.get(job_id, msg.parts)
         if way is None:  # the job's first message: direct if connected, else relayed
             way = self._open(endpoint)
@@ -123,13 +124,13 @@ class Streams:
         elif not (sent := self._direct(way, msg)):
             broken += self._break(way)
             way = BROKEN
-        if isinstance(msg, p.Final):
+        if isinstance(msg, msgs.Final):
             self._end(job_id)
             # A broken job's output did not all arrive: a FINAL would end its stream
             # short. A retryable FAIL has the gateway resume it from what it has.
-            relay(msg if way != BROKEN else p.Fail(
+            relay(msg if way != BROKEN else msgs.Fail(
                 job_id=job_id, epoch=msg.epoch, error="the stream to the gateway was lost",
-                code=p.ErrorCode.CANCELLED, retryable=True))
+                code=msgs.ErrorCode.CANCELLED, retryable=True))
         elif way == RELAYED:
             relay(msg)
         elif sent and job_id not in self.announced and msg.has_output:
@@ -179,17 +180,17 @@ class Streams:
             log_event(log, "stream_lost", logging.INFO, jobs=len(broken), gateway=endpoint)
         return broken
 
-    def _direct(self, endpoint: str, msg: p.Partial | p.Final) -> bool:
+    def _direct(self, endpoint: str, msg: msgs.Partial | msgs.Final) -> bool:
         """Send ``msg`` on the connection to ``endpoint``, numbered if a PARTIAL; False if
         the connection is not up."""
         sock, _ = self.sockets[endpoint]
-        if isinstance(msg, p.Partial):
+        if isinstance(msg, msgs.Partial):
             msg.seq = self.seq[msg.job_id]
         try:
-            sock.send_multipart(p.encode(p.WORKER, msg), zmq.NOBLOCK)
+            sock.send_multipart(wire.encode(wire.WORKER, msg), zmq.NOBLOCK)
         except zmq.Again:
             return False
-        if isinstance(msg, p.Partial):
+        if isinstance(msg, msgs.Partial):
             self.seq[msg.job_id] += 1
         return True
 

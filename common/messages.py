@@ -1,68 +1,27 @@
-"""The mesh wire protocol, described once.
+"""Every message of the mesh, as a dataclass: its fields are its body's keys.
 
-Every message on a mesh socket is the ZeroMQ routing envelope followed by exactly three
-frames: ``[protocol, command, body]``.
-
-* ``protocol`` names the kind of peer and the protocol version (one tag for gateways, one
-  for workers, one for broker peers), so a single broker ROUTER can tell them apart and a
-  peer speaking another version is rejected instead of misread.
-* ``command`` is one byte (see :class:`Command`).
-* ``body`` is one msgpack map whose keys are the fields of the command's dataclass.
+How a message travels (its tag, its command byte, its msgpack body, who may send it to
+whom) is :mod:`common.wire`; what any two releases read of each other is
+:mod:`common.versions`. A request travels as its record,
+:class:`~common.generation.GenerationRequest`.
 
 The design follows Majordomo (MDP/0.2, streaming PARTIAL/FINAL) and Paranoid Pirate
 heartbeats, plus what those lack: job ids, sequence numbers, load reports, cancellation
 and epochs. Every message carries ``epoch``: brokers stamp theirs, and a peer ignores a
 broker message with an epoch lower than the highest it has seen (stale-coordinator fence).
-
-Nothing received is trusted: :func:`decode` checks the tag, the command, the size, the
-msgpack type and every field's type, and raises :class:`ProtocolError`, which callers
-count (by its ``reason``) and drop. Bodies carry plain data only: maps with string keys,
-lists, strings, booleans, nil, 64-bit signed integers and finite floats, nested at most
-:data:`MAX_DEPTH` deep; no binary, ext types or timestamps. Fields typed ``Any`` (a
-request's messages, control arguments) are held to the same rule, so what a broker
-forwards is something every peer can decode and re-encode. A request travels as its
-record, :class:`~common.generation.GenerationRequest`, checked once where it is decoded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import os
-import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
-
-import msgpack
+from typing import Any, ClassVar
 
 from common.generation import GenerationRequest
-from common.plain import INT_MAX as INT_MAX
-from common.plain import INT_MIN as INT_MIN
-from common.plain import MAX_DEPTH as MAX_DEPTH
-from common.plain import ProtocolError as ProtocolError
-from common.plain import check_plain as check_plain
-from common.plain import from_dict as from_dict
 
-PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 4)
-"""This release's protocol version, the number in every tag. (3: workers stream to
-gateways directly; worker messages name their dispatch all the way. 4: READY's tiers and
-context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
-3 and one of 4 do not talk.) ``MLX_STACK_TEST_PROTOCOL`` is a switch for tests only: it
-makes this code speak another version, as a build of another release would, for the
-version-skew tests; never set it on a Mac that serves."""
-GATEWAY = b"MLXS-G%d" % PROTOCOL
-"""Protocol tag of gateway <-> broker traffic."""
-WORKER = b"MLXS-W%d" % PROTOCOL
-"""Protocol tag of worker <-> broker and worker -> gateway traffic."""
-PEER = b"MLXS-B%d" % PROTOCOL
-"""Protocol tag of broker <-> broker traffic."""
-PROTOCOLS = frozenset({GATEWAY, WORKER, PEER})
-
-MAX_BODY_BYTES = 8 * 1024 * 1024
-"""Largest body accepted; also set as the sockets' ZMQ_MAXMSGSIZE so oversize is cut early."""
 VERSION = "0.1.0"
-
-T = TypeVar("T")
+"""This release, which READY and ANNOUNCE carry (the protocol's number is
+:data:`common.wire.PROTOCOL`)."""
 
 
 class Command(enum.IntEnum):
@@ -93,6 +52,25 @@ class Message:
 
 
 @dataclass(kw_only=True, slots=True)
+class WorkerLoad:
+    """A worker's load as the worker measured it: it sends one in its READY and in every
+    HEARTBEAT, the broker keeps the last one as is (routing reads ``mem_free``), and
+    CONTROL ``status`` shows it inside the worker's status."""
+
+    running: int = 0
+    """Jobs the worker runs now, by its own count (the broker's, which routing uses and
+    which counts a JOB still on its way, is ``WorkerStatus.running``)."""
+    mem_free: int = 0
+    """Bytes of memory free on the worker's machine."""
+    tokens_per_s: float = 0.0
+    """Tokens it generated per second since its last report."""
+    kv_bytes: int = 0
+    """KV cache memory the worker's engine holds (running requests and prompt cache)."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """Its counters since it started: jobs, frames, prompt cache hits..."""
+
+
+@dataclass(kw_only=True, slots=True)
 class Ready(Message):
     """worker -> broker: I serve ``model_id`` (also under its tiers) with ``slots`` seats."""
 
@@ -104,30 +82,24 @@ class Ready(Message):
     """The other names the model answers to (``fast``, ``standard``...)."""
     slots: int = 1
     mem_total: int = 0
-    mem_free: int = 0
     model_bytes: int = 0
     engine: str = "mlx"
     version: str = VERSION
     context_length: int = 0
     """Tokens the model attends to, prompt and answer together (0: not said), for
     ``/v1/models``: clients size their prompts by it."""
+    load: WorkerLoad = field(default_factory=WorkerLoad)
 
 
 @dataclass(kw_only=True, slots=True)
 class Heartbeat(Message):
-    """Any direction. Workers add their load report; gateways and brokers send it empty."""
+    """Any direction. A worker's carries its load; gateways and brokers leave it empty."""
 
     COMMAND: ClassVar[Command] = Command.HEARTBEAT
     session: str = ""
     """A broker's random id for its process lifetime: a change means a broker restarted or
     another took over, and whatever was open with the old one is lost."""
-    running: int = 0
-    """Jobs the worker runs now."""
-    mem_free: int = 0
-    tokens_per_s: float = 0.0
-    kv_bytes: int = 0
-    """KV cache memory the worker's engine holds (running requests and prompt cache)."""
-    counters: dict[str, int] = field(default_factory=dict)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
     streamed: list[str] = field(default_factory=list)
     """Dispatch ids of the worker's jobs whose first output went straight to their gateway
     since its last heartbeat: from now on only the gateway may resume them. (Told here,
@@ -355,7 +327,7 @@ class Announce(Message):
     standby's expected from its node's loading workers (the coordinator does the same)."""
     version: str = VERSION
     """The sender's release, for the advice a broker of another protocol gives
-    (:func:`hello`)."""
+    (:func:`common.versions.hello`)."""
 
 
 class ErrorCode(enum.StrEnum):
@@ -371,161 +343,4 @@ class ErrorCode(enum.StrEnum):
     INVALID_REQUEST = "invalid_request"
     CANCELLED = "cancelled"
     INTERNAL = "internal_error"
-
-
-MESSAGES: dict[Command, type[Message]] = {
-    cls.COMMAND: cls
-    for cls in (Ready, Heartbeat, Partial, Final, Fail, Disconnect, Job, Cancel, Submit,
-                Accepted, Control, ControlReply, Redirect, Announce)
-}
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
-
-
-class Allowed:
-    """Which commands one side may receive on each protocol tag, as a lookup table:
-    ``(tag, command byte) -> message class``. Anything else is a ProtocolError."""
-
-    def __init__(self, by_protocol: dict[bytes, frozenset[Command]]) -> None:
-        self.by_protocol = by_protocol
-        self.table = {(tag, bytes((cmd,))): MESSAGES[cmd]
-                      for tag, cmds in by_protocol.items() for cmd in cmds}
-
-    def reject(self, protocol: bytes, command: bytes) -> ProtocolError:
-        """Why ``(protocol, command)`` is not in the table."""
-        if protocol not in self.by_protocol:
-            return ProtocolError(f"unknown protocol tag {protocol[:16]!r}", "unknown_protocol")
-        if len(command) != 1 or command[0] not in Command._value2member_map_:
-            return ProtocolError(f"unknown command {command[:4]!r}", "unknown_command")
-        return ProtocolError(f"command {Command(command[0]).name} not allowed on "
-                             f"{protocol.decode()}", "command_not_allowed")
-
-
-TO_BROKER = Allowed({
-    WORKER: frozenset({Command.READY, Command.HEARTBEAT, Command.PARTIAL, Command.FINAL,
-                       Command.FAIL, Command.DISCONNECT}),
-    GATEWAY: frozenset({Command.SUBMIT, Command.CANCEL, Command.HEARTBEAT, Command.CONTROL,
-                        Command.DISCONNECT}),
-    PEER: frozenset({Command.ANNOUNCE}),
-})
-FROM_BROKER = Allowed({
-    WORKER: frozenset({Command.JOB, Command.CANCEL, Command.HEARTBEAT, Command.DISCONNECT,
-                       Command.REDIRECT}),
-    GATEWAY: frozenset({Command.ACCEPTED, Command.PARTIAL, Command.FINAL, Command.FAIL,
-                        Command.HEARTBEAT, Command.CONTROL_REPLY, Command.DISCONNECT,
-                        Command.REDIRECT}),
-    PEER: frozenset({Command.ANNOUNCE}),
-})
-TO_GATEWAY = Allowed({WORKER: frozenset({Command.PARTIAL, Command.FINAL})})
-"""What a gateway's stream socket takes: the output workers stream to it directly."""
-_COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
-
-
-def encode(protocol: bytes, message: Message) -> list[bytes]:
-    """The three frames of ``message`` (without routing envelope)."""
-    body = {name: getattr(message, name) for name in _FIELDS[type(message)]}
-    return [protocol, _COMMAND_BYTES[message.COMMAND],
-            msgpack.packb(body, use_bin_type=True, default=_record)]
-
-
-def _record(value: Any) -> dict[str, Any]:
-    """msgpack's hook for what it cannot pack itself: a :class:`GenerationRequest` in a
-    field typed so (``request``), as the map of its fields. The only record a message
-    carries; anything else is a bug, refused here rather than sent."""
-    if type(value) is GenerationRequest:
-        return value.to_dict()
-    raise TypeError(f"cannot send a {type(value).__name__} in a message")
-
-
-def decode(frames: list[bytes], allowed: Allowed) -> tuple[bytes, Message]:
-    """Parse and validate three frames that ``allowed`` permits.
-
-    Raises :class:`ProtocolError` for anything malformed: wrong frame count, unknown tag or
-    command, oversize or undecodable body, data that is not plain (see the module
-    docstring), missing, unknown or mistyped fields.
-    """
-    if len(frames) != 3:
-        raise ProtocolError(f"expected 3 frames, got {len(frames)}", "frame_count")
-    protocol, command, body = frames
-    cls = allowed.table.get((protocol, command))
-    if cls is None:
-        raise allowed.reject(protocol, command)
-    return protocol, from_dict(cls, _map(body))  # checks plain data and types at once
-
-
-def _map(body: bytes) -> dict[Any, Any]:
-    """The msgpack map in ``body``, not yet checked; :class:`ProtocolError` if none."""
-    if len(body) > MAX_BODY_BYTES:
-        raise ProtocolError(f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}", "oversize")
-    try:
-        data = msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_no_ext)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError(f"undecodable body: {exc!r}"[:200], "undecodable") from None
-    if type(data) is not dict:
-        raise ProtocolError("body is not a map", "not_a_map")
-    return data
-
-
-def submitted_job(frames: list[bytes]) -> str | None:
-    """The job id of a gateway's SUBMIT that did not decode, if it can be read: the broker
-    refuses such a request at once (a newer gateway's field, a bad value) instead of
-    leaving its client to wait out the deadline. None for anything else."""
-    if len(frames) != 3 or frames[:2] != [GATEWAY, _COMMAND_BYTES[Command.SUBMIT]]:
-        return None
-    try:
-        job_id = _map(frames[2]).get("job_id")
-    except ProtocolError:
-        return None
-    return job_id if type(job_id) is str and 0 < len(job_id) <= 200 else None
-
-
-TAG = re.compile(rb"MLXS-([GWB])([0-9]{1,6})")
-"""Every version's tags: ``MLXS-`` + G (gateway), W (worker) or B (broker) + the protocol
-number. Frozen, like :func:`hello`'s fields: the one part of the protocol no release may
-change, so that any two releases can tell each other apart."""
-
-
-def tag_version(tag: bytes) -> int | None:
-    """The protocol number in a tag of any version (None for anything else)."""
-    match = TAG.fullmatch(tag)
-    return int(match.group(2)) if match else None
-
-
-@dataclass(frozen=True, slots=True)
-class Hello:
-    """What a broker of another protocol version says of itself in its ANNOUNCE, read
-    the way every version can: its tag's number, and four fields of the body's msgpack
-    map that every release's ANNOUNCE keeps (``version`` since protocol 4)."""
-
-    protocol: int
-    node_id: str
-    endpoint: str
-    coordinator: bool = False
-    version: str = ""
-
-
-def hello(frames: list[bytes]) -> Hello | None:
-    """The :class:`Hello` in an ANNOUNCE of another protocol version (three frames, a
-    broker tag of a number not :data:`PROTOCOL`); None for anything else. Nothing else of
-    the message is read: its schema is that version's business."""
-    if len(frames) != 3 or frames[1] != _COMMAND_BYTES[Command.ANNOUNCE]:
-        return None
-    match = TAG.fullmatch(frames[0])
-    if match is None or match.group(1) != b"B" or int(match.group(2)) == PROTOCOL:
-        return None
-    try:
-        body = _map(frames[2])
-    except ProtocolError:
-        return None
-    node_id, endpoint = body.get("node_id"), body.get("endpoint")
-    coordinator, version = body.get("coordinator", False), body.get("version", "")
-    if not (type(node_id) is str and type(endpoint) is str and 0 < len(node_id) <= 200
-            and 0 < len(endpoint) <= 200 and type(coordinator) is bool
-            and type(version) is str and len(version) <= 40):
-        return None
-    return Hello(int(match.group(2)), node_id, endpoint, coordinator, version)
-
-
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack ext type {code} is not part of the protocol")
-
 
