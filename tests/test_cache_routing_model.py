@@ -49,7 +49,7 @@ def test_a_second_turn_goes_back_to_its_cache_and_prefills_only_the_new_tokens(
         assert len(set(home.values())) == 2, home
 
         def jobs_done(worker_id: str, at_least: int) -> dict[str, int]:
-            return c.counters_when(lambda w: w.counters.get("jobs_done", 0) >= at_least,
+            return c.counters_when(lambda w: w.load.counters.get("jobs_done", 0) >= at_least,
                                    worker_id)
 
         for agent, history in enumerate(histories):

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common import protocol as p
+from common import wire
 from tests import netns
 from tests.harness import close_and_report, wait_for
 from tests.test_coordinator import healthy
@@ -90,7 +90,7 @@ class Traffic:
 def test_500_streams_through_kills_stops_loss_engine_errors_and_an_older_node(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
     rng = random.Random(SEED)
-    older = {"MLX_STACK_TEST_PROTOCOL": str(p.PROTOCOL - 1)}
+    older = {"MLX_STACK_TEST_PROTOCOL": str(wire.PROTOCOL - 1)}
     with netns.Hosts(["node-a", "node-b", "node-c"]) as hosts:
         mesh = HostMesh(tmp_path, hosts)
         try:
