@@ -78,7 +78,8 @@ class JobTable:
     # ----------------------------------------------------------------- transitions
 
     def worker_message(self, identity: bytes, msg: p.Message, now: float) -> list[Send]:
-        """Anything a worker sends (READY, HEARTBEAT, PARTIAL, FINAL, FAIL, DISCONNECT)."""
+        """Anything a worker sends (READY, HEARTBEAT, a relayed job's ACCEPTED, PARTIAL and
+        FINAL, RELEASE, FAIL, DISCONNECT)."""
         if isinstance(msg, p.Ready):
             self._register(identity, msg, now)
             return self._sent()
@@ -99,18 +100,18 @@ class JobTable:
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
-            case p.Partial():
+            case p.Accepted() | p.Partial() | p.Final():
+                # A relayed job's output: passed on; only the RELEASE ends the job here.
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    # The "started" PARTIAL carries no output: the client has seen nothing,
-                    # and the job may still run again elsewhere unseen.
-                    job.streamed = job.streamed or msg.has_output
+                    # Output reached the client: the job can no longer run again unseen.
+                    job.streamed = job.streamed or isinstance(msg, p.Partial)
                     if job.gateway is not None:
                         self._send(job.gateway, p.GATEWAY, msg)
-            case p.Final():
+            case p.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    self._finish(job, msg, "ok")
+                    self._finish(job, None, "ok")
             case p.Fail():
                 job = self._job_of(worker, msg.job_id)
                 if job is None:
@@ -339,8 +340,8 @@ class JobTable:
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.running.add(submit.job_id)
         # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
-        # at the FINAL: the client may send the next turn before the copy of the FINAL
-        # that reaches the broker (the gateway gets its own straight from the worker).
+        # at the RELEASE: the client may send the next turn before the RELEASE reaches the
+        # broker (the gateway has the FINAL straight from the worker).
         worker.prefixes.add(submit.prefix_hashes)
         if job.route is None:
             job.route = Route(job_id=submit.job_id, request_id=submit.request_id,
@@ -354,27 +355,23 @@ class JobTable:
         route.queue_wait_ms = round((time.monotonic() - job.enqueued) * 1000, 2)
         log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,
                   job=job.dispatch_id, worker=worker.info.worker_id)
-        # The JOB first: it is on the way to the first token. The worker's direct frames
-        # may still overtake the ACCEPTED; the gateway holds them until it comes.
+        # The worker answers the gateway itself (its ACCEPTED), by the job's way.
         self._send(worker.identity, p.WORKER, p.Job(
             job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text,
             reply_to=reply_to(submit, worker.info.node_id)))
-        if job.gateway is not None:
-            self._send(job.gateway, p.GATEWAY, p.Accepted(
-                job_id=job.dispatch_id, node_id=worker.info.node_id,
-                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
 
     def _release(self, job: JobState) -> None:
         if job.worker is not None and job.worker in self.workers:
             self.workers[job.worker].running.discard(job.submit.job_id)
         job.worker = None
 
-    def _finish(self, job: JobState, msg: p.Final | p.Fail, outcome: str) -> None:
-        """End a job: tell its gateway, free its slot, record the outcome. A worker's
-        FINAL or FAIL keeps its dispatch id, the broker's own FAIL has the job id."""
+    def _finish(self, job: JobState, msg: p.Fail | None, outcome: str) -> None:
+        """End a job: tell its gateway (``msg``; None after a RELEASE: its FINAL went to
+        the gateway by the job's way), free its slot, record the outcome. A worker's FAIL
+        keeps its dispatch id, the broker's own has the job id."""
         self._release(job)
-        if job.gateway is not None:
+        if job.gateway is not None and msg is not None:
             self._send(job.gateway, p.GATEWAY, msg)
         self._forget(job, outcome if job.gateway is not None else "cancelled")
 

@@ -5,9 +5,9 @@ readable, then receives without blocking, and that alone replaces the socket whe
 broker falls silent. Replies are routed by job id to per-job queues and by request id to
 CONTROL futures.
 
-Workers stream a job's output straight to the gateway's stream socket when they can
-reach it (gateway/streams.py); the inbox (gateway/inbox.py) puts what comes both ways
-back in order.
+Workers send a job's frames straight to the gateway's stream socket when they can
+reach it (gateway/streams.py), else through the broker: one way per dispatch, so they
+come in order; the inbox (gateway/inbox.py) checks them.
 
 The sockets are plain ones, watched with the event loop's own ``add_reader`` on ZeroMQ's
 file descriptors: no future, poller or reader registration per wake-up (pyzmq's asyncio
@@ -199,9 +199,8 @@ class BrokerClient:
             self._readable.set()
 
     def _read_streams(self) -> None:
-        """Deliver what workers streamed (the stream socket's descriptor callback): a
-        token wakes this alone, not the link's checks too. A frame that comes before its
-        dispatch's ACCEPTED (on the link) waits in the inbox."""
+        """Deliver what workers sent straight here (the stream socket's descriptor
+        callback): a token wakes this alone, not the link's checks too."""
         assert self.stream_socket is not None
         for msg in self.stream_socket.receive():
             self._on_message(msg)

@@ -1,4 +1,5 @@
-"""The worker's outbox: merged, numbered, ordered; wakes the I/O loop when needed."""
+"""The worker's outbox: in order, as put; wakes the I/O loop only when needed; the direct
+jobs whose output began wait for the heartbeat without waking it."""
 
 from __future__ import annotations
 
@@ -12,32 +13,28 @@ def readable(box: Outbox) -> bool:
     return bool(select.select([box.fd], [], [], 0)[0])
 
 
-def test_merges_partials_per_job_and_numbers_them() -> None:
+def test_messages_leave_in_order_as_they_were_put() -> None:
     box = Outbox()
     assert not readable(box)
-    box.put(p.Partial(job_id="a", token_ids=[1], text="x"))
+    messages = [p.Partial(job_id="a", token_ids=[1], text="x", seq=0),
+                p.Partial(job_id="b", token_ids=[9], text="q", seq=0),
+                p.Partial(job_id="a", token_ids=[2], text="y", seq=1),
+                p.Final(job_id="a", finish_reason="stop", parts=2), p.Release(job_id="a")]
+    for msg in messages:
+        box.put(msg)
     assert readable(box)
-    box.put(p.Partial(job_id="b", token_ids=[9], text="q"))
-    box.put(p.Partial(job_id="a", token_ids=[2], text="y"))
-    out = box.take()
+    assert box.take() == messages  # numbered where they were made: never merged here
     assert not readable(box)
-    assert [(m.job_id, m.seq, m.token_ids, m.text) for m in out] == [
-        ("a", 0, [1, 2], "xy"), ("b", 0, [9], "q")]
-    box.put(p.Partial(job_id="a", token_ids=[3], text="z"))
-    box.put(p.Final(job_id="a", finish_reason="stop"))
-    box.put(p.Partial(job_id="b", token_ids=[8], text=""))
-    out = box.take()
-    assert [(type(m).__name__, m.job_id, getattr(m, "seq", None)) for m in out] == [
-        ("Partial", "a", 1), ("Final", "a", None), ("Partial", "b", 1)]
-    assert out[1].parts == 2  # the gateway waits for both of a's PARTIALs before the end
     box.close()
 
 
-def test_a_put_after_take_wakes_again() -> None:
+def test_a_put_after_take_wakes_again_and_streamed_jobs_never_wake() -> None:
     box = Outbox()
-    box.put(p.Partial(job_id="a", token_ids=[1], text=""))
+    box.put(p.Release(job_id="a"))
     box.take()
-    box.put(p.Partial(job_id="a", token_ids=[2], text=""))
+    box.streamed("b")
+    assert not readable(box)
+    box.put(p.Release(job_id="c"))
     assert readable(box)
-    assert box.take()[0].seq == 1
+    assert box.take_streamed() == ["b"] and box.take_streamed() == []
     box.close()
