@@ -12,6 +12,7 @@ of its output, and one :class:`Done`; or :class:`JobError`.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,23 @@ class Done:
 
 JobEvent = Served | Piece | Done
 """What a job stream yields: one Served, Pieces, one Done."""
+
+
+class JobStream:
+    """A request's job stream as a handler reads it: ``await started()`` once (where the
+    request runs; or the :class:`JobError` that ended it before a worker started it),
+    then its Pieces and its Done by ``async for``."""
+
+    def __init__(self, events: AsyncIterator[JobEvent]) -> None:
+        self._events = events
+
+    async def started(self) -> Served:
+        served = await anext(self._events)
+        assert isinstance(served, Served), "a job stream begins with Served"
+        return served
+
+    def __aiter__(self) -> AsyncIterator[JobEvent]:
+        return self._events
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,9 @@ SEEDS: list[tuple[bytes, p.Message]] = [
                        tiers=["fuzz-tier"], slots=2, mem_total=2**34, mem_free=2**33)),
     (p.WORKER, p.Heartbeat(running=1, mem_free=5, tokens_per_s=1.5, counters={"x": 1})),
     (p.WORKER, p.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
+    (p.WORKER, p.Accepted(job_id="fuzz/0", node_id="fuzz", worker_id="w", model_id="m")),
     (p.WORKER, p.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
+    (p.WORKER, p.Release(job_id="fuzz/0")),
     (p.WORKER, p.Fail(job_id="fuzz/0", error="boom", retryable=True)),
     (p.WORKER, p.Disconnect()),
     (p.GATEWAY, p.Submit(job_id="fuzz-job", model=FUZZ_MODEL, request=REQUEST,
@@ -44,6 +46,7 @@ SEEDS: list[tuple[bytes, p.Message]] = [
     # Commands only brokers send: the broker must refuse them from anyone.
     (p.WORKER, p.Job(job_id="j", request=REQUEST)),
     (p.GATEWAY, p.Accepted(job_id="j", node_id="n", worker_id="w", model_id="m")),
+    (p.GATEWAY, p.Release(job_id="j")),
     (p.GATEWAY, p.ControlReply(request_id="r", ok=True, result={"a": [1]})),
     (p.WORKER, p.Redirect(endpoint="tcp://127.0.0.1:9")),
 ]
