@@ -66,7 +66,7 @@ class BrokerClient:
         reached us, or after the broker's own re-dispatches ran out), ``coordinator`` (the
         broker died, restarted or redirected us) and ``lost_frame`` (a PARTIAL went
         missing). Re-dispatches before the first token happen inside the broker; they are
-        counted here (``pre_token``) when a second ACCEPTED names the new worker, so a new
+        counted here (``pre_token``) when a later dispatch's ACCEPTED comes, so a new
         coordinator does not reset them."""
         self._tasks: list[asyncio.Task[None]] = []
         self._move_to: tuple[str, str] | None = None
