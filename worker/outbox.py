@@ -3,7 +3,10 @@
 The only object the two threads share, so it holds the only lock between them. Engine
 threads append messages (a relayed job's frames, RELEASEs, FAILs) under the lock and wake
 the I/O loop (one byte on a pipe the loop polls) only when the list was empty: an idle
-worker sends each message at once, a busy one sends whatever piled up in one go.
+worker sends each message at once, a busy one sends whatever piled up in one go, a
+job's PARTIALs that wait together merged into one frame (a fast engine emits a token
+every few microseconds; one frame each would make every hop pay per token, and a loaded
+machine fall further behind).
 
 It also keeps, without waking anyone, the direct jobs whose output began: the I/O thread
 tells the broker in its next heartbeat (see :attr:`common.protocol.Heartbeat.streamed`).
@@ -15,13 +18,15 @@ import contextlib
 import os
 import threading
 
-from common.protocol import Message
+from common.protocol import Message, Partial
 
 
 class Outbox:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._items: list[Message] = []
+        self._open: dict[str, Partial] = {}
+        """Job -> its PARTIAL that waits last in :attr:`_items`, which a next one joins."""
         self._streamed: list[str] = []
         self._read, self._write = os.pipe()
         os.set_blocking(self._read, False)
@@ -31,13 +36,24 @@ class Outbox:
         """Readable when messages wait: register it with the I/O loop's poller."""
         return self._read
 
-    def put(self, msg: Message) -> None:
-        """Called by the batch loop's thread."""
+    def put(self, msg: Message) -> bool:
+        """Called by the batch loop's thread. True when ``msg``, a PARTIAL, joined the
+        job's PARTIAL waiting before it (its number is then not used)."""
+        job_id: str = msg.job_id  # type: ignore[attr-defined]  (a job's messages only)
         with self._lock:
+            waiting = self._open.get(job_id) if isinstance(msg, Partial) else None
+            if waiting is not None:
+                waiting.absorb(msg)
+                return True
             self._items.append(msg)
+            if isinstance(msg, Partial):
+                self._open[job_id] = msg
+            else:
+                self._open.pop(job_id, None)
             wake = len(self._items) == 1
         if wake:
             os.write(self._write, b"\0")
+        return False
 
     def take(self) -> list[Message]:
         """Everything waiting, in order. Called by the I/O loop."""
@@ -45,6 +61,7 @@ class Outbox:
             os.read(self._read, 65536)  # drain wake-ups first: a later put wakes again
         with self._lock:
             items, self._items = self._items, []
+            self._open.clear()
         return items
 
     def streamed(self, job_id: str) -> None:

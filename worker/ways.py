@@ -14,8 +14,10 @@ its first frame: direct when its JOB names a stream endpoint and the connection 
 up, or comes up within :data:`CONNECT_WAIT_S` (the first job for a gateway opens the
 connection and waits for it); else relayed. Then every frame of the job takes that way,
 in order: its ACCEPTED (the job started, and where), its PARTIALs (numbered here, the
-one place) and its FINAL. A RELEASE to the broker frees the seat after the FINAL; a
-FAIL goes to the broker only, which decides (run it again, or tell the gateway).
+one place; a relayed job's PARTIALs that wait together in the outbox leave as one frame,
+under the first one's number) and its FINAL. A RELEASE to the broker frees the seat
+after the FINAL; a FAIL goes to the broker only, which decides (run it again, or tell
+the gateway).
 
 An endpoint whose connection did not come up in time is taken for unreachable (a
 firewall, a wrong address) for :data:`UNREACHABLE_S`: its jobs are relayed meanwhile,
@@ -120,18 +122,21 @@ class Ways:
             return
         way = self.jobs[msg.job_id]
         if isinstance(msg, p.Partial):
-            msg.seq, way.parts = way.parts, way.parts + 1
+            msg.seq = way.parts
         elif isinstance(msg, p.Final):
             msg.parts = way.parts
         if way.endpoint == RELAYED:
-            self.outbox.put(msg)
+            if not self.outbox.put(msg) and isinstance(msg, p.Partial):
+                way.parts += 1  # else it joined the one waiting before it
         elif way.endpoint != BROKEN:
             self._check(way.endpoint)
             if way.endpoint != BROKEN and not self._direct(way.endpoint, msg):
                 self._break(way.endpoint)
-            elif isinstance(msg, p.Partial) and not way.streamed:
-                way.streamed = True
-                self.outbox.streamed(msg.job_id)
+            elif isinstance(msg, p.Partial):
+                way.parts += 1
+                if not way.streamed:
+                    way.streamed = True
+                    self.outbox.streamed(msg.job_id)
         if isinstance(msg, p.Final):
             del self.jobs[msg.job_id]
             # A broken job's output did not all arrive: a FINAL would end its stream
