@@ -329,7 +329,7 @@ def overhead(tmp: Path) -> dict[str, Any]:
 def throughput(tmp: Path) -> dict[str, Any]:
     """Two loads through one gateway: "paced", many streams each at a model-like rate
     (tokens mostly travel one per event), and "flood", engines as fast as they can go
-    (the outbox and the gateway merge what piles up into fewer, larger events)."""
+    (the gateway merges what piles up into fewer, larger events)."""
     out: dict[str, Any] = {}
     for name, streams, tokens, rate in (("paced", 200, 400, 80.0),
                                         ("flood", 64, 2000, 4000.0)):

@@ -88,7 +88,8 @@ class JobTable:
     # ----------------------------------------------------------------- transitions
 
     def worker_message(self, identity: bytes, msg: msgs.Message, now: float) -> list[Send]:
-        """Anything a worker sends (READY, HEARTBEAT, PARTIAL, FINAL, FAIL, DISCONNECT)."""
+        """Anything a worker sends (READY, HEARTBEAT, a relayed job's ACCEPTED, PARTIAL and
+        FINAL, RELEASE, FAIL, DISCONNECT)."""
         if isinstance(msg, msgs.Ready):
             self._register(identity, msg, now)
             return self._sent(now)
@@ -107,18 +108,18 @@ class JobTable:
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
-            case msgs.Partial():
+            case msgs.Accepted() | msgs.Partial() | msgs.Final():
+                # A relayed job's output: passed on; only the RELEASE ends the job here.
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    # The "started" PARTIAL carries no output: the client has seen nothing,
-                    # and the job may still run again elsewhere unseen.
-                    job.streamed = job.streamed or msg.has_output
+                    # Output reached the client: the job can no longer run again unseen.
+                    job.streamed = job.streamed or isinstance(msg, msgs.Partial)
                     if job.gateway is not None:
                         self._send(job.gateway, wire.GATEWAY, msg)
-            case msgs.Final():
+            case msgs.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    self._end(job, "ok", msg)
+                    self._end(job, "ok")
             case msgs.Fail() if (job := self._job_of(worker, msg.job_id)) is not None:
                 if msg.retryable:
                     self._lose(job, msg.error)
@@ -354,8 +355,8 @@ class JobTable:
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.running.add(submit.job_id)
         # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
-        # at the FINAL: the client may send the next turn before the copy of the FINAL
-        # that reaches the broker (the gateway gets its own straight from the worker).
+        # at the RELEASE: the client may send the next turn before the RELEASE reaches the
+        # broker (the gateway has the FINAL straight from the worker).
         worker.prefixes.add(submit.prefix_hashes)
         first = job.route is None
         route = job.route_to(worker, scored, now, now + self.wall_offset)
@@ -363,16 +364,11 @@ class JobTable:
             self.routes.append(route)
         log_event(log, "job_dispatched", logging.DEBUG, request=submit.request_id,
                   job=job.dispatch_id, worker=worker.info.worker_id)
-        # The JOB first: it is on the way to the first token. The worker's direct frames
-        # may still overtake the ACCEPTED; the gateway holds them until it comes.
+        # The worker answers the gateway itself (its ACCEPTED), by the job's way.
         self._send(worker.identity, wire.WORKER, msgs.Job(
             job_id=job.dispatch_id, request_id=submit.request_id, request=submit.request,
             resume_token_ids=submit.resume_token_ids, resume_text=submit.resume_text,
             reply_to=reply_to(submit, worker.info.node_id)))
-        if job.gateway is not None:
-            self._send(job.gateway, wire.GATEWAY, msgs.Accepted(
-                job_id=job.dispatch_id, node_id=worker.info.node_id,
-                worker_id=worker.info.worker_id, model_id=worker.info.model_id))
 
     def _release(self, job: JobState) -> None:
         """The job leaves its worker's slot (if it held one)."""
@@ -380,12 +376,12 @@ class JobTable:
             self.workers[job.worker].running.discard(job.submit.job_id)
         job.worker = None
 
-    def _end(self, job: JobState, outcome: str,
-             msg: msgs.Final | msgs.Fail | None = None) -> None:
+    def _end(self, job: JobState, outcome: str, msg: msgs.Fail | None = None) -> None:
         """The job is over: it leaves its slot, its gateway gets ``msg`` if it still
-        listens, the table forgets it and the route log records ``outcome`` (``cancelled``
-        when nobody listened). A worker's FINAL or FAIL keeps its dispatch id, the
-        broker's own FAIL has the job id."""
+        listens (none after a RELEASE: the FINAL went to the gateway by the job's way),
+        the table forgets it and the route log records ``outcome`` (``cancelled`` when
+        nobody listened). A worker's FAIL keeps its dispatch id, the broker's own FAIL
+        has the job id."""
         self._release(job)
         if job.gateway is None:
             outcome = "cancelled"

@@ -41,6 +41,7 @@ class Command(enum.IntEnum):
     CONTROL_REPLY = 0x0C
     REDIRECT = 0x0D
     ANNOUNCE = 0x0E
+    RELEASE = 0x0F
 
 
 @dataclass(kw_only=True, slots=True)
@@ -110,15 +111,10 @@ class Heartbeat(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Partial(Message):
-    """worker -> gateway (direct) or worker -> broker -> gateway (relayed): more of a
-    job's output. ``job_id`` is the dispatch id (``<job id>/<n>``, see :class:`Job`);
-    ``seq`` counts from 0 per dispatch (numbered by the worker as it sends; a gap tells
-    the gateway a frame was lost).
-
-    A PARTIAL with no output (no tokens, no text) says the job started: the worker's engine
-    took the request, so it will not be refused any more. The gateway answers a stream's
-    HTTP status and headers then, during the prefill, so that the first token leaves in
-    one write, as it does from a model's own server."""
+    """worker -> gateway, by the job's way (:attr:`Job.reply_to`): more of a job's output.
+    ``job_id`` is the dispatch id (``<job id>/<n>``, see :class:`Job`); ``seq`` counts
+    from 0 per dispatch, numbered in one place (worker/ways.py): a gap tells the gateway a
+    frame was lost."""
 
     COMMAND: ClassVar[Command] = Command.PARTIAL
     job_id: str
@@ -131,14 +127,10 @@ class Partial(Message):
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     """When the request asked: one entry per token of ``token_ids``, in OpenAI's shape
     (``{"token", "logprob", "bytes", "top_logprobs"}``)."""
-    @property
-    def has_output(self) -> bool:
-        """Whether this carries output (else it is the "started" PARTIAL)."""
-        return bool(self.token_ids or self.text or self.tool_calls)
 
     def absorb(self, later: Partial) -> None:
-        """Take in the output of the PARTIAL that follows this one: one frame (worker)
-        or one SSE event (gateway) for what came together."""
+        """Take in the output of the PARTIAL that follows this one: one SSE event for
+        what came together (gateway/inbox.py)."""
         self.token_ids = self.token_ids + later.token_ids
         self.text += later.text
         self.tool_calls = self.tool_calls + later.tool_calls
@@ -147,12 +139,9 @@ class Partial(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Final(Message):
-    """worker -> broker -> gateway: the job ended normally. Frees the worker's slot.
-
-    A directly streamed job's worker sends it on both ways: straight to the gateway after
-    the last PARTIAL, and to the broker. ``parts`` (how many PARTIALs the dispatch sent)
-    lets the gateway take whichever comes first once it has every PARTIAL, and tells it
-    that some were lost when they do not follow."""
+    """worker -> gateway, by the job's way, after its last PARTIAL: the job ended
+    normally. ``parts`` is how many PARTIALs the dispatch sent: fewer taken means some
+    were lost. (The seat is freed by :class:`Release`, to the broker.)"""
 
     COMMAND: ClassVar[Command] = Command.FINAL
     job_id: str
@@ -162,6 +151,15 @@ class Final(Message):
     stop_sequence: str = ""
     """The request's stop sequence that ended the answer (finish_reason ``stop``), or ""
     (an end-of-sequence token, a tool call, the length); Anthropic's API names it."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Release(Message):
+    """worker -> broker, after a job's FINAL went its way: the job ended, its seat is
+    free. ``job_id`` is the dispatch id. (A FAIL frees the seat too.)"""
+
+    COMMAND: ClassVar[Command] = Command.RELEASE
+    job_id: str
 
 
 @dataclass(kw_only=True, slots=True)
@@ -222,8 +220,9 @@ class Job(Message):
     resume_text: str = ""
     reply_to: str = ""
     """The gateway's stream endpoint (:attr:`Submit.reply_to`), when this worker can reach
-    it: stream the output there, not through the broker (which would add a hop to every
-    token). Empty: send everything to the broker."""
+    it: the job's way out is straight there, not through the broker (which would add a
+    hop to every token). Empty: the broker relays it. Either way, every frame of the
+    dispatch (ACCEPTED, PARTIALs, FINAL) takes the one way, so they arrive in order."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -256,8 +255,8 @@ class Submit(Message):
     deadline: float = 600.0
     attempt: int = 0
     reply_to: str = ""
-    """Where workers may stream this job's PARTIALs and FINAL straight to the gateway (a
-    ``tcp://`` endpoint its ROUTER binds); empty: through the broker only."""
+    """Where workers may send this job's output straight to the gateway (a ``tcp://``
+    endpoint its ROUTER binds); empty: through the broker only."""
     prefix_hashes: list[int] = field(default_factory=list)
     """The prompt's prefix chain (gateway/prefix.py): routing sends the job where a
     finished job's chain shares the most of it (the worker's prompt cache holds it)."""
@@ -267,8 +266,11 @@ class Submit(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Accepted(Message):
-    """broker -> gateway: the job was dispatched to this worker; ``job_id`` is the
-    dispatch id (:class:`Job`)."""
+    """worker -> gateway, by the job's way, its first frame: the worker's engine took the
+    job (it will not be refused any more), and where it runs. ``job_id`` is the dispatch
+    id (:class:`Job`). The gateway answers a stream's HTTP status and headers then, during
+    the prefill, so that the first token leaves in one write, as it does from a model's
+    own server."""
 
     COMMAND: ClassVar[Command] = Command.ACCEPTED
     job_id: str

@@ -46,6 +46,7 @@ from common.messages import (
     Partial,
     Ready,
     Redirect,
+    Release,
     Submit,
     WorkerLoad,
 )
@@ -56,9 +57,10 @@ PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 5)
 gateways directly; worker messages name their dispatch all the way. 4: READY's tiers and
 context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
 3 and one of 4 do not talk. 5: READY and HEARTBEAT carry the worker's load as one record,
-:class:`~common.messages.WorkerLoad`.) ``MLX_STACK_TEST_PROTOCOL`` is a switch for tests only: it
-makes this code speak another version, as a build of another release would, for the
-version-skew tests; never set it on a Mac that serves."""
+:class:`~common.messages.WorkerLoad`; one way out for each job: the worker's ACCEPTED
+opens it, FINAL takes it too, RELEASE frees the seat.) ``MLX_STACK_TEST_PROTOCOL`` is a
+switch for tests only: it makes this code speak another version, as a build of another
+release would, for the version-skew tests; never set it on a Mac that serves."""
 GATEWAY = b"MLXS-G%d" % PROTOCOL
 """Protocol tag of gateway <-> broker traffic."""
 WORKER = b"MLXS-W%d" % PROTOCOL
@@ -73,8 +75,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 
 MESSAGES: dict[Command, type[Message]] = {
     cls.COMMAND: cls
-    for cls in (Ready, Heartbeat, Partial, Final, Fail, Disconnect, Job, Cancel, Submit,
-                Accepted, Control, ControlReply, Redirect, Announce)
+    for cls in (Ready, Heartbeat, Partial, Final, Release, Fail, Disconnect, Job, Cancel,
+                Submit, Accepted, Control, ControlReply, Redirect, Announce)
 }
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in MESSAGES.values()}
 
@@ -99,8 +101,8 @@ class Allowed:
 
 
 TO_BROKER = Allowed({
-    WORKER: frozenset({Command.READY, Command.HEARTBEAT, Command.PARTIAL, Command.FINAL,
-                       Command.FAIL, Command.DISCONNECT}),
+    WORKER: frozenset({Command.READY, Command.HEARTBEAT, Command.ACCEPTED, Command.PARTIAL,
+                       Command.FINAL, Command.RELEASE, Command.FAIL, Command.DISCONNECT}),
     GATEWAY: frozenset({Command.SUBMIT, Command.CANCEL, Command.HEARTBEAT, Command.CONTROL,
                         Command.DISCONNECT}),
     PEER: frozenset({Command.ANNOUNCE}),
@@ -113,8 +115,8 @@ FROM_BROKER = Allowed({
                         Command.REDIRECT}),
     PEER: frozenset({Command.ANNOUNCE}),
 })
-TO_GATEWAY = Allowed({WORKER: frozenset({Command.PARTIAL, Command.FINAL})})
-"""What a gateway's stream socket takes: the output workers stream to it directly."""
+TO_GATEWAY = Allowed({WORKER: frozenset({Command.ACCEPTED, Command.PARTIAL, Command.FINAL})})
+"""What a gateway's stream socket takes: the output workers send it directly."""
 _COMMAND_BYTES = {cmd: bytes((cmd,)) for cmd in Command}
 
 

@@ -1,117 +1,36 @@
 """The OpenAI-compatible HTTP surface: FastAPI in front of :class:`BrokerClient`.
 
-Each HTTP request becomes one broker job. The handler waits for the job's ACCEPTED
-before it answers, so that errors known up front (unknown model, full queue, no worker)
-get their real HTTP status and every response names the node and worker that served it.
+:func:`create_app` makes the application: its state (one :class:`~gateway.handlers.Gateway`
+on ``app.state``), middleware, and routes. The routes that generate are plain functions
+of gateway/handlers.py; the others (models, health, metrics) are small enough to live
+here.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
-from sse_starlette import EventSourceResponse
-from starlette.types import Message, Receive, Scope, Send
 
 from common import heap
 from common import messages as msgs
 from common.config import Settings
-from common.generation import GenerationRequest
-from common.logs import log_event
 from common.meshkeys import load_keys
-from common.names import resolve_name
 from common.status import ModelEntry
-from gateway import anthropic, dashboard, errors, limits
-from gateway.anthropic import MessagesBody, MessagesRequest
-from gateway.anthropic import Shape as MessageShape
-from gateway.attempts import JobError, Served
+from gateway import dashboard, errors, handlers, limits
+from gateway.attempts import JobError
 from gateway.auth import ApiKeys
 from gateway.client import BrokerClient
 from gateway.history import History
-from gateway.limits import StreamSlot
 from gateway.metrics import Metrics, RequestMetrics
-from gateway.responses import Shape as ResponseShape
-from gateway.responses_request import IGNORED_HEADER, ResponsesRequest
 from gateway.routes import JsonBodyRoute
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
-from gateway.shaping import Completion, Shape, collect, headers
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected; its job has been cancelled."""
-
-
-@asynccontextmanager
-async def until_disconnect(request: Request) -> AsyncIterator[None]:
-    """Run the body unless the client disconnects first: then cancel it (which cancels
-    the broker job) and raise :class:`ClientGone`.
-
-    The body runs in the request's own task and a watcher cancels it, rather than a task
-    for the body: that would send the SUBMIT a turn of the event loop later, and each
-    turn cost a tenth of a millisecond of the first token's time on the 2-vCPU VM
-    where this was measured."""
-    task = asyncio.current_task()
-    assert task is not None
-    gone = False
-
-    async def watch() -> None:
-        nonlocal gone
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        yield
-    except asyncio.CancelledError:
-        if gone and task.uncancel() == 0:
-            raise ClientGone from None
-        raise
-    finally:
-        watcher.cancel()
-    if gone:  # cancelled, but the cancel did not land (3.11's wait_for can swallow one)
-        task.uncancel()
-        raise ClientGone
-
-
-class SlotStream(EventSourceResponse):
-    """The SSE response of a streamed completion: it holds its client's stream slot and
-    frees it when the response is over, however it ends (finished, failed, client gone)."""
-
-    def __init__(self, events: AsyncIterator[bytes], slot: StreamSlot,
-                 headers: dict[str, str]) -> None:
-        super().__init__(events, sep="\n", headers=headers)
-        self.slot = slot
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.slot.release()
-
-    async def _send_with_timeout(self, send: Send, message: Message) -> None:
-        """One event out. sse-starlette opens an anyio cancel scope around every send for
-        its ``send_timeout``; with none set (ours) the scope can never fire, yet it was a
-        sixth of the gateway's CPU for a streamed token (py-spy): so send straight on.
-        (A private method of sse-starlette 3.x, hence the version bound in pyproject.)"""
-        if self.send_timeout is not None:
-            await super()._send_with_timeout(send, message)
-        else:
-            await send(message)
-
-
-log = logging.getLogger("gateway")
-
 
 OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
                         "operation_spans": False}
@@ -143,122 +62,26 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="mlx-stack gateway", version=msgs.VERSION, lifespan=lifespan,
                   summary="OpenAI-compatible endpoint of an mlx-stack mesh.",
                   telemetry=telemetry())
-    app.state.client = client
     metrics = Metrics(client)
     history = History(client, metrics)
+    app.state.gateway = handlers.Gateway(
+        settings, client, metrics, limits.StreamLimit(settings.max_streams_per_client),
+        settings.name_map)
     errors.install(app)
     app.add_middleware(errors.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: sees 413s too
-    streams = limits.StreamLimit(settings.max_streams_per_client)
-    names = settings.name_map
-
-    async def complete(request: Request, body: ChatCompletionRequest | CompletionRequest,
-                       chat: bool) -> Any:
-        return await run(request, body, lambda request_id, served: Completion(
-            chat, request_id, served.model_id, body.include_usage,
-            logprobs=body.logprobs is not None and body.logprobs is not False))
-
-    async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
-                  shape_for: Callable[[str, Served], Shape],
-                  more_headers: dict[str, str] | None = None) -> Any:
-        """Check ``body``, hold a stream slot if it streams, and answer it in the shape
-        ``shape_for(request_id, served)`` makes (with ``more_headers`` on the answer)."""
-        generation = body.to_generation(settings.default_max_tokens
-                                        or settings.max_tokens_limit)
-        refusal = limits.check_request(settings, body, generation)
-        if refusal is not None:
-            return refusal
-        slot = None
-        if body.stream:
-            peer = request.client.host if request.client else "unknown"
-            slot = streams.acquire(peer)
-            if slot is None:
-                return streams.refusal(peer)
-        response: Any = None
-        try:
-            response = await answer(request, body.model, generation, shape_for, slot,
-                                    more_headers or {})
-        finally:
-            if slot is not None and not isinstance(response, SlotStream):
-                slot.release()  # no stream opened (an error, or the client left)
-        return response
-
-    async def answer(request: Request, model: str, generation: GenerationRequest,
-                     shape_for: Callable[[str, Served], Shape],
-                     slot: StreamSlot | None, more_headers: dict[str, str]) -> Any:
-        """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body.
-        ``model`` is the client's name for it; the mesh's is the one the ``[models] names``
-        setting maps it to (Claude Code asks for ``claude-...``), for every API alike."""
-        request_id = request.state.request_id
-        asked, model = model, resolve_name(model, names)
-        events = metrics.observe(request, model, client.run(model, generation, request_id))
-        try:
-            async with until_disconnect(request):
-                try:
-                    served = await anext(events)
-                except JobError as exc:
-                    if exc.code != msgs.ErrorCode.MODEL_NOT_FOUND or asked == model:
-                        raise
-                    raise JobError(exc.code, f"{exc.message} (the [models] names setting "
-                                   f"maps '{asked}' to '{model}')", exc.param) from None
-                assert isinstance(served, Served)  # the worker started the request
-                shape = shape_for(request_id, served)
-                if slot is not None:
-                    return SlotStream(shape.stream(events), slot,
-                                      headers(request_id, served) | more_headers)
-                answer = await collect(events)
-        except ClientGone:
-            return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(shape.whole(answer),
-                            headers=headers(request_id, served) | more_headers)
 
     keys = [Depends(ApiKeys(settings.api_key_list, load_keys(settings.home)))]
     v1 = APIRouter(prefix="/v1", dependencies=keys)
     generate = APIRouter(prefix="/v1", dependencies=keys, route_class=JsonBodyRoute)
     """The routes that take a request body and generate: on a token's way (routes.py)."""
 
-    @generate.post("/chat/completions")
-    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-        """Create a chat completion (streamed with ``stream: true``)."""
-        return await complete(request, body, chat=True)
-
-    @generate.post("/responses")
-    async def responses(request: Request, body: ResponsesRequest) -> Any:
-        """Create a model response (the Responses API, stateless; streamed with
-        ``stream: true`` as typed events). Hosted tools are left out of the prompt, named
-        in a header and logged."""
-        asked = body.to_chat()
-        more_headers = {}
-        if asked.ignored:
-            more_headers[IGNORED_HEADER] = ",".join(asked.ignored)
-            log_event(log, "tools_ignored", request=request.state.request_id,
-                      tools=more_headers[IGNORED_HEADER])
-        return await run(request, asked.chat, lambda request_id, served: ResponseShape(
-            request_id, body, served.model_id, asked.tools), more_headers)
-
-    @generate.post("/messages")
-    async def messages(request: Request, body: MessagesRequest) -> Any:
-        """Create a message (Anthropic's Messages API, stateless; streamed with
-        ``stream: true`` as Anthropic's events)."""
-        try:
-            response = await run(request, body.to_generate(settings.max_tokens_limit),
-                                 lambda request_id, served: MessageShape(request_id,
-                                                                         served.model_id))
-        except (Unsupported, JobError) as exc:
-            exc.param = anthropic.field(exc.param)
-            raise
-        return errors.for_route(request.url.path, response)  # a refusal: Anthropic's shape
-
-    @generate.post("/messages/count_tokens")
-    async def count_tokens(request: Request, body: MessagesBody) -> Any:
-        """Count a message request's input tokens: an estimate from its characters (the
-        gateway has no tokenizer; the answer's ``usage`` has the model's own count)."""
-        return JSONResponse({"input_tokens": body.estimate_tokens()})
-
-    @generate.post("/completions")
-    async def completions(request: Request, body: CompletionRequest) -> Any:
-        """Create a text completion (streamed with ``stream: true``)."""
-        return await complete(request, body, chat=False)
+    for path, endpoint in (("/chat/completions", handlers.chat_completions),
+                           ("/completions", handlers.completions),
+                           ("/responses", handlers.responses),
+                           ("/messages", handlers.messages),
+                           ("/messages/count_tokens", handlers.count_tokens)):
+        generate.add_api_route(path, endpoint, methods=["POST"])
 
     def model_card(entry: ModelEntry) -> dict[str, Any]:
         """OpenAI's model object, plus what a name resolves to (``root``: the model that

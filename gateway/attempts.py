@@ -6,17 +6,18 @@ so the rules (resume from what the client has seen, which losses count against
 job table is.
 
 A request's **job stream**, what :meth:`gateway.client.BrokerClient.run` yields, is one
-:class:`Served` once a worker has started the request, the :class:`Piece` s of its
-output, and one :class:`Done`; or :class:`JobError`.
+:class:`Served` once a worker has started the request (its ACCEPTED), the :class:`Piece` s
+of its output, and one :class:`Done`; or :class:`JobError`.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from common import messages as msgs
-from gateway.inbox import Lost
+from gateway.inbox import Lost, dispatch_of
 
 RESUBMIT_CODES = frozenset({msgs.ErrorCode.WORKER_LOST})
 """Failures after which the request goes on elsewhere (the rest end it)."""
@@ -35,10 +36,10 @@ class JobError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """A job stream's first event: a worker has started the request (its first message
-    came: before the prefill, or its whole answer), and where it runs. Until then a
-    refusal (a format the worker cannot honour) is still an HTTP error, not an error
-    event in a stream already answered 200."""
+    """A job stream's first event: a worker has started the request (its ACCEPTED came,
+    before the prefill), and where it runs. Until then a refusal (a format the worker
+    cannot honour) is still an HTTP error, not an error event in a stream already
+    answered 200."""
 
     node_id: str
     worker_id: str
@@ -70,6 +71,23 @@ JobEvent = Served | Piece | Done
 """What a job stream yields: one Served, Pieces, one Done."""
 
 
+class JobStream:
+    """A request's job stream as a handler reads it: ``await started()`` once (where the
+    request runs; or the :class:`JobError` that ended it before a worker started it),
+    then its Pieces and its Done by ``async for``."""
+
+    def __init__(self, events: AsyncIterator[JobEvent]) -> None:
+        self._events = events
+
+    async def started(self) -> Served:
+        served = await anext(self._events)
+        assert isinstance(served, Served), "a job stream begins with Served"
+        return served
+
+    def __aiter__(self) -> AsyncIterator[JobEvent]:
+        return self._events
+
+
 @dataclass(frozen=True, slots=True)
 class Resubmit:
     """This attempt is over without an answer: submit the request again. ``kind`` names
@@ -80,8 +98,8 @@ class Resubmit:
 
 
 REDISPATCHED = "redispatched"
-"""The coordinator gave the attempt to another worker before its first output (a second
-ACCEPTED): counted as a ``pre_token`` failover, nothing for the client."""
+"""The coordinator gave the attempt to another worker before its first output (another
+worker's ACCEPTED): counted as a ``pre_token`` failover, nothing for the client."""
 
 Step = JobEvent | Resubmit | str | None
 """What :meth:`Attempts.apply` says to do with a message: yield an event, resubmit,
@@ -108,12 +126,13 @@ class Attempts:
         """Whether the client has been told the request started (:class:`Served`)."""
         self.ended = False
         """Whether the current attempt ended in a FINAL or a refusal (no CANCEL owed)."""
-        self._accepted: msgs.Accepted | None = None
-        """The current attempt's latest ACCEPTED: the worker it runs on."""
+        self._dispatch = 0
+        """The current attempt's dispatch that a worker started last (its ACCEPTED): a
+        later one means the coordinator re-dispatched it (``<job id>/<n>`` counts them)."""
 
     def submission(self) -> dict[str, Any]:
         """The SUBMIT fields of the next attempt: resume from what the client has seen."""
-        self._accepted, self.ended = None, False
+        self._dispatch, self.ended = 0, False
         return {"resume_token_ids": self.token_ids, "resume_text": "".join(self.text),
                 "attempt": self.submitted}
 
@@ -129,31 +148,21 @@ class Attempts:
                 self.ended = True
                 raise JobError(msg.code, msg.error, msg.param or None)
             case msgs.Accepted():
-                again = self._accepted is not None
-                self._accepted = msg
-                return [REDISPATCHED] if again else []
+                number = dispatch_of(msg.job_id) or 0
+                steps: list[Step] = [REDISPATCHED] * (number - self._dispatch)
+                self._dispatch = number
+                if not self.started:  # else a resubmission: the client had its answer
+                    self.started = True
+                    steps.append(Served(msg.node_id, msg.worker_id, msg.model_id))
+                return steps
             case msgs.Partial():
                 self.token_ids.extend(msg.token_ids)
                 self.text.append(msg.text)
-                steps = self._start()
-                if msg.text or msg.token_ids or msg.tool_calls or msg.logprobs:
-                    steps.append(Piece(msg.text, len(msg.token_ids), msg.tool_calls,
-                                       msg.logprobs))
-                return steps
+                return [Piece(msg.text, len(msg.token_ids), msg.tool_calls, msg.logprobs)]
             case msgs.Final():
                 self.ended = True
-                return [*self._start(), Done(msg.finish_reason, msg.usage, msg.stop_sequence)]
+                return [Done(msg.finish_reason, msg.usage, msg.stop_sequence)]
         return []
-
-    def _start(self) -> list[Step]:
-        """:class:`Served`, the first time a worker's output arrives."""
-        if self.started:
-            return []
-        self.started = True
-        where = self._accepted
-        if where is None:  # output before its ACCEPTED cannot pass the inbox; be safe
-            return [Served("", "", "")]
-        return [Served(where.node_id, where.worker_id, where.model_id)]
 
     def resubmit(self, why: Resubmit) -> None:
         """Count the attempt that ``why`` ended; raises :class:`JobError` when the workers

@@ -2,21 +2,13 @@
 
 One DEALER socket per gateway process, owned by one reader task that waits for it to be
 readable, then receives without blocking, and that alone replaces the socket when the
-broker falls silent. Replies are routed by job id to per-job queues and by request id to
-CONTROL futures.
+broker falls silent. Replies are routed by job id to per-job inboxes and by request id
+to CONTROL futures. The sockets are watched by the event loop's own descriptor callbacks
+(gateway/fdwatch.py says what that buys and costs).
 
-Workers stream a job's output straight to the gateway's stream socket when they can
-reach it (gateway/streams.py); the inbox (gateway/inbox.py) puts what comes both ways
-back in order.
-
-The sockets are plain ones, watched with the event loop's own ``add_reader`` on ZeroMQ's
-file descriptors: no future, poller or reader registration per wake-up (pyzmq's asyncio
-poller makes all three), which on a small machine was a tenth of a millisecond on every
-token's way. The descriptor's callback reads what waits and delivers it at once, so a
-token reaches its request's task in the next turn of the loop, not after the reader
-task's turn. That descriptor only says "look again", and any send can consume it while
-frames wait: so the reader checks ``ZMQ_EVENTS`` before it sleeps, every send pokes it
-when frames wait, and it never sleeps longer than :data:`LOOK_AGAIN_S`.
+Workers send a job's frames straight to the gateway's stream socket when they can
+reach it (gateway/streams.py), else through the broker: one way per dispatch, so they
+come in order; the inbox (gateway/inbox.py) checks them.
 
 The gateway, not the broker, owns a request: it remembers the token ids and text already
 streamed to the HTTP client, and when a job is lost (its worker died mid-stream, or the
@@ -39,8 +31,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import zmq
-
 from common import messages as msgs
 from common import wire
 from common.brokerlink import BrokerLink
@@ -49,16 +39,13 @@ from common.control import ControlError, answer, question
 from common.generation import GenerationRequest
 from common.logs import log_event
 from common.meshkeys import load_keys
-from common.transport import waiting
 from gateway.attempts import REDISPATCHED, Attempts, JobError, JobEvent, Resubmit
+from gateway.fdwatch import FdWatch
 from gateway.inbox import Inbox, Lost
 from gateway.prefix import prefix_of
 from gateway.streams import StreamSocket
 
 log = logging.getLogger("gateway")
-
-LOOK_AGAIN_S = 0.1
-"""Longest the reader sleeps without looking at the socket (a missed wake-up costs this)."""
 
 
 class BrokerClient:
@@ -80,19 +67,18 @@ class BrokerClient:
         reached us, or after the broker's own re-dispatches ran out), ``coordinator`` (the
         broker died, restarted or redirected us) and ``lost_frame`` (a PARTIAL went
         missing). Re-dispatches before the first token happen inside the broker; they are
-        counted here (``pre_token``) when a second ACCEPTED names the new worker, so a new
+        counted here (``pre_token``) when a later dispatch's ACCEPTED comes, so a new
         coordinator does not reset them."""
         self._tasks: list[asyncio.Task[None]] = []
         self._move_to: tuple[str, str] | None = None
         """(reason, endpoint or "") of a move to another broker, for the reader to make."""
-        self._readable = asyncio.Event()
-        """Wakes the reader: set when the link's monitor says "look again", or when frames
-        still wait on the link or the stream socket after a read or a send."""
+        self.fds = FdWatch()
         self._watched: list[int] = []
+        """The link's descriptors (its socket's and its monitor's)."""
 
     async def start(self) -> None:
         self.stream_socket = StreamSocket(self.settings, self.keys, self.link.ctx)
-        asyncio.get_running_loop().add_reader(self.stream_socket.fd, self._read_streams)
+        self.fds.watch(self.stream_socket.sock, self._read_streams)
         self._connect()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
 
@@ -107,7 +93,7 @@ class BrokerClient:
             self.link.send(msgs.Disconnect(reason=msgs.Reason.LEAVING))
             self.link.close()
         if self.stream_socket is not None:
-            asyncio.get_running_loop().remove_reader(self.stream_socket.fd)
+            self.fds.unwatch(self.stream_socket.sock.FD)
             self.stream_socket.close()
 
     def _connect(self, reason: str = "", to: str = "") -> None:
@@ -118,33 +104,19 @@ class BrokerClient:
         else:
             self.link.reconnect(reason, to)
         assert self.link.sock is not None and self.link.monitor is not None
-        loop = asyncio.get_running_loop()
-        self._watched = [self.link.sock.FD, self.link.monitor.FD]
-        loop.add_reader(self.link.sock.FD, self._read_link)
-        loop.add_reader(self.link.monitor.FD, self._readable.set)
-        self._readable.set()  # the hello may already have been answered
+        self._watched = [self.fds.watch(self.link.sock, self._read_link),
+                         self.fds.watch(self.link.monitor)]
+        self.fds.wake()  # the hello may already have been answered
 
     def _unwatch(self) -> None:
-        loop = asyncio.get_running_loop()
         for fd in self._watched:
-            loop.remove_reader(fd)
+            self.fds.unwatch(fd)
         self._watched = []
 
     def _send(self, msg: msgs.Message) -> None:
-        """Send on the link; a send can consume the descriptor's "look again" while frames
-        wait, so wake the reader if they do."""
+        """Send on the link (and poke the reader: gateway/fdwatch.py)."""
         self.link.send(msg)
-        if self._waiting(self.link.sock):
-            self._readable.set()
-
-    @staticmethod
-    def _waiting(sock: zmq.Socket | None) -> bool:
-        """Whether frames wait on ``sock`` (which also re-arms its descriptor)."""
-        return sock is not None and waiting(sock)
-
-    def _streamed(self) -> bool:
-        """Whether frames wait on the stream socket."""
-        return self.stream_socket is not None and self.stream_socket.waiting()
+        self.fds.poke(self.link.sock)
 
     def _reply_to(self) -> str:
         return self.stream_socket.endpoint if self.stream_socket is not None else ""
@@ -169,14 +141,8 @@ class BrokerClient:
             if self._move_to is not None:
                 (reason, to), self._move_to = self._move_to, None
                 self._connect(reason, to)
-            self._readable.clear()
-            if not (self._waiting(self.link.sock) or self._waiting(self.link.monitor)
-                    or self._streamed()):
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(LOOK_AGAIN_S):
-                        await self._readable.wait()
-            else:  # frames keep coming: let the streams and handlers run between batches
-                await asyncio.sleep(0)
+            await self.fds.wait(self.link.sock, self.link.monitor,
+                                self.stream_socket and self.stream_socket.sock)
             if self.link.closed():
                 self._move(f"{self.link.endpoint} closed or refused the connection")
                 continue
@@ -196,18 +162,15 @@ class BrokerClient:
                 # would be submitted to it and lost, unseen by the move after.
                 self.up.set()
             self._on_message(msg)
-        if self._waiting(self.link.sock):
-            self._readable.set()
+        self.fds.poke(self.link.sock)
 
     def _read_streams(self) -> None:
-        """Deliver what workers streamed (the stream socket's descriptor callback): a
-        token wakes this alone, not the link's checks too. A frame that comes before its
-        dispatch's ACCEPTED (on the link) waits in the inbox."""
+        """Deliver what workers sent straight here (the stream socket's descriptor
+        callback): a token wakes this alone, not the link's checks too."""
         assert self.stream_socket is not None
         for msg in self.stream_socket.receive():
             self._on_message(msg)
-        if self._streamed():
-            self._readable.set()
+        self.fds.poke(self.stream_socket.sock)
 
     def _on_message(self, msg: msgs.Message) -> None:
         match msg:

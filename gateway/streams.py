@@ -1,12 +1,12 @@
 """The gateway's stream socket: where workers send a job's output straight to it.
 
 Every SUBMIT names this socket's endpoint (``reply_to``); a worker that can reach it
-streams the job's PARTIALs and FINAL here rather than through the broker, which saves
-every token a hop through one more process (worker/streams.py says what the broker
-still hears). The socket is a ROUTER, the mesh's kind of server socket: with a mesh
-secret it speaks CURVE and admits members only, like a broker's. It binds where this
-node's broker binds (the network the workers are on), on ``stream_port`` or any free
-port, and is advertised at the broker's advertised host.
+sends the job's frames (ACCEPTED, PARTIALs, FINAL) here rather than through the broker,
+which saves every token a hop through one more process (worker/ways.py). The socket is a
+ROUTER, the mesh's kind of server socket: with a mesh secret it speaks CURVE and admits
+members only, like a broker's. It binds where this node's broker binds (the network the
+workers are on), on ``stream_port`` or any free port, and is advertised at the broker's
+advertised host.
 
 Nothing received is trusted: frames are decoded against :data:`common.wire.TO_GATEWAY`
 and whatever fails is dropped (and logged at debug level). Which frames belong to which
@@ -26,7 +26,7 @@ from common.config import Settings, is_loopback
 from common.logs import log_event
 from common.meshkeys import MeshKeys
 from common.plain import ProtocolError
-from common.transport import admit_members, configure, receive, waiting
+from common.transport import admit_members, configure, receive
 
 log = logging.getLogger("gateway")
 
@@ -54,16 +54,8 @@ class StreamSocket:
         self.endpoint = f"{advertised.rpartition(':')[0]}:{bound}"
         """What SUBMITs name as ``reply_to``."""
 
-    @property
-    def fd(self) -> int:
-        return self.sock.FD
-
-    def waiting(self) -> bool:
-        """Whether frames wait (which also re-arms the descriptor)."""
-        return waiting(self.sock)
-
     def receive(self) -> list[msgs.Message]:
-        """The messages waiting (PARTIALs and FINALs), decoded, without blocking."""
+        """The messages waiting (ACCEPTEDs, PARTIALs, FINALs), decoded, without blocking."""
         return receive(self.sock, wire.TO_GATEWAY, self._refused, envelope=1)
 
     @staticmethod

@@ -31,7 +31,9 @@ SEEDS: list[tuple[bytes, msgs.Message]] = [
     (wire.WORKER, msgs.Heartbeat(load=msgs.WorkerLoad(running=1, mem_free=5, tokens_per_s=1.5,
                                                       counters={"x": 1}))),
     (wire.WORKER, msgs.Partial(job_id="fuzz/0", token_ids=[1, 2], text="hi", seq=0)),
+    (wire.WORKER, msgs.Accepted(job_id="fuzz/0", node_id="fuzz", worker_id="w", model_id="m")),
     (wire.WORKER, msgs.Final(job_id="fuzz/0", finish_reason="stop", usage={"prompt_tokens": 1})),
+    (wire.WORKER, msgs.Release(job_id="fuzz/0")),
     (wire.WORKER, msgs.Fail(job_id="fuzz/0", error="boom", retryable=True)),
     (wire.WORKER, msgs.Disconnect()),
     (wire.GATEWAY, msgs.Submit(job_id="fuzz-job", model=FUZZ_MODEL, request=REQUEST,
@@ -48,6 +50,7 @@ SEEDS: list[tuple[bytes, msgs.Message]] = [
     # Commands only brokers send: the broker must refuse them from anyone.
     (wire.WORKER, msgs.Job(job_id="j", request=REQUEST)),
     (wire.GATEWAY, msgs.Accepted(job_id="j", node_id="n", worker_id="w", model_id="m")),
+    (wire.GATEWAY, msgs.Release(job_id="j")),
     (wire.GATEWAY, msgs.ControlReply(request_id="r", ok=True, result={"a": [1]})),
     (wire.WORKER, msgs.Redirect(endpoint="tcp://127.0.0.1:9")),
 ]

@@ -11,20 +11,23 @@ from gateway.attempts import REDISPATCHED, Attempts, Done, JobError, Piece, Resu
 from gateway.inbox import Lost
 
 
-def accepted(worker: str) -> msgs.Accepted:
-    return msgs.Accepted(job_id="j", node_id=f"node-{worker}", worker_id=worker, model_id="m")
+def accepted(worker: str, dispatch: int = 0) -> msgs.Accepted:
+    return msgs.Accepted(job_id=f"j/{dispatch}", node_id=f"node-{worker}", worker_id=worker,
+                         model_id="m")
 
 
 def partial(text: str, *tokens: int) -> msgs.Partial:
     return msgs.Partial(job_id="j/1", token_ids=list(tokens), text=text)
 
 
-def test_the_request_starts_at_the_workers_first_message_and_names_that_worker() -> None:
+def test_the_request_starts_at_the_workers_accepted_and_names_that_worker() -> None:
     attempts = Attempts(max_retries=3)
     attempts.submission()
-    assert attempts.apply(accepted("w1")) == []
-    assert attempts.apply(accepted("w2")) == [REDISPATCHED]  # re-dispatched before output
-    assert attempts.apply(partial("")) == [Served("node-w2", "w2", "m")]  # started, empty
+    # Dispatch 0's worker died before its ACCEPTED reached us, dispatch 1's too late:
+    # the coordinator re-dispatched twice before any output.
+    assert attempts.apply(accepted("w3", dispatch=2)) == [
+        REDISPATCHED, REDISPATCHED, Served("node-w3", "w3", "m")]
+    assert attempts.apply(accepted("w4", dispatch=3)) == [REDISPATCHED]  # answered once
     assert attempts.apply(partial("Hi", 7)) == [Piece("Hi", 1, [], [])]
     assert not attempts.ended
     final = msgs.Final(job_id="j/1", finish_reason="stop", usage={"completion_tokens": 1})
@@ -32,12 +35,12 @@ def test_the_request_starts_at_the_workers_first_message_and_names_that_worker()
     assert attempts.ended
 
 
-def test_a_final_without_output_still_starts_the_request() -> None:
+def test_a_final_without_output_ends_the_request() -> None:
     attempts = Attempts(max_retries=3)
     attempts.submission()
-    attempts.apply(accepted("w1"))
-    steps = attempts.apply(msgs.Final(job_id="j/1", finish_reason="length"))
-    assert steps == [Served("node-w1", "w1", "m"), Done("length", {})]
+    assert attempts.apply(accepted("w1")) == [Served("node-w1", "w1", "m")]
+    steps = attempts.apply(msgs.Final(job_id="j/0", finish_reason="length"))
+    assert steps == [Done("length", {})] and attempts.ended
 
 
 def test_a_resubmission_resumes_from_what_the_client_was_sent() -> None:
@@ -52,8 +55,8 @@ def test_a_resubmission_resumes_from_what_the_client_was_sent() -> None:
     attempts.resubmit(lost)
     assert attempts.submission() == {"resume_token_ids": [1, 2, 3], "resume_text": "Hello",
                                      "attempt": 1}
-    attempts.apply(accepted("w2"))
-    assert attempts.apply(partial("!", 4)) == [Piece("!", 1, [], [])]  # started already
+    assert attempts.apply(accepted("w2")) == []  # started already: no second answer
+    assert attempts.apply(partial("!", 4)) == [Piece("!", 1, [], [])]
 
 
 def test_only_lost_workers_count_against_max_retries() -> None:
@@ -75,8 +78,7 @@ def test_only_lost_workers_count_against_max_retries() -> None:
 def test_a_refusal_ends_the_request_with_its_code_and_param() -> None:
     attempts = Attempts(max_retries=3)
     attempts.submission()
-    attempts.apply(accepted("w1"))
-    with pytest.raises(JobError) as refused:
+    with pytest.raises(JobError) as refused:  # before the worker's ACCEPTED
         attempts.apply(msgs.Fail(job_id="j/1", error="no tools here", param="tools",
                                  code=msgs.ErrorCode.INVALID_REQUEST, retryable=False))
     assert (refused.value.code, refused.value.param) == (msgs.ErrorCode.INVALID_REQUEST, "tools")

@@ -55,8 +55,8 @@ def test_a_job_waits_for_a_free_slot_and_runs_when_one_frees() -> None:
     assert jobs_to(submit(t, "a")) == {"a/0": "w"}
     assert submit(t, "b") == []  # queued: the worker's one slot is taken
     assert list(t.queues["m"]) == ["b"]
-    sends = t.worker_message(b"w", msgs.Final(job_id="a/0", finish_reason="stop"), 1.0)
-    assert [type(m) for m in to_gateway(sends)] == [msgs.Final, msgs.Accepted]
+    sends = t.worker_message(b"w", msgs.Release(job_id="a/0"), 1.0)
+    assert to_gateway(sends) == []  # its FINAL went to the gateway by the job's way
     assert jobs_to(sends) == {"b/0": "w"}
     assert [r.outcome for r in t.routes] == ["ok", "running"]
 
@@ -107,8 +107,7 @@ def test_equal_workers_take_turns() -> None:
     placed = {}
     for i in range(4):
         placed |= jobs_to(submit(t, f"j{i}"))
-        t.worker_message(placed[f"j{i}/0"].encode(),
-                         msgs.Final(job_id=f"j{i}/0", finish_reason="stop"), 0.0)
+        t.worker_message(placed[f"j{i}/0"].encode(), msgs.Release(job_id=f"j{i}/0"), 0.0)
     assert list(placed.values()) == ["w1", "w2", "w1", "w2"]
 
 
@@ -118,13 +117,13 @@ def test_a_worker_lost_before_the_first_token_re_dispatches_silently() -> None:
     ready(t, "w2")
     first = jobs_to(submit(t, "a"))["a/0"]
     other = "w2" if first == "w1" else "w1"
-    # The worker said the job started (an empty PARTIAL): still nothing reached the client.
-    started = t.worker_message(first.encode(), msgs.Partial(job_id="a/0", token_ids=[], text=""),
-                               0.5)
-    assert [m.token_ids for m in to_gateway(started)] == [[]]
+    # The worker said the job started (its ACCEPTED, relayed): still nothing reached the
+    # client.
+    accepted = msgs.Accepted(job_id="a/0", node_id=first, worker_id=first, model_id="m")
+    assert to_gateway(t.worker_message(first.encode(), accepted, 0.5)) == [accepted]
     sends = t.worker_message(first.encode(), msgs.Disconnect(), 1.0)
     assert jobs_to(sends) == {"a/1": other}  # a new dispatch id: the old one is stale
-    assert [type(m) for m in to_gateway(sends)] == [msgs.Accepted]  # no FAIL: nothing was sent
+    assert to_gateway(sends) == []  # no FAIL: nothing was sent
     assert t.counters["redispatched"] == 1
     stale = t.worker_message(other.encode(), msgs.Partial(job_id="a/0", token_ids=[1], text="x"),
                              1.1)
@@ -162,8 +161,7 @@ def test_a_cancelled_running_job_frees_its_slot_when_the_worker_confirms() -> No
     assert t.workers[b"w"].running == {"a"}  # not before the worker stops
     sends = t.worker_message(b"w", msgs.Fail(job_id="a/0", error="cancelled", retryable=True,
                                              code=msgs.ErrorCode.CANCELLED), 1.0)
-    assert to_gateway(sends) == [msgs.Accepted(job_id="b/0", node_id="w", worker_id="w",
-                                               model_id="m")]
+    assert to_gateway(sends) == []
     assert jobs_to(sends) == {"b/0": "w"}
 
 
@@ -344,7 +342,7 @@ def test_a_route_is_timed_by_now_alone() -> None:
     ready(t, "w")
     submit(t, "a", now=10.0)
     submit(t, "b", now=10.5)
-    t.worker_message(b"w", msgs.Final(job_id="a/0", finish_reason="stop"), 12.0)
+    t.worker_message(b"w", msgs.Release(job_id="a/0"), 12.0)
     a, b = t.routes
     assert (a.time, a.queue_wait_ms) == (1_000_010.0, 0.0)
     assert (b.time, b.queue_wait_ms) == (1_000_012.0, 1500.0)

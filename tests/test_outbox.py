@@ -1,4 +1,6 @@
-"""The worker's outbox: merged, numbered, ordered; wakes the I/O loop when needed."""
+"""The worker's outbox: in order, a job's waiting PARTIALs merged into one; wakes the I/O
+loop only when needed; the direct jobs whose output began wait for the heartbeat without
+waking it."""
 
 from __future__ import annotations
 
@@ -12,32 +14,32 @@ def readable(box: Outbox) -> bool:
     return bool(select.select([box.fd], [], [], 0)[0])
 
 
-def test_merges_partials_per_job_and_numbers_them() -> None:
+def test_messages_leave_in_order_and_a_jobs_waiting_partials_as_one() -> None:
     box = Outbox()
     assert not readable(box)
-    box.put(msgs.Partial(job_id="a", token_ids=[1], text="x"))
+    a0 = msgs.Partial(job_id="a", token_ids=[1], text="x", seq=0)
+    b0 = msgs.Partial(job_id="b", token_ids=[9], text="q", seq=0)
+    final = msgs.Final(job_id="a", finish_reason="stop", parts=1)
+    assert [box.put(a0), box.put(b0)] == [False, False]
     assert readable(box)
-    box.put(msgs.Partial(job_id="b", token_ids=[9], text="q"))
-    box.put(msgs.Partial(job_id="a", token_ids=[2], text="y"))
-    out = box.take()
+    assert box.put(msgs.Partial(job_id="a", token_ids=[2], text="y", seq=1))  # joins a0
+    assert [box.put(final), box.put(msgs.Release(job_id="a"))] == [False, False]
+    assert box.put(msgs.Partial(job_id="b", token_ids=[8], text="r", seq=1))  # joins b0
+    assert box.take() == [a0, b0, final, msgs.Release(job_id="a")]
+    assert (a0.seq, a0.token_ids, a0.text, b0.text) == (0, [1, 2], "xy", "qr")
     assert not readable(box)
-    assert [(m.job_id, m.seq, m.token_ids, m.text) for m in out] == [
-        ("a", 0, [1, 2], "xy"), ("b", 0, [9], "q")]
-    box.put(msgs.Partial(job_id="a", token_ids=[3], text="z"))
-    box.put(msgs.Final(job_id="a", finish_reason="stop"))
-    box.put(msgs.Partial(job_id="b", token_ids=[8], text=""))
-    out = box.take()
-    assert [(type(m).__name__, m.job_id, getattr(m, "seq", None)) for m in out] == [
-        ("Partial", "a", 1), ("Final", "a", None), ("Partial", "b", 1)]
-    assert out[1].parts == 2  # the gateway waits for both of a's PARTIALs before the end
+    later = msgs.Partial(job_id="a", token_ids=[3], text="z", seq=1)
+    assert not box.put(later) and box.take() == [later]  # taken: a new frame
     box.close()
 
 
-def test_a_put_after_take_wakes_again() -> None:
+def test_a_put_after_take_wakes_again_and_streamed_jobs_never_wake() -> None:
     box = Outbox()
-    box.put(msgs.Partial(job_id="a", token_ids=[1], text=""))
+    box.put(msgs.Release(job_id="a"))
     box.take()
-    box.put(msgs.Partial(job_id="a", token_ids=[2], text=""))
+    box.streamed("b")
+    assert not readable(box)
+    box.put(msgs.Release(job_id="c"))
     assert readable(box)
-    assert box.take()[0].seq == 1
+    assert box.take_streamed() == ["b"] and box.take_streamed() == []
     box.close()

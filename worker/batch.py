@@ -4,11 +4,13 @@ Jobs join the engine's batch as they arrive and leave it when they finish, hit a
 sequence or are cancelled (their client went away, or their broker was lost), so the
 engine decodes all running jobs together (continuous batching) and a freed seat is
 refilled at the next step. The I/O thread only hands messages in (:meth:`BatchLoop.put`);
-everything the loop produces goes out through ``send`` (worker/streams.py: to the job's
-gateway, or through the worker's outbox to the broker).
+a job the engine took opens its way out (``open``: its ACCEPTED), and everything the loop
+produces goes out through ``send`` (worker/ways.py: by the job's way, straight to its
+gateway or relayed by the broker).
 
-    loop: wait for a message or for the engine's next token -> start JOBs, apply CANCELs
-          -> engine.step() -> each token to its JobRun -> PARTIAL / FINAL / FAIL out
+    loop: wait for a message or for the engine's next token -> start JOBs (ACCEPTED out),
+          apply CANCELs -> engine.step() -> each token to its JobRun -> PARTIAL / FINAL /
+          FAIL out
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ log = logging.getLogger("worker")
 
 
 class BatchLoop:
-    """Runs ``engine`` for the worker's jobs; :meth:`run` is the loop thread's body."""
+    """Runs ``engine`` for the worker's jobs; :meth:`run` is the loop thread's body.
+    ``open`` opens a job's way out once the engine took it (none: a loop without one,
+    as in tests and benchmarks of the engine alone)."""
 
     def __init__(self, engine: Engine, send: Callable[[msgs.Message], None],
-                 count: Callable[[str], None]) -> None:
+                 count: Callable[[str], None],
+                 open: Callable[[msgs.Job], None] | None = None) -> None:
         self.engine = engine
         self._send = send
+        self._open = open or (lambda job: None)
         self._count = count
         self._inbox: queue.SimpleQueue[msgs.Job | msgs.Cancel | None] = queue.SimpleQueue()
         self._runs: dict[int, JobRun] = {}
@@ -98,24 +104,31 @@ class BatchLoop:
             self._send(msg)
 
         self._count("jobs_started")
+        seq = None
         try:
             run = JobRun(self.engine, job, send)
-            if not run.open():
-                self._count("jobs_done")
+            if run.budget > 0:
+                with self._engine_call():
+                    seq = self.engine.insert(run.prompt, run.request, run.budget,
+                                             run.prompt_len)
+            self._open(job)  # taken: it will not be refused any more
+            if run.open():
+                self._runs[seq] = run
+                self._seqs[job.job_id] = seq
                 return
-            with self._engine_call():
-                seq = self.engine.insert(run.prompt, run.request, run.budget, run.prompt_len)
-        except RequestRefused as exc:
+        except RequestRefused as exc:  # before the engine took the job
             self._count("jobs_refused")
             send(msgs.Fail(job_id=job.job_id, error=str(exc), code=msgs.ErrorCode.INVALID_REQUEST,
                            param=exc.param))
             return
         except Exception as exc:  # a bad request or an engine error fails the job only
+            if seq is not None:
+                self.engine.remove(seq)
             self._fail(job.job_id, exc, send)
             return
-        self._runs[seq] = run
-        self._seqs[job.job_id] = seq
-        run.started()
+        if seq is not None:  # the resume seam ended it, or no budget was left
+            self.engine.remove(seq)
+        self._count("jobs_done")
 
     def _step(self) -> None:
         try:

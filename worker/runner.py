@@ -107,12 +107,6 @@ class JobRun:
             return False
         return True
 
-    def started(self) -> None:
-        """The engine took the job: say so with an empty PARTIAL (see
-        :class:`~common.messages.Partial`). After a resume seam's text it changes nothing:
-        the gateway answered its status long ago, and empty output shows nothing."""
-        self.send(Partial(job_id=self.job_id, token_ids=[], text=""))
-
     def add(self, token: int, logprob: dict | None = None) -> bool:
         """A new token (with its log-probability entry if the request asked); True when a
         stop sequence, or the one tool call a request without parallel tool calls may

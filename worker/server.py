@@ -5,11 +5,12 @@ thread (:mod:`worker.batch`), never on the I/O thread, so heartbeats keep flowin
 long prefill and a busy worker is as alive (or as dead) to the broker as an idle one.
 
     main thread:  poll the broker link (common/brokerlink.py) + outbox;
-                  JOB and CANCEL -> batch loop; outbox messages (merged PARTIALs,
-                  FINAL) -> broker; heartbeat; another broker when this one is lost
-    batch loop:   every running job decoded together; PARTIAL/FINAL straight to the
-                  job's gateway or, relayed by the broker, into the outbox
-                  (worker/streams.py)
+                  JOB and CANCEL -> batch loop; outbox messages (a relayed job's
+                  frames, RELEASE, FAIL) -> broker; heartbeat; another broker when
+                  this one is lost
+    batch loop:   every running job decoded together; each job's ACCEPTED, PARTIALs
+                  and FINAL by its way (worker/ways.py): straight to its gateway, or
+                  into the outbox for the broker to relay
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from common.meshkeys import load_keys
 from worker.batch import BatchLoop
 from worker.engine import Engine
 from worker.outbox import Outbox
-from worker.streams import Streams
+from worker.ways import Ways
 
 log = logging.getLogger("worker")
 
@@ -67,12 +68,14 @@ class Worker:
         self.counters: Counter[str] = Counter()
         self._counters_lock = threading.Lock()
         self.outbox = Outbox()
-        self.batch = BatchLoop(engine, self._emit, self._count)
         self._stopping = threading.Event()
         keys = load_keys(settings.home)
         self.link = BrokerLink(settings, wire.WORKER, keys, self._ready, ctx)
         self.poller = zmq.Poller()
-        self.streams = Streams(settings, keys, self.link.ctx, self._count)
+        self.ways = Ways(settings, keys, self.link.ctx, self.outbox, msgs.Accepted(
+            job_id="", node_id=settings.node_id, worker_id=self.worker_id,
+            model_id=engine.model_id), self._cancel, self._count)
+        self.batch = BatchLoop(engine, self._emit, self._count, open=self.ways.open)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -143,7 +146,7 @@ class Worker:
                     tokens = self.counters["tokens_generated"]
                 rate = round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2)
                 self.link.send(msgs.Heartbeat(load=self._load(rate),
-                                              streamed=self.streams.streamed()))
+                                              streamed=self.outbox.take_streamed()))
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         # Before the cancelled FAILs: the broker runs every job of ours again or has its
         # gateway resume it.
@@ -154,7 +157,7 @@ class Worker:
         self._forward(self.outbox.take())
         self.outbox.close()
         if not batch.is_alive():  # its sockets: never closed under a thread using them
-            self.streams.close()
+            self.ways.close()
         self.link.close(linger=200)
         return status
 
@@ -182,7 +185,6 @@ class Worker:
                 log_event(log, "job_started", logging.DEBUG, request=msg.request_id,
                           job=msg.job_id)
                 self.running.add(msg.job_id)
-                self.streams.expect(msg)
                 self.batch.put(msg)
             case msgs.Cancel():
                 if msg.job_id in self.running:
@@ -196,18 +198,21 @@ class Worker:
                 self.link.send(self._ready())
 
     def _forward(self, messages: list[msgs.Message]) -> None:
-        """Send the outbox's messages to the broker; a FINAL/FAIL ends a job here."""
+        """Send the outbox's messages to the broker; a RELEASE/FAIL ends a job here."""
         for msg in messages:
-            if isinstance(msg, msgs.Final | msgs.Fail):
+            if isinstance(msg, msgs.Release | msgs.Fail):
                 self.running.discard(msg.job_id)
             self.link.send(msg)
 
     def _emit(self, msg: msgs.Partial | msgs.Final | msgs.Fail) -> None:
-        """Batch loop thread: a job's message, sent its way (worker/streams.py)."""
+        """Batch loop thread: a job's message, sent its way (worker/ways.py)."""
         if isinstance(msg, msgs.Partial) and msg.token_ids:
             self._count("tokens_generated", len(msg.token_ids))
-        for job_id in self.streams.send(msg, self.outbox.put):
-            self.batch.put(msgs.Cancel(job_id=job_id))
+        self.ways.send(msg)
+
+    def _cancel(self, job_id: str) -> None:
+        """Batch loop thread: stop a job whose connection to its gateway dropped."""
+        self.batch.put(msgs.Cancel(job_id=job_id))
 
     def _abandon_jobs(self) -> None:
         """Stop every job: the broker that owned them is gone, their gateways resubmit."""
