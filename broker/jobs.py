@@ -26,11 +26,12 @@ import logging
 from collections.abc import Iterable
 
 from broker import tiers
+from broker.replies import lost, reply_to
 from broker.routing import Chooser
-from broker.state import Gateways, JobState, WorkerState
+from broker.state import Gateways, JobState, Released, WorkerState
 from common import messages as msgs
 from common import wire
-from common.config import Settings, is_loopback
+from common.config import Settings
 from common.logs import log_event
 from common.status import ModelEntry, Route
 
@@ -49,16 +50,6 @@ Send = tuple[bytes, bytes, msgs.Message]
 """A message to send: (ROUTER identity, protocol tag, message)."""
 
 
-def reply_to(submit: msgs.Submit, worker_node: str) -> str:
-    """The gateway's stream endpoint for a worker on ``worker_node``, if it can reach it:
-    a loopback endpoint only from the gateway's own node (elsewhere it would name the
-    worker's own machine)."""
-    host = submit.reply_to.removeprefix("tcp://").rpartition(":")[0]
-    if not host or (is_loopback(host) and worker_node != submit.node_id):
-        return ""
-    return submit.reply_to
-
-
 class JobTable:
     """What the coordinator knows of workers, gateways and jobs, and how each event
     changes it. ``session`` is the broker's (its heartbeats carry it); ``wall_offset``
@@ -71,6 +62,8 @@ class JobTable:
         self.workers: dict[bytes, WorkerState] = {}
         self.gateways = Gateways()
         self.jobs: dict[str, JobState] = {}
+        self.released: dict[str, Released] = {}
+        """Dispatch id -> a job its worker's RELEASE ended lately (:class:`Released`)."""
         self.queues: dict[str, collections.deque[str]] = collections.defaultdict(
             collections.deque)
         self.known_models: dict[str, float] = {}
@@ -119,7 +112,12 @@ class JobTable:
             case msgs.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
+                    if job.gateway is not None:
+                        self.released[msg.job_id] = Released(
+                            identity, job.gateway, now + 2 * self.settings.peer_timeout)
                     self._end(job, "ok")
+            case msgs.Fail() if (done := self.released.pop(msg.job_id, None)) is not None:
+                self._send(done.gateway, wire.GATEWAY, lost(msg.job_id, msg.error))
             case msgs.Fail() if (job := self._job_of(worker, msg.job_id)) is not None:
                 if msg.retryable:
                     self._lose(job, msg.error)
@@ -190,6 +188,8 @@ class JobTable:
             self._purge_gateway(gateway, silent=True)
         for worker in [w for w in self.workers.values() if w.expires < now]:
             self._purge_worker(worker, "heartbeat timeout")
+        for dispatch_id in [d for d, done in self.released.items() if done.until < now]:
+            del self.released[dispatch_id]
         for job in [j for j in self.jobs.values() if j.worker and j.gateway and now > j.deadline]:
             gateway = job.gateway
             self._cancel(job)  # the worker confirms, freeing the slot
@@ -286,6 +286,11 @@ class JobTable:
                   node=worker.info.node_id, reason=reason, jobs=len(worker.running))
         for job_id in list(worker.running):
             self._lose(self.jobs[job_id], f"worker {worker.info.worker_id} lost ({reason})")
+        for dispatch_id, done in list(self.released.items()):
+            if done.worker == worker.identity:
+                del self.released[dispatch_id]
+                self._send(done.gateway, wire.GATEWAY, lost(
+                    dispatch_id, f"worker {worker.info.worker_id} lost ({reason})"))
 
     def _purge_gateway(self, gateway: bytes, silent: bool) -> None:
         """A gateway left or went silent: it is forgotten and its jobs are cancelled. A
@@ -302,9 +307,7 @@ class JobTable:
         """A job's worker is gone (or gave it up): run it again if nothing reached the
         client yet, else end it for its gateway to resume with what the client has seen."""
         if job.streamed or job.retries >= self.settings.max_retries or job.gateway is None:
-            self._end(job, "worker_lost", msgs.Fail(
-                job_id=job.submit.job_id, code=msgs.ErrorCode.WORKER_LOST, retryable=True,
-                error=f"{reason}; resubmit with what the client has seen as resume tokens"))
+            self._end(job, "worker_lost", lost(job.submit.job_id, reason))
             return
         self._release(job)
         job.retries += 1
@@ -393,3 +396,4 @@ class JobTable:
             queue.remove(job.submit.job_id)
         if job.route is not None:
             job.route.outcome = outcome
+

@@ -46,3 +46,35 @@ def test_the_first_job_to_a_new_gateway_goes_straight_to_it(cluster: Cluster) ->
     assert worker.load.counters.get("jobs_relayed", 0) == 0, worker.load.counters
     # The broker saw none of its frames: the worker's RELEASE ended the job there.
     assert [r.outcome for r in cluster.control("routes", last=1)] == ["ok"]
+
+def test_a_released_job_lost_with_its_connection_or_worker_is_resumed_by_its_gateway(
+        ) -> None:
+    """A direct job's FINAL may be lost with the connection it took (or with its worker,
+    killed before its last frames left) after the RELEASE reached the broker: for a peer
+    timeout the broker still tells the gateway, which resumes it unless the FINAL came."""
+    t = JobTable(Settings(grace=5.0, heartbeat_interval=0.5, heartbeat_liveness=3))
+    t.worker_message(b"w", msgs.Ready(worker_id="w", node_id="n", model_id="m", slots=2), 0.0)
+    request = GenerationRequest(kind="completion", prompt="x", max_tokens=4)
+    for job_id in ("a", "b", "c"):
+        t.gateway_message(GW, msgs.Submit(job_id=job_id, model="m", request=request), 0.0)
+        t.worker_message(b"w", msgs.Release(job_id=f"{job_id}/0"), 0.1)
+    # a: the worker saw its connection to the gateway drop.
+    stream_lost = msgs.Fail(job_id="a/0", error="the stream to the gateway was lost",
+                            code=msgs.ErrorCode.CANCELLED, retryable=True)
+    (told,) = [m for ident, _, m in t.worker_message(b"w", stream_lost, 0.5) if ident == GW]
+    assert (told.job_id, told.code, told.retryable) == ("a/0", msgs.ErrorCode.WORKER_LOST, True)
+    # b, c: the worker, last heard at 0.5 s, is purged a peer timeout (1.5 s) later.
+    sends = t.tick(2.1)
+    assert [(m.job_id, m.code) for ident, _, m in sends if ident == GW and
+            isinstance(m, msgs.Fail)] == [("b/0", msgs.ErrorCode.WORKER_LOST),
+                                          ("c/0", msgs.ErrorCode.WORKER_LOST)]
+    # Two peer timeouts after the RELEASE a late FAIL is stale: nobody is told.
+    t.worker_message(b"w", msgs.Ready(worker_id="w", node_id="n", model_id="m", slots=2), 3.0)
+    t.gateway_message(GW, msgs.Submit(job_id="d", model="m", request=request), 3.0)
+    t.worker_message(b"w", msgs.Release(job_id="d/0"), 3.1)
+    for now in (4.0, 5.0, 6.0, 6.2):
+        t.worker_message(b"w", msgs.Heartbeat(), now)
+        t.gateway_message(GW, msgs.Heartbeat(), now)
+        t.tick(now)
+    late = msgs.Fail(job_id="d/0", error="lost", code=msgs.ErrorCode.CANCELLED, retryable=True)
+    assert [m for ident, _, m in t.worker_message(b"w", late, 6.3) if ident == GW] == []

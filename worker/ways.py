@@ -105,6 +105,9 @@ class Ways:
         """Gateway endpoint -> until when it is not waited for (monotonic seconds)."""
         self.jobs: dict[str, Way] = {}
         """Running job (dispatch id) -> its way."""
+        self.ended: dict[str, tuple[str, float]] = {}
+        """A direct job released lately (dispatch id) -> (its endpoint, until when it is
+        remembered): its last frames may be lost with its connection (see :meth:`_break`)."""
 
     def open(self, job: msgs.Job) -> None:
         """Choose ``job``'s way and send its ACCEPTED by it: the engine took the job."""
@@ -140,6 +143,10 @@ class Ways:
                     self.outbox.streamed(msg.job_id)
         if isinstance(msg, msgs.Final):
             del self.jobs[msg.job_id]
+            if way.endpoint not in (RELAYED, BROKEN):
+                now = time.monotonic()
+                self.ended = {j: e for j, e in self.ended.items() if e[1] > now}
+                self.ended[msg.job_id] = (way.endpoint, now + self.settings.peer_timeout)
             # A broken job's output did not all arrive: a FINAL would end its stream
             # short. A retryable FAIL has the gateway resume it from what it has.
             self.outbox.put(msgs.Release(job_id=msg.job_id, epoch=msg.epoch)
@@ -186,12 +193,19 @@ class Ways:
             self._break(endpoint)
 
     def _break(self, endpoint: str) -> None:
-        """Mark every job streaming to ``endpoint`` broken, and cancel it."""
+        """Mark every job streaming to ``endpoint`` broken, and cancel it. A job released
+        lately on that connection may have lost its last frames with it: its FAIL has the
+        broker (which remembers released jobs as long) tell the gateway, which resumes the
+        job unless its FINAL did arrive."""
         broken = [job for job, way in self.jobs.items() if way.endpoint == endpoint]
         for job in broken:
             self.jobs[job].endpoint = BROKEN
             self.count("streams_lost")
             self.cancel(job)
+        for job in [j for j, (e, _) in self.ended.items() if e == endpoint]:
+            del self.ended[job]
+            self.outbox.put(msgs.Fail(job_id=job, error="the stream to the gateway was lost",
+                                      code=msgs.ErrorCode.CANCELLED, retryable=True))
         if broken:
             log_event(log, "stream_lost", logging.INFO, jobs=len(broken), gateway=endpoint)
 
