@@ -70,7 +70,7 @@ class JobTable:
         self.routes: collections.deque[Route] = collections.deque(maxlen=ROUTE_HISTORY)
         self.counters: collections.Counter[str] = collections.Counter()
         self.rejected: collections.Counter[str] = collections.Counter()
-        self.chooser = Chooser()
+        self.chooser = Chooser(settings.cache_routing)
         self.ambiguous: set[str] = set()
         """Names that workers of several models serve, already warned of."""
         self._out: list[Send] = []

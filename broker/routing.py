@@ -14,7 +14,9 @@ only from
 :data:`MIN_CACHED_CHARS` (a shared short system prompt is no reason to move), and it is
 worth at most half the slots: a worker holding the prefix but running half its slots
 more than another loses to it (one hot prefix, every agent's system prompt, spreads).
-A worker without a free slot is never a candidate, whatever it holds.
+A worker without a free slot is never a candidate, whatever it holds. The setting
+``cache_routing = false`` drops the term (the matches are still reported with each
+decision), so its effect can be measured against routing by load alone.
 """
 
 from __future__ import annotations
@@ -54,10 +56,12 @@ def cached_chars(worker: WorkerState, submit: Submit) -> int:
 
 
 class Chooser:
-    """Picks the lowest-scored worker with a free slot; equal scores take turns."""
+    """Picks the lowest-scored worker with a free slot; equal scores take turns.
+    ``cache_routing`` false: the prompt cache a worker holds does not enter its score."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_routing: bool = True) -> None:
         self._turn = itertools.count()
+        self.cache_routing = cache_routing
 
     def choose(
         self, candidates: Iterable[WorkerState], submit: Submit
@@ -69,8 +73,8 @@ class Chooser:
         for w in candidates:
             if w.free_slots > 0:
                 cached = cached_chars(w, submit)
-                scored.append((w, score(w, submit.node_id, cached / prompt if prompt else 0.0),
-                               cached))
+                share = cached / prompt if prompt and self.cache_routing else 0.0
+                scored.append((w, score(w, submit.node_id, share), cached))
         if not scored:
             return None, scored
         best = min(s for _, s, _ in scored)

@@ -142,3 +142,17 @@ def assign_jobs(chooser: Chooser, workers: list[WorkerState], submit: Submit, jo
         chosen.running.add(f"job-{n}")
         counts[chosen.info.node_id] += 1
     return counts
+
+
+def test_without_cache_routing_the_holder_of_a_history_wins_nothing() -> None:
+    """``cache_routing = false``: the worker that holds a conversation's history, running
+    one job more, loses the next turn to the idle one (as routing by load alone would),
+    and the match is still reported with the decision (the switch ignored: it keeps it)."""
+    for cache_routing, winner in ((True, "holder"), (False, "idle")):
+        holder, idle = worker("holder"), worker("idle")
+        holder.prefixes.add(job("elsewhere", chain=3, blocks=8).prefix_hashes)
+        holder.running.add("another job")
+        chosen, scored = Chooser(cache_routing).choose([holder, idle],
+                                                       job("elsewhere", chain=3, blocks=12))
+        assert chosen is not None and chosen.info.node_id == winner, cache_routing
+        assert [c for _, _, c in scored] == [8 * 256, 0]
