@@ -341,7 +341,7 @@ class JobTable:
         # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
         # at the FINAL: the client may send the next turn before the copy of the FINAL
         # that reaches the broker (the gateway gets its own straight from the worker).
-        worker.prefixes.add(submit.prefix_hashes)
+        worker.prefixes.add(submit.prefix_hashes, submit.job_id)
         if job.route is None:
             job.route = Route(job_id=submit.job_id, request_id=submit.request_id,
                               model=submit.model, time=time.time())

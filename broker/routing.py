@@ -9,7 +9,8 @@ of the gateway's own node and never outweighs a real difference in load.
 
 The cache term sends a conversation back to the worker whose prompt cache holds its
 history (``cached``: characters of the prompt that the chains of the jobs it was given
-share, see broker/prefixes.py), so its next turn prefills only the new tokens. It counts
+share, a running job's only with its own next turn, see broker/prefixes.py), so its next
+turn prefills only the new tokens. It counts
 only from
 :data:`MIN_CACHED_CHARS` (a shared short system prompt is no reason to move), and it is
 worth at most half the slots: a worker holding the prefix but running half its slots
@@ -50,7 +51,7 @@ def score(worker: WorkerState, origin_node: str, cached: float = 0.0) -> float:
 def cached_chars(worker: WorkerState, submit: Submit) -> int:
     """Characters of ``submit``'s prompt that ``worker``'s cache probably holds, 0 under
     :data:`MIN_CACHED_CHARS`."""
-    n = worker.prefixes.match(submit.prefix_hashes)
+    n = worker.prefixes.match(submit.prefix_hashes, worker.running)
     chars = submit.prefix_ends[n - 1] if 0 < n <= len(submit.prefix_ends) else 0
     return chars if chars >= MIN_CACHED_CHARS else 0
 
