@@ -5,14 +5,15 @@ against one node alone, printed as JSON (issue 27's goals, each with whether it 
 
 An agent's every turn resends its whole history (a long system prompt of its own, then
 each tool result and answer so far) and gets a short answer; its turns are sequential,
-each after a short pause (its tools run), and the agents run at once. The same agents (same texts) run three times, each on a fresh
-mesh of synthetic workers behind one gateway on ``node-0``: one node alone; three nodes
-with cache routing (``cache_routing = true``, the default); three nodes routing by load
-alone (``cache_routing = false``). The synthetic workers model a prompt cache and a
-prefill rate (``mlx-stack worker --engine synthetic --prefill-rate N``): the prompt bytes
-a worker's cache does not hold take 1/N s each before the first token, one prompt after
-another, so where a conversation goes shows in its time to first token and in what the
-mesh gets done, on two cores (the prefill is simulated; it costs no CPU).
+each after a short pause (its tools run), and the agents run at once. The same agents
+(same texts) run three times, each on a fresh mesh of synthetic workers behind one
+gateway on ``node-0``: one node alone; three nodes with cache routing (``cache_routing =
+true``, the default); three nodes routing by load alone (``cache_routing = false``).
+The synthetic workers model a prompt cache and a prefill rate (``mlx-stack worker
+--engine synthetic --prefill-rate N``): the prompt bytes a worker's cache does not hold
+take 1/N s each before the first token, one prompt after another, so where a
+conversation goes shows in its time to first token and in what the mesh gets done, on
+two cores (the prefill is simulated; it costs no CPU).
 
 Measured per run: the first turns (all agents at once), then the follow-ups; the workers'
 own counters (``prompt_tokens_reused``/``computed``) read between the two, so the
@@ -124,7 +125,7 @@ def scripts(workload: Workload) -> list[Script]:
 
 
 @dataclass
-class Mesh:
+class MeshRun:
     """A running mesh behind one gateway, and how many prompts its workers were given."""
 
     cluster: Cluster
@@ -183,7 +184,7 @@ def by_node(streams: list[Streamed]) -> dict[str, int]:
     return dict(sorted(Counter(s.node for s in streams).items()))
 
 
-def run_agents(mesh: Mesh, workload: Workload) -> dict[str, Any]:
+def run_agents(mesh: MeshRun, workload: Workload) -> dict[str, Any]:
     """The workload's first turns (all agents at once), then its follow-ups."""
     agents = scripts(workload)
     histories = [[{"role": "system", "content": a.system}] for a in agents]
@@ -216,7 +217,7 @@ def run_agents(mesh: Mesh, workload: Workload) -> dict[str, Any]:
     }
 
 
-def fresh_burst(mesh: Mesh, streams: int, workload: Workload) -> dict[str, Any]:
+def fresh_burst(mesh: MeshRun, streams: int, workload: Workload) -> dict[str, Any]:
     """``streams`` unrelated prompts at once (each as long as a first turn's tool result,
     sharing nothing with anything sent before): how they split over the nodes."""
     rng = random.Random(f"burst-{workload.seed}")
@@ -238,7 +239,7 @@ def fresh_burst(mesh: Mesh, streams: int, workload: Workload) -> dict[str, Any]:
 
 
 def start_mesh(tmp: Path, nodes: tuple[str, ...], workers: Workers, cache_routing: bool
-               ) -> Mesh:
+               ) -> MeshRun:
     """A broker, one synthetic worker on each node, the gateway on the first; the broker
     routes with or without its cache term. A few short requests warm every process."""
     cluster = Cluster(tmp, env={"MLX_STACK_CACHE_ROUTING": str(cache_routing).lower(),
@@ -249,7 +250,7 @@ def start_mesh(tmp: Path, nodes: tuple[str, ...], workers: Workers, cache_routin
             cluster.worker("--engine", "synthetic", "--model", "syn", "--slots",
                            str(workers.slots), "--rate", str(workers.rate),
                            "--prefill-rate", str(workers.prefill_rate), node=node)
-        mesh = Mesh(cluster, cluster.gateway(node=nodes[0]))
+        mesh = MeshRun(cluster, cluster.gateway(node=nodes[0]))
         with httpx.Client(timeout=60) as client:
             for i in range(2 * len(nodes)):
                 client.post(f"{mesh.url}/v1/chat/completions", json={
