@@ -121,20 +121,24 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def chat_body(content: str, max_tokens: int) -> dict[str, Any]:
+def chat_body(content: str, max_tokens: int,
+              messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
     return {"model": "syn", "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": content}]}
+            "messages": messages or [{"role": "user", "content": content}]}
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, content: str,
-                      max_tokens: int) -> Streamed:
-    """One streamed request; the text is kept, to be counted and checked after the load."""
+                      max_tokens: int, messages: list[dict[str, str]] | None = None
+                      ) -> Streamed:
+    """One streamed request; the text is kept, to be counted and checked after the load.
+    ``messages``: a whole conversation instead of one user message ``content`` (then
+    ``content`` is its messages joined by newlines, the synthetic engine's prompt)."""
     start = time.perf_counter()
     first = 0.0
     parts: list[str] = []
     async with client.stream("POST", f"{url}/v1/chat/completions",
-                             json=chat_body(content, max_tokens)) as response:
+                             json=chat_body(content, max_tokens, messages)) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):

@@ -73,7 +73,7 @@ class JobTable:
         """The broker's counters, its loop's included."""
         self.rejected: collections.Counter[str] = collections.Counter()
         """Messages refused, by reason (``ProtocolError.reason`` or the broker's own)."""
-        self.chooser = Chooser()
+        self.chooser = Chooser(settings.cache_routing)
         self.ambiguous: set[str] = set()
         """Names that workers of several models serve, already warned of."""
         self._out: list[Send] = []
@@ -360,7 +360,7 @@ class JobTable:
         # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
         # at the RELEASE: the client may send the next turn before the RELEASE reaches the
         # broker (the gateway has the FINAL straight from the worker).
-        worker.prefixes.add(submit.prefix_hashes)
+        worker.prefixes.add(submit.prefix_hashes, submit.job_id)
         first = job.route is None
         route = job.route_to(worker, scored, now, now + self.wall_offset)
         if first:

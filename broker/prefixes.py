@@ -6,14 +6,23 @@ and answer) in an LRU of :data:`CACHE_ENTRIES` entries, each replacing the entri
 are its prefixes, and evicts by bytes too; the broker mirrors that from its own
 dispatches, with no message per cache event (a job that fails leaves a wrong entry: its
 next turn pays a prefill, as a miss does). A wrong guess costs a prefill, as a miss
-does, never a wrong answer. Soft state: a worker that restarts registers anew with an
-empty mirror, and a new coordinator starts with empty ones (load-only routing until the
-mirrors fill again).
+does, never a wrong answer.
+
+A chain whose job still runs is not in the worker's cache yet (it stores a sequence's
+cache when the sequence ends): it counts only for a prompt that extends it whole, its
+conversation's next turn, which may reach the broker before the copy of the FINAL that
+says the turn ended. Another prompt that shares only its start (every agent's system
+prompt) finds nothing there until it ends; counted at once, it drew a burst of such
+prompts onto one worker, which prefilled each of them in full anyway.
+
+Soft state: a worker that restarts registers anew with an empty mirror, and a new
+coordinator starts with empty ones (load-only routing until the mirrors fill again).
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Collection
 
 CACHE_ENTRIES = 64
 """Entries a worker's prompt cache keeps (worker/mlx_engine.py ``PROMPT_CACHE_ENTRIES``)."""
@@ -24,33 +33,45 @@ class PrefixMirror:
 
     def __init__(self, entries: int = CACHE_ENTRIES) -> None:
         self.entries = entries
-        self._chains: collections.OrderedDict[tuple[int, ...], None] = (
+        self._chains: collections.OrderedDict[tuple[int, ...], str] = (
             collections.OrderedDict())
+        """Each chain with the id of the job that ran it last."""
         self._blocks: collections.Counter[int] = collections.Counter()
         """How many kept chains hold each hash: a hash names its whole prefix, so a hash
         held is a prefix held."""
 
-    def add(self, hashes: list[int]) -> None:
-        """A job with prompt chain ``hashes`` runs here (its cache entry will be the newest)."""
+    def add(self, hashes: list[int], job_id: str = "") -> None:
+        """Job ``job_id`` with prompt chain ``hashes`` runs here (its cache entry will be
+        the newest)."""
         chain = tuple(hashes)
         if not chain:
             return
         if chain in self._chains:
+            self._chains[chain] = job_id
             self._chains.move_to_end(chain)
             return
         for kept in [c for c in self._chains if chain[:len(c)] == c]:
             self._drop(kept)  # as the worker's cache drops an entry's stored prefixes
-        self._chains[chain] = None
+        self._chains[chain] = job_id
         self._blocks.update(chain)
         while len(self._chains) > self.entries:
             self._drop(next(iter(self._chains)))
 
-    def match(self, hashes: list[int]) -> int:
-        """How many leading blocks of ``hashes`` some kept chain shares."""
+    def match(self, hashes: list[int], running: Collection[str] = ()) -> int:
+        """How many leading blocks of ``hashes`` the worker's cache holds: as many as a
+        chain of an ended job shares, or all of a chain of a job still ``running`` that
+        ``hashes`` extends."""
+        pending = [c for c, job in self._chains.items() if job in running]
         n = 0
-        while n < len(hashes) and hashes[n] in self._blocks:
+        alike = pending  # those sharing hashes[:n]: a hash names its whole prefix, so
+        # it stands at one place in any chain, and only these can hold hashes[n]
+        while n < len(hashes):
+            alike = [c for c in alike if n < len(c) and c[n] == hashes[n]]
+            if self._blocks.get(hashes[n], 0) <= len(alike):
+                break
             n += 1
-        return n
+        extended = [len(c) for c in pending if tuple(hashes[:len(c)]) == c]
+        return max([n, *extended])
 
     def _drop(self, chain: tuple[int, ...]) -> None:
         del self._chains[chain]

@@ -9,12 +9,15 @@ of the gateway's own node and never outweighs a real difference in load.
 
 The cache term sends a conversation back to the worker whose prompt cache holds its
 history (``cached``: characters of the prompt that the chains of the jobs it was given
-share, see broker/prefixes.py), so its next turn prefills only the new tokens. It counts
+share, a running job's only with its own next turn, see broker/prefixes.py), so its next
+turn prefills only the new tokens. It counts
 only from
 :data:`MIN_CACHED_CHARS` (a shared short system prompt is no reason to move), and it is
 worth at most half the slots: a worker holding the prefix but running half its slots
 more than another loses to it (one hot prefix, every agent's system prompt, spreads).
-A worker without a free slot is never a candidate, whatever it holds.
+A worker without a free slot is never a candidate, whatever it holds. The setting
+``cache_routing = false`` drops the term (the matches are still reported with each
+decision), so its effect can be measured against routing by load alone.
 """
 
 from __future__ import annotations
@@ -48,16 +51,18 @@ def score(worker: WorkerState, origin_node: str, cached: float = 0.0) -> float:
 def cached_chars(worker: WorkerState, submit: Submit) -> int:
     """Characters of ``submit``'s prompt that ``worker``'s cache probably holds, 0 under
     :data:`MIN_CACHED_CHARS`."""
-    n = worker.prefixes.match(submit.prefix_hashes)
+    n = worker.prefixes.match(submit.prefix_hashes, worker.running)
     chars = submit.prefix_ends[n - 1] if 0 < n <= len(submit.prefix_ends) else 0
     return chars if chars >= MIN_CACHED_CHARS else 0
 
 
 class Chooser:
-    """Picks the lowest-scored worker with a free slot; equal scores take turns."""
+    """Picks the lowest-scored worker with a free slot; equal scores take turns.
+    ``cache_routing`` false: the prompt cache a worker holds does not enter its score."""
 
-    def __init__(self) -> None:
+    def __init__(self, cache_routing: bool = True) -> None:
         self._turn = itertools.count()
+        self.cache_routing = cache_routing
 
     def choose(
         self, candidates: Iterable[WorkerState], submit: Submit
@@ -69,8 +74,8 @@ class Chooser:
         for w in candidates:
             if w.free_slots > 0:
                 cached = cached_chars(w, submit)
-                scored.append((w, score(w, submit.node_id, cached / prompt if prompt else 0.0),
-                               cached))
+                share = cached / prompt if prompt and self.cache_routing else 0.0
+                scored.append((w, score(w, submit.node_id, share), cached))
         if not scored:
             return None, scored
         best = min(s for _, s, _ in scored)

@@ -141,6 +141,12 @@ def worker(
         "tool calls a [[say]] script may write.", show_default=False)] = "",
     context_length: Annotated[int, typer.Option(
         help="Synthetic engine: prompt bytes and answer tokens one job may hold.")] = 262_144,
+    prefill_rate: Annotated[float, typer.Option(
+        help="Synthetic engine: prompt bytes per second it computes, one prompt at a time, "
+        "of what its prompt cache does not hold (the first token waits for them); "
+        "0 = at once.")] = 0.0,
+    prompt_cache: Annotated[int, typer.Option(
+        help="Synthetic engine: ended sequences its prompt cache keeps (0 = none).")] = 64,
     broker_endpoint: Broker = None, home: Home = None, node_id: NodeId = None,
     log_level: LogLevel = None,
 ) -> None:
@@ -155,8 +161,8 @@ def worker(
                    log_level=log_level, max_slots=max_slots)
     gib = 1024**3
     options = SyntheticOptions(slots, rate, ttft, int(mem_total_gb * gib),
-                               int(mem_free_gb * gib), tool_parser, context_length
-                               ) if engine == "synthetic" else None
+                               int(mem_free_gb * gib), tool_parser, context_length,
+                               prefill_rate, prompt_cache) if engine == "synthetic" else None
     try:
         main(cfg, ModelSpec.parse(model or "default"), options)
     except ValueError as exc:

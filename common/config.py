@@ -116,6 +116,10 @@ class Settings:
     prompt_cache_bytes: int = 1024 * 1024 * 1024
     """Memory for KV caches of prompts already computed, per worker, so that an agent's
     next turn pays only for its new tokens; 0 turns the prompt cache off."""
+    cache_routing: bool = True
+    """Whether the coordinator sends a job to the worker whose prompt cache probably holds
+    its prompt (broker/routing.py); false routes by load, memory and locality only, so the
+    difference can be measured (``bench/agents.py``)."""
     max_tokens_limit: int = 32768
     """No request generates more tokens than this (a request asking more gets 400)."""
     default_max_tokens: int = 0
@@ -299,6 +303,8 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
     try:
         if "Path" in kind:
             return Path(value).expanduser() if value not in (None, "") else None
+        if kind == "bool":
+            return _boolean(value)
         if kind == "int":
             return int(value)
         if kind == "float":
@@ -309,3 +315,19 @@ def _coerce(name: str, value: Any, type_name: Any) -> Any:
             f"setting {name}={value!r} is not a valid {kind}; "
             f"fix {ENV_PREFIX}{name.upper()} or {name} in config.toml"
         ) from None
+
+
+BOOLEANS = {"true": True, "1": True, "yes": True, "on": True,
+            "false": False, "0": False, "no": False, "off": False}
+"""The words a boolean setting takes in the environment (TOML has its own true/false)."""
+
+
+def _boolean(value: Any) -> bool:
+    """A TOML boolean as it is; a word from the environment by :data:`BOOLEANS`. Anything
+    else is refused: ``bool("false")`` is true, the opposite of what was meant."""
+    if isinstance(value, bool):
+        return value
+    try:
+        return BOOLEANS[str(value).strip().lower()]
+    except KeyError:
+        raise ValueError(value) from None

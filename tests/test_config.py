@@ -62,3 +62,18 @@ def test_a_bad_models_section_names_the_fix(tmp_path: Path, section: str, says: 
     (tmp_path / "config.toml").write_text(f"[models]\n{section}\n")
     with pytest.raises(ValueError, match=says):
         Settings.load(home=tmp_path)
+
+
+def test_a_boolean_setting_takes_words_from_the_environment_and_refuses_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``cache_routing``: TOML's false, the environment's "off"/"0"/"false"; "flase" is
+    refused (``bool("false")`` would be true: the switch silently left on)."""
+    assert Settings.load(home=tmp_path).cache_routing is True
+    update_config_file(tmp_path, cache_routing=False)
+    assert Settings.load(home=tmp_path).cache_routing is False
+    for word, value in (("on", True), ("0", False), ("False", False), ("yes", True)):
+        monkeypatch.setenv("MLX_STACK_CACHE_ROUTING", word)
+        assert Settings.load(home=tmp_path).cache_routing is value, word
+    monkeypatch.setenv("MLX_STACK_CACHE_ROUTING", "flase")
+    with pytest.raises(ValueError, match="MLX_STACK_CACHE_ROUTING"):
+        Settings.load(home=tmp_path)

@@ -141,3 +141,72 @@ def assign_jobs(chooser: Chooser, workers: list[WorkerState], submit: Submit, jo
         chosen.running.add(f"job-{n}")
         counts[chosen.info.node_id] += 1
     return counts
+
+
+def test_without_cache_routing_the_holder_of_a_history_wins_nothing() -> None:
+    """``cache_routing = false``: the worker that holds a conversation's history, running
+    one job more, loses the next turn to the idle one (as routing by load alone would),
+    and the match is still reported with the decision (the switch ignored: it keeps it)."""
+    for cache_routing, winner in ((True, "holder"), (False, "idle")):
+        holder, idle = worker("holder"), worker("idle")
+        holder.prefixes.add(job("elsewhere", chain=3, blocks=8).prefix_hashes)
+        holder.running.add("another job")
+        chosen, scored = Chooser(cache_routing).choose([holder, idle],
+                                                       job("elsewhere", chain=3, blocks=12))
+        assert chosen is not None and chosen.info.node_id == winner, cache_routing
+        assert [c for _, _, c in scored] == [8 * 256, 0]
+
+
+def chained(job_id: str, hashes: list[int]) -> Submit:
+    """A SUBMIT of blocks ``hashes`` (256 characters each)."""
+    return Submit(job_id=job_id, model="m", request=GenerationRequest(kind="chat"),
+                  node_id="elsewhere", prefix_hashes=hashes,
+                  prefix_ends=[256 * (i + 1) for i in range(len(hashes))])
+
+
+def sibling(agent: int, turn_blocks: int = 8) -> Submit:
+    """Agent ``agent``'s turn: 40 blocks of a system prompt every agent shares, then
+    ``turn_blocks`` of its own history."""
+    return chained(f"agent-{agent}-{turn_blocks}",
+                   [7000 + i for i in range(40)] +
+                   [100_000 * (agent + 1) + i for i in range(turn_blocks)])
+
+
+def dispatch(chooser: Chooser, workers: list[WorkerState], submit: Submit) -> WorkerState:
+    """Choose and start ``submit`` as JobTable does: running, and its chain mirrored."""
+    chosen, _ = chooser.choose(workers, submit)
+    assert chosen is not None
+    chosen.running.add(submit.job_id)
+    chosen.prefixes.add(submit.prefix_hashes, submit.job_id)
+    return chosen
+
+
+def test_siblings_of_a_running_job_split_by_load() -> None:
+    """Six agents with one system prompt start at once. The first one's worker holds
+    nothing of it until that job ends (a worker stores a prompt's cache when its sequence
+    ends), so the others split by load, two each (counting the chains of running jobs
+    as held piles them onto the first worker: 4/2/0)."""
+    chooser, workers = Chooser(), [worker("a"), worker("b"), worker("c")]
+    went = collections.Counter(dispatch(chooser, workers, sibling(agent)).info.node_id
+                               for agent in range(6))
+    assert went == {"a": 2, "b": 2, "c": 2}
+
+
+def test_a_finished_jobs_prefix_draws_siblings_and_a_running_jobs_its_own_next_turn() -> None:
+    """Once a job has ended, its worker's cache holds its prompt: a sibling sharing its
+    system prompt goes there though it runs a job more. And a conversation's next turn
+    sent before the broker learns that its last turn ended (the gateway has the FINAL
+    from the worker first) still goes back to that worker, the whole chain it extends
+    being its own (not counting running jobs at all sends it to the idle worker)."""
+    chooser, holder, idle = Chooser(), worker("holder"), worker("idle")
+    first = dispatch(chooser, [holder, idle], sibling(0))
+    assert first is holder  # equal scores: the first in turn
+    holder.running.clear()  # its FINAL reached the broker
+    holder.running.add("another job")
+    assert dispatch(chooser, [holder, idle], sibling(1)) is holder
+    busy, other = worker("busy"), worker("other")
+    turn = chained("turn-1", [9000 + i for i in range(20)])
+    assert dispatch(Chooser(), [busy, other], turn) is busy
+    # Still running there (its FINAL not seen yet) when the next turn comes.
+    assert dispatch(Chooser(), [busy, other], chained(
+        "turn-2", turn.prefix_hashes + [9100 + i for i in range(4)])) is busy

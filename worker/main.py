@@ -12,7 +12,7 @@ from common.config import Settings
 from common.names import ModelSpec
 from worker.engine import Engine
 from worker.server import Worker, system_memory
-from worker.synthetic import SyntheticEngine
+from worker.synthetic import CACHE_ENTRIES, SyntheticEngine
 from worker.tools import family
 
 
@@ -32,6 +32,11 @@ class SyntheticOptions:
     context_length: int = 262_144
     """Prompt bytes and answer tokens a job may hold (``--context-length``): an agent's
     prompt (Claude Code's is tens of kilobytes) needs more than the default."""
+    prefill_rate: float = 0.0
+    """Prompt bytes per second computed when not in its prompt cache (``--prefill-rate``);
+    0 = at once."""
+    prompt_cache: int = CACHE_ENTRIES
+    """Ended sequences its prompt cache keeps (``--prompt-cache``); 0 = none."""
 
 
 def main(settings: Settings, model: ModelSpec,
@@ -47,7 +52,8 @@ def main(settings: Settings, model: ModelSpec,
         name = "synthetic" if model.spec == "default" else model.spec
         engine = SyntheticEngine(name, synthetic.slots, synthetic.rate, synthetic.ttft,
                                  family(synthetic.tool_parser)
-                                 if synthetic.tool_parser else None, synthetic.context_length)
+                                 if synthetic.tool_parser else None, synthetic.context_length,
+                                 synthetic.prefill_rate, synthetic.prompt_cache)
         tiers = list(model.tiers)
         if synthetic.mem_total:
             fixed = (synthetic.mem_total, synthetic.mem_free)

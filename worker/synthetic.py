@@ -6,6 +6,13 @@ where it stopped, and a test can compute the expected stream with :func:`next_to
 It has the real engine's shape (one batch, stepped by the worker's batch loop), so every
 routing and failover test runs the worker's real path. Named "synthetic" in READY, logs,
 ``/v1/models`` and ``mesh`` output; never the default.
+
+It models a prompt cache as the real engine has one (mlx-lm's ``LRUPromptCache``): the
+tokens of the sequences it ended, matched by longest common prefix, counted in the same
+``prompt_tokens_reused``/``computed`` counters. With a prefill rate, the prompt tokens its
+cache does not hold take time before the first token, one prompt after another as on one
+GPU, so that where a conversation is routed shows in its time to first token on any
+machine (``bench/agents.py``): the prefill is simulated, it costs no CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from array import array
 from dataclasses import dataclass
 
 from common.generation import GenerationRequest
@@ -37,6 +45,12 @@ SAY = "[[say]]"
 """A prompt containing this makes the synthetic engine write what follows it (its last
 occurrence), one byte a token, then end the sequence: scripted output, such as a model
 family's tool-call text, for tests of what the worker does with it."""
+CACHE_ENTRIES = 64
+"""Sequences the prompt cache keeps by default, as the real engine's
+(worker/mlx_engine.py ``PROMPT_CACHE_ENTRIES``)."""
+TOKEN_BYTES = 4
+CHUNK = 1 << 14
+"""Bytes compared at once when matching a prompt against a kept sequence."""
 
 
 def next_token(sequence: list[int]) -> int:
@@ -72,14 +86,69 @@ class _Sequence:
     logprobs: bool = False
     """Whether the request asked for log-probabilities (each token is certain: 0.0)."""
     prompt_len: int = 0
+    prefilled: float = 0.0
+    """When its prompt is computed (monotonic seconds): only then can the cache keep it."""
     fault: str = ""
     """:data:`STEP_ERROR` or :data:`STEP_HANG` when the prompt asks for one and this
     sequence has yet to pass :data:`FAULT_AT`."""
 
 
+def common_prefix(a: bytes, b: bytes) -> int:
+    """How many leading bytes ``a`` and ``b`` share: compared a chunk at a time (one
+    memcmp each, never a Python loop over tokens: prompts run to 100 KB), then halved
+    within the first chunk that differs."""
+    n = min(len(a), len(b))
+    lo = 0
+    while lo < n:
+        hi = min(lo + CHUNK, n)
+        if b.startswith(a[lo:hi], lo):
+            lo = hi
+            continue
+        while hi - lo > 1:  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+            mid = (lo + hi) // 2
+            if b.startswith(a[lo:mid], lo):
+                lo = mid
+            else:
+                hi = mid
+        return lo
+    return n
+
+
+class PromptCache:
+    """The token sequences (prompt and output) of the last ``entries`` sequences ended,
+    least recent first, as mlx-lm's ``LRUPromptCache`` keeps their KV caches: a prompt
+    reuses the longest prefix it shares with any of them (a longer one is trimmed), and a
+    new entry replaces those that are its prefixes. (mlx-lm also bounds it in bytes; here
+    the entries bound it.)"""
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._kept: list[bytes] = []
+        """Each sequence packed, :data:`TOKEN_BYTES` a token."""
+
+    def match(self, tokens: list[int]) -> int:
+        """How many leading ``tokens`` some kept sequence holds."""
+        packed = _packed(tokens)
+        return max((common_prefix(packed, kept) for kept in self._kept), default=0
+                   ) // TOKEN_BYTES
+
+    def keep(self, tokens: list[int]) -> None:
+        if self.entries <= 0 or not tokens:
+            return
+        packed = _packed(tokens)
+        self._kept = [kept for kept in self._kept if not packed.startswith(kept)]
+        self._kept.append(packed)
+        del self._kept[:-self.entries]
+
+
+def _packed(tokens: list[int]) -> bytes:
+    return array("I", tokens).tobytes()
+
+
 class SyntheticEngine:
     """Emits ``rate`` tokens per second per sequence after ``ttft`` seconds, in ``slots``
-    seats."""
+    seats; with a ``prefill_rate``, the first token waits for the prompt tokens that its
+    ``prompt_cache`` (that many sequences kept) does not hold, at that many per second."""
 
     kind = "synthetic"
     model_bytes = 0
@@ -92,7 +161,8 @@ class SyntheticEngine:
 
     def __init__(self, model_id: str, slots: int = 4, rate: float = 200.0,
                  ttft: float = 0.0, tool_format: ToolFormat | None = None,
-                 context_length: int = 262_144) -> None:
+                 context_length: int = 262_144, prefill_rate: float = 0.0,
+                 prompt_cache: int = CACHE_ENTRIES) -> None:
         self.model_id = model_id
         self.context_length = context_length
         self.tool_format = tool_format
@@ -100,7 +170,15 @@ class SyntheticEngine:
         self.slots = slots
         self.rate = rate
         self.ttft = ttft
-        self.counters: dict[str, int] = {}
+        self.prefill_rate = prefill_rate
+        """Prompt tokens (bytes) computed per second; 0 = at once."""
+        self.counters = {"prompt_cache_hits": 0, "prompt_cache_misses": 0,
+                         "prompt_tokens_reused": 0, "prompt_tokens_computed": 0}
+        """As the real engine counts them (worker/mlx_engine.py)."""
+        self._cache = PromptCache(prompt_cache)
+        self._prefill_free = 0.0
+        """When the prompts inserted so far are computed: the next one's prefill starts
+        then (a sequence removed before its prefill ends keeps its time taken)."""
         self._running: dict[int, _Sequence] = {}
         self._ids = itertools.count()
 
@@ -122,14 +200,31 @@ class SyntheticEngine:
         seq = next(self._ids)
         own = bytes(t for t in prompt[:prompt_len] if t < BYTE_TOKENS)
         fault = next((f for f in (STEP_ERROR, STEP_HANG) if f.encode() in own), "")
+        prefilled = self._prefill(prompt)
         self._running[seq] = _Sequence(
-            list(prompt), max_tokens, time.monotonic() + self.ttft,
-            _script(prompt, prompt_len), request.logprobs, prompt_len,
+            list(prompt), max_tokens, prefilled + self.ttft,
+            _script(prompt, prompt_len), request.logprobs, prompt_len, prefilled,
             fault if len(prompt) - prompt_len < FAULT_AT else "")
         return seq
 
+    def _prefill(self, prompt: list[int]) -> float:
+        """Count what the cache serves of ``prompt``; return when the rest is computed.
+        The last prompt token is always computed: its logits give the first new token."""
+        reused = max(0, min(self._cache.match(prompt), len(prompt) - 1))
+        computed = len(prompt) - reused
+        self.counters["prompt_cache_hits" if reused else "prompt_cache_misses"] += 1
+        self.counters["prompt_tokens_reused"] += reused
+        self.counters["prompt_tokens_computed"] += computed
+        now = time.monotonic()
+        if self.prefill_rate <= 0:
+            return now
+        self._prefill_free = max(now, self._prefill_free) + computed / self.prefill_rate
+        return self._prefill_free
+
     def remove(self, seq: int) -> None:
-        self._running.pop(seq, None)
+        s = self._running.pop(seq, None)
+        if s is not None and s.prefilled <= time.monotonic():
+            self._cache.keep(s.tokens)  # as the real engine keeps what it had computed
 
     def wait(self) -> float | None:
         if not self._running:
@@ -148,6 +243,7 @@ class SyntheticEngine:
                 raise RuntimeError("synthetic engine step error (fault switch in the prompt)")
             if s.script == b"":  # said it all: the end of the sequence
                 del self._running[seq]
+                self._cache.keep(s.tokens)
                 steps.append(Step(seq, None, done=True))
                 continue
             if s.script is None:
@@ -159,6 +255,7 @@ class SyntheticEngine:
             s.due += 1.0 / self.rate if self.rate > 0 else 0.0
             if s.left == 0:
                 del self._running[seq]
+                self._cache.keep(s.tokens)
             logprob = {"token": word(token), "logprob": 0.0,
                        "bytes": list(word(token).encode()), "top_logprobs": []
                        } if s.logprobs else None
