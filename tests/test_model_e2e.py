@@ -131,7 +131,7 @@ def test_client_disconnect_stops_generation(model_node: tuple[Cluster, str]) -> 
     # Closing the response disconnects the client mid-stream.
 
     def cancelled() -> dict | None:
-        counters = cluster.workers()[0].counters
+        counters = cluster.workers()[0].load.counters
         gone = counters.get("jobs_cancelled", 0) > before.get("jobs_cancelled", 0)
         return counters if gone else None
 
