@@ -34,8 +34,8 @@ from typing import Any
 import httpx
 
 from bench.routing import pct, provenance
-from tests import netns
-from tests.harness import Mesh, free_port, wait_for
+from testkit import netns
+from testkit.harness import Mesh, free_port, wait_for
 from tests.test_coordinator import NODES, healthy, kill_coordinator_under_streams
 from tests.test_netns_mesh import HostMesh
 

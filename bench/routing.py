@@ -51,7 +51,7 @@ import psutil
 from common import protocol as p
 from common.generation import GenerationRequest
 from common.meshkeys import new_secret
-from tests.harness import Cluster, Proc, free_port, wait_for
+from testkit.harness import Cluster, Proc, free_port, wait_for
 from worker.batch import BatchLoop
 from worker.synthetic import SyntheticEngine, next_token, word
 

@@ -59,7 +59,7 @@ import httpx
 import psutil
 
 from bench.routing import Streamed, interleaved, load, pct, provenance
-from tests.harness import Cluster, Proc, free_port, wait_for
+from testkit.harness import Cluster, Proc, free_port, wait_for
 from tests.test_failover import expected_text
 
 LITELLM = "1.108.0"

@@ -17,7 +17,7 @@ from common import protocol as p
 from common.config import Settings
 from common.control import ControlClient, ControlError
 from common.generation import GenerationRequest
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 from tests.test_failover import expected_text
 
 STREAMS = 300

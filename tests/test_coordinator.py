@@ -21,7 +21,7 @@ import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
 from common.discovery import ALIAS, COORDINATOR, SERVICE
-from tests.harness import Mesh, close_and_report, free_port, wait_for
+from testkit.harness import Mesh, close_and_report, free_port, wait_for
 from tests.test_failover import expected_text
 
 NODES = {"node-a": 2, "node-b": 1, "node-c": 0}

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import Cluster, Proc, free_port, wait_for
+from testkit.harness import Cluster, Proc, free_port, wait_for
 from worker.synthetic import FAULT, next_token, word
 
 

@@ -24,8 +24,8 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from tests import netns
-from tests.harness import Proc, close_and_report, wait_for
+from testkit import netns
+from testkit.harness import Proc, close_and_report, wait_for
 from tests.test_chaos import one
 from tests.test_coordinator import NODES
 from tests.test_failover import expected_text

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import time
 
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 from tests.test_failover import Stream, expected_text, nodes
 from worker.server import EXIT_STALLED
 from worker.synthetic import STEP_ERROR, STEP_HANG

@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 from tests.test_failover import Stream, expected_text, nodes
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

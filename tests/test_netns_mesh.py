@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from common.meshkeys import new_secret
-from tests import netns
-from tests.harness import ROOT, Mesh, Proc, close_and_report, wait_for
+from testkit import netns
+from testkit.harness import ROOT, Mesh, Proc, close_and_report, wait_for
 from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,

@@ -18,7 +18,7 @@ import pytest
 
 from broker.skew import Skew, advice
 from common import protocol as p
-from tests.harness import Mesh, close_and_report, free_port, run_cli, wait_for
+from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
 from tests.test_failover import expected_text
 
 

@@ -17,7 +17,7 @@ from common.generation import GenerationRequest
 from common.meshkeys import MeshKeys, new_secret
 from common.transport import configure, waiting
 from gateway.streams import StreamSocket
-from tests.harness import free_port, wait_for
+from testkit.harness import free_port, wait_for
 from worker import streams as streams_module
 from worker.streams import Streams
 
