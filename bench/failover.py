@@ -14,7 +14,7 @@ the kill, which for a stream that hardly stalled was an ordinary gap anywhere up
 last token: runs showed "2.9 s" where nothing had waited.)
 
 Every stream's text is compared with what the synthetic engine generates for its prompt
-(``tests.test_coordinator.kill_coordinator_under_streams``, the scenario the tests
+(``testkit.scenarios.kill_coordinator_under_streams``, the scenario the tests
 assert): a run counts its streams as exact only when all of them are; a run with a stream
 that differs, an error event, a broken connection or a stream that never ends is reported
 as failed (the check stops at the first such stream) and left out of the timings. The
@@ -35,9 +35,9 @@ import httpx
 
 from bench.routing import pct, provenance
 from testkit import netns
-from testkit.harness import Mesh, free_port, wait_for
-from tests.test_coordinator import NODES, healthy, kill_coordinator_under_streams
-from tests.test_netns_mesh import HostMesh
+from testkit.harness import Mesh, free_port, healthy, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import NODES, kill_coordinator_under_streams
 
 TOKENS = 60
 

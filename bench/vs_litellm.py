@@ -60,7 +60,7 @@ import psutil
 
 from bench.routing import Streamed, interleaved, load, pct, provenance
 from testkit.harness import Cluster, Proc, free_port, wait_for
-from tests.test_failover import expected_text
+from testkit.scenarios import expected_text
 
 LITELLM = "1.108.0"
 """The LiteLLM release compared with (its proxy extra resolves from PyPI here)."""

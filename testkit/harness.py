@@ -317,3 +317,9 @@ class Mesh(Cluster):
         endpoint = coordinators[0].endpoint
         return coordinators[0] if all(s.coordinator == endpoint for s in statuses) else None
 
+
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import random
 import signal
 import time
@@ -13,39 +12,10 @@ import time
 import httpx
 
 from testkit.harness import Cluster, wait_for
-from tests.test_failover import expected_text
+from testkit.scenarios import expected_text, one
 
 STREAMS = 300
 TOKENS = 40
-
-
-async def one(client: httpx.AsyncClient, url: str, i: int,
-              tokens: int = TOKENS) -> tuple[str, list[str], dict]:
-    """(text, finish reasons, usage) of stream ``i``; raises on any error."""
-    content = f"chaos stream {i}"
-    text: list[str] = []
-    finishes: list[str] = []
-    usage: dict = {}
-    done = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json={
-            "model": "syn", "max_tokens": tokens, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": content}]}) as response:
-        assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if line == "data: [DONE]":
-                done += 1
-            elif line.startswith("data: "):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk["choices"]:
-                    text.append(choice["delta"].get("content") or "")
-                    if choice["finish_reason"]:
-                        finishes.append(choice["finish_reason"])
-    assert done == 1
-    return "".join(text), finishes, usage
 
 
 async def run_all(urls: list[str], kill: asyncio.Future) -> list:

@@ -8,10 +8,7 @@ and every stream completes exactly, resumed through the new coordinator.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import signal
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +18,9 @@ import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
 from common.discovery import ALIAS, COORDINATOR, SERVICE
-from testkit.harness import Mesh, close_and_report, free_port, wait_for
-from tests.test_failover import expected_text
+from testkit.harness import Mesh, close_and_report, free_port, healthy, wait_for
+from testkit.scenarios import NODES, expected_text, kill_coordinator_under_streams, stream
 
-NODES = {"node-a": 2, "node-b": 1, "node-c": 0}
 HB = "MLX_STACK_HEARTBEAT_INTERVAL"
 
 
@@ -63,32 +59,6 @@ def test_the_highest_priority_broker_coordinates_and_gathers_every_worker(mesh: 
         status = mesh.answered_status(node)
         assert status.role == "standby" and status.workers == []
         assert status.coordinator == mesh.broker_endpoint("node-a")
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-async def stream(client: httpx.AsyncClient, url: str, i: int, tokens: int,
-                 arrivals: list[float], flowing: asyncio.Event) -> str:
-    text = []
-    async with client.stream(
-            "POST", f"{url}/v1/chat/completions", json={
-                "model": "syn", "max_tokens": tokens, "stream": True,
-                "messages": [{"role": "user", "content": f"failover {i}"}]}) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    arrivals.append(time.monotonic())
-                    flowing.set()
-                    text.append(chunk["choices"][0]["delta"]["content"])
-    return "".join(text)
 
 
 @pytest.mark.parametrize("mesh", [0.2, 0.5], indirect=True, ids=["hb200ms", "hb500ms"])
@@ -161,41 +131,6 @@ def test_a_standby_nodes_expected_model_waits_at_the_coordinator(tmp_path: Path)
             assert pending.result(timeout=30).status_code == 200
     finally:
         m.close()
-
-
-def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
-                                   tokens: int) -> dict[str, float]:
-    """Run ``streams`` synthetic streams over ``urls``; once all flow, SIGKILL node-a's
-    broker (the coordinator). Asserts every stream equals its unbroken sequence; returns,
-    over the streams, each one's stall: its longest wait between two tokens from the kill
-    on, which is how long its client saw it stop (the tokens already on their way arrive
-    in the first milliseconds after the kill, then the stream waits for its resubmission;
-    an uninterrupted stream at 20 tokens/s still waits 0.05 s between tokens)."""
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    killed: list[float] = []
-
-    async def main() -> list[str]:
-        limits = httpx.Limits(max_connections=streams + 10)
-        async with httpx.AsyncClient(timeout=60, limits=limits, headers=mesh.auth) as client:
-            flowing = [asyncio.Event() for _ in range(streams)]
-            tasks = [asyncio.create_task(stream(client, urls[i % len(urls)], i, tokens,
-                                                arrivals[i], flowing[i]))
-                     for i in range(streams)]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
-            mesh.brokers["node-a"].kill(signal.SIGKILL)
-            killed.append(time.monotonic())
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
-
-    texts = asyncio.run(main())
-    for i, text in enumerate(texts):
-        assert text == expected_text(f"failover {i}", tokens), i
-    gaps = [max(b - a for a, b in itertools.pairwise(times))
-            for times in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
-            if len(times) > 1]
-    return {"streams": len(gaps), "min_s": round(min(gaps), 3),
-            "median_s": round(statistics.median(gaps), 3),
-            "p90_s": round(statistics.quantiles(gaps, n=10)[-1], 3),
-            "max_s": round(max(gaps), 3)}
 
 
 def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path) -> None:

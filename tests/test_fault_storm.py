@@ -25,11 +25,9 @@ import httpx
 import pytest
 
 from testkit import netns
-from testkit.harness import Proc, close_and_report, wait_for
-from tests.test_chaos import one
-from tests.test_coordinator import NODES
-from tests.test_failover import expected_text
-from tests.test_netns_mesh import HostMesh, healthy
+from testkit.harness import Proc, close_and_report, healthy, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import NODES, expected_text, one
 
 T = TypeVar("T")
 pytestmark = pytest.mark.skipif(netns.available() is not None,

@@ -8,7 +8,8 @@ import signal
 import time
 
 from testkit.harness import Cluster, wait_for
-from tests.test_failover import Stream, expected_text, nodes
+from testkit.scenarios import expected_text, nodes
+from testkit.sse import Stream
 from worker.server import EXIT_STALLED
 from worker.synthetic import STEP_ERROR, STEP_HANG
 

@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit.harness import Cluster, wait_for
-from tests.test_failover import Stream, expected_text, nodes
+from testkit.scenarios import expected_text, nodes
+from testkit.sse import Stream
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

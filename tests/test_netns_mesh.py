@@ -13,51 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from common.meshkeys import new_secret
 from testkit import netns
-from testkit.harness import ROOT, Mesh, Proc, close_and_report, wait_for
-from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
+from testkit.harness import ROOT, close_and_report, healthy, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import NODES, kill_coordinator_under_streams
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
-PORT = 4100
-
-
-class HostMesh(Mesh):
-    """A Mesh whose nodes live in network namespaces and find each other over mDNS."""
-
-    def __init__(self, tmp: Path, hosts: netns.Hosts, mdns: bool = True) -> None:
-        self.hosts = hosts
-        self.mdns = mdns
-        # Hosts on a network: the mesh secret is required (and its id keeps mDNS private).
-        super().__init__(tmp, NODES, env={HB: "0.5"}, secret=new_secret())
-        if mdns:
-            self.env["MLX_STACK_PEERS"] = ""  # found over mDNS alone
-
-    def broker_endpoint(self, node: str) -> str:
-        return f"tcp://{self.hosts.addr[node]}:{PORT}"
-
-    def node_env(self, node: str) -> dict[str, str]:
-        addr = self.hosts.addr[node]
-        return {"MLX_STACK_BROKER_HOST": addr, "MLX_STACK_BROKER_PORT": str(PORT),
-                "MLX_STACK_BROKER_ENDPOINT": self.broker_endpoint(node),
-                "MLX_STACK_MDNS_INTERFACES": addr if self.mdns else "",
-                "MLX_STACK_PRIORITY": str(self.priorities[node])}
-
-    def start(self, role: str, *args: str, node: str = "node-a",
-              env: dict[str, str] | None = None) -> Proc:
-        name = f"{node}-{role}-{len(self.procs)}"
-        argv = self.hosts.exec_argv(node, [sys.executable, "-m", "cli", role, *args])
-        proc = Proc(name, argv, {**self.env, "MLX_STACK_NODE_ID": node,
-                                 **self.node_env(node), **(env or {})},
-                    self.tmp / f"{name}.log")
-        self.procs.append(proc)
-        return proc
-
-    def gateway_url(self, node: str) -> str:
-        return f"http://{self.hosts.addr[node]}:4000"
-
-
 @pytest.fixture
 def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
     """Three hosts; ``request.param`` "static" swaps mDNS for configured static peers."""

@@ -19,7 +19,7 @@ import pytest
 from broker.skew import Skew, advice
 from common import protocol as p
 from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
-from tests.test_failover import expected_text
+from testkit.scenarios import expected_text
 
 
 def announce_of(protocol: int, **body: object) -> list[bytes]:
