@@ -35,9 +35,10 @@ import httpx
 
 from bench.routing import pct, provenance
 from testkit import netns
-from testkit.harness import Mesh, free_port, healthy, wait_for
+from testkit.harness import Mesh, wait_for
 from testkit.netns import HostMesh
-from testkit.scenarios import NODES, kill_coordinator_under_streams
+from testkit.scenarios import NODES, kill_coordinator_under_streams, start_nodes
+from testkit.sse import StreamFailed
 
 TOKENS = 60
 
@@ -54,20 +55,12 @@ def run_in(mesh: Mesh, streams: int, heartbeat: float) -> dict[str, Any]:
         for node in NODES:
             mesh.start_broker(node)
         wait_for("one coordinator", mesh.coordinator, timeout=20)
-        urls = []
-        for node in NODES:
-            for _ in range(2):
-                mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots",
-                           "40", "--rate", "20", node=node)
-            if node != "node-a":
-                urls.append(gateway(mesh, node))
-        for url in urls:
-            wait_for("gateway", lambda u=url: healthy(u), timeout=30)
+        urls = list(start_nodes(mesh, gateways=["node-b", "node-c"]).values())
         wait_for("6 workers", lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6),
                  timeout=30)
         try:
             report = kill_coordinator_under_streams(mesh, urls, streams, tokens=TOKENS)
-        except (AssertionError, TimeoutError, httpx.HTTPError) as exc:
+        except (AssertionError, TimeoutError, httpx.HTTPError, StreamFailed) as exc:
             # "AssertionError: 17": stream 17 is the first whose text differs
             return {"streams": streams, "all_exact": False,
                     "failure": f"{type(exc).__name__}: {exc}"}
@@ -76,16 +69,6 @@ def run_in(mesh: Mesh, streams: int, heartbeat: float) -> dict[str, Any]:
     return {"streams": streams, "all_exact": True, "exact_streams": streams,
             "inexact_streams": 0, "streams_timed": report["streams"],
             "median_s": report["median_s"], "p90_s": report["p90_s"], "max_s": report["max_s"]}
-
-
-def gateway(mesh: Mesh, node: str) -> str:
-    """Start ``node``'s gateway; its URL."""
-    if isinstance(mesh, HostMesh):
-        mesh.start("gateway", "--host", mesh.hosts.addr[node], "--port", "4000", node=node)
-        return mesh.gateway_url(node)
-    port = free_port()
-    mesh.start("gateway", "--port", str(port), node=node)
-    return f"http://127.0.0.1:{port}"
 
 
 def summary(values: list[float]) -> dict[str, float] | None:

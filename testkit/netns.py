@@ -1,4 +1,5 @@
-"""Hosts for tests: network namespaces on a bridge, created and always removed.
+"""Hosts for tests and benchmarks: network namespaces on a bridge, created and always
+removed, and :class:`HostMesh`, a mesh with one node on each.
 
 Layout: a bridge in a namespace of its own; one namespace per node, joined to the bridge
 by a veth pair (10.<net>.0.<i>/24); and one veth from the test's own namespace to the
@@ -94,6 +95,8 @@ class Hosts:
 
 
 PORT = 4100
+"""Every host's broker port (each host has an address of its own)."""
+GATEWAY_PORT = 4000
 
 
 class HostMesh(Mesh):
@@ -129,4 +132,9 @@ class HostMesh(Mesh):
         return proc
 
     def gateway_url(self, node: str) -> str:
-        return f"http://{self.hosts.addr[node]}:4000"
+        return f"http://{self.hosts.addr[node]}:{GATEWAY_PORT}"
+
+    def start_gateway(self, node: str) -> str:
+        self.start("gateway", "--host", self.hosts.addr[node], "--port", str(GATEWAY_PORT),
+                   node=node)
+        return self.gateway_url(node)

@@ -1,54 +1,63 @@
-"""Scenarios the tests and the benchmarks share (moved from tests/test_failover.py,
-tests/test_coordinator.py and tests/test_chaos.py)."""
+"""What the tests assert and the benchmarks measure, written once for both: the exact
+text the synthetic engine streams, the synthetic workers of a test mesh, and the
+coordinator killed under streams.
+
+A synthetic stream's whole text is known in advance (:func:`expected_text`), so a stream
+that survived a failover is checked token for token, not just for having ended.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import signal
 import statistics
 import time
+from collections.abc import Iterable
 
 import httpx
 
-from testkit.harness import Cluster, Mesh, Proc
+from testkit.harness import Cluster, Mesh, Proc, healthy, wait_for
+from testkit.sse import ChatStream, chat_body, read_chat
 from worker.synthetic import next_token, word
 
 NODES = {"node-a": 2, "node-b": 1, "node-c": 0}
-TOKENS = 40
+"""Three nodes and their priorities: node-a coordinates, node-b takes over from it."""
 
 
 def expected_text(content: str, n: int) -> str:
+    """The text the synthetic engine streams for ``n`` tokens after a chat of one user
+    message ``content``: what an unbroken stream carries, failovers or not."""
     seq = list(content.encode())
     for _ in range(n):
         seq.append(next_token(seq))
     return "".join(word(t) for t in seq[len(content.encode()):])
 
 
-def nodes(cluster: Cluster, *names: str, rate: float = 40, ttft: float = 0.0
-          ) -> dict[str, Proc]:
+def synthetic_workers(cluster: Cluster, *names: str, rate: float = 40, ttft: float = 0.0
+                      ) -> dict[str, Proc]:
+    """One registered synthetic worker of 2 slots on each node of ``names``, by node."""
     return {n: cluster.worker("--engine", "synthetic", "--model", "syn", "--rate", str(rate),
                               "--ttft", str(ttft), "--slots", "2", node=n) for n in names}
 
 
-async def stream(client: httpx.AsyncClient, url: str, i: int, tokens: int,
-                 arrivals: list[float], flowing: asyncio.Event) -> str:
-    text = []
-    async with client.stream(
-            "POST", f"{url}/v1/chat/completions", json={
-                "model": "syn", "max_tokens": tokens, "stream": True,
-                "messages": [{"role": "user", "content": f"failover {i}"}]}) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    arrivals.append(time.monotonic())
-                    flowing.set()
-                    text.append(chunk["choices"][0]["delta"]["content"])
-    return "".join(text)
+def start_nodes(mesh: Mesh, gateways: Iterable[str] = NODES, rate: float = 20.0
+                ) -> dict[str, str]:
+    """Two synthetic workers (40 slots each) on every node of :data:`NODES` and a gateway
+    on each node of ``gateways``: their URLs, once each is healthy."""
+    for node in NODES:
+        for _ in range(2):
+            mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
+                       "--rate", str(rate), node=node)
+    urls = {node: mesh.start_gateway(node) for node in gateways}
+    for node, url in urls.items():
+        wait_for(f"gateway {node}", lambda u=url: healthy(u), timeout=30)
+    return urls
+
+
+def failover_body(i: int, tokens: int) -> dict[str, object]:
+    """Stream ``i`` of those that live through a broker's death."""
+    return chat_body(f"failover {i}", tokens, usage=False)
 
 
 def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
@@ -59,26 +68,25 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
     on, which is how long its client saw it stop (the tokens already on their way arrive
     in the first milliseconds after the kill, then the stream waits for its resubmission;
     an uninterrupted stream at 20 tokens/s still waits 0.05 s between tokens)."""
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    killed: list[float] = []
 
-    async def main() -> list[str]:
+    async def main() -> tuple[list[ChatStream], float]:
         limits = httpx.Limits(max_connections=streams + 10)
         async with httpx.AsyncClient(timeout=60, limits=limits, headers=mesh.auth) as client:
             flowing = [asyncio.Event() for _ in range(streams)]
-            tasks = [asyncio.create_task(stream(client, urls[i % len(urls)], i, tokens,
-                                                arrivals[i], flowing[i]))
+            tasks = [asyncio.create_task(read_chat(client, urls[i % len(urls)],
+                                                   failover_body(i, tokens),
+                                                   flowing=flowing[i]))
                      for i in range(streams)]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
             mesh.brokers["node-a"].kill(signal.SIGKILL)
-            killed.append(time.monotonic())
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
+            killed = time.perf_counter()
+            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90), killed
 
-    texts = asyncio.run(main())
-    for i, text in enumerate(texts):
-        assert text == expected_text(f"failover {i}", tokens), i
+    results, killed = asyncio.run(main())
+    for i, stream in enumerate(results):
+        assert stream.check().text == expected_text(f"failover {i}", tokens), i
     gaps = [max(b - a for a, b in itertools.pairwise(times))
-            for times in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
+            for times in ([t for t in s.content_arrivals if t > killed - 0.2] for s in results)
             if len(times) > 1]
     return {"streams": len(gaps), "min_s": round(min(gaps), 3),
             "median_s": round(statistics.median(gaps), 3),
@@ -86,30 +94,14 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
             "max_s": round(max(gaps), 3)}
 
 
-async def one(client: httpx.AsyncClient, url: str, i: int,
-              tokens: int = TOKENS) -> tuple[str, list[str], dict]:
-    """(text, finish reasons, usage) of stream ``i``; raises on any error."""
-    content = f"chaos stream {i}"
-    text: list[str] = []
-    finishes: list[str] = []
-    usage: dict = {}
-    done = 0
-    async with client.stream("POST", f"{url}/v1/chat/completions", json={
-            "model": "syn", "max_tokens": tokens, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": content}]}) as response:
-        assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if line == "data: [DONE]":
-                done += 1
-            elif line.startswith("data: "):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                for choice in chunk["choices"]:
-                    text.append(choice["delta"].get("content") or "")
-                    if choice["finish_reason"]:
-                        finishes.append(choice["finish_reason"])
-    assert done == 1
-    return "".join(text), finishes, usage
+async def chaos_stream(client: httpx.AsyncClient, url: str, i: int, tokens: int
+                       ) -> ChatStream:
+    """Stream ``i`` of a storm of faults, read to its end and asserted exactly as an
+    unbroken run: its text, one ``[DONE]``, a "length" finish and the usage of
+    ``tokens``."""
+    stream = (await read_chat(client, url, chat_body(f"chaos stream {i}", tokens))).check()
+    assert stream.text == expected_text(f"chaos stream {i}", tokens), i
+    assert stream.dones == 1, (i, stream.dones)
+    assert stream.finish_reasons == ["length"], (i, stream.finish_reasons)
+    assert stream.usage["completion_tokens"] == tokens, (i, stream.usage)
+    return stream

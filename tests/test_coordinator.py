@@ -19,7 +19,14 @@ from zeroconf import ServiceInfo, Zeroconf
 
 from common.discovery import ALIAS, COORDINATOR, SERVICE
 from testkit.harness import Mesh, close_and_report, free_port, healthy, wait_for
-from testkit.scenarios import NODES, expected_text, kill_coordinator_under_streams, stream
+from testkit.scenarios import (
+    NODES,
+    expected_text,
+    failover_body,
+    kill_coordinator_under_streams,
+    start_nodes,
+)
+from testkit.sse import ChatStream, read_chat
 
 HB = "MLX_STACK_HEARTBEAT_INTERVAL"
 
@@ -34,19 +41,6 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
         yield m
     finally:
         close_and_report(m, request.node)
-
-
-def start_nodes(mesh: Mesh, rate: float = 20.0) -> dict[str, str]:
-    for node in NODES:
-        for _ in range(2):
-            mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
-                       "--rate", str(rate), node=node)
-    urls = {}
-    for node in NODES:
-        port = free_port()
-        mesh.start("gateway", "--port", str(port), node=node)
-        urls[node] = f"http://127.0.0.1:{port}"
-    return urls
 
 
 def test_the_highest_priority_broker_coordinates_and_gathers_every_worker(mesh: Mesh) -> None:
@@ -67,8 +61,6 @@ def test_coordinator_killed_mid_stream_every_stream_resumes(mesh: Mesh) -> None:
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
              lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
-    for node in ("node-b", "node-c"):
-        wait_for(f"gateway {node}", lambda n=node: healthy(urls[n]), timeout=30)
     report = kill_coordinator_under_streams(
         mesh, [urls["node-b"], urls["node-c"]], streams=100, tokens=60)
     print(f"longest stall of a stream after the kill (heartbeat {mesh.env[HB]} s):", report)
@@ -173,19 +165,15 @@ def test_a_better_broker_joining_later_takes_over_after_the_hold_down(tmp_path: 
         for node in ("node-b", "node-c"):
             m.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
                     "--rate", "20", node=node)
-        port = free_port()
-        m.start("gateway", "--port", str(port), node="node-c")
-        url = f"http://127.0.0.1:{port}"
-        wait_for("gateway", lambda: healthy(url), timeout=30)
+        url = m.gateway(node="node-c")
         n, tokens = 30, 120  # 6 s streams: the takeover happens in their middle
-        arrivals: list[list[float]] = [[] for _ in range(n)]
         roles: list[tuple[float, str]] = []
 
-        async def main() -> list[str]:
+        async def main() -> list[ChatStream]:
             async with httpx.AsyncClient(timeout=60) as client:
                 flowing = [asyncio.Event() for _ in range(n)]
-                tasks = [asyncio.create_task(stream(client, url, i, tokens, arrivals[i],
-                                                    flowing[i])) for i in range(n)]
+                tasks = [asyncio.create_task(read_chat(client, url, failover_body(i, tokens),
+                                                       flowing=flowing[i])) for i in range(n)]
                 await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 30)
                 joined = time.monotonic()
                 await asyncio.to_thread(m.start_broker, "node-a")  # the streams go on
@@ -200,9 +188,8 @@ def test_a_better_broker_joining_later_takes_over_after_the_hold_down(tmp_path: 
                     await asyncio.sleep(0.2)
                 return await asyncio.gather(*tasks)
 
-        texts = asyncio.run(main())
-        for i, text in enumerate(texts):
-            assert text == expected_text(f"failover {i}", tokens), i
+        for i, stream in enumerate(asyncio.run(main())):
+            assert stream.check().text == expected_text(f"failover {i}", tokens), i
         first_coordinating = next(t for t, role in roles if role == "coordinator")
         assert first_coordinating >= hold, roles  # no takeover before the hold-down
         assert all(role == "standby" for t, role in roles if t < hold)

@@ -16,10 +16,12 @@ import pytest
 from testkit import netns
 from testkit.harness import ROOT, close_and_report, healthy, wait_for
 from testkit.netns import HostMesh
-from testkit.scenarios import NODES, kill_coordinator_under_streams
+from testkit.scenarios import NODES, kill_coordinator_under_streams, start_nodes
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
+
+
 @pytest.fixture
 def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
     """Three hosts; ``request.param`` "static" swaps mDNS for configured static peers."""
@@ -30,18 +32,6 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
             yield m
         finally:
             close_and_report(m, request.node)
-
-
-def start_nodes(mesh: HostMesh) -> dict[str, str]:
-    for node in NODES:
-        for _ in range(2):
-            mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
-                       "--rate", "20", node=node)
-        mesh.start("gateway", "--host", mesh.hosts.addr[node], "--port", "4000", node=node)
-    urls = {node: mesh.gateway_url(node) for node in NODES}
-    for node, url in urls.items():
-        wait_for(f"gateway {node}", lambda u=url: healthy(u), timeout=30)
-    return urls
 
 
 @pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
@@ -115,7 +105,7 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
 
     def client(node: str, seconds: float) -> subprocess.Popen[str]:
         return subprocess.Popen(mesh.hosts.exec_argv(node, [
-            sys.executable, "-c", CLIENT, f"http://{mesh.hosts.addr[node]}:4000",
+            sys.executable, "-c", CLIENT, mesh.gateway_url(node),
             str(seconds), mesh.keys.api_key]), stdout=subprocess.PIPE, text=True)
 
     clients = {node: client(node, 14) for node in ("node-a", "node-c")}
