@@ -25,7 +25,7 @@ import httpx
 
 from testkit.harness import wait_for
 
-PATH = "/v1/chat/completions"
+CHAT_PATH = "/v1/chat/completions"
 
 
 class Signal(Protocol):
@@ -147,7 +147,7 @@ class ChatStream:
 
 
 def _request(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    return {"method": "POST", "url": f"{url}{PATH}", "json": {**body, "stream": True}}
+    return {"method": "POST", "url": f"{url}{CHAT_PATH}", "json": {**body, "stream": True}}
 
 
 async def read_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any],
