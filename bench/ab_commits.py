@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.routing import interleaved, pct, provenance
 from bench.vs_litellm import BACKENDS, RATE, SLOTS, TOKENS, TTFT, Systems
-from tests.harness import ROOT, Cluster
+from testkit.harness import ROOT, Cluster
 
 
 def checkout(rev: str, into: Path) -> Path:

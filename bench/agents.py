@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from bench.routing import WORD, Streamed, expected_text, pct, provenance, quiet_heap, stream_once
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 NODES = ("node-0", "node-1", "node-2")
 WORDS = ("read", "the", "file", "function", "returns", "None", "when", "test", "fails",

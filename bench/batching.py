@@ -57,9 +57,11 @@ from typing import Any, NoReturn
 import httpx
 import psutil
 
-from bench.one_node import free_port, wait_healthy
+from bench.one_node import wait_healthy
 from bench.routing import provenance
 from common.config import Settings
+from testkit.harness import free_port
+from testkit.sse import ChatStream, read_chat
 from worker.blas import preload_openblas
 from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
@@ -264,37 +266,20 @@ def resolve_library(name: str | None) -> str | None:
 async def stream_chat(client: httpx.AsyncClient, server: Server,
                       messages: list[dict[str, str]], max_tokens: int,
                       timeout: float) -> Reply:
-    """One streamed chat completion: its text, time to first content, the server's usage."""
+    """One streamed chat completion: its text, time to first content, the server's usage;
+    what arrived until a failure (a refusal, an error event, a broken stream)."""
     body = {"model": server.model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    parts: list[str] = []
-    first: float | None = None
-    usage: int | None = None
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    stream = ChatStream()
     error: str | None = None
-    sent = time.perf_counter()
     try:
-        async with (asyncio.timeout(timeout),
-                    client.stream("POST", f"{server.url}/v1/chat/completions",
-                                  json=body) as response):
-            if response.status_code != 200:
-                detail = (await response.aread())[:300].decode(errors="replace")
-                raise RuntimeError(f"HTTP {response.status_code}: {detail}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue  # blank lines, ": keepalive" comments, [DONE]
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    usage = chunk["usage"].get("completion_tokens")
-                for choice in chunk.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        first = first or time.perf_counter()
-                        parts.append(content)
+        async with asyncio.timeout(timeout):
+            await read_chat(client, server.url, body, into=stream)
+        stream.check()
     except (httpx.HTTPError, RuntimeError, TimeoutError, ValueError, KeyError) as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
-    end = time.perf_counter()
-    return Reply(sent, end, None if first is None else first - sent, "".join(parts), usage,
-                 error)
+    return Reply(stream.sent, time.perf_counter(), stream.ttft, stream.text,
+                 stream.usage.get("completion_tokens"), error)
 
 
 def async_client(connections: int, timeout: float) -> httpx.AsyncClient:

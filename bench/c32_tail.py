@@ -41,7 +41,7 @@ from bench.vs_litellm import (
     steady,
     ttft_ms,
 )
-from tests.harness import Proc
+from testkit.harness import Proc
 
 
 def measure(urls: list[str], base: str, procs: dict[str, list[Proc]]) -> dict[str, Any]:

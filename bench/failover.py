@@ -14,7 +14,7 @@ the kill, which for a stream that hardly stalled was an ordinary gap anywhere up
 last token: runs showed "2.9 s" where nothing had waited.)
 
 Every stream's text is compared with what the synthetic engine generates for its prompt
-(``tests.test_coordinator.kill_coordinator_under_streams``, the scenario the tests
+(``testkit.scenarios.kill_coordinator_under_streams``, the scenario the tests
 assert): a run counts its streams as exact only when all of them are; a run with a stream
 that differs, an error event, a broken connection or a stream that never ends is reported
 as failed (the check stops at the first such stream) and left out of the timings. The
@@ -34,10 +34,11 @@ from typing import Any
 import httpx
 
 from bench.routing import pct, provenance
-from tests import netns
-from tests.harness import Mesh, free_port, wait_for
-from tests.test_coordinator import NODES, healthy, kill_coordinator_under_streams
-from tests.test_netns_mesh import HostMesh
+from testkit import netns
+from testkit.harness import Mesh, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import NODES, kill_coordinator_under_streams, start_nodes
+from testkit.sse import StreamFailed
 
 TOKENS = 60
 
@@ -54,20 +55,12 @@ def run_in(mesh: Mesh, streams: int, heartbeat: float) -> dict[str, Any]:
         for node in NODES:
             mesh.start_broker(node)
         wait_for("one coordinator", mesh.coordinator, timeout=20)
-        urls = []
-        for node in NODES:
-            for _ in range(2):
-                mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots",
-                           "40", "--rate", "20", node=node)
-            if node != "node-a":
-                urls.append(gateway(mesh, node))
-        for url in urls:
-            wait_for("gateway", lambda u=url: healthy(u), timeout=30)
+        urls = list(start_nodes(mesh, gateways=["node-b", "node-c"]).values())
         wait_for("6 workers", lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6),
                  timeout=30)
         try:
             report = kill_coordinator_under_streams(mesh, urls, streams, tokens=TOKENS)
-        except (AssertionError, TimeoutError, httpx.HTTPError) as exc:
+        except (AssertionError, TimeoutError, httpx.HTTPError, StreamFailed) as exc:
             # "AssertionError: 17": stream 17 is the first whose text differs
             return {"streams": streams, "all_exact": False,
                     "failure": f"{type(exc).__name__}: {exc}"}
@@ -76,16 +69,6 @@ def run_in(mesh: Mesh, streams: int, heartbeat: float) -> dict[str, Any]:
     return {"streams": streams, "all_exact": True, "exact_streams": streams,
             "inexact_streams": 0, "streams_timed": report["streams"],
             "median_s": report["median_s"], "p90_s": report["p90_s"], "max_s": report["max_s"]}
-
-
-def gateway(mesh: Mesh, node: str) -> str:
-    """Start ``node``'s gateway; its URL."""
-    if isinstance(mesh, HostMesh):
-        mesh.start("gateway", "--host", mesh.hosts.addr[node], "--port", "4000", node=node)
-        return mesh.gateway_url(node)
-    port = free_port()
-    mesh.start("gateway", "--port", str(port), node=node)
-    return f"http://127.0.0.1:{port}"
 
 
 def summary(values: list[float]) -> dict[str, float] | None:

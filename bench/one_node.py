@@ -1,7 +1,7 @@
 """What the mesh path costs on one node: the real model through gateway + broker + worker
 vs the same engine called in-process, at concurrency 1. Prints JSON.
 
-    .venv/bin/python bench/one_node.py [--runs 7] [--max-tokens 64]
+    .venv/bin/python -m bench.one_node [--runs 7] [--max-tokens 64]
 
 Both sides run the same greedy request and are timed the same way: time to first token
 (request sent -> first text received) and generation tokens/s (tokens after the first /
@@ -19,7 +19,6 @@ import os
 import platform
 import queue
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,17 +32,13 @@ import psutil
 from common import messages as msgs
 from common.config import Settings
 from common.generation import GenerationRequest
+from testkit.harness import free_port, healthy, wait_for
+from testkit.sse import content_of, read_chat_sync
 from worker.batch import BatchLoop
 from worker.blas import preload_openblas
 from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
@@ -62,39 +57,30 @@ def timed_direct(loop: BatchLoop, outbox: queue.SimpleQueue, max_tokens: int
     return stamps[0] - start, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
 
 
-def timed_mesh(client: httpx.Client, max_tokens: int) -> tuple[float, float, int]:
+def timed_mesh(client: httpx.Client, url: str, max_tokens: int) -> tuple[float, float, int]:
+    """The same request through the mesh at ``url``, timed from the chunks that carry
+    text or the finish."""
     body = {"model": "standard", "messages": MESSAGES, "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    stamps: list[float] = []
-    tokens = 0
-    start = time.perf_counter()
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-                continue
-            choice = chunk["choices"][0]
-            if choice["delta"].get("content") or choice["finish_reason"]:
-                stamps.append(time.perf_counter())
-    return stamps[0] - start, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
+            "temperature": 0, "stream_options": {"include_usage": True}}
+    stream = read_chat_sync(client, url, body).check()
+    stamps = [t for chunk, t in zip(stream.chunks, stream.arrivals, strict=True)
+              if content_of(chunk) or any(c.get("finish_reason") for c in chunk["choices"])]
+    tokens = stream.usage["completion_tokens"]
+    return stamps[0] - stream.sent, (tokens - 1) / (stamps[-1] - stamps[0]), tokens
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Until the mesh ``proc`` runs serves at ``url``; SystemExit if it exits or does not
+    within ``timeout``."""
+    def ready() -> bool:
         if proc.poll() is not None:
             raise SystemExit(f"mlx-stack up exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the mesh did not become healthy")
+        return healthy(url)
+
+    try:
+        wait_for("the mesh to be healthy", ready, timeout, every=0.2)
+    except AssertionError:
+        raise SystemExit("the mesh did not become healthy") from None
 
 
 def main() -> None:
@@ -126,14 +112,14 @@ def main() -> None:
         outbox: queue.SimpleQueue[msgs.Message] = queue.SimpleQueue()
         loop = BatchLoop(engine, outbox.put, lambda _: None)
         threading.Thread(target=loop.run, daemon=True).start()
-        client = httpx.Client(base_url=url, timeout=300)
+        client = httpx.Client(timeout=300)
         timed_direct(loop, outbox, 8)  # warm both paths
-        timed_mesh(client, 8)
+        timed_mesh(client, url, 8)
         direct, mesh = [], []
         for run in range(args.runs):  # who goes first alternates: no ordering bias
             if run % 2:
                 direct.append(timed_direct(loop, outbox, args.max_tokens))
-            mesh.append(timed_mesh(client, args.max_tokens))
+            mesh.append(timed_mesh(client, url, args.max_tokens))
             if not run % 2:
                 direct.append(timed_direct(loop, outbox, args.max_tokens))
     finally:

@@ -51,9 +51,11 @@ import psutil
 from common import messages as msgs
 from common.generation import GenerationRequest
 from common.meshkeys import new_secret
-from tests.harness import Cluster, Proc, free_port, wait_for
+from testkit.harness import Cluster, Proc, free_port, wait_for
+from testkit.scenarios import expected_text
+from testkit.sse import chat_body, read_chat
 from worker.batch import BatchLoop
-from worker.synthetic import SyntheticEngine, next_token, word
+from worker.synthetic import SyntheticEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD = re.compile(r" w\d+")
@@ -75,15 +77,6 @@ class Streamed(NamedTuple):
     """SSE events that carried content."""
     node: str
     """The node that served it (``x-mlx-stack-node``)."""
-
-
-def expected_text(content: str, n: int) -> str:
-    """The text the synthetic engine streams for ``n`` tokens after a chat of one user
-    message ``content`` (as ``tests/test_failover.py``'s helper)."""
-    seq = list(content.encode())
-    for _ in range(n):
-        seq.append(next_token(seq))
-    return "".join(word(t) for t in seq[len(content.encode()):])
 
 
 def received(results: list[Streamed], max_tokens: int) -> dict[str, int]:
@@ -121,36 +114,19 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def chat_body(content: str, max_tokens: int,
-              messages: list[dict[str, str]] | None = None) -> dict[str, Any]:
-    return {"model": "syn", "max_tokens": max_tokens, "stream": True,
-            "stream_options": {"include_usage": True},
-            "messages": messages or [{"role": "user", "content": content}]}
-
-
 async def stream_once(client: httpx.AsyncClient, url: str, content: str,
                       max_tokens: int, messages: list[dict[str, str]] | None = None
                       ) -> Streamed:
     """One streamed request; the text is kept, to be counted and checked after the load.
     ``messages``: a whole conversation instead of one user message ``content`` (then
-    ``content`` is its messages joined by newlines, the synthetic engine's prompt)."""
-    start = time.perf_counter()
-    first = 0.0
-    parts: list[str] = []
-    async with client.stream("POST", f"{url}/v1/chat/completions",
-                             json=chat_body(content, max_tokens, messages)) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"error event in stream {content!r}: {chunk['error']}")
-            if chunk["choices"] and (text := chunk["choices"][0]["delta"].get("content")):
-                parts.append(text)
-                first = first or time.perf_counter() - start
-    return Streamed(first, time.perf_counter() - start, content, "".join(parts), len(parts),
-                    response.headers.get("x-mlx-stack-node", ""))
+    ``content`` is its messages joined by newlines, the synthetic engine's prompt). A
+    refusal or an error event raises :class:`testkit.sse.StreamFailed`."""
+    body = chat_body(content, max_tokens)
+    if messages:
+        body["messages"] = messages
+    stream = (await read_chat(client, url, body)).check()
+    return Streamed(stream.ttft or 0.0, stream.seconds, content, stream.text,
+                    len(stream.content_arrivals), stream.node)
 
 
 @contextlib.contextmanager

@@ -59,8 +59,9 @@ import httpx
 import psutil
 
 from bench.routing import Streamed, interleaved, load, pct, provenance
-from tests.harness import Cluster, Proc, free_port, wait_for
-from tests.test_failover import expected_text
+from testkit.harness import Cluster, Proc, free_port, wait_for
+from testkit.scenarios import expected_text
+from testkit.sse import chat_body, read_chat
 
 LITELLM = "1.108.0"
 """The LiteLLM release compared with (its proxy extra resolves from PyPI here)."""
@@ -257,25 +258,11 @@ async def storm(url: str, n: int, tokens: int, first: int, kill: Any) -> dict[st
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         content = f"failure stream {first + i}"
-        parts: list[str] = []
         try:
             async with asyncio.timeout(60):
-                async with client.stream("POST", f"{url}/v1/chat/completions", json={
-                        "model": "syn", "max_tokens": tokens, "stream": True,
-                        "messages": [{"role": "user", "content": content}]}) as r:
-                    if r.status_code != 200:
-                        raise RuntimeError(r.status_code)
-                    async for line in r.aiter_lines():
-                        if not line.startswith("data: {"):
-                            continue
-                        chunk = json.loads(line[6:])
-                        if "error" in chunk:
-                            raise RuntimeError(chunk["error"])
-                        if chunk.get("choices") and (t := chunk["choices"][0]["delta"].get(
-                                "content")):
-                            parts.append(t)
-                            flowing[i].set()
-            text = "".join(parts)
+                stream = await read_chat(client, url, chat_body(content, tokens, usage=False),
+                                         flowing=flowing[i])
+            text = stream.check().text  # a refusal or an error event: StreamFailed
             outcome["completed" if text == expected_text(content, tokens) else "wrong"] += 1
         except TimeoutError:
             outcome["hung"] += 1

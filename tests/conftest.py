@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.config import Settings
-from tests.harness import Cluster, close_and_report
+from testkit.harness import Cluster, close_and_report
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

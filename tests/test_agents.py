@@ -26,7 +26,7 @@ from agents import (
     set_tracing_disabled,
 )
 
-from tests.harness import Cluster
+from testkit.harness import Cluster
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 AIDER = Path(__file__).resolve().parent.parent / ".venv-aider" / "bin" / "aider"

@@ -19,7 +19,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.harness import ROOT, Cluster, free_port
+from testkit.harness import ROOT, Cluster, free_port
 
 WEATHER = [{"name": "get_weather", "description": "The weather in a city now.",
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}},

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from common import messages as msgs
 from common.generation import GenerationRequest
+from testkit.harness import wait_for
 from tests.batchloop import RunningLoop
-from tests.harness import wait_for
 from worker.synthetic import FAULT, SyntheticEngine, next_token, word
 
 

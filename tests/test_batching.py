@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from common.status import WorkerStatus
-from tests.harness import Cluster, Proc, close_and_report, wait_for
+from testkit.harness import Cluster, Proc, close_and_report, wait_for
 
 pytestmark = pytest.mark.model
 TOPICS = ["the sea", "a lost cat", "a rocket", "fresh bread", "winter", "a small robot",

@@ -19,7 +19,7 @@ from common.config import Settings
 from common.control import ControlClient, ControlError
 from common.generation import GenerationRequest
 from common.plain import INT_MAX
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 
 @pytest.fixture

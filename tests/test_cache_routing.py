@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import openai
 
-from tests.harness import Cluster
+from testkit.harness import Cluster
 
 
 def test_each_conversations_next_turns_go_to_the_worker_of_its_first(cluster: Cluster

@@ -10,7 +10,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness import Cluster, close_and_report
+from testkit.harness import Cluster, close_and_report
 
 pytestmark = pytest.mark.model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.harness import Cluster, close_and_report, wait_for
+from testkit.harness import Cluster, close_and_report, wait_for
 
 
 @pytest.mark.parametrize("cache_routing", ["true", "false"])

@@ -12,7 +12,7 @@ import openai
 import psutil
 import pytest
 
-from tests.harness import Proc, free_port, run_cli, wait_for
+from testkit.harness import Proc, free_port, run_cli, wait_for
 
 
 def roles(pid: int) -> dict[int, str]:

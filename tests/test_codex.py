@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import ROOT, Cluster, free_port
+from testkit.harness import ROOT, Cluster, free_port
 
 CODEX = ROOT / "tests" / "clients" / "node_modules" / ".bin" / "codex"
 pytestmark = pytest.mark.skipif(not CODEX.exists(), reason="Codex CLI is not installed: run "

@@ -8,10 +8,7 @@ and every stream completes exactly, resumed through the new coordinator.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import signal
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +18,16 @@ import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
 from common.discovery import ALIAS, COORDINATOR, SERVICE
-from tests.harness import Mesh, close_and_report, free_port, wait_for
-from tests.test_failover import expected_text
+from testkit.harness import Mesh, close_and_report, free_port, healthy, wait_for
+from testkit.scenarios import (
+    NODES,
+    expected_text,
+    failover_body,
+    kill_coordinator_under_streams,
+    start_nodes,
+)
+from testkit.sse import ChatStream, read_chat
 
-NODES = {"node-a": 2, "node-b": 1, "node-c": 0}
 HB = "MLX_STACK_HEARTBEAT_INTERVAL"
 
 
@@ -40,19 +43,6 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
         close_and_report(m, request.node)
 
 
-def start_nodes(mesh: Mesh, rate: float = 20.0) -> dict[str, str]:
-    for node in NODES:
-        for _ in range(2):
-            mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
-                       "--rate", str(rate), node=node)
-    urls = {}
-    for node in NODES:
-        port = free_port()
-        mesh.start("gateway", "--port", str(port), node=node)
-        urls[node] = f"http://127.0.0.1:{port}"
-    return urls
-
-
 def test_the_highest_priority_broker_coordinates_and_gathers_every_worker(mesh: Mesh) -> None:
     coordinator = wait_for("one coordinator", mesh.coordinator, timeout=10)
     assert coordinator.node_id == "node-a" and coordinator.epoch >= 1
@@ -65,40 +55,12 @@ def test_the_highest_priority_broker_coordinates_and_gathers_every_worker(mesh: 
         assert status.coordinator == mesh.broker_endpoint("node-a")
 
 
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-async def stream(client: httpx.AsyncClient, url: str, i: int, tokens: int,
-                 arrivals: list[float], flowing: asyncio.Event) -> str:
-    text = []
-    async with client.stream(
-            "POST", f"{url}/v1/chat/completions", json={
-                "model": "syn", "max_tokens": tokens, "stream": True,
-                "messages": [{"role": "user", "content": f"failover {i}"}]}) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                chunk = json.loads(line[6:])
-                assert "error" not in chunk, chunk
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    arrivals.append(time.monotonic())
-                    flowing.set()
-                    text.append(chunk["choices"][0]["delta"]["content"])
-    return "".join(text)
-
-
 @pytest.mark.parametrize("mesh", [0.2, 0.5], indirect=True, ids=["hb200ms", "hb500ms"])
 def test_coordinator_killed_mid_stream_every_stream_resumes(mesh: Mesh) -> None:
     wait_for("one coordinator", mesh.coordinator, timeout=10)
     urls = start_nodes(mesh)
     wait_for("all 6 workers at the coordinator",
              lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
-    for node in ("node-b", "node-c"):
-        wait_for(f"gateway {node}", lambda n=node: healthy(urls[n]), timeout=30)
     report = kill_coordinator_under_streams(
         mesh, [urls["node-b"], urls["node-c"]], streams=100, tokens=60)
     print(f"longest stall of a stream after the kill (heartbeat {mesh.env[HB]} s):", report)
@@ -163,41 +125,6 @@ def test_a_standby_nodes_expected_model_waits_at_the_coordinator(tmp_path: Path)
         m.close()
 
 
-def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
-                                   tokens: int) -> dict[str, float]:
-    """Run ``streams`` synthetic streams over ``urls``; once all flow, SIGKILL node-a's
-    broker (the coordinator). Asserts every stream equals its unbroken sequence; returns,
-    over the streams, each one's stall: its longest wait between two tokens from the kill
-    on, which is how long its client saw it stop (the tokens already on their way arrive
-    in the first milliseconds after the kill, then the stream waits for its resubmission;
-    an uninterrupted stream at 20 tokens/s still waits 0.05 s between tokens)."""
-    arrivals: list[list[float]] = [[] for _ in range(streams)]
-    killed: list[float] = []
-
-    async def main() -> list[str]:
-        limits = httpx.Limits(max_connections=streams + 10)
-        async with httpx.AsyncClient(timeout=60, limits=limits, headers=mesh.auth) as client:
-            flowing = [asyncio.Event() for _ in range(streams)]
-            tasks = [asyncio.create_task(stream(client, urls[i % len(urls)], i, tokens,
-                                                arrivals[i], flowing[i]))
-                     for i in range(streams)]
-            await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
-            mesh.brokers["node-a"].kill(signal.SIGKILL)
-            killed.append(time.monotonic())
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)
-
-    texts = asyncio.run(main())
-    for i, text in enumerate(texts):
-        assert text == expected_text(f"failover {i}", tokens), i
-    gaps = [max(b - a for a, b in itertools.pairwise(times))
-            for times in ([t for t in arr if t > killed[0] - 0.2] for arr in arrivals)
-            if len(times) > 1]
-    return {"streams": len(gaps), "min_s": round(min(gaps), 3),
-            "median_s": round(statistics.median(gaps), 3),
-            "p90_s": round(statistics.quantiles(gaps, n=10)[-1], 3),
-            "max_s": round(max(gaps), 3)}
-
-
 def test_brokers_find_each_other_over_mdns_without_configuration(tmp_path: Path) -> None:
     """mDNS pinned to loopback, no static peers: the three brokers discover each other and
     agree on the highest-priority one."""
@@ -238,19 +165,15 @@ def test_a_better_broker_joining_later_takes_over_after_the_hold_down(tmp_path: 
         for node in ("node-b", "node-c"):
             m.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
                     "--rate", "20", node=node)
-        port = free_port()
-        m.start("gateway", "--port", str(port), node="node-c")
-        url = f"http://127.0.0.1:{port}"
-        wait_for("gateway", lambda: healthy(url), timeout=30)
+        url = m.gateway(node="node-c")
         n, tokens = 30, 120  # 6 s streams: the takeover happens in their middle
-        arrivals: list[list[float]] = [[] for _ in range(n)]
         roles: list[tuple[float, str]] = []
 
-        async def main() -> list[str]:
+        async def main() -> list[ChatStream]:
             async with httpx.AsyncClient(timeout=60) as client:
                 flowing = [asyncio.Event() for _ in range(n)]
-                tasks = [asyncio.create_task(stream(client, url, i, tokens, arrivals[i],
-                                                    flowing[i])) for i in range(n)]
+                tasks = [asyncio.create_task(read_chat(client, url, failover_body(i, tokens),
+                                                       flowing=flowing[i])) for i in range(n)]
                 await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 30)
                 joined = time.monotonic()
                 await asyncio.to_thread(m.start_broker, "node-a")  # the streams go on
@@ -265,9 +188,8 @@ def test_a_better_broker_joining_later_takes_over_after_the_hold_down(tmp_path: 
                     await asyncio.sleep(0.2)
                 return await asyncio.gather(*tasks)
 
-        texts = asyncio.run(main())
-        for i, text in enumerate(texts):
-            assert text == expected_text(f"failover {i}", tokens), i
+        for i, stream in enumerate(asyncio.run(main())):
+            assert stream.check().text == expected_text(f"failover {i}", tokens), i
         first_coordinating = next(t for t, role in roles if role == "coordinator")
         assert first_coordinating >= hold, roles  # no takeover before the hold-down
         assert all(role == "standby" for t, role in roles if t < hold)

@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from testkit.harness import Cluster, wait_for
 from tests.browser import HOSTILE, open_page
-from tests.harness import Cluster, wait_for
 
 
 @pytest.fixture

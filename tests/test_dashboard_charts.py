@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from common import meshview
+from testkit.harness import Cluster, Mesh, close_and_report, wait_for
 from tests.browser import open_page
-from tests.harness import Cluster, Mesh, close_and_report, wait_for
 
 NODES = {"node-a": 2, "node-b": 1, "node-c": 0}
 """Priorities: node-a coordinates."""

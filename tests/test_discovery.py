@@ -12,7 +12,7 @@ import pytest
 from zeroconf import Zeroconf
 
 from common.discovery import COORDINATOR, SERVICE, Advert, Discovery
-from tests.harness import wait_for
+from testkit.harness import wait_for
 
 
 def advert(node: str, port: int) -> Advert:

@@ -3,103 +3,23 @@ SIGKILL/SIGSTOP; synthetic workers, so the exact expected stream is known)."""
 
 from __future__ import annotations
 
-import itertools
-import json
 import signal
-import threading
 import time
-from dataclasses import dataclass, field
 
 import httpx
 import openai
 import pytest
 
-from tests.harness import Cluster, Proc, free_port, wait_for
-from worker.synthetic import FAULT, next_token, word
-
-
-def expected_text(content: str, n: int) -> str:
-    seq = list(content.encode())
-    for _ in range(n):
-        seq.append(next_token(seq))
-    return "".join(word(t) for t in seq[len(content.encode()):])
-
-
-@dataclass
-class Stream:
-    """A streamed chat completion read on a thread, with what arrived so far."""
-
-    url: str
-    content: str
-    max_tokens: int
-    headers: dict[str, str] = field(default_factory=dict)
-    chunks: list[dict] = field(default_factory=list)
-    done: bool = False
-    """``[DONE]`` arrived."""
-    closed: bool = False
-    """The response ended (after ``[DONE]``, or after an error event)."""
-    error: BaseException | None = None
-    first: threading.Event = field(default_factory=threading.Event)
-    arrivals: list[float] = field(default_factory=list)
-    """When each chunk arrived (monotonic seconds)."""
-
-    def start(self) -> Stream:
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self) -> None:
-        body = {"model": "syn", "max_tokens": self.max_tokens, "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": self.content}]}
-        try:
-            with httpx.stream("POST", f"{self.url}/v1/chat/completions", json=body,
-                              timeout=60) as response:
-                self.headers = dict(response.headers)
-                self.first.set()
-                for line in response.iter_lines():
-                    if line == "data: [DONE]":
-                        self.done = True
-                    elif line.startswith("data: "):
-                        self.chunks.append(json.loads(line[6:]))
-                        self.arrivals.append(time.monotonic())
-            self.closed = True
-        except BaseException as exc:  # reported by the test
-            self.error = exc
-        finally:
-            self.first.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(c["choices"][0]["delta"].get("content") or ""
-                       for c in self.chunks if c.get("choices"))
-
-    @property
-    def longest_gap(self) -> float:
-        """The longest wait between two chunks, in seconds: how long a failover held
-        the stream."""
-        return max((b - a for a, b in itertools.pairwise(self.arrivals)), default=0.0)
-
-    def wait(self, timeout: float = 60) -> None:
-        """Until the response ends, then fail with its error event if it had one (the
-        stream ends without ``[DONE]`` then), else if ``[DONE]`` never came."""
-        wait_for(f"the stream {self.content!r} to end", lambda: self.closed or self.error,
-                 timeout=timeout)
-        assert self.error is None, self.error
-        errors = [c for c in self.chunks if "error" in c]
-        assert not errors, errors
-        assert self.done, f"the stream ended without [DONE] after {self.text!r}"
-
-
-def nodes(cluster: Cluster, *names: str, rate: float = 40, ttft: float = 0.0
-          ) -> dict[str, Proc]:
-    return {n: cluster.worker("--engine", "synthetic", "--model", "syn", "--rate", str(rate),
-                              "--ttft", str(ttft), "--slots", "2", node=n) for n in names}
+from testkit.harness import Cluster, free_port, wait_for
+from testkit.scenarios import expected_text, synthetic_workers
+from testkit.sse import BackgroundStream
+from worker.synthetic import FAULT
 
 
 def test_worker_killed_mid_stream_the_stream_continues_exactly(cluster: Cluster) -> None:
-    workers = nodes(cluster, "node-a", "node-b")
+    workers = synthetic_workers(cluster, "node-a", "node-b")
     url = cluster.gateway()
-    stream = Stream(url, "tell me a story", 60).start()
+    stream = BackgroundStream(url, "tell me a story", 60).start()
     wait_for("some tokens", lambda: len(stream.text.split()) >= 10)
     workers[stream.headers["x-mlx-stack-node"]].kill(signal.SIGKILL)
     stream.wait()
@@ -114,9 +34,9 @@ def test_worker_killed_mid_stream_the_stream_continues_exactly(cluster: Cluster)
 def test_stalled_worker_is_purged_and_the_job_runs_elsewhere(cluster: Cluster) -> None:
     """A worker frozen before its first token (SIGSTOP) is purged and the job re-dispatched;
     when it thaws, its late output for the old attempt is ignored."""
-    workers = nodes(cluster, "node-a", "node-b", ttft=1.5)
+    workers = synthetic_workers(cluster, "node-a", "node-b", ttft=1.5)
     url = cluster.gateway()
-    stream = Stream(url, "frozen", 20).start()
+    stream = BackgroundStream(url, "frozen", 20).start()
     assert stream.first.wait(30)
     frozen = workers[stream.headers["x-mlx-stack-node"]]
     frozen.kill(signal.SIGSTOP)
@@ -130,9 +50,9 @@ def test_stalled_worker_is_purged_and_the_job_runs_elsewhere(cluster: Cluster) -
 
 
 def test_broker_restart_mid_stream_resumes_every_stream(cluster: Cluster) -> None:
-    nodes(cluster, "node-a", "node-b", rate=30)
+    synthetic_workers(cluster, "node-a", "node-b", rate=30)
     url = cluster.gateway()
-    streams = [Stream(url, f"stream {i}", 45).start() for i in range(4)]
+    streams = [BackgroundStream(url, f"stream {i}", 45).start() for i in range(4)]
     wait_for("tokens on every stream", lambda: all(len(s.text.split()) >= 5 for s in streams))
     cluster.procs[0].kill(signal.SIGKILL)  # the broker
     cluster.broker()
@@ -142,7 +62,7 @@ def test_broker_restart_mid_stream_resumes_every_stream(cluster: Cluster) -> Non
 
 
 def test_engine_error_is_a_500_at_once_not_retried(cluster: Cluster) -> None:
-    nodes(cluster, "node-a", "node-b")
+    synthetic_workers(cluster, "node-a", "node-b")
     url = cluster.gateway()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.InternalServerError) as info:
@@ -174,7 +94,7 @@ def test_a_request_past_its_deadline_is_a_504_and_frees_its_slot(tmp_path) -> No
     c = Cluster(tmp_path, env={"MLX_STACK_REQUEST_TIMEOUT": "1"})
     try:
         c.broker()
-        nodes(c, "node-a", ttft=60)  # never answers within the deadline
+        synthetic_workers(c, "node-a", ttft=60)  # never answers within the deadline
         url = c.gateway()
         started = time.monotonic()
         response = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
@@ -196,9 +116,9 @@ def test_when_retries_run_out_the_stream_ends_with_an_error_not_a_hang(tmp_path)
     c = Cluster(tmp_path, env={"MLX_STACK_MAX_RETRIES": "1"})
     try:
         c.broker()
-        workers = nodes(c, "node-a", "node-b", rate=20)
+        workers = synthetic_workers(c, "node-a", "node-b", rate=20)
         url = c.gateway(node="node-a")
-        s = Stream(url, "doomed", 400).start()
+        s = BackgroundStream(url, "doomed", 400).start()
         wait_for("tokens from the first worker", lambda: len(s.chunks) >= 3)
         first = s.headers["x-mlx-stack-node"]
         workers[first].kill(signal.SIGKILL)
@@ -221,8 +141,8 @@ def test_broker_restarts_never_use_up_a_requests_retries(tmp_path) -> None:
     c = Cluster(tmp_path, env={"MLX_STACK_MAX_RETRIES": "1"})
     try:
         broker = c.broker()
-        nodes(c, "node-a", rate=20)
-        s = Stream(c.gateway(), "outlives its brokers", 120).start()
+        synthetic_workers(c, "node-a", rate=20)
+        s = BackgroundStream(c.gateway(), "outlives its brokers", 120).start()
         for restart in range(3):
             seen = len(s.text.split())
             wait_for(f"tokens before restart {restart}",
@@ -241,9 +161,10 @@ def test_streams_go_direct_to_a_reachable_gateway_and_through_the_broker_otherwi
     """node-a's worker streams straight to node-a's gateway. node-b's worker cannot reach
     it (loopback names another machine, as far as the broker knows): its output goes
     through the broker. Every stream is exact."""
-    procs = nodes(cluster, "node-a", "node-b", rate=400)
+    procs = synthetic_workers(cluster, "node-a", "node-b", rate=400)
     url = cluster.gateway(node="node-a")
-    streams = [Stream(url, f"way {i}", 12).start() for i in range(8)]  # both workers' slots
+    # Both workers' slots:
+    streams = [BackgroundStream(url, f"way {i}", 12).start() for i in range(8)]
     for stream in streams:
         stream.wait()
         assert stream.text == expected_text(stream.content, 12)
@@ -270,7 +191,7 @@ def test_a_worker_lost_before_its_heartbeat_told_of_direct_output_is_resumed(
                                      "MLX_STACK_HEARTBEAT_LIVENESS": "2"})
     try:
         cluster.broker()
-        (worker,) = nodes(cluster, "node-a", rate=20).values()
+        (worker,) = synthetic_workers(cluster, "node-a", rate=20).values()
         url = cluster.gateway()
         # One request first: the worker's connection to the gateway is then up, and the
         # stream below goes direct.
@@ -282,11 +203,11 @@ def test_a_worker_lost_before_its_heartbeat_told_of_direct_output_is_resumed(
             w.load.counters.get("jobs_done") and w.last_heartbeat_s < 0.3
             for w in cluster.workers()), timeout=3 * interval)
         beat = time.monotonic()
-        stream = Stream(url, "quick now", 30).start()
+        stream = BackgroundStream(url, "quick now", 30).start()
         wait_for("a token", lambda: stream.text)
         worker.kill(signal.SIGKILL)
         assert time.monotonic() - beat < interval, "the stream took a heartbeat interval"
-        nodes(cluster, "node-b", rate=20)
+        synthetic_workers(cluster, "node-b", rate=20)
         stream.wait()
         assert stream.text == expected_text("quick now", 30)
         assert cluster.control("status").counters.get("redispatched") == 1
@@ -304,7 +225,7 @@ def test_a_client_that_leaves_while_its_job_waits_cancels_it(
     answered yet then."""
     cluster.worker("--engine", "synthetic", "--model", "syn", "--ttft", "60", "--slots", "1")
     url = cluster.gateway()
-    busy = Stream(url, "the slot", 5).start()
+    busy = BackgroundStream(url, "the slot", 5).start()
     assert busy.first.wait(10) and busy.headers, busy.error
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", timeout=1.0, json={

@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from common import messages as msgs
 from common import wire
 from common.generation import GenerationRequest
+from testkit.harness import Cluster, close_and_report, wait_for
 from tests.fuzz_frames import TAGS, harmless, hostile_frames, nested
-from tests.harness import Cluster, close_and_report, wait_for
 from worker.synthetic import next_token, word
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "4000"))

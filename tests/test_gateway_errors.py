@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from common.plain import MAX_DEPTH
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 LIMIT = 64 * 1024
 MAX_MESSAGES = 8

@@ -22,7 +22,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
 
-from tests.harness import Cluster, close_and_report
+from testkit.harness import Cluster, close_and_report
 
 EXAMPLES = int(os.environ.get("SCHEMA_EXAMPLES", "250"))
 MODEL = "syn"

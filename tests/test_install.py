@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from cli.services import write_examples
-from tests.harness import ROOT, Proc, free_port, wait_for
+from testkit.harness import ROOT, Proc, free_port, wait_for
 
 STAND_IN = r"""#!/bin/sh
 # A recording stand-in for {tool}: appends its arguments to $RECORD, keeps what is

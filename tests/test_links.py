@@ -21,11 +21,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import netns
-from tests.harness import close_and_report, wait_for
-from tests.test_coordinator import stream
-from tests.test_failover import expected_text
-from tests.test_netns_mesh import HostMesh, start_nodes
+from testkit import netns
+from testkit.harness import close_and_report, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import expected_text, failover_body, start_nodes
+from testkit.sse import read_chat
 
 pytestmark = pytest.mark.skipif(
     netns.available() is not None or shutil.which("nft") is None or shutil.which("tc") is None,
@@ -96,11 +96,13 @@ def streams_through(mesh: HostMesh, url: str, fault: Callable[[], None]) -> list
         limits = httpx.Limits(max_connections=STREAMS + 10)
         async with httpx.AsyncClient(timeout=120, limits=limits, headers=mesh.auth) as client:
             flowing = [asyncio.Event() for _ in range(STREAMS)]
-            tasks = [asyncio.create_task(stream(client, url, i, TOKENS, [], flowing[i]))
+            tasks = [asyncio.create_task(read_chat(client, url, failover_body(i, TOKENS),
+                                                   flowing=flowing[i]))
                      for i in range(STREAMS)]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
             await asyncio.to_thread(fault)
-            return await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+            streams = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+            return [s.check().text for s in streams]
 
     return asyncio.run(main())
 

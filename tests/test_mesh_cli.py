@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from common.meshkeys import new_secret
-from tests.harness import Mesh, close_and_report, free_port, run_cli, wait_for
+from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
 
 SYN = ("--engine", "synthetic", "--model", "syn", "--slots", "4", "--rate", "500")
 

@@ -10,7 +10,7 @@ import sys
 
 import psutil
 
-from tests.harness import ROOT, Cluster, run_cli, wait_for
+from testkit.harness import ROOT, Cluster, run_cli, wait_for
 
 
 def test_watch_draws_the_mesh_and_says_when_the_broker_is_down(cluster: Cluster) -> None:

@@ -13,8 +13,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import Cluster, wait_for
-from tests.test_failover import Stream, expected_text, nodes
+from testkit.harness import Cluster, wait_for
+from testkit.scenarios import expected_text, synthetic_workers
+from testkit.sse import BackgroundStream
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -41,7 +42,7 @@ def total(samples: Samples, name: str, **labels: str) -> float:
 
 
 def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
-    workers = nodes(cluster, "node-a", "node-b")
+    workers = synthetic_workers(cluster, "node-a", "node-b")
     url = cluster.gateway()
     # The broker's figures are asked at scrape time (1 s timeout): wait for an answer.
     before = wait_for("a scrape with the broker's figures", lambda: s if value(
@@ -71,7 +72,7 @@ def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
     assert value(served, "mlx_stack_request_duration_seconds_count", model="syn") == 2
     assert value(served, "mlx_stack_request_duration_seconds_count", model="unknown") == 1
 
-    stream = Stream(url, "tell me a story", 60).start()
+    stream = BackgroundStream(url, "tell me a story", 60).start()
     wait_for("some tokens", lambda: len(stream.text.split()) >= 10)
     wait_for("one busy worker", lambda: value(
         scrape(url), "mlx_stack_workers", model="syn", state="busy") == 1, timeout=10)
@@ -89,7 +90,7 @@ def test_counters_follow_requests_and_a_killed_worker(cluster: Cluster) -> None:
 
 
 def test_without_a_broker_local_metrics_are_served_and_up_is_0(cluster: Cluster) -> None:
-    nodes(cluster, "node-a")
+    synthetic_workers(cluster, "node-a")
     url = cluster.gateway()
     reply = httpx.post(f"{url}/v1/completions", timeout=30, json={
         "model": "syn", "prompt": "hi", "max_tokens": 3})
@@ -111,10 +112,10 @@ def test_pre_token_failovers_are_counted_by_the_gateway_and_survive_a_new_coordi
         cluster: Cluster) -> None:
     slow = cluster.worker("--engine", "synthetic", "--model", "syn", "--ttft", "30")
     url = cluster.gateway()
-    stream = Stream(url, "patience", 10).start()
+    stream = BackgroundStream(url, "patience", 10).start()
     # The headers came: the slow worker's "started" PARTIAL reached the gateway.
     assert stream.first.wait(10) and stream.headers, stream.error
-    nodes(cluster, "node-b")
+    synthetic_workers(cluster, "node-b")
     slow.kill(signal.SIGKILL)  # before its first token: the coordinator re-dispatches
     stream.wait()
     assert stream.text == expected_text("patience", 10)
@@ -140,7 +141,7 @@ def test_fastapis_opentelemetry_is_off_unless_the_environment_asks(monkeypatch) 
 def test_a_refusal_is_logged_and_labelled_by_the_model_it_asked_for(cluster: Cluster) -> None:
     """An operator sees what clients were refused: one info line per 4xx with its request
     id, status, code and param; and a 400 for a served model counts under that model."""
-    nodes(cluster, "node-a")
+    synthetic_workers(cluster, "node-a")
     url = cluster.gateway("--log-level", "info")
     bad = {"model": "syn", "messages": [{"role": "user", "content": "x"}], "n": 2}
     refused = httpx.post(f"{url}/v1/chat/completions", json=bad, timeout=30,
@@ -172,7 +173,7 @@ def test_the_grafana_dashboard_asks_only_for_families_the_gateway_serves(
     asked = {name for path in board.glob("*.json")
              for name in re.findall(r"mlx_stack_[a-z_]+", path.read_text())}
     assert len(asked) >= 10
-    nodes(cluster, "node-a")
+    synthetic_workers(cluster, "node-a")
     url = cluster.gateway()
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
     client.chat.completions.create(model="syn", max_tokens=3,

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 pytestmark = pytest.mark.model
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

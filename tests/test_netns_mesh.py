@@ -13,49 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from common.meshkeys import new_secret
-from tests import netns
-from tests.harness import ROOT, Mesh, Proc, close_and_report, wait_for
-from tests.test_coordinator import HB, NODES, healthy, kill_coordinator_under_streams
+from testkit import netns
+from testkit.harness import ROOT, close_and_report, healthy, wait_for
+from testkit.netns import HostMesh
+from testkit.scenarios import NODES, kill_coordinator_under_streams, start_nodes
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))
-PORT = 4100
-
-
-class HostMesh(Mesh):
-    """A Mesh whose nodes live in network namespaces and find each other over mDNS."""
-
-    def __init__(self, tmp: Path, hosts: netns.Hosts, mdns: bool = True) -> None:
-        self.hosts = hosts
-        self.mdns = mdns
-        # Hosts on a network: the mesh secret is required (and its id keeps mDNS private).
-        super().__init__(tmp, NODES, env={HB: "0.5"}, secret=new_secret())
-        if mdns:
-            self.env["MLX_STACK_PEERS"] = ""  # found over mDNS alone
-
-    def broker_endpoint(self, node: str) -> str:
-        return f"tcp://{self.hosts.addr[node]}:{PORT}"
-
-    def node_env(self, node: str) -> dict[str, str]:
-        addr = self.hosts.addr[node]
-        return {"MLX_STACK_BROKER_HOST": addr, "MLX_STACK_BROKER_PORT": str(PORT),
-                "MLX_STACK_BROKER_ENDPOINT": self.broker_endpoint(node),
-                "MLX_STACK_MDNS_INTERFACES": addr if self.mdns else "",
-                "MLX_STACK_PRIORITY": str(self.priorities[node])}
-
-    def start(self, role: str, *args: str, node: str = "node-a",
-              env: dict[str, str] | None = None) -> Proc:
-        name = f"{node}-{role}-{len(self.procs)}"
-        argv = self.hosts.exec_argv(node, [sys.executable, "-m", "cli", role, *args])
-        proc = Proc(name, argv, {**self.env, "MLX_STACK_NODE_ID": node,
-                                 **self.node_env(node), **(env or {})},
-                    self.tmp / f"{name}.log")
-        self.procs.append(proc)
-        return proc
-
-    def gateway_url(self, node: str) -> str:
-        return f"http://{self.hosts.addr[node]}:4000"
 
 
 @pytest.fixture
@@ -68,18 +32,6 @@ def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
             yield m
         finally:
             close_and_report(m, request.node)
-
-
-def start_nodes(mesh: HostMesh) -> dict[str, str]:
-    for node in NODES:
-        for _ in range(2):
-            mesh.start("worker", "--engine", "synthetic", "--model", "syn", "--slots", "40",
-                       "--rate", "20", node=node)
-        mesh.start("gateway", "--host", mesh.hosts.addr[node], "--port", "4000", node=node)
-    urls = {node: mesh.gateway_url(node) for node in NODES}
-    for node, url in urls.items():
-        wait_for(f"gateway {node}", lambda u=url: healthy(u), timeout=30)
-    return urls
 
 
 @pytest.mark.parametrize("mesh", ["mdns", "static"], indirect=True)
@@ -153,7 +105,7 @@ def test_a_cut_link_leaves_both_sides_serving_and_heals_to_one_coordinator(
 
     def client(node: str, seconds: float) -> subprocess.Popen[str]:
         return subprocess.Popen(mesh.hosts.exec_argv(node, [
-            sys.executable, "-c", CLIENT, f"http://{mesh.hosts.addr[node]}:4000",
+            sys.executable, "-c", CLIENT, mesh.gateway_url(node),
             str(seconds), mesh.keys.api_key]), stdout=subprocess.PIPE, text=True)
 
     clients = {node: client(node, 14) for node in ("node-a", "node-c")}

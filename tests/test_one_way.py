@@ -10,8 +10,9 @@ from common import messages as msgs
 from common import wire
 from common.config import Settings
 from common.generation import GenerationRequest
-from tests.harness import Cluster, wait_for
-from tests.test_failover import Stream, expected_text, nodes
+from testkit.harness import Cluster, wait_for
+from testkit.scenarios import expected_text, synthetic_workers
+from testkit.sse import BackgroundStream
 
 GW = b"gateway"
 
@@ -35,9 +36,9 @@ def test_the_broker_relays_a_relayed_jobs_frames_and_only_its_release_frees_the_
 
 
 def test_the_first_job_to_a_new_gateway_goes_straight_to_it(cluster: Cluster) -> None:
-    nodes(cluster, "node-a")
+    synthetic_workers(cluster, "node-a")
     url = cluster.gateway(node="node-a")
-    stream = Stream(url, "first of all", 8).start()
+    stream = BackgroundStream(url, "first of all", 8).start()
     stream.wait()
     assert stream.text == expected_text("first of all", 8)
     (worker,) = wait_for("the worker's heartbeat after the job", lambda: [

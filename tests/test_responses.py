@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from gateway.responses_request import ResponsesRequest
-from tests.harness import Cluster
+from testkit.harness import Cluster
 
 WEATHER = [{"type": "function", "name": "get_weather", "description": "The weather now.",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},

@@ -9,7 +9,7 @@ import collections
 import httpx
 import openai
 
-from tests.harness import Cluster, wait_for
+from testkit.harness import Cluster, wait_for
 
 GIB = 1024**3
 

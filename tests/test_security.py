@@ -26,7 +26,7 @@ from common.discovery import SERVICE
 from common.meshkeys import MeshKeys, load_keys, new_secret, save_secret
 from common.status import BrokerStatus
 from gateway.auth import exposure_warning
-from tests.harness import Cluster, Mesh, close_and_report, free_port, wait_for
+from testkit.harness import Cluster, Mesh, close_and_report, free_port, wait_for
 
 SYN = ("--engine", "synthetic", "--model", "syn", "--slots", "8", "--rate", "500")
 PROMPT = "the-secret-plan-is-purple-elephants"

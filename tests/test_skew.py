@@ -20,8 +20,8 @@ from broker.skew import Skew, advice
 from common import messages as msgs
 from common import wire
 from common.versions import Hello, hello, tag_version
-from tests.harness import Mesh, close_and_report, free_port, run_cli, wait_for
-from tests.test_failover import expected_text
+from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
+from testkit.scenarios import expected_text
 
 
 def announce_of(protocol: int, **body: object) -> list[bytes]:

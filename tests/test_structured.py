@@ -17,7 +17,7 @@ import jsonschema_rs
 import openai
 import pytest
 
-from tests.harness import Cluster, close_and_report
+from testkit.harness import Cluster, close_and_report
 from tests.test_batching import client_for, start_worker
 
 pytestmark = pytest.mark.model

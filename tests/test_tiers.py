@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import Mesh, close_and_report, run_cli, wait_for
+from testkit.harness import Mesh, close_and_report, run_cli, wait_for
 
 SYN = ("--engine", "synthetic", "--slots", "2", "--rate", "500")
 

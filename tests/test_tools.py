@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.harness import Cluster, Proc, wait_for
+from testkit.harness import Cluster, Proc, wait_for
 
 WEATHER = [{"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city now.",

@@ -20,7 +20,7 @@ from common.generation import GenerationRequest
 from common.meshkeys import MeshKeys, new_secret
 from common.transport import configure, waiting
 from gateway.streams import StreamSocket
-from tests.harness import free_port, wait_for
+from testkit.harness import free_port, wait_for
 from worker import ways as ways_module
 from worker.outbox import Outbox
 from worker.ways import Ways

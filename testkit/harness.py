@@ -1,4 +1,5 @@
-"""Real processes for tests: brokers, workers and gateways on loopback, always cleaned up.
+"""Real processes for tests and benchmarks: brokers, workers and gateways on loopback,
+always cleaned up.
 
 Every role runs as ``python -m cli <role>`` (what ``mlx-stack up`` and launchd run), with
 its own ``MLX_STACK_HOME`` and free ports, and its stderr captured to a file that a failing
@@ -49,6 +50,15 @@ def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+def healthy(url: str) -> bool:
+    """Whether the gateway at ``url`` says it can serve (``/health`` 200): a condition
+    for :func:`wait_for`, false while it does not answer at all."""
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class Proc:
@@ -267,6 +277,13 @@ class Mesh(Cluster):
 
     def broker_endpoint(self, node: str) -> str:
         return f"tcp://127.0.0.1:{self.ports[node]}"
+
+    def start_gateway(self, node: str) -> str:
+        """Start ``node``'s gateway; its URL, at once (:func:`healthy` tells when it
+        serves: several gateways start side by side)."""
+        port = free_port()
+        self.start("gateway", "--port", str(port), node=node)
+        return f"http://127.0.0.1:{port}"
 
     def node_env(self, node: str) -> dict[str, str]:
         return {"MLX_STACK_BROKER_PORT": str(self.ports[node]),

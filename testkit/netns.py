@@ -1,4 +1,5 @@
-"""Hosts for tests: network namespaces on a bridge, created and always removed.
+"""Hosts for tests and benchmarks: network namespaces on a bridge, created and always
+removed, and :class:`HostMesh`, a mesh with one node on each.
 
 Layout: a bridge in a namespace of its own; one namespace per node, joined to the bridge
 by a veth pair (10.<net>.0.<i>/24); and one veth from the test's own namespace to the
@@ -11,7 +12,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
+
+from common.meshkeys import new_secret
+from testkit.harness import Mesh, Proc
+from testkit.scenarios import NODES
 
 
 def available() -> str | None:
@@ -85,3 +92,49 @@ class Hosts:
         for ns in [*self.ns.values(), self.bridge_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+
+
+PORT = 4100
+"""Every host's broker port (each host has an address of its own)."""
+GATEWAY_PORT = 4000
+
+
+class HostMesh(Mesh):
+    """A Mesh whose nodes live in network namespaces and find each other over mDNS."""
+
+    def __init__(self, tmp: Path, hosts: Hosts, mdns: bool = True) -> None:
+        self.hosts = hosts
+        self.mdns = mdns
+        # Hosts on a network: the mesh secret is required (and its id keeps mDNS private).
+        super().__init__(tmp, NODES, env={"MLX_STACK_HEARTBEAT_INTERVAL": "0.5"},
+                         secret=new_secret())
+        if mdns:
+            self.env["MLX_STACK_PEERS"] = ""  # found over mDNS alone
+
+    def broker_endpoint(self, node: str) -> str:
+        return f"tcp://{self.hosts.addr[node]}:{PORT}"
+
+    def node_env(self, node: str) -> dict[str, str]:
+        addr = self.hosts.addr[node]
+        return {"MLX_STACK_BROKER_HOST": addr, "MLX_STACK_BROKER_PORT": str(PORT),
+                "MLX_STACK_BROKER_ENDPOINT": self.broker_endpoint(node),
+                "MLX_STACK_MDNS_INTERFACES": addr if self.mdns else "",
+                "MLX_STACK_PRIORITY": str(self.priorities[node])}
+
+    def start(self, role: str, *args: str, node: str = "node-a",
+              env: dict[str, str] | None = None) -> Proc:
+        name = f"{node}-{role}-{len(self.procs)}"
+        argv = self.hosts.exec_argv(node, [sys.executable, "-m", "cli", role, *args])
+        proc = Proc(name, argv, {**self.env, "MLX_STACK_NODE_ID": node,
+                                 **self.node_env(node), **(env or {})},
+                    self.tmp / f"{name}.log")
+        self.procs.append(proc)
+        return proc
+
+    def gateway_url(self, node: str) -> str:
+        return f"http://{self.hosts.addr[node]}:{GATEWAY_PORT}"
+
+    def start_gateway(self, node: str) -> str:
+        self.start("gateway", "--host", self.hosts.addr[node], "--port", str(GATEWAY_PORT),
+                   node=node)
+        return self.gateway_url(node)
