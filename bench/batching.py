@@ -59,11 +59,11 @@ import psutil
 
 from bench.one_node import wait_healthy
 from bench.routing import provenance
-from common.config import Settings
+from mlx_stack.common.config import Settings
+from mlx_stack.worker.blas import preload_openblas
+from mlx_stack.worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 from testkit.harness import free_port
 from testkit.sse import ChatStream, read_chat
-from worker.blas import preload_openblas
-from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS, BASE = "ours", "mlx_lm_server"
@@ -244,7 +244,7 @@ def mapped_blas(pid: int) -> list[str] | None:
 def worker_pid(up: subprocess.Popen[bytes]) -> int | None:
     for child in descendants(up.pid):
         with contextlib.suppress(psutil.Error):
-            if "worker" in child.cmdline()[3:4]:  # python -m cli worker ...
+            if "worker" in child.cmdline()[3:4]:  # python -m mlx_stack.cli worker ...
                 return child.pid
     return None
 
@@ -501,7 +501,7 @@ def start_servers(stack: contextlib.ExitStack, model_path: Path, tmp: Path,
                  "--host", "127.0.0.1", "--port", str(base_port),
                  "--decode-concurrency", "8", "--prompt-concurrency", "8"]
     base_env = {**os.environ, **({"LD_PRELOAD": blas} if blas else {})}
-    our_argv = [sys.executable, "-m", "cli", "up", "--port", str(our_port),
+    our_argv = [sys.executable, "-m", "mlx_stack.cli", "up", "--port", str(our_port),
                 "--broker-port", str(free_port())]
     our_env = {**os.environ, "MLX_STACK_HOME": str(tmp / "home"),
                "MLX_STACK_MODELS_DIR": str(model_path.parent)}

@@ -19,7 +19,7 @@ from typing import Any
 
 import uvicorn
 
-from worker.synthetic import next_token, word
+from mlx_stack.worker.synthetic import next_token, word
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 

@@ -29,14 +29,14 @@ import time
 import httpx
 import psutil
 
-from common import messages as msgs
-from common.config import Settings
-from common.generation import GenerationRequest
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.batch import BatchLoop
+from mlx_stack.worker.blas import preload_openblas
+from mlx_stack.worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 from testkit.harness import free_port, healthy, wait_for
 from testkit.sse import content_of, read_chat_sync
-from worker.batch import BatchLoop
-from worker.blas import preload_openblas
-from worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
 
@@ -95,14 +95,14 @@ def main() -> None:
     port = free_port()
     home = tempfile.mkdtemp(prefix="mlxs-bench-")
     env = {**os.environ, "MLX_STACK_HOME": home, "MLX_STACK_MODELS_DIR": str(models_dir)}
-    up = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", str(port),
+    up = subprocess.Popen([sys.executable, "-m", "mlx_stack.cli", "up", "--port", str(port),
                            "--broker-port", str(free_port())], env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, up)
-        from worker.mlx_engine import MlxEngine
+        from mlx_stack.worker.mlx_engine import MlxEngine
 
         # The node's worker settings (prompt cache included: every run repeats the prompt).
         defaults = Settings()

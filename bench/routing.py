@@ -18,7 +18,7 @@ Tokens are counted in the text the client receives (the synthetic engine streams
 `` wNNNN`` per token), never from ``usage``; every stream's text is compared with what the
 synthetic engine generates for its prompt (``worker.synthetic.next_token``), and the
 streams that differ are counted ("inexact_streams"). The report starts with the date, the
-commit, the uncommitted changes and the machine. Every process is real (``python -m cli
+commit, the uncommitted changes and the machine. Every process is real (``python -m mlx_stack.cli
 ...`` on loopback); the load comes from one asyncio process with httpx. Run from the
 repository root.
 """
@@ -48,14 +48,14 @@ from typing import Any, NamedTuple
 import httpx
 import psutil
 
-from common import messages as msgs
-from common.generation import GenerationRequest
-from common.meshkeys import new_secret
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.meshkeys import new_secret
+from mlx_stack.worker.batch import BatchLoop
+from mlx_stack.worker.synthetic import SyntheticEngine
 from testkit.harness import Cluster, Proc, free_port, wait_for
 from testkit.scenarios import expected_text
 from testkit.sse import chat_body, read_chat
-from worker.batch import BatchLoop
-from worker.synthetic import SyntheticEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 WORD = re.compile(r" w\d+")

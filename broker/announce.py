@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from broker.election import BrokerInfo, Election
-from common import messages as msgs
-from common.config import ENDPOINT
-from common.plain import INT_MAX
+from mlx_stack.broker.election import BrokerInfo, Election
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import ENDPOINT
+from mlx_stack.common.plain import INT_MAX
 
 MODELS_ANNOUNCED = 64
 """Most model names one ANNOUNCE carries (the most recently served): enough for any

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common import messages as msgs
-from common.config import ENDPOINT
-from common.status import BrokerStatus, Route, plain
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import ENDPOINT
+from mlx_stack.common.status import BrokerStatus, Route, plain
 
 ROUTES = 20
 """Routing decisions answered when ``routes`` names no valid count."""

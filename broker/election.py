@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.status import PeerStatus
+from mlx_stack.common.status import PeerStatus
 
 FORGET_AFTER = 10
 """Peers silent for this many timeouts are forgotten (they are long dead to the

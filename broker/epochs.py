@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.logs import log_event
+from mlx_stack.common.logs import log_event
 
 log = logging.getLogger("broker")
 

@@ -25,15 +25,15 @@ import collections
 import logging
 from collections.abc import Iterable
 
-from broker import tiers
-from broker.replies import lost, reply_to
-from broker.routing import Chooser
-from broker.state import Gateways, JobState, Released, WorkerState
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.logs import log_event
-from common.status import ModelEntry, Route
+from mlx_stack.broker import tiers
+from mlx_stack.broker.replies import lost, reply_to
+from mlx_stack.broker.routing import Chooser
+from mlx_stack.broker.state import Gateways, JobState, Released, WorkerState
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.status import ModelEntry, Route
 
 log = logging.getLogger("broker")
 

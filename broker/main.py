@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import signal
 
-from broker.server import Broker
-from common import heap, logs
-from common.config import Settings
+from mlx_stack.broker.server import Broker
+from mlx_stack.common import heap, logs
+from mlx_stack.common.config import Settings
 
 
 def main(settings: Settings) -> None:

@@ -13,11 +13,17 @@ import logging
 
 import zmq
 
-from common.config import Settings
-from common.discovery import Discovery
-from common.logs import log_event
-from common.meshkeys import MeshKeys
-from common.transport import close_watched, configure, disconnected, drain, watch_disconnects
+from mlx_stack.common.config import Settings
+from mlx_stack.common.discovery import Discovery
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.transport import (
+    close_watched,
+    configure,
+    disconnected,
+    drain,
+    watch_disconnects,
+)
 
 log = logging.getLogger("broker")
 

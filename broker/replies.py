@@ -3,8 +3,8 @@ what its gateway hears when the worker was lost after its output began."""
 
 from __future__ import annotations
 
-from common import messages as msgs
-from common.config import is_loopback
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import is_loopback
 
 
 def reply_to(submit: msgs.Submit, worker_node: str) -> str:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 
-from broker.state import WorkerState
-from common.messages import Submit
+from mlx_stack.broker.state import WorkerState
+from mlx_stack.common.messages import Submit
 
 W_MEM = 0.25
 W_REMOTE = 0.01

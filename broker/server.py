@@ -33,20 +33,26 @@ import uuid
 
 import zmq
 
-from broker import announce, control, epochs
-from broker.election import BrokerInfo, Election
-from broker.jobs import JobTable, Send
-from broker.peers import PeerLinks
-from broker.skew import Skew
-from common import messages as msgs
-from common import versions, wire
-from common.config import Settings, is_loopback
-from common.discovery import Advert, Discovery
-from common.logs import log_event
-from common.meshkeys import MeshSecretError, load_keys
-from common.plain import ProtocolError
-from common.status import COORDINATOR, STANDBY, BrokerStatus
-from common.transport import admit_members, configure, drain, refused_peers, watch_refusals
+from mlx_stack.broker import announce, control, epochs
+from mlx_stack.broker.election import BrokerInfo, Election
+from mlx_stack.broker.jobs import JobTable, Send
+from mlx_stack.broker.peers import PeerLinks
+from mlx_stack.broker.skew import Skew
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import versions, wire
+from mlx_stack.common.config import Settings, is_loopback
+from mlx_stack.common.discovery import Advert, Discovery
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshSecretError, load_keys
+from mlx_stack.common.plain import ProtocolError
+from mlx_stack.common.status import COORDINATOR, STANDBY, BrokerStatus
+from mlx_stack.common.transport import (
+    admit_members,
+    configure,
+    drain,
+    refused_peers,
+    watch_refusals,
+)
 
 log = logging.getLogger("broker")
 

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.messages import VERSION
-from common.status import PeerStatus
-from common.versions import Hello
-from common.wire import PROTOCOL
+from mlx_stack.common.messages import VERSION
+from mlx_stack.common.status import PeerStatus
+from mlx_stack.common.versions import Hello
+from mlx_stack.common.wire import PROTOCOL
 
 MAX_STRANGERS = 64
 """Most brokers of other versions remembered: a flood of made-up ones evicts the stalest."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from broker.prefixes import PrefixMirror
-from common.messages import Ready, Submit, WorkerLoad
-from common.status import Candidate, Route, WorkerStatus
+from mlx_stack.broker.prefixes import PrefixMirror
+from mlx_stack.common.messages import Ready, Submit, WorkerLoad
+from mlx_stack.common.status import Candidate, Route, WorkerStatus
 
 
 @dataclass(slots=True)

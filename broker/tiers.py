@@ -22,9 +22,9 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sized
 
-from broker.state import WorkerState
-from common.logs import log_event
-from common.status import ModelEntry
+from mlx_stack.broker.state import WorkerState
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.status import ModelEntry
 
 log = logging.getLogger("broker")
 

@@ -1,5 +1,5 @@
-"""``python -m cli``: the same as the ``mlx-stack`` console script (used by ``up``)."""
+"""``python -m mlx_stack.cli``: the same as the ``mlx-stack`` console script (used by ``up``)."""
 
-from cli.main import app
+from mlx_stack.cli.main import app
 
 app(prog_name="mlx-stack")

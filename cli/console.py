@@ -4,8 +4,8 @@ stderr) and how it loads its settings, failing early with a message and exit cod
 import typer
 from rich.console import Console
 
-from common.config import Settings
-from common.meshkeys import MeshSecretError, load_keys
+from mlx_stack.common.config import Settings
+from mlx_stack.common.meshkeys import MeshSecretError, load_keys
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # long hints stay whole for grep and logs

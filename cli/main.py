@@ -14,9 +14,9 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from cli import node
-from cli.console import err, settings
-from cli.mesh import mesh
+from mlx_stack.cli import node
+from mlx_stack.cli.console import err, settings
+from mlx_stack.cli.mesh import mesh
 
 app = typer.Typer(
     name="mlx-stack",
@@ -62,9 +62,9 @@ def up(
 
     A child that dies is restarted; Ctrl-C or SIGTERM stops everything.
     """
-    from cli.node import UP_PID
-    from cli.services import expected_names, model_specs, resolve_workers
-    from cli.supervisor import Child, Supervisor, child_env, role_argv
+    from mlx_stack.cli.node import UP_PID
+    from mlx_stack.cli.services import expected_names, model_specs, resolve_workers
+    from mlx_stack.cli.supervisor import Child, Supervisor, child_env, role_argv
 
     cfg = settings(home=home, node_id=node_id, log_level=log_level, gateway_port=port,
                    gateway_host=host, broker_port=broker_port)
@@ -106,7 +106,7 @@ def broker(
     home: Home = None, node_id: NodeId = None, log_level: LogLevel = None,
 ) -> None:
     """Run the broker: routes jobs from gateways to workers."""
-    from broker.main import main
+    from mlx_stack.broker.main import main
 
     try:
         main(settings(broker_host=host, broker_port=port, home=home, node_id=node_id,
@@ -151,8 +151,8 @@ def worker(
     log_level: LogLevel = None,
 ) -> None:
     """Run one worker: load a model and serve it to the broker."""
-    from common.names import ModelSpec
-    from worker.main import SyntheticOptions, main
+    from mlx_stack.common.names import ModelSpec
+    from mlx_stack.worker.main import SyntheticOptions, main
 
     if engine not in ("mlx", "synthetic"):
         err.print(f"[red]unknown engine {engine!r}[/red]: use mlx or synthetic")
@@ -189,7 +189,7 @@ def gateway(
     log_level: LogLevel = None,
 ) -> None:
     """Run the gateway: the OpenAI-compatible HTTP endpoint."""
-    from gateway.main import main
+    from mlx_stack.gateway.main import main
 
     main(settings(gateway_host=host, gateway_port=port, broker_endpoint=broker_endpoint,
                   home=home, node_id=node_id, log_level=log_level,
@@ -201,7 +201,7 @@ def gateway(
 @app.command()
 def pull(home: Home = None) -> None:
     """Fetch and convert the default model now (otherwise done on first `up`)."""
-    from worker.default_model import ensure_default_model
+    from mlx_stack.worker.default_model import ensure_default_model
 
     path = ensure_default_model(settings(home=home).models_path, err)
     err.print(f"default model ready in {path}")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.services import LABEL_PREFIX, UNIT_PREFIX, Service, plist, unit
+from mlx_stack.cli.services import LABEL_PREFIX, UNIT_PREFIX, Service, plist, unit
 
 QUERY_TIMEOUT_S = 10.0
 CHANGE_TIMEOUT_S = 120.0

@@ -22,13 +22,13 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from cli import watch as live
-from cli.console import err, out, settings
-from common import meshview
-from common.config import ENDPOINT, Settings, is_loopback, update_config_file
-from common.control import ControlClient, ControlError
-from common.discovery import ALIAS
-from common.meshkeys import (
+from mlx_stack.cli import watch as live
+from mlx_stack.cli.console import err, out, settings
+from mlx_stack.common import meshview
+from mlx_stack.common.config import ENDPOINT, Settings, is_loopback, update_config_file
+from mlx_stack.common.control import ControlClient, ControlError
+from mlx_stack.common.discovery import ALIAS
+from mlx_stack.common.meshkeys import (
     MeshSecretError,
     load_keys,
     load_secret,
@@ -38,7 +38,7 @@ from common.meshkeys import (
     secret_path,
     token_of,
 )
-from common.status import BrokerStatus, plain
+from mlx_stack.common.status import BrokerStatus, plain
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_DISABLED = 1, 2, 3, 4
 

@@ -21,11 +21,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cli.console import err, out, settings
-from cli.managers import MANAGERS, Manager, Plan, ServiceError, plan, uninstall_plan
-from cli.services import LABEL_PREFIX, UNIT_PREFIX, services
-from common.control import ControlClient, ControlError
-from common.meshkeys import load_keys
+from mlx_stack.cli.console import err, out, settings
+from mlx_stack.cli.managers import MANAGERS, Manager, Plan, ServiceError, plan, uninstall_plan
+from mlx_stack.cli.services import LABEL_PREFIX, UNIT_PREFIX, services
+from mlx_stack.common.control import ControlClient, ControlError
+from mlx_stack.common.meshkeys import load_keys
 
 Home = Annotated[Path | None, typer.Option(help="Config, secrets and models [~/.mlx-stack].",
                                            show_default=False)]
@@ -66,7 +66,7 @@ def install(
     One service per role: the broker, the gateway and one worker per model (LaunchAgents
     on macOS, systemd user units on Linux). Each role logs to <home>/logs/<role>.log.
     Running it again applies a change (another model, port) and leaves the rest alone."""
-    from cli.services import model_specs, resolve_workers
+    from mlx_stack.cli.services import model_specs, resolve_workers
 
     overrides = {"node_id": node_id, "gateway_port": port, "broker_port": broker_port}
     cfg = settings(home=home, **overrides)

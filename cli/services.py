@@ -8,7 +8,7 @@ from that: a LaunchAgent plist on macOS (``KeepAlive``, ``RunAtLoad``) and a use
 Linux (``Restart=always``). ``deploy/`` holds examples of both, written by
 :func:`write_examples` (a test keeps them in step).
 
-Paths come from the running interpreter (``python -m cli`` of this installation) and the
+Paths come from the running interpreter (``python -m mlx_stack.cli`` of this installation) and the
 node's settings. Each role logs to ``<home>/logs/<role>.log``, capped and rotated by the
 role itself (``log_file``); what the OS catches on stdout and stderr (a crash's traceback)
 goes to ``<home>/logs/<role>.out``.
@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ENV_PREFIX, Settings
-from common.names import ModelSpec
+from mlx_stack.common.config import ENV_PREFIX, Settings
+from mlx_stack.common.names import ModelSpec
 
 LABEL_PREFIX = "com.mlx-stack."
 UNIT_PREFIX = "mlx-stack-"
@@ -92,7 +92,7 @@ def services(cfg: Settings, workers: list[ServedModel], overrides: dict[str, obj
 
     def service(role: str, *args: str, **env: str) -> Service:
         log = str(cfg.home / "logs" / f"{role}.log")
-        return Service(role, [python, "-m", "cli", *args], {
+        return Service(role, [python, "-m", "mlx_stack.cli", *args], {
             **base, f"{ENV_PREFIX}LOG_FILE": log, **env}, cfg.home)
 
     return [service("broker", "broker", **{f"{ENV_PREFIX}EXPECT_MODELS": expected_names(
@@ -119,8 +119,8 @@ def resolve_workers(specs: list[ModelSpec], models_dir: Path, pull: bool = True
     """Each model to serve, with its model id and tiers (the default model pulled and
     converted here, with progress on this terminal, unless ``pull`` is false);
     ValueError or RuntimeError saying why one cannot be served."""
-    from worker.default_model import DEFAULT_MODEL_ID
-    from worker.models import is_default, resolve_model, tiers_of
+    from mlx_stack.worker.default_model import DEFAULT_MODEL_ID
+    from mlx_stack.worker.models import is_default, resolve_model, tiers_of
 
     out = []
     for model in specs:

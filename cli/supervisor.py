@@ -1,6 +1,6 @@
 """``mlx-stack up``: this node's roles as child processes, restarted when they die.
 
-Each role runs as ``python -m cli <role>`` in its own session (so a terminal's Ctrl-C
+Each role runs as ``python -m mlx_stack.cli <role>`` in its own session (so a terminal's Ctrl-C
 reaches only the supervisor, which then stops the children in order: gateway, workers,
 broker). On Linux a child also gets SIGTERM if the supervisor itself dies, so nothing is
 left behind. A child that dies is restarted with exponential backoff (reset after a
@@ -122,7 +122,7 @@ class Supervisor:
 
 def role_argv(role: str, *args: str) -> list[str]:
     """The command line that runs one role of this installation."""
-    return [sys.executable, "-m", "cli", role, *args]
+    return [sys.executable, "-m", "mlx_stack.cli", role, *args]
 
 
 def child_env(overrides: dict[str, object]) -> dict[str, str]:

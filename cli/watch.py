@@ -22,9 +22,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from cli.console import out
-from common import meshview
-from common.status import BrokerStatus
+from mlx_stack.cli.console import out
+from mlx_stack.common import meshview
+from mlx_stack.common.status import BrokerStatus
 
 WINDOW_S = 15 * 60.0
 EVENTS = 8

@@ -23,13 +23,13 @@ from collections.abc import Callable
 
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.logs import log_event
-from common.meshkeys import MeshKeys
-from common.plain import ProtocolError
-from common.transport import (
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.plain import ProtocolError
+from mlx_stack.common.transport import (
     BrokerChoice,
     close_watched,
     configure,

@@ -21,8 +21,8 @@ from typing import Any
 
 import tomli_w
 
-from common.names import DEFAULT_NAMES, ModelSpec, format_names, parse_names
-from common.wire import MAX_BODY_BYTES
+from mlx_stack.common.names import DEFAULT_NAMES, ModelSpec, format_names, parse_names
+from mlx_stack.common.wire import MAX_BODY_BYTES
 
 ENV_PREFIX = "MLX_STACK_"
 

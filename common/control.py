@@ -17,13 +17,13 @@ from typing import Any
 
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.meshkeys import MeshKeys
-from common.plain import ProtocolError, from_dict
-from common.status import BrokerStatus, ModelEntry, Route
-from common.transport import configure
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.plain import ProtocolError, from_dict
+from mlx_stack.common.status import BrokerStatus, ModelEntry, Route
+from mlx_stack.common.transport import configure
 
 
 def _record(cls: type) -> Callable[[Any], Any]:

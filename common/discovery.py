@@ -20,8 +20,8 @@ from urllib.parse import urlparse
 
 from zeroconf import InterfaceChoice, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
-from common.logs import log_event
-from common.messages import VERSION
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.messages import VERSION
 
 SERVICE = "_mlx-stack._tcp.local."
 ALIAS = "mlx-stack.local."

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from common.status import COORDINATOR, STANDBY, BrokerStatus, WorkerStatus
+from mlx_stack.common.status import COORDINATOR, STANDBY, BrokerStatus, WorkerStatus
 
 
 def incompatible_role(protocol: int) -> str:

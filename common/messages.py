@@ -17,7 +17,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from common.generation import GenerationRequest
+from mlx_stack.common.generation import GenerationRequest
 
 VERSION = "0.1.0"
 """This release, which READY and ANNOUNCE carry (the protocol's number is

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.messages import WorkerLoad
+from mlx_stack.common.messages import WorkerLoad
 
 COORDINATOR = "coordinator"
 STANDBY = "standby"

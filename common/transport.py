@@ -26,12 +26,12 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
-from common.config import Settings
-from common.logs import log_event
-from common.meshkeys import MeshKeys
-from common.messages import Message
-from common.plain import ProtocolError
-from common.wire import MAX_BODY_BYTES, Allowed, decode
+from mlx_stack.common.config import Settings
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.messages import Message
+from mlx_stack.common.plain import ProtocolError
+from mlx_stack.common.wire import MAX_BODY_BYTES, Allowed, decode
 
 HWM = 100_000
 DRAIN = 1000

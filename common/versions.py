@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from common.messages import Command
-from common.plain import ProtocolError
-from common.wire import PROTOCOL, read_map
+from mlx_stack.common.messages import Command
+from mlx_stack.common.plain import ProtocolError
+from mlx_stack.common.wire import PROTOCOL, read_map
 
 _ANNOUNCE = bytes((Command.ANNOUNCE,))
 

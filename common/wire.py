@@ -29,8 +29,8 @@ from typing import Any
 
 import msgpack
 
-from common.generation import GenerationRequest
-from common.messages import (
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.messages import (
     Accepted,
     Announce,
     Cancel,
@@ -50,7 +50,7 @@ from common.messages import (
     Submit,
     WorkerLoad,
 )
-from common.plain import ProtocolError, from_dict
+from mlx_stack.common.plain import ProtocolError, from_dict
 
 PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 5)
 """This release's protocol version, the number in every tag. (3: workers stream to

@@ -29,10 +29,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway import errors
-from gateway.attempts import Done, JobEvent, Piece
-from gateway.schemas import ChatCompletionRequest, Unsupported
-from gateway.shaping import Whole, compact, typed_events
+from mlx_stack.gateway import errors
+from mlx_stack.gateway.attempts import Done, JobEvent, Piece
+from mlx_stack.gateway.schemas import ChatCompletionRequest, Unsupported
+from mlx_stack.gateway.shaping import Whole, compact, typed_events
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 """Chat's finish reasons as Anthropic's stop reasons (``stop_sequence`` when a stop

@@ -19,18 +19,18 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from common import heap
-from common import messages as msgs
-from common.config import Settings
-from common.meshkeys import load_keys
-from common.status import ModelEntry
-from gateway import dashboard, errors, handlers, limits
-from gateway.attempts import JobError
-from gateway.auth import ApiKeys
-from gateway.client import BrokerClient
-from gateway.history import History
-from gateway.metrics import Metrics, RequestMetrics
-from gateway.routes import JsonBodyRoute
+from mlx_stack.common import heap
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import Settings
+from mlx_stack.common.meshkeys import load_keys
+from mlx_stack.common.status import ModelEntry
+from mlx_stack.gateway import dashboard, errors, handlers, limits
+from mlx_stack.gateway.attempts import JobError
+from mlx_stack.gateway.auth import ApiKeys
+from mlx_stack.gateway.client import BrokerClient
+from mlx_stack.gateway.history import History
+from mlx_stack.gateway.metrics import Metrics, RequestMetrics
+from mlx_stack.gateway.routes import JsonBodyRoute
 
 OFF: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False,
                         "operation_spans": False}

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from common import messages as msgs
-from gateway.inbox import Lost, dispatch_of
+from mlx_stack.common import messages as msgs
+from mlx_stack.gateway.inbox import Lost, dispatch_of
 
 RESUBMIT_CODES = frozenset({msgs.ErrorCode.WORKER_LOST})
 """Failures after which the request goes on elsewhere (the rest end it)."""

@@ -18,8 +18,8 @@ import hmac
 
 from fastapi import Request
 
-from common.config import Settings, is_loopback
-from common.meshkeys import MeshKeys
+from mlx_stack.common.config import Settings, is_loopback
+from mlx_stack.common.meshkeys import MeshKeys
 
 
 class Unauthorized(Exception):

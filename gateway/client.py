@@ -31,19 +31,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common import messages as msgs
-from common import wire
-from common.brokerlink import BrokerLink
-from common.config import Settings
-from common.control import ControlError, answer, question
-from common.generation import GenerationRequest
-from common.logs import log_event
-from common.meshkeys import load_keys
-from gateway.attempts import REDISPATCHED, Attempts, JobError, JobEvent, Resubmit
-from gateway.fdwatch import FdWatch
-from gateway.inbox import Inbox, Lost
-from gateway.prefix import prefix_of
-from gateway.streams import StreamSocket
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.brokerlink import BrokerLink
+from mlx_stack.common.config import Settings
+from mlx_stack.common.control import ControlError, answer, question
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import load_keys
+from mlx_stack.gateway.attempts import REDISPATCHED, Attempts, JobError, JobEvent, Resubmit
+from mlx_stack.gateway.fdwatch import FdWatch
+from mlx_stack.gateway.inbox import Inbox, Lost
+from mlx_stack.gateway.prefix import prefix_of
+from mlx_stack.gateway.streams import StreamSocket
 
 log = logging.getLogger("gateway")
 

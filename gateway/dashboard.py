@@ -18,11 +18,11 @@ from typing import Any
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse, Response
 
-from common import meshview
-from common.status import plain
-from gateway.attempts import JobError
-from gateway.client import BrokerClient
-from gateway.history import History
+from mlx_stack.common import meshview
+from mlx_stack.common.status import plain
+from mlx_stack.gateway.attempts import JobError
+from mlx_stack.gateway.client import BrokerClient
+from mlx_stack.gateway.history import History
 
 HERE = Path(__file__).parent
 PAGE = (HERE / "dashboard.html").read_text(encoding="utf-8")

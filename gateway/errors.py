@@ -16,11 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.logs import log_event
-from common.messages import ErrorCode
-from gateway.attempts import JobError
-from gateway.auth import Unauthorized
-from gateway.schemas import Unsupported
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.messages import ErrorCode
+from mlx_stack.gateway.attempts import JobError
+from mlx_stack.gateway.auth import Unauthorized
+from mlx_stack.gateway.schemas import Unsupported
 
 # ErrorCode -> (HTTP status, OpenAI error type)
 STATUS: dict[str, tuple[int, str]] = {

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import zmq
 
-from common.transport import waiting
+from mlx_stack.common.transport import waiting
 
 LOOK_AGAIN_S = 0.1
 """Longest the reader sleeps without looking at the sockets (a missed wake-up costs this)."""

@@ -20,23 +20,23 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from common import messages as msgs
-from common.config import Settings
-from common.generation import GenerationRequest
-from common.logs import log_event
-from common.names import resolve_name
-from gateway import anthropic, errors, limits
-from gateway.anthropic import MessagesBody, MessagesRequest
-from gateway.anthropic import Shape as MessageShape
-from gateway.attempts import JobError, JobStream, Served
-from gateway.client import BrokerClient
-from gateway.limits import StreamSlot
-from gateway.metrics import Metrics
-from gateway.responses import Shape as ResponseShape
-from gateway.responses_request import IGNORED_HEADER, ResponsesRequest
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
-from gateway.shaping import Completion, Shape, collect, headers
-from gateway.sse import SlotStream
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.names import resolve_name
+from mlx_stack.gateway import anthropic, errors, limits
+from mlx_stack.gateway.anthropic import MessagesBody, MessagesRequest
+from mlx_stack.gateway.anthropic import Shape as MessageShape
+from mlx_stack.gateway.attempts import JobError, JobStream, Served
+from mlx_stack.gateway.client import BrokerClient
+from mlx_stack.gateway.limits import StreamSlot
+from mlx_stack.gateway.metrics import Metrics
+from mlx_stack.gateway.responses import Shape as ResponseShape
+from mlx_stack.gateway.responses_request import IGNORED_HEADER, ResponsesRequest
+from mlx_stack.gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
+from mlx_stack.gateway.shaping import Completion, Shape, collect, headers
+from mlx_stack.gateway.sse import SlotStream
 
 log = logging.getLogger("gateway")
 

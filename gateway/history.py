@@ -18,11 +18,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from common import meshview
-from common.status import BrokerStatus, plain
-from gateway.attempts import JobError
-from gateway.client import BrokerClient
-from gateway.metrics import Metrics
+from mlx_stack.common import meshview
+from mlx_stack.common.status import BrokerStatus, plain
+from mlx_stack.gateway.attempts import JobError
+from mlx_stack.gateway.client import BrokerClient
+from mlx_stack.gateway.metrics import Metrics
 
 SAMPLE_S = 2.0
 """Seconds between two samples."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from common import messages as msgs
+from mlx_stack.common import messages as msgs
 
 Message = msgs.Accepted | msgs.Partial | msgs.Final | msgs.Fail
 

@@ -19,13 +19,13 @@ import collections
 import msgpack
 from fastapi.responses import JSONResponse
 
-from common import wire
-from common.config import Settings
-from common.generation import GenerationRequest
-from common.plain import ProtocolError, check_plain
-from gateway import errors
-from gateway.errors import RETRY_AFTER_S
-from gateway.schemas import ChatCompletionRequest, CompletionRequest
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.plain import ProtocolError, check_plain
+from mlx_stack.gateway import errors
+from mlx_stack.gateway.errors import RETRY_AFTER_S
+from mlx_stack.gateway.schemas import ChatCompletionRequest, CompletionRequest
 
 RESUME_BYTES_PER_TOKEN = 48
 """Room kept per generated token for a resubmission (its id, and its text, generously)."""

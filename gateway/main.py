@@ -6,11 +6,11 @@ import sys
 
 import uvicorn
 
-from common import logs
-from common.config import Settings
-from common.meshkeys import load_keys
-from gateway.app import create_app
-from gateway.auth import exposure_warning
+from mlx_stack.common import logs
+from mlx_stack.common.config import Settings
+from mlx_stack.common.meshkeys import load_keys
+from mlx_stack.gateway.app import create_app
+from mlx_stack.gateway.auth import exposure_warning
 
 KEEP_ALIVE_S = 75
 """How long an idle client connection stays open. Longer than HTTP clients keep an idle

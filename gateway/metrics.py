@@ -24,11 +24,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common import messages as msgs
-from common.logs import log_event
-from common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
-from gateway.attempts import JobError, JobEvent, Piece, Served
-from gateway.client import BrokerClient
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.status import COORDINATOR, STANDBY, WORKER_STATES, BrokerStatus, WorkerStatus
+from mlx_stack.gateway.attempts import JobError, JobEvent, Piece, Served
+from mlx_stack.gateway.client import BrokerClient
 
 SCRAPE_TIMEOUT = 1.0
 """Seconds a scrape waits for the broker's status before serving local figures only."""

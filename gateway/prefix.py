@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from common.generation import GenerationRequest
+from mlx_stack.common.generation import GenerationRequest
 
 BLOCK_CHARS = 256
 """Characters per block within a message (about 64 tokens): the grain of a match."""

@@ -17,9 +17,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.attempts import Done, JobEvent, Piece
-from gateway.responses_request import CUSTOM_INPUT, ClientTool, ResponsesRequest, client_tool
-from gateway.shaping import Whole, compact, typed_events
+from mlx_stack.gateway.attempts import Done, JobEvent, Piece
+from mlx_stack.gateway.responses_request import (
+    CUSTOM_INPUT,
+    ClientTool,
+    ResponsesRequest,
+    client_tool,
+)
+from mlx_stack.gateway.shaping import Whole, compact, typed_events
 
 STREAMED_FIELD = {"function_call": ("response.function_call_arguments", "arguments"),
                   "custom_tool_call": ("response.custom_tool_call_input", "input")}

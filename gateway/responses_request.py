@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from gateway.schemas import ChatCompletionRequest, Unsupported
+from mlx_stack.gateway.schemas import ChatCompletionRequest, Unsupported
 
 HOSTED = ("web_search", "web_search_preview", "web_search_preview_2025_03_11",
           "web_search_2025_08_26", "file_search", "code_interpreter", "image_generation",

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.constraints import ANY_OBJECT, SchemaError, json_grammar
-from common.generation import GenerationRequest
+from mlx_stack.common.constraints import ANY_OBJECT, SchemaError, json_grammar
+from mlx_stack.common.generation import GenerationRequest
 
 
 class Unsupported(ValueError):

@@ -12,10 +12,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common import messages as msgs
-from common.logs import log_event
-from gateway import errors
-from gateway.attempts import Done, JobError, JobEvent, Piece, Served
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.logs import log_event
+from mlx_stack.gateway import errors
+from mlx_stack.gateway.attempts import Done, JobError, JobEvent, Piece, Served
 
 log = logging.getLogger("gateway")
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from sse_starlette import EventSourceResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from gateway.limits import StreamSlot
+from mlx_stack.gateway.limits import StreamSlot
 
 
 class SlotStream(EventSourceResponse):

@@ -20,13 +20,13 @@ import logging
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings, is_loopback
-from common.logs import log_event
-from common.meshkeys import MeshKeys
-from common.plain import ProtocolError
-from common.transport import admit_members, configure, receive
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings, is_loopback
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.plain import ProtocolError
+from mlx_stack.common.transport import admit_members, configure, receive
 
 log = logging.getLogger("gateway")
 

@@ -1,9 +1,9 @@
 """Real processes for tests and benchmarks: brokers, workers and gateways on loopback,
 always cleaned up.
 
-Every role runs as ``python -m cli <role>`` (what ``mlx-stack up`` and launchd run), with
-its own ``MLX_STACK_HOME`` and free ports, and its stderr captured to a file that a failing
-test prints. Waiting is done on events (a CONTROL reply, ``/health``), each bounded.
+Every role runs as ``python -m mlx_stack.cli <role>`` (what ``mlx-stack up`` and launchd
+run), with its own ``MLX_STACK_HOME`` and free ports, and its stderr captured to a file
+that a failing test prints. Waiting is done on events (a CONTROL reply, ``/health``), each bounded.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import httpx
 import psutil
 import zmq
 
-from common.config import Settings
-from common.control import ControlClient
-from common.meshkeys import MeshKeys, save_secret
-from common.status import BrokerStatus, WorkerStatus
+from mlx_stack.common.config import Settings
+from mlx_stack.common.control import ControlClient
+from mlx_stack.common.meshkeys import MeshKeys, save_secret
+from mlx_stack.common.status import BrokerStatus, WorkerStatus
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,22 @@ def healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def role_command(root: Path, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """How to run the roles of the source tree ``root``: the command, and the environment
+    it needs. This checkout's roles are installed (``mlx_stack.*``, editable); another
+    tree's are found first through a ``mlx_stack`` package in ``tmp`` whose path is that
+    tree. A tree from before the roles moved under ``mlx_stack`` runs ``python -m cli``
+    from its own directory."""
+    if root == ROOT:
+        return [sys.executable, "-m", "mlx_stack.cli"], {}
+    if '"mlx_stack.cli" = "cli"' not in (root / "pyproject.toml").read_text():
+        return [sys.executable, "-m", "cli"], {}
+    package = tmp / "source" / "mlx_stack"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(f"__path__ = [{str(root)!r}]\n")
+    return [sys.executable, "-m", "mlx_stack.cli"], {"PYTHONPATH": str(package.parent)}
 
 
 class Proc:
@@ -115,7 +131,7 @@ class Proc:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``mlx-stack ARGS`` as a user runs it; output captured, bounded in time."""
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "mlx_stack.cli", *args], capture_output=True,
                           text=True, timeout=60, cwd=ROOT,
                           # Tables unwrapped, whatever COLUMNS the environment says
                           # (pytest-xdist's workers say 80, and a Cluster's env copies it).
@@ -129,7 +145,7 @@ class Cluster:
                  secret: bytes | None = None, root: Path = ROOT) -> None:
         """``secret``: the mesh secret every process of this cluster holds (None: none,
         plain ZeroMQ on loopback). ``root``: the source tree its roles run from
-        (``python -m cli`` there; ``bench.ab_commits`` runs two commits side by side)."""
+        (:func:`role_command`; ``bench.ab_commits`` runs two commits side by side)."""
         self.tmp = tmp
         self.root = root
         tmp.mkdir(parents=True, exist_ok=True)
@@ -150,8 +166,9 @@ class Cluster:
     def start(self, role: str, *args: str, node: str = "node-a",
               env: dict[str, str] | None = None) -> Proc:
         name = f"{role}-{len(self.procs)}"
-        proc = Proc(name, [sys.executable, "-m", "cli", role, *args],
-                    {**self.env, "MLX_STACK_NODE_ID": node, **(env or {})},
+        argv, source = role_command(self.root, self.tmp)
+        proc = Proc(name, [*argv, role, *args],
+                    {**self.env, **source, "MLX_STACK_NODE_ID": node, **(env or {})},
                     self.tmp / f"{name}.log", self.root)
         self.procs.append(proc)
         return proc

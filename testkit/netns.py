@@ -16,7 +16,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from common.meshkeys import new_secret
+from mlx_stack.common.meshkeys import new_secret
 from testkit.harness import Mesh, Proc
 from testkit.scenarios import NODES
 
@@ -124,7 +124,7 @@ class HostMesh(Mesh):
     def start(self, role: str, *args: str, node: str = "node-a",
               env: dict[str, str] | None = None) -> Proc:
         name = f"{node}-{role}-{len(self.procs)}"
-        argv = self.hosts.exec_argv(node, [sys.executable, "-m", "cli", role, *args])
+        argv = self.hosts.exec_argv(node, [sys.executable, "-m", "mlx_stack.cli", role, *args])
         proc = Proc(name, argv, {**self.env, "MLX_STACK_NODE_ID": node,
                                  **self.node_env(node), **(env or {})},
                     self.tmp / f"{name}.log")

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 
 import httpx
 
+from mlx_stack.worker.synthetic import next_token, word
 from testkit.harness import Cluster, Mesh, Proc, healthy, wait_for
 from testkit.sse import ChatStream, chat_body, read_chat
-from worker.synthetic import next_token, word
 
 NODES = {"node-a": 2, "node-b": 1, "node-c": 0}
 """Three nodes and their priorities: node-a coordinates, node-b takes over from it."""

@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 from types import TracebackType
 
-from common import messages as msgs
-from worker.batch import BatchLoop
-from worker.engine import Engine
+from mlx_stack.common import messages as msgs
+from mlx_stack.worker.batch import BatchLoop
+from mlx_stack.worker.engine import Engine
 
 TIMEOUT = 30.0
 

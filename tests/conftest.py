@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Settings
+from mlx_stack.common.config import Settings
 from testkit.harness import Cluster, close_and_report
 
 
@@ -23,7 +23,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     """The model cache the tests share (pulled once, like a user's first `up`)."""
-    from worker.default_model import ensure_default_model
+    from mlx_stack.worker.default_model import ensure_default_model
 
     path = Settings.load().models_path
     ensure_default_model(path)

@@ -13,10 +13,10 @@ from typing import Any
 import msgpack
 from hypothesis import strategies as st
 
-from common import messages as msgs
-from common import wire
-from common.generation import GenerationRequest
-from common.plain import MAX_DEPTH, ProtocolError
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.plain import MAX_DEPTH, ProtocolError
 
 FUZZ_MODEL = "fuzz-model"
 """Every seed names this model, never the one the test serves, so a fake READY or SUBMIT

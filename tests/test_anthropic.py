@@ -298,8 +298,8 @@ def test_count_tokens_estimates_the_prompt(url: str) -> None:
 def test_top_k_reaches_the_sampler() -> None:
     """The mlx sampler keeps only the k most likely tokens (top_k=1: always the best)."""
     mx = pytest.importorskip("mlx.core")
-    from common.generation import GenerationRequest
-    from worker.mlx_engine import make_sampler
+    from mlx_stack.common.generation import GenerationRequest
+    from mlx_stack.worker.mlx_engine import make_sampler
 
     logprobs = mx.log(mx.softmax(mx.array([[1.0, 3.0, 2.0, 0.5]]), axis=-1))
     drawn = {k: {int(make_sampler(GenerationRequest(kind="chat", top_k=k, seed=s))(

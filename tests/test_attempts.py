@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from common import messages as msgs
-from gateway.attempts import REDISPATCHED, Attempts, Done, JobError, Piece, Resubmit, Served
-from gateway.inbox import Lost
+from mlx_stack.common import messages as msgs
+from mlx_stack.gateway.attempts import (
+    REDISPATCHED,
+    Attempts,
+    Done,
+    JobError,
+    Piece,
+    Resubmit,
+    Served,
+)
+from mlx_stack.gateway.inbox import Lost
 
 
 def accepted(worker: str, dispatch: int = 0) -> msgs.Accepted:

@@ -3,11 +3,11 @@ a job leaves the batch alone (finished, stopped, cancelled or failed), the other
 
 from __future__ import annotations
 
-from common import messages as msgs
-from common.generation import GenerationRequest
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.synthetic import FAULT, SyntheticEngine, next_token, word
 from testkit.harness import wait_for
 from tests.batchloop import RunningLoop
-from worker.synthetic import FAULT, SyntheticEngine, next_token, word
 
 
 def job(job_id: str, prompt: str, max_tokens: int = 20, stop: list[str] | None = None) -> msgs.Job:

@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from common.status import WorkerStatus
+from mlx_stack.common.status import WorkerStatus
 from testkit.harness import Cluster, Proc, close_and_report, wait_for
 
 pytestmark = pytest.mark.model

@@ -13,12 +13,12 @@ import openai
 import pytest
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.control import ControlClient, ControlError
-from common.generation import GenerationRequest
-from common.plain import INT_MAX
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.control import ControlClient, ControlError
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.plain import INT_MAX
 from testkit.harness import Cluster, wait_for
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.capacity import SLOT_TOKENS, slots_for_memory
+from mlx_stack.worker.capacity import SLOT_TOKENS, slots_for_memory
 
 GIB = 1024**3
 SMOLLM2_KV = 46_080

@@ -20,14 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common import wire
+from mlx_stack.common import wire
+from mlx_stack.worker.synthetic import STEP_ERROR
 from testkit import netns
 from testkit.harness import close_and_report, healthy, wait_for
 from testkit.netns import HostMesh
 from testkit.scenarios import expected_text
 from testkit.sse import chat_body, read_chat
 from tests.test_links import drop
-from worker.synthetic import STEP_ERROR
 
 pytestmark = pytest.mark.skipif(netns.available() is not None,
                                 reason=str(netns.available()))

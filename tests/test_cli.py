@@ -20,7 +20,7 @@ def roles(pid: int) -> dict[int, str]:
     found = {}
     for child in psutil.Process(pid).children():
         try:
-            found[child.pid] = child.cmdline()[3]  # python -m cli <role> ...
+            found[child.pid] = child.cmdline()[3]  # python -m mlx_stack.cli <role> ...
         except (psutil.ZombieProcess, psutil.NoSuchProcess, IndexError):
             continue
     return found
@@ -55,7 +55,7 @@ def start_up(tmp_path: Path, models_dir: Path, node_id: str, *args: str
     """``mlx-stack up`` as a user runs it, on free ports: (process, gateway port, broker
     port)."""
     port, broker_port = free_port(), free_port()
-    up = Proc("up", [sys.executable, "-m", "cli", "up", "--port", str(port),
+    up = Proc("up", [sys.executable, "-m", "mlx_stack.cli", "up", "--port", str(port),
                      "--broker-port", str(broker_port), "--node-id", node_id, *args],
               {**os.environ, "MLX_STACK_HOME": str(tmp_path / "home"),
                "MLX_STACK_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1",

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import Settings, update_config_file
-from common.names import ModelSpec
+from mlx_stack.common.config import Settings, update_config_file
+from mlx_stack.common.names import ModelSpec
 
 
 def test_layers_config_file_then_environment_then_flags(

@@ -3,9 +3,9 @@ for one of the two peer changes), and a bad question is refused with the operati
 
 from __future__ import annotations
 
-from broker import control
-from common import messages as msgs
-from common.status import BrokerStatus, ModelEntry, Route
+from mlx_stack.broker import control
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.status import BrokerStatus, ModelEntry, Route
 
 
 class Peers:

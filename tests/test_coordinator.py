@@ -17,7 +17,7 @@ import httpx
 import pytest
 from zeroconf import ServiceInfo, Zeroconf
 
-from common.discovery import ALIAS, COORDINATOR, SERVICE
+from mlx_stack.common.discovery import ALIAS, COORDINATOR, SERVICE
 from testkit.harness import Mesh, close_and_report, free_port, healthy, wait_for
 from testkit.scenarios import (
     NODES,

@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common import meshview
+from mlx_stack.common import meshview
 from testkit.harness import Cluster, Mesh, close_and_report, wait_for
 from tests.browser import open_page
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from worker import default_model as dm
+from mlx_stack.worker import default_model as dm
 
 
 def write_model(out: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from gateway.handlers import ClientGone, until_disconnect
+from mlx_stack.gateway.handlers import ClientGone, until_disconnect
 
 SCOPE = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 from zeroconf import Zeroconf
 
-from common.discovery import COORDINATOR, SERVICE, Advert, Discovery
+from mlx_stack.common.discovery import COORDINATOR, SERVICE, Advert, Discovery
 from testkit.harness import wait_for
 
 

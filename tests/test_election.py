@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.election import FORGET_AFTER, MAX_PEERS, BrokerInfo, Election
+from mlx_stack.broker.election import FORGET_AFTER, MAX_PEERS, BrokerInfo, Election
 
 T = 1.5  # liveness timeout
 HOLD = 5.0

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from common.generation import GenerationRequest
-from worker.default_model import DEFAULT_MODEL_ID
-from worker.mlx_engine import MlxEngine
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.default_model import DEFAULT_MODEL_ID
+from mlx_stack.worker.mlx_engine import MlxEngine
 
 pytestmark = pytest.mark.model
 GiB = 1 << 30

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import epochs
+from mlx_stack.broker import epochs
 
 
 def test_brokers_sharing_a_home_keep_their_own_epochs(tmp_path: Path) -> None:

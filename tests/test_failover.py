@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
+from mlx_stack.worker.synthetic import FAULT
 from testkit.harness import Cluster, free_port, wait_for
 from testkit.scenarios import expected_text, synthetic_workers
 from testkit.sse import BackgroundStream
-from worker.synthetic import FAULT
 
 
 def test_worker_killed_mid_stream_the_stream_continues_exactly(cluster: Cluster) -> None:

@@ -22,12 +22,12 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from common import messages as msgs
-from common import wire
-from common.generation import GenerationRequest
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.synthetic import next_token, word
 from testkit.harness import Cluster, close_and_report, wait_for
 from tests.fuzz_frames import TAGS, harmless, hostile_frames, nested
-from worker.synthetic import next_token, word
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "4000"))
 MODEL = f"syn-{uuid.uuid4().hex}"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from common.plain import MAX_DEPTH
+from mlx_stack.common.plain import MAX_DEPTH
 from testkit.harness import Cluster, wait_for
 
 LIMIT = 64 * 1024
@@ -221,7 +221,7 @@ def test_a_bug_still_answers_in_openai_shape() -> None:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from gateway import errors
+    from mlx_stack.gateway import errors
 
     app = FastAPI()
     errors.install(app)

@@ -7,11 +7,11 @@ from __future__ import annotations
 import signal
 import time
 
+from mlx_stack.worker.server import EXIT_STALLED
+from mlx_stack.worker.synthetic import STEP_ERROR, STEP_HANG
 from testkit.harness import Cluster, wait_for
 from testkit.scenarios import expected_text, synthetic_workers
 from testkit.sse import BackgroundStream
-from worker.server import EXIT_STALLED
-from worker.synthetic import STEP_ERROR, STEP_HANG
 
 LIVENESS = 0.6
 """The cluster fixture's heartbeats: 200 ms x 3."""

@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
-from common import messages as msgs
-from gateway.inbox import Inbox, Lost
+from mlx_stack.common import messages as msgs
+from mlx_stack.gateway.inbox import Inbox, Lost
 
 
 def accepted(dispatch: int = 0) -> msgs.Accepted:

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from cli.services import write_examples
+from mlx_stack.cli.services import write_examples
 from testkit.harness import ROOT, Proc, free_port, wait_for
 
 STAND_IN = r"""#!/bin/sh
@@ -88,8 +88,8 @@ class Machine:
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         self.record.write_text("")
-        done = subprocess.run([sys.executable, "-m", "cli", *args], env=self.env, cwd=ROOT,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-m", "mlx_stack.cli", *args], env=self.env,
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         return done
 
@@ -112,8 +112,8 @@ def test_launch_agents_parse_and_say_how_each_role_runs(machine: Machine) -> Non
         role = name.removeprefix("com.mlx-stack.").removesuffix(".plist")
         assert agent["Label"] == f"com.mlx-stack.{role}"
         tiers = ["--model", "default=fast,standard"] if role.startswith("worker") else []
-        assert agent["ProgramArguments"] == [sys.executable, "-m", "cli", role.split("-")[0],
-                                             *tiers]
+        assert agent["ProgramArguments"] == [sys.executable, "-m", "mlx_stack.cli",
+                                             role.split("-")[0], *tiers]
         assert agent["KeepAlive"] is True and agent["RunAtLoad"] is True
         env = agent["EnvironmentVariables"]
         assert env["MLX_STACK_HOME"] == str(machine.home)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 
-from broker.jobs import MAX_MODELS, MODEL_MEMORY, JobTable, Send
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.generation import GenerationRequest
-from common.plain import from_dict
-from common.status import BrokerStatus, plain
+from mlx_stack.broker.jobs import MAX_MODELS, MODEL_MEMORY, JobTable, Send
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.plain import from_dict
+from mlx_stack.common.status import BrokerStatus, plain
 
 GW = b"gateway"
 REQUEST = GenerationRequest(kind="completion", prompt="x", max_tokens=4)

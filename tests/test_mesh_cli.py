@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from common.meshkeys import new_secret
+from mlx_stack.common.meshkeys import new_secret
 from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
 
 SYN = ("--engine", "synthetic", "--model", "syn", "--slots", "4", "--rate", "500")

@@ -30,7 +30,7 @@ def test_watch_draws_the_mesh_and_says_when_the_broker_is_down(cluster: Cluster)
 
 
 def test_ctrl_c_ends_the_watch_cleanly(cluster: Cluster) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "mesh", "status", "--watch"],
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_stack.cli", "mesh", "status", "--watch"],
                             cwd=ROOT, env={**os.environ, **cluster.env, "COLUMNS": "200"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -130,7 +130,7 @@ def test_pre_token_failovers_are_counted_by_the_gateway_and_survive_a_new_coordi
 
 
 def test_fastapis_opentelemetry_is_off_unless_the_environment_asks(monkeypatch) -> None:
-    from gateway.app import OFF, telemetry
+    from mlx_stack.gateway.app import OFF, telemetry
 
     monkeypatch.delenv("FASTAPI_OTEL_AUTO_CONFIGURE", raising=False)
     assert telemetry() == OFF and not any(OFF.values())

@@ -75,9 +75,9 @@ print(json.dumps(results))
 
 ROLE = """
 import sys
-from common.config import Settings
-from common.control import ControlClient
-from common.meshkeys import load_keys
+from mlx_stack.common.config import Settings
+from mlx_stack.common.control import ControlClient
+from mlx_stack.common.meshkeys import load_keys
 settings = Settings.load()
 status = ControlClient(sys.argv[1], settings, load_keys(settings.home)).ask("status")
 print(status.role if status else "")

@@ -5,11 +5,11 @@ processes: the first job to a new gateway already goes straight to it."""
 
 from __future__ import annotations
 
-from broker.jobs import JobTable
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.generation import GenerationRequest
+from mlx_stack.broker.jobs import JobTable
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
 from testkit.harness import Cluster, wait_for
 from testkit.scenarios import expected_text, synthetic_workers
 from testkit.sse import BackgroundStream

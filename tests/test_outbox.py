@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import select
 
-from common import messages as msgs
-from worker.outbox import Outbox
+from mlx_stack.common import messages as msgs
+from mlx_stack.worker.outbox import Outbox
 
 
 def readable(box: Outbox) -> bool:

@@ -4,9 +4,9 @@
 
 from __future__ import annotations
 
-from broker.prefixes import PrefixMirror
-from common.generation import GenerationRequest
-from gateway.prefix import BLOCK_CHARS, MAX_BLOCKS, prefix_of
+from mlx_stack.broker.prefixes import PrefixMirror
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.gateway.prefix import BLOCK_CHARS, MAX_BLOCKS, prefix_of
 
 SYSTEM = {"role": "system", "content": "You are a careful coding agent. " * 40}
 TOOLS = [{"type": "function", "function": {"name": "run", "parameters": {}}}]

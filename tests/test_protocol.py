@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from common import messages as msgs
-from common import wire
-from common.generation import GenerationRequest
-from common.plain import MAX_DEPTH, ProtocolError, check_plain, from_dict
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.plain import MAX_DEPTH, ProtocolError, check_plain, from_dict
 
 
 def frames(tag: bytes, command: int, body: object) -> list[bytes]:

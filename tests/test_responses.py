@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.responses_request import ResponsesRequest
+from mlx_stack.gateway.responses_request import ResponsesRequest
 from testkit.harness import Cluster
 
 WEATHER = [{"type": "function", "name": "get_weather", "description": "The weather now.",

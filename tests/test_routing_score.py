@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import collections
 
-from broker.routing import MIN_CACHED_CHARS, Chooser
-from broker.state import WorkerState
-from common.generation import GenerationRequest
-from common.messages import Ready, Submit, WorkerLoad
+from mlx_stack.broker.routing import MIN_CACHED_CHARS, Chooser
+from mlx_stack.broker.state import WorkerState
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.messages import Ready, Submit, WorkerLoad
 
 GIB = 1024**3
 

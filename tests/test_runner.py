@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from common import messages as msgs
-from common.generation import GenerationRequest
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.synthetic import SyntheticEngine, next_token, word
 from tests.batchloop import RunningLoop
-from worker.synthetic import SyntheticEngine, next_token, word
 
 
 class LaggingDetokenizer:

@@ -18,14 +18,14 @@ import pytest
 import zmq
 from zeroconf import ServiceInfo, Zeroconf
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.control import ControlClient
-from common.discovery import SERVICE
-from common.meshkeys import MeshKeys, load_keys, new_secret, save_secret
-from common.status import BrokerStatus
-from gateway.auth import exposure_warning
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.control import ControlClient
+from mlx_stack.common.discovery import SERVICE
+from mlx_stack.common.meshkeys import MeshKeys, load_keys, new_secret, save_secret
+from mlx_stack.common.status import BrokerStatus
+from mlx_stack.gateway.auth import exposure_warning
 from testkit.harness import Cluster, Mesh, close_and_report, free_port, wait_for
 
 SYN = ("--engine", "synthetic", "--model", "syn", "--slots", "8", "--rate", "500")

@@ -16,10 +16,10 @@ import httpx
 import msgpack
 import pytest
 
-from broker.skew import Skew, advice
-from common import messages as msgs
-from common import wire
-from common.versions import Hello, hello, tag_version
+from mlx_stack.broker.skew import Skew, advice
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.versions import Hello, hello, tag_version
 from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
 from testkit.scenarios import expected_text
 

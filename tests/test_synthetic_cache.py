@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from common.generation import GenerationRequest
-from worker.synthetic import CHUNK, SyntheticEngine, common_prefix, word
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.synthetic import CHUNK, SyntheticEngine, common_prefix, word
 
 SYSTEM = "You are a careful coding agent. Read the files before you change them. " * 40
 """2,880 bytes (prompt tokens, for the synthetic engine)."""

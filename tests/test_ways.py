@@ -13,17 +13,17 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.generation import GenerationRequest
-from common.meshkeys import MeshKeys, new_secret
-from common.transport import configure, waiting
-from gateway.streams import StreamSocket
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.common.meshkeys import MeshKeys, new_secret
+from mlx_stack.common.transport import configure, waiting
+from mlx_stack.gateway.streams import StreamSocket
+from mlx_stack.worker import ways as ways_module
+from mlx_stack.worker.outbox import Outbox
+from mlx_stack.worker.ways import Ways
 from testkit.harness import free_port, wait_for
-from worker import ways as ways_module
-from worker.outbox import Outbox
-from worker.ways import Ways
 
 SETTINGS = Settings(heartbeat_interval=0.2)
 WHERE = msgs.Accepted(job_id="", node_id="n", worker_id="w", model_id="m")

@@ -8,7 +8,7 @@ Importing this package prepares the process for mlx-lm before anything imports i
 
 import os
 
-from worker.blas import preload_openblas
+from mlx_stack.worker.blas import preload_openblas
 
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 preload_openblas()

@@ -21,10 +21,10 @@ import queue
 import time
 from collections.abc import Callable, Iterator
 
-from common import messages as msgs
-from common.logs import log_event
-from worker.engine import Engine, RequestRefused
-from worker.runner import JobRun
+from mlx_stack.common import messages as msgs
+from mlx_stack.common.logs import log_event
+from mlx_stack.worker.engine import Engine, RequestRefused
+from mlx_stack.worker.runner import JobRun
 
 log = logging.getLogger("worker")
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from worker.gguf import convert_gguf
+from mlx_stack.worker.gguf import convert_gguf
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_TIERS = ("fast", "standard")

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from common.generation import GenerationRequest
-from worker.tools import ToolFormat
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.tools import ToolFormat
 
 
 class Detokenizer(Protocol):

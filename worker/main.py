@@ -7,13 +7,13 @@ import os
 import signal
 from dataclasses import dataclass
 
-from common import heap, logs
-from common.config import Settings
-from common.names import ModelSpec
-from worker.engine import Engine
-from worker.server import Worker, system_memory
-from worker.synthetic import CACHE_ENTRIES, SyntheticEngine
-from worker.tools import family
+from mlx_stack.common import heap, logs
+from mlx_stack.common.config import Settings
+from mlx_stack.common.names import ModelSpec
+from mlx_stack.worker.engine import Engine
+from mlx_stack.worker.server import Worker, system_memory
+from mlx_stack.worker.synthetic import CACHE_ENTRIES, SyntheticEngine
+from mlx_stack.worker.tools import family
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def main(settings: Settings, model: ModelSpec,
             fixed = (synthetic.mem_total, synthetic.mem_free)
             memory = lambda: fixed  # noqa: E731
     else:
-        from worker.mlx_engine import MlxEngine
-        from worker.models import resolve_model, tiers_of
+        from mlx_stack.worker.mlx_engine import MlxEngine
+        from mlx_stack.worker.models import resolve_model, tiers_of
 
         path, model_id = resolve_model(model.spec, settings.models_path)
         tiers = tiers_of(model, alone=True)

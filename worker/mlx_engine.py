@@ -30,12 +30,12 @@ from mlx_lm.models.cache import (
 )
 from mlx_lm.sample_utils import apply_top_k, apply_top_p, greedy_sampler, make_logits_processors
 
-from common.constraints import SchemaError, json_grammar, tool_call_grammar
-from common.generation import GenerationRequest
-from worker.capacity import slots_for_memory
-from worker.engine import Detokenizer, RequestRefused, Step
-from worker.grammar import GrammarProcessor, ll_tokenizer
-from worker.tools import of_tokenizer
+from mlx_stack.common.constraints import SchemaError, json_grammar, tool_call_grammar
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.capacity import slots_for_memory
+from mlx_stack.worker.engine import Detokenizer, RequestRefused, Step
+from mlx_stack.worker.grammar import GrammarProcessor, ll_tokenizer
+from mlx_stack.worker.tools import of_tokenizer
 
 PREFILL_STEP = 512
 """Prompt tokens per sequence prefilled between two decode steps. mlx-lm's default (2048)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.names import ModelSpec
-from worker.default_model import DEFAULT_MODEL_ID, DEFAULT_TIERS, ensure_default_model
+from mlx_stack.common.names import ModelSpec
+from mlx_stack.worker.default_model import DEFAULT_MODEL_ID, DEFAULT_TIERS, ensure_default_model
 
 
 def is_default(spec: str) -> bool:

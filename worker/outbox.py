@@ -18,7 +18,7 @@ import contextlib
 import os
 import threading
 
-from common.messages import Message, Partial
+from mlx_stack.common.messages import Message, Partial
 
 
 class Outbox:

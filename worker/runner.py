@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from common.messages import ErrorCode, Fail, Final, Job, Message, Partial
-from worker.engine import Engine, RequestRefused
-from worker.tools import ToolScanner
+from mlx_stack.common.messages import ErrorCode, Fail, Final, Job, Message, Partial
+from mlx_stack.worker.engine import Engine, RequestRefused
+from mlx_stack.worker.tools import ToolScanner
 
 
 class _StopScanner:

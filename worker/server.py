@@ -25,16 +25,16 @@ from collections.abc import Callable
 import psutil
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.brokerlink import BrokerLink
-from common.config import Settings
-from common.logs import log_event
-from common.meshkeys import load_keys
-from worker.batch import BatchLoop
-from worker.engine import Engine
-from worker.outbox import Outbox
-from worker.ways import Ways
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.brokerlink import BrokerLink
+from mlx_stack.common.config import Settings
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import load_keys
+from mlx_stack.worker.batch import BatchLoop
+from mlx_stack.worker.engine import Engine
+from mlx_stack.worker.outbox import Outbox
+from mlx_stack.worker.ways import Ways
 
 log = logging.getLogger("worker")
 

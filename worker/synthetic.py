@@ -23,9 +23,9 @@ import time
 from array import array
 from dataclasses import dataclass
 
-from common.generation import GenerationRequest
-from worker.engine import RequestRefused, Step
-from worker.tools import ToolFormat
+from mlx_stack.common.generation import GenerationRequest
+from mlx_stack.worker.engine import RequestRefused, Step
+from mlx_stack.worker.tools import ToolFormat
 
 VOCAB = 50_000
 BYTE_TOKENS = 256

@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import zmq
 
-from common import messages as msgs
-from common import wire
-from common.config import Settings
-from common.logs import log_event
-from common.meshkeys import MeshKeys
-from common.transport import close_watched, configure, disconnected, watch_disconnects
-from worker.outbox import Outbox
+from mlx_stack.common import messages as msgs
+from mlx_stack.common import wire
+from mlx_stack.common.config import Settings
+from mlx_stack.common.logs import log_event
+from mlx_stack.common.meshkeys import MeshKeys
+from mlx_stack.common.transport import close_watched, configure, disconnected, watch_disconnects
+from mlx_stack.worker.outbox import Outbox
 
 log = logging.getLogger("worker")
 
