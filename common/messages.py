@@ -73,7 +73,7 @@ class WorkerLoad:
 
 @dataclass(kw_only=True, slots=True)
 class Ready(Message):
-    """worker -> broker: I serve ``model_id`` (also under its tiers) with ``slots`` seats."""
+    """worker -> broker: I serve ``model_id`` (also under its tiers) with ``slots`` slots."""
 
     COMMAND: ClassVar[Command] = Command.READY
     worker_id: str
@@ -141,7 +141,7 @@ class Partial(Message):
 class Final(Message):
     """worker -> gateway, by the job's way, after its last PARTIAL: the job ended
     normally. ``parts`` is how many PARTIALs the dispatch sent: fewer taken means some
-    were lost. (The seat is freed by :class:`Release`, to the broker.)"""
+    were lost. (The slot is freed by :class:`Release`, to the broker.)"""
 
     COMMAND: ClassVar[Command] = Command.FINAL
     job_id: str
@@ -155,8 +155,8 @@ class Final(Message):
 
 @dataclass(kw_only=True, slots=True)
 class Release(Message):
-    """worker -> broker, after a job's FINAL went its way: the job ended, its seat is
-    free. ``job_id`` is the dispatch id. (A FAIL frees the seat too.)"""
+    """worker -> broker, after a job's FINAL went its way: the job ended, its slot is
+    free. ``job_id`` is the dispatch id. (A FAIL frees the slot too.)"""
 
     COMMAND: ClassVar[Command] = Command.RELEASE
     job_id: str

@@ -58,7 +58,7 @@ gateways directly; worker messages name their dispatch all the way. 4: READY's t
 context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
 3 and one of 4 do not talk. 5: READY and HEARTBEAT carry the worker's load as one record,
 :class:`~common.messages.WorkerLoad`; one way out for each job: the worker's ACCEPTED
-opens it, FINAL takes it too, RELEASE frees the seat.) ``MLX_STACK_TEST_PROTOCOL`` is a
+opens it, FINAL takes it too, RELEASE frees the slot.) ``MLX_STACK_TEST_PROTOCOL`` is a
 switch for tests only: it makes this code speak another version, as a build of another
 release would, for the version-skew tests; never set it on a Mac that serves."""
 GATEWAY = b"MLXS-G%d" % PROTOCOL

@@ -1,4 +1,5 @@
-"""The gateway's side of the broker protocol: a Lazy Pirate client that owns each request.
+"""The gateway's side of the broker protocol: the Paranoid Pirate link (common/brokerlink.py)
+and a client that owns each request.
 
 One DEALER socket per gateway process, owned by one reader task that waits for it to be
 readable, then receives without blocking, and that alone replaces the socket when the

@@ -30,13 +30,13 @@ from mlx_stack.gateway.anthropic import MessagesBody, MessagesRequest
 from mlx_stack.gateway.anthropic import Shape as MessageShape
 from mlx_stack.gateway.attempts import JobError, JobStream, Served
 from mlx_stack.gateway.client import BrokerClient
-from mlx_stack.gateway.limits import StreamSlot
+from mlx_stack.gateway.limits import StreamPermit
 from mlx_stack.gateway.metrics import Metrics
 from mlx_stack.gateway.responses import Shape as ResponseShape
 from mlx_stack.gateway.responses_request import IGNORED_HEADER, ResponsesRequest
 from mlx_stack.gateway.schemas import ChatCompletionRequest, CompletionRequest, Unsupported
 from mlx_stack.gateway.shaping import Completion, Shape, collect, headers
-from mlx_stack.gateway.sse import SlotStream
+from mlx_stack.gateway.sse import PermitStream
 
 log = logging.getLogger("gateway")
 
@@ -151,7 +151,7 @@ async def complete(request: Request, body: ChatCompletionRequest | CompletionReq
 
 async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
               shape_for: ShapeFor, more_headers: dict[str, str] | None = None) -> Any:
-    """Check ``body``, hold a stream slot if it streams, and answer it in the shape
+    """Check ``body``, hold a stream permit if it streams, and answer it in the shape
     ``shape_for(request_id, served)`` makes (with ``more_headers`` on the answer)."""
     gateway = gateway_of(request)
     settings = gateway.settings
@@ -159,26 +159,26 @@ async def run(request: Request, body: ChatCompletionRequest | CompletionRequest,
     refusal = limits.check_request(settings, body, generation)
     if refusal is not None:
         return refusal
-    slot = None
+    permit = None
     if body.stream:
         peer = request.client.host if request.client else "unknown"
-        slot = gateway.streams.acquire(peer)
-        if slot is None:
+        permit = gateway.streams.acquire(peer)
+        if permit is None:
             return gateway.streams.refusal(peer)
     response: Any = None
     try:
-        response = await answer(request, body.model, generation, shape_for, slot,
+        response = await answer(request, body.model, generation, shape_for, permit,
                                 more_headers or {})
     finally:
-        if slot is not None and not isinstance(response, SlotStream):
-            slot.release()  # no stream opened (an error, or the client left)
+        if permit is not None and not isinstance(response, PermitStream):
+            permit.release()  # no stream opened (an error, or the client left)
     return response
 
 
 async def answer(request: Request, model: str, generation: GenerationRequest,
-                 shape_for: ShapeFor, slot: StreamSlot | None,
+                 shape_for: ShapeFor, permit: StreamPermit | None,
                  more_headers: dict[str, str]) -> Any:
-    """Run the job: a :class:`SlotStream` holding ``slot`` when streamed, else one body.
+    """Run the job: a :class:`PermitStream` holding ``permit`` when streamed, else one body.
     ``model`` is the client's name for it; the mesh's is the one the ``[models] names``
     setting maps it to (Claude Code asks for ``claude-...``), for every API alike."""
     gateway = gateway_of(request)
@@ -196,8 +196,8 @@ async def answer(request: Request, model: str, generation: GenerationRequest,
                 raise JobError(exc.code, f"{exc.message} (the [models] names setting "
                                f"maps '{asked}' to '{model}')", exc.param) from None
             shape = shape_for(request_id, served)
-            if slot is not None:
-                return SlotStream(shape.stream(job), slot,
+            if permit is not None:
+                return PermitStream(shape.stream(job), permit,
                                   headers(request_id, served) | more_headers)
             whole = await collect(job)
     except ClientGone:

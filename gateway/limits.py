@@ -72,12 +72,12 @@ class StreamLimit:
         self.limit = limit
         self.open: collections.Counter[str] = collections.Counter()
 
-    def acquire(self, client: str) -> StreamSlot | None:
-        """A slot for a new stream of ``client``, or None if it has too many open."""
+    def acquire(self, client: str) -> StreamPermit | None:
+        """A permit for a new stream of ``client``, or None if it has too many open."""
         if self.open[client] >= self.limit:
             return None
         self.open[client] += 1
-        return StreamSlot(self, client)
+        return StreamPermit(self, client)
 
     def _release(self, client: str) -> None:
         self.open[client] -= 1
@@ -92,7 +92,7 @@ class StreamLimit:
             headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-class StreamSlot:
+class StreamPermit:
     """One open stream of one client. Whoever holds it releases it, once: the request
     handler until the stream's response exists, then that response (gateway/app.py)."""
 

@@ -2,7 +2,7 @@
 
 Jobs join the engine's batch as they arrive and leave it when they finish, hit a stop
 sequence or are cancelled (their client went away, or their broker was lost), so the
-engine decodes all running jobs together (continuous batching) and a freed seat is
+engine decodes all running jobs together (continuous batching) and a freed slot is
 refilled at the next step. The I/O thread only hands messages in (:meth:`BatchLoop.put`);
 a job the engine took opens its way out (``open``: its ACCEPTED), and everything the loop
 produces goes out through ``send`` (worker/ways.py: by the job's way, straight to its
@@ -171,7 +171,7 @@ class BatchLoop:
             self._count("jobs_done")
 
     def _drop(self, seq: int) -> JobRun:
-        """Take a job out of the engine's batch (its seat is free at the next step)."""
+        """Take a job out of the engine's batch (its slot is free at the next step)."""
         self.engine.remove(seq)
         return self._forget(seq)
 

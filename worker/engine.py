@@ -57,7 +57,7 @@ class Engine(Protocol):
     """"mlx" for real inference; "synthetic" for the routing/load-test engine."""
     model_id: str
     slots: int
-    """How many sequences may run at once (the seats the broker fills)."""
+    """How many sequences may run at once (the slots the broker fills)."""
     model_bytes: int
     kv_bytes: int
     """KV cache memory in use (running sequences and the prompt cache), for load reports."""
@@ -85,7 +85,7 @@ class Engine(Protocol):
         ...
 
     def remove(self, seq: int) -> None:
-        """Drop a running sequence now (a stop sequence, a cancellation): its seat is free
+        """Drop a running sequence now (a stop sequence, a cancellation): its slot is free
         for the next step. Unknown ids are ignored."""
         ...
 

@@ -147,7 +147,7 @@ def _packed(tokens: list[int]) -> bytes:
 
 class SyntheticEngine:
     """Emits ``rate`` tokens per second per sequence after ``ttft`` seconds, in ``slots``
-    seats; with a ``prefill_rate``, the first token waits for the prompt tokens that its
+    slots; with a ``prefill_rate``, the first token waits for the prompt tokens that its
     ``prompt_cache`` (that many sequences kept) does not hold, at that many per second."""
 
     kind = "synthetic"

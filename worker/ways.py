@@ -15,7 +15,7 @@ up, or comes up within :data:`CONNECT_WAIT_S` (the first job for a gateway opens
 connection and waits for it); else relayed. Then every frame of the job takes that way,
 in order: its ACCEPTED (the job started, and where), its PARTIALs (numbered here, the
 one place; a relayed job's PARTIALs that wait together in the outbox leave as one frame,
-under the first one's number) and its FINAL. A RELEASE to the broker frees the seat
+under the first one's number) and its FINAL. A RELEASE to the broker frees the slot
 after the FINAL; a FAIL goes to the broker only, which decides (run it again, or tell
 the gateway).
 
