@@ -17,12 +17,10 @@ every worker and gateway with REDIRECT to the coordinator (or, while none is kno
 with a heartbeat, and with DISCONNECT once it becomes the coordinator itself, so that
 they register and resubmit here). A coordinator that steps down redirects everyone.
 
-Hostile input: every frame is validated (:func:`common.wire.decode`) before anything
-acts on it, then checked against what its sender is: an identity known as a worker may
-only speak the worker protocol, and so on. Whatever is refused is counted by reason and
-shown as ``rejected`` in the CONTROL status reply. A handler that still fails is logged
-and counted as ``handler_error``, never allowed to stop the loop that serves everyone.
-"""
+Hostile input: every frame is validated (:func:`common.wire.decode`), then checked
+against its sender's role (a worker speaks only the worker protocol...); refusals are
+counted by reason (``rejected`` in the status). A handler that still fails is logged and
+counted (``handler_error``), never allowed to stop the loop that serves everyone."""
 
 from __future__ import annotations
 

@@ -198,7 +198,7 @@ async def answer(request: Request, model: str, generation: GenerationRequest,
             shape = shape_for(request_id, served)
             if permit is not None:
                 return PermitStream(shape.stream(job), permit,
-                                  headers(request_id, served) | more_headers)
+                                    headers(request_id, served) | more_headers)
             whole = await collect(job)
     except ClientGone:
         return Response(status_code=499)  # nobody is left to read it

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 
 def is_json(content_type: str) -> bool:
@@ -57,7 +58,10 @@ class JsonBodyRoute(APIRoute):
                 raise RequestValidationError([{
                     "type": "model_attributes_type", "loc": ("body",), "input": None,
                     "msg": "send the body as JSON, with Content-Type: application/json"}])
-            raw = await request.body()
+            try:
+                raw = await request.body()
+            except ClientDisconnect:  # it left while sending: nobody is there to answer
+                return Response(status_code=499)
             try:
                 body = model.model_validate_json(raw)
             except ValidationError as exc:

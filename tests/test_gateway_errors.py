@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -215,6 +216,21 @@ def test_service_still_serves_after_all_that(url: str) -> None:
     assert response.json()["choices"][0]["message"]["content"]
 
 
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_no_server_error(
+        cluster: Cluster) -> None:
+    """Half a body, then the connection closes: nothing to answer and nothing to log as
+    an error (it was a 500 with a traceback in the gateway's log)."""
+    url = cluster.gateway(healthy=False)  # no worker: a request is a 503 after the grace
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"mo")
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200  # it serves on
+    (gateway,) = [p for p in cluster.procs if p.name.startswith("gateway")]
+    assert "ERROR" not in gateway.output() and "status=500" not in gateway.output(), \
+        gateway.output()
 
 
 def test_a_bug_still_answers_in_openai_shape() -> None:
