@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.routing import interleaved, pct, provenance
-from bench.vs_litellm import BACKENDS, RATE, SLOTS, TOKENS, TTFT, Systems
+from bench.vs_litellm_systems import BACKENDS, RATE, SLOTS, TOKENS, TTFT, Systems
 from testkit.harness import ROOT, Cluster
 
 

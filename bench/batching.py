@@ -29,6 +29,11 @@ Only one system is under load at a time (the other idles); which one goes first
 alternates from one level to the next, and the agents phase starts with the system that
 went second last. Ratios are ours / mlx_lm_server. JSON goes to stdout (and --out),
 progress to stderr. Both servers are stopped on exit, error, Ctrl-C or SIGTERM.
+
+This module is the command, the phases, the summaries and the report; the rest lives in
+modules named for what they hold (each under 400 lines): the servers' processes in
+``bench.batching_servers``, the prompts and handbooks in ``bench.batching_prompts``, the
+streamed requests in ``bench.batching_requests``.
 """
 
 from __future__ import annotations
@@ -41,106 +46,34 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-import httpx
-import psutil
-
-from bench.one_node import wait_healthy
+from bench.batching_prompts import TURNS, handbook, story_prompt
+from bench.batching_requests import Reply, agents_at_once, burst
+from bench.batching_servers import (
+    STOP_SIGNALS,
+    Server,
+    mapped_blas,
+    resolve_library,
+    running,
+    wait_ready,
+    worker_pid,
+)
 from bench.routing import provenance
 from mlx_stack.common.config import Settings
 from mlx_stack.worker.blas import preload_openblas
 from mlx_stack.worker.default_model import DEFAULT_MODEL_ID, ensure_default_model
 from testkit.harness import free_port
-from testkit.sse import ChatStream, read_chat
 
-ROOT = Path(__file__).resolve().parent.parent
 OURS, BASE = "ours", "mlx_lm_server"
-READY_TIMEOUT = 300.0
-STOP_GRACE = 20.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-TOPICS = [
-    "a lighthouse keeper", "a lost robot", "a dragon who hates fire", "a city under the sea",
-    "a time-travelling cat", "the last tree on Mars", "a haunted library", "a chess prodigy",
-    "a baker who bakes dreams", "a talking river", "an astronaut's first day",
-    "a map that redraws itself", "a shy volcano", "a detective penguin",
-    "a garden on a train", "a clock that runs backwards",
-]
-FORMS = ["short story", "short poem", "fable", "bedtime story"]
-
-AREAS = ["billing", "search", "auth", "storage", "scheduler", "metrics", "importer", "CLI"]
-THINGS = ["the release pipeline", "the public API", "the database schema", "the config loader",
-          "the job queue", "the web dashboard", "the nightly export", "the cache layer"]
-TAGS = ["flaky-test", "tech-debt", "needs-design", "security", "perf", "docs"]
-RULES = [
-    "Every change to the {area} module comes with a test that fails without it; agent-{a} "
-    "runs the whole test suite before asking for review.",
-    "Never log tokens, passwords or customer e-mail addresses from {thing}; when a value may "
-    "be sensitive, log its length only.",
-    "A function longer than {n} lines is split before review, and each part gets a "
-    "docstring that says why it exists, not what it does.",
-    "The {area} team owns {thing}; agent-{a} asks them before changing its interface and "
-    "links their answer in the pull request.",
-    "Releases of {thing} happen on day {day} of each month; anything not reviewed by "
-    "{hour}:00 that day waits for the next release.",
-    "Calls to {thing} are retried at most {n} times with exponential backoff starting at "
-    "{ms} ms, and every retry is counted in the metrics.",
-    "A new setting of the {area} module gets a default, a comment and a changelog line; "
-    "settings nobody has read for {n} months are removed.",
-    "When a test of the {area} module is flaky, agent-{a} opens an issue tagged {tag} "
-    "instead of retrying it in continuous integration.",
-    "Pull requests touching {thing} stay under {n}00 changed lines; larger work is split "
-    "into steps that each keep the build green.",
-    "Errors shown to users of {thing} say what happened and what to do next; stack traces "
-    "go to the log, never to the screen.",
-    "Dependencies of the {area} module are pinned; agent-{a} upgrades them in a separate "
-    "pull request tagged {tag} with the changelog of each package.",
-    "Before a migration of {thing}, take a backup, rehearse on a copy and write the "
-    "rollback steps in the ticket; migrations never run on day {day}.",
-]
-TURNS = [
-    "Which rule says what to do before asking for review? Answer in one sentence.",
-    "Summarise the rules about retries and errors in two sentences.",
-    "Write a one-line commit message for a fix to the config loader.",
-    "What do you do first when a test becomes flaky?",
-    "Which team should you ask before changing the public API?",
-    "List three rules you would check before a release.",
-]
-
-
-@dataclass
-class Server:
-    """One system under test: where to reach it, the model name it answers to."""
-
-    name: str
-    url: str
-    model: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-
-@dataclass
-class Reply:
-    """One streamed chat completion as the client saw it (perf_counter seconds)."""
-
-    sent: float
-    end: float
-    ttft: float | None
-    text: str
-    usage_tokens: int | None
-    error: str | None = None
 
 
 def log(message: str) -> None:
@@ -150,200 +83,6 @@ def log(message: str) -> None:
 
 def _interrupt(signum: int, frame: object) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-# ---------------------------------------------------------------- processes
-
-
-def descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, wait, then SIGKILL; then every descendant still alive
-    (``mlx-stack up`` starts each role in a session of its own)."""
-    # A second Ctrl-C or SIGTERM must not cut this short.
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
-    try:
-        family = descendants(proc.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-        for child in family:
-            with contextlib.suppress(psutil.Error):
-                child.terminate()
-        _, alive = psutil.wait_procs(family, timeout=5)
-        for child in alive:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
-        psutil.wait_procs(alive, timeout=5)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def running(argv: list[str], env: dict[str, str], log_path: Path) -> Iterator[
-        subprocess.Popen[bytes]]:
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield proc
-    finally:
-        stop(proc)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def wait_ready(server: Server, timeout: float = READY_TIMEOUT) -> None:
-    """GET /health answers 200 and a tiny completion succeeds (a model may still be
-    loading after /health)."""
-    deadline = time.monotonic() + timeout
-    try:
-        wait_healthy(server.url, server.proc, timeout)
-    except SystemExit as exc:
-        raise RuntimeError(f"{server.name} not healthy ({exc}); its log:\n"
-                           f"{tail(server.log)}") from None
-    body = {"model": server.model, "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": "Say hi."}]}
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            break
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, IndexError):
-            response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-            if response.status_code == 200 and response.json()["choices"][0]["message"]:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{server.name} never completed a request; its log:\n"
-                       f"{tail(server.log)}")
-
-
-def mapped_blas(pid: int) -> list[str] | None:
-    """The BLAS libraries a process has mapped (None where that cannot be read)."""
-    try:
-        paths = {m.path for m in psutil.Process(pid).memory_maps()}
-    except (psutil.Error, NotImplementedError, OSError):
-        return None
-    return sorted(p for p in paths if "blas" in Path(p).name.lower())
-
-
-def worker_pid(up: subprocess.Popen[bytes]) -> int | None:
-    for child in descendants(up.pid):
-        with contextlib.suppress(psutil.Error):
-            if "worker" in child.cmdline()[3:4]:  # python -m mlx_stack.cli worker ...
-                return child.pid
-    return None
-
-
-def resolve_library(name: str | None) -> str | None:
-    """The file behind a library name this process loaded (find_library gives a soname)."""
-    if name is None or "/" in name:
-        return name
-    stem = name.split(".so")[0]
-    for path in mapped_blas(os.getpid()) or []:
-        if Path(path).name.startswith(stem):
-            return path
-    return name
-
-
-# ---------------------------------------------------------------- requests
-
-
-async def stream_chat(client: httpx.AsyncClient, server: Server,
-                      messages: list[dict[str, str]], max_tokens: int,
-                      timeout: float) -> Reply:
-    """One streamed chat completion: its text, time to first content, the server's usage;
-    what arrived until a failure (a refusal, an error event, a broken stream)."""
-    body = {"model": server.model, "messages": messages, "max_tokens": max_tokens,
-            "temperature": 0, "stream_options": {"include_usage": True}}
-    stream = ChatStream()
-    error: str | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            await read_chat(client, server.url, body, into=stream)
-        stream.check()
-    except (httpx.HTTPError, RuntimeError, TimeoutError, ValueError, KeyError) as exc:
-        error = f"{type(exc).__name__}: {exc}"[:300]
-    return Reply(stream.sent, time.perf_counter(), stream.ttft, stream.text,
-                 stream.usage.get("completion_tokens"), error)
-
-
-def async_client(connections: int, timeout: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0),
-                             limits=httpx.Limits(max_connections=connections + 2))
-
-
-async def burst(server: Server, prompts: list[str], max_tokens: int,
-                timeout: float) -> list[Reply]:
-    async with async_client(len(prompts), timeout) as client:
-        return list(await asyncio.gather(*(
-            stream_chat(client, server, [{"role": "user", "content": p}], max_tokens, timeout)
-            for p in prompts)))
-
-
-async def conversation(client: httpx.AsyncClient, server: Server, agent: int, system: str,
-                       turns: int, max_tokens: int, timeout: float) -> list[Reply]:
-    """One agent: each turn sends the whole history and appends the streamed reply."""
-    messages = [{"role": "system", "content": system}]
-    replies: list[Reply] = []
-    for turn in range(turns):
-        messages.append({"role": "user", "content": TURNS[(agent + turn) % len(TURNS)]})
-        reply = await stream_chat(client, server, messages, max_tokens, timeout)
-        replies.append(reply)
-        if reply.error:
-            break
-        messages.append({"role": "assistant", "content": reply.text})
-    return replies
-
-
-async def agents_at_once(server: Server, systems: list[str], turns: int, max_tokens: int,
-                         timeout: float) -> list[list[Reply]]:
-    async with async_client(len(systems), timeout) as client:
-        return list(await asyncio.gather(*(
-            conversation(client, server, agent, system, turns, max_tokens, timeout)
-            for agent, system in enumerate(systems))))
-
-
-# ---------------------------------------------------------------- prompts
-
-
-def story_prompt(index: int) -> str:
-    """Distinct prompts for the first len(TOPICS) * len(FORMS) indices."""
-    topic = TOPICS[index % len(TOPICS)]
-    form = FORMS[(index // len(TOPICS)) % len(FORMS)]
-    return f"Write a {form} about {topic}."
-
-
-def handbook(agent: int, target_tokens: int, count: Callable[[str], int]) -> str:
-    """A made-up project handbook of about ``target_tokens`` tokens, distinct per agent."""
-    rng = random.Random(1000 + agent)
-    area = AREAS[agent % len(AREAS)]
-    lines = [f"You are agent-{agent}, a coding agent on the {area} project.",
-             f"Project handbook for agent-{agent}. Follow every numbered rule below; quote "
-             "the rule's number when a reply depends on it. Keep answers short.", ""]
-    rule = 0
-    while count("\n".join(lines)) < target_tokens:
-        rule += 1
-        text = rng.choice(RULES).format(
-            a=agent, area=rng.choice(AREAS), thing=rng.choice(THINGS), tag=rng.choice(TAGS),
-            n=rng.randint(2, 9), day=rng.randint(1, 28), hour=rng.randint(9, 17),
-            ms=rng.choice((50, 100, 200, 500)))
-        lines.append(f"Rule {rule}. {text}")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- summaries

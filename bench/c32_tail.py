@@ -4,11 +4,11 @@ mesh's slowest first tokens come from.
     .venv/bin/python -m bench.c32_tail [--workers 3] [--gateways 1] [--repeat 1] [--out F]
 
 ``bench.vs_litellm`` measures it among everything else, in 8 minutes. This measures only
-it, the same way (:func:`bench.vs_litellm.steady`: the mesh and the HTTP baseline take
-turns at a steady concurrency of 32, six rounds of 480 streams each), and adds what each
-process spent: CPU milliseconds per stream it served (user + system, over the whole run:
-the mesh's idle heartbeats during the baseline's turns included). The goal is met when
-the mesh's p99 time to first token is at most 1.1 times the baseline's.
+it, the same way (:func:`bench.vs_litellm_phases.steady`: the mesh and the HTTP baseline
+take turns at a steady concurrency of 32, six rounds of 480 streams each), and adds what
+each process spent: CPU milliseconds per stream it served (user + system, over the whole
+run: the mesh's idle heartbeats during the baseline's turns included). The goal is met
+when the mesh's p99 time to first token is at most 1.1 times the baseline's.
 
 The mesh's shape is a flag, to test what the tail depends on: ``--workers 1`` (one
 worker, as the baseline is one server), ``--gateways 2`` (the load spread over two
@@ -27,20 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.routing import Streamed, load, provenance
-from bench.vs_litellm import (
-    BACKENDS,
-    C32_GOAL,
-    RATE,
-    ROUND_STREAMS,
-    ROUNDS,
-    SLOTS,
-    TOKENS,
-    TTFT,
-    Systems,
-    cpu,
-    steady,
-    ttft_ms,
-)
+from bench.vs_litellm_phases import ROUND_STREAMS, ROUNDS, steady, ttft_ms
+from bench.vs_litellm_report import C32_GOAL
+from bench.vs_litellm_systems import BACKENDS, RATE, SLOTS, TOKENS, TTFT, Systems, cpu
 from testkit.harness import Proc
 
 
