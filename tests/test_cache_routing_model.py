@@ -1,7 +1,8 @@
 """Cache-aware routing with the real model (issue 27): two workers serve one model; each
 agent's second turn goes back to the worker that served its first, while the other one
 is idle, and that worker prefills only the new tokens, as mlx-lm itself counts them
-(not the worker's own bookkeeping); the answer equals a worker without a prompt cache."""
+(not the worker's own bookkeeping). That an answer from the cache equals one without
+it: tests/test_batching.py's second turn."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ def test_a_second_turn_goes_back_to_its_cache_and_prefills_only_the_new_tokens(
         c.broker()
         for node in ("node-a", "node-b"):
             c.worker("--model", "default=twin", node=node)
-        c.worker("--model", "default=plain", node="node-a",
-                 env={"MLX_STACK_PROMPT_CACHE_BYTES": "0"})
         url = c.gateway(node="node-c")  # both workers remote: no local preference
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0,
                                timeout=180)
@@ -54,11 +53,10 @@ def test_a_second_turn_goes_back_to_its_cache_and_prefills_only_the_new_tokens(
 
         for agent, history in enumerate(histories):
             before = jobs_done(home[agent], 1)
-            worker, text = ask("twin", history)
+            worker, _ = ask("twin", history)
             assert worker == home[agent], f"agent {agent}'s second turn moved"
             after = jobs_done(worker, before["jobs_done"] + 1)
             prefilled = after["prompt_tokens_prefilled"] - before["prompt_tokens_prefilled"]
             assert prefilled < 40, (agent, prefilled)
-            assert ask("plain", history)[1] == text
     finally:
         close_and_report(c, request.node)

@@ -232,8 +232,8 @@ def test_deploy_examples_are_what_install_renders(tmp_path: Path) -> None:
     for path in written:
         shipped = ROOT / "deploy" / path.relative_to(tmp_path)
         assert shipped.read_bytes() == path.read_bytes(), (
-            f"{shipped} is stale: run `python -c 'from cli.services import write_examples; "
-            "from pathlib import Path; write_examples(Path(\"deploy\"))'`")
+            f"{shipped} is stale: run `python -c 'from mlx_stack.cli.services import "
+            "write_examples; from pathlib import Path; write_examples(Path(\"deploy\"))'`")
 
 
 @pytest.mark.model

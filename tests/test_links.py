@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -76,14 +76,24 @@ def tc(hosts: netns.Hosts, node: str, *args: str) -> str:
                           capture_output=True, text=True, timeout=10).stdout
 
 
-@pytest.fixture
-def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HostMesh]:
+@dataclass
+class Links:
+    """Three hosts with their brokers, workers and gateways (``urls``), started once for
+    the three faults (each test takes its own epochs and counts)."""
+
+    mesh: HostMesh
+    urls: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def links(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+          ) -> Iterator[Links]:
     with netns.Hosts(["node-a", "node-b", "node-c"]) as hosts:
-        m = HostMesh(tmp_path, hosts)
+        m = HostMesh(tmp_path_factory.mktemp("links"), hosts)
         try:
             m.start_brokers()
             wait_for("one coordinator over mDNS", lambda: m.coordinator(peers=2), timeout=20)
-            yield m
+            yield Links(m, start_nodes(m))
         finally:
             close_and_report(m, request.node)
 
@@ -107,15 +117,16 @@ def streams_through(mesh: HostMesh, url: str, fault: Callable[[], None]) -> list
     return asyncio.run(main())
 
 
-def run(mesh: HostMesh, fault: Callable[[], None]) -> tuple[int, int, int]:
+def run(links: Links, fault: Callable[[], None]) -> tuple[int, int, int]:
     """Streams through node-a's gateway with workers on all three hosts; asserts every
     text exact. Returns the coordinator's epoch (node-a's broker) before and after, and
     how many packets the nodes' drop rules dropped."""
-    urls = start_nodes(mesh)
-    wait_for("all 6 workers at the coordinator",
-             lambda: mesh.status_says("node-a", lambda s: len(s.workers) == 6), timeout=30)
+    mesh = links.mesh
+    wait_for("one coordinator with all 6 workers", lambda: (
+        s := mesh.coordinator(peers=2)) and s.node_id == "node-a" and len(s.workers) == 6,
+        timeout=30)
     before = mesh.answered_status("node-a").epoch
-    texts = streams_through(mesh, urls["node-a"], fault)
+    texts = streams_through(mesh, links.urls["node-a"], fault)
     for i, text in enumerate(texts):
         assert text == expected_text(f"failover {i}", TOKENS), i
     dropped = sum(drop(mesh.hosts, node, 0) for node in mesh.hosts.names)
@@ -125,33 +136,37 @@ def run(mesh: HostMesh, fault: Callable[[], None]) -> tuple[int, int, int]:
     return before, after.epoch, dropped
 
 
-def test_5_percent_loss_on_every_link(mesh: HostMesh) -> None:
-    def lossy() -> None:
-        for node in mesh.hosts.names:
-            drop(mesh.hosts, node, 5)
+def test_5_percent_loss_on_every_link(links: Links) -> None:
+    hosts = links.mesh.hosts
 
-    before, after, dropped = run(mesh, lossy)
+    def lossy() -> None:
+        for node in hosts.names:
+            drop(hosts, node, 5)
+
+    before, after, dropped = run(links, lossy)
     assert dropped > 100  # the loss struck the streams' traffic
     # TCP resends what is lost: heartbeats are late by a resend at most, within liveness.
     assert after == before
 
 
-def test_one_link_drops_everything_for_3_seconds(mesh: HostMesh) -> None:
+def test_one_link_drops_everything_for_3_seconds(links: Links) -> None:
+    hosts = links.mesh.hosts
     dropped: list[int] = []
 
     def cut() -> None:
-        drop(mesh.hosts, "node-c", 100)
+        drop(hosts, "node-c", 100)
         time.sleep(3)  # the fault itself: how long the link is dead
-        dropped.append(drop(mesh.hosts, "node-c", 0))
+        dropped.append(drop(hosts, "node-c", 0))
 
-    before, after, _ = run(mesh, cut)
+    before, after, _ = run(links, cut)
     assert dropped[0] > 100
     # 3 s is past the liveness (3 x 0.5 s): node-c's broker may take over its own island
     # for a while, and the mesh settles back on node-a; at most one new term.
     assert after <= before + 1
 
 
-def test_one_link_squeezed_to_a_low_rate(mesh: HostMesh) -> None:
-    before, after, _ = run(mesh, lambda: squeeze(mesh.hosts, "node-b", "400kbit"))
-    assert throttled(mesh.hosts, "node-b") > 100
+def test_one_link_squeezed_to_a_low_rate(links: Links) -> None:
+    hosts = links.mesh.hosts
+    before, after, _ = run(links, lambda: squeeze(hosts, "node-b", "400kbit"))
+    assert throttled(hosts, "node-b") > 100
     assert after <= before + 1
