@@ -20,7 +20,7 @@ from mlx_stack.broker.skew import Skew, advice
 from mlx_stack.common import messages as msgs
 from mlx_stack.common import wire
 from mlx_stack.common.versions import Hello, hello, tag_version
-from testkit.harness import Mesh, close_and_report, free_port, run_cli, wait_for
+from testkit.harness import Mesh, close_and_report, free_port, healthy, run_cli, wait_for
 from testkit.scenarios import expected_text
 
 
@@ -111,8 +111,7 @@ def test_a_node_of_another_protocol_is_shown_warned_and_kept_apart(
 
         # Each side serves its own requests, with its own workers, exactly.
         for node, url in urls.items():
-            wait_for(f"{node}'s gateway", lambda u=url: httpx.get(
-                f"{u}/health", timeout=2).status_code == 200, timeout=30)
+            wait_for(f"{node}'s gateway", lambda u=url: healthy(u), timeout=30)
             response = chat(url, f"hello from {node}")
             assert response.status_code == 200, response.text
             assert response.headers["x-mlx-stack-node"] == node
