@@ -1,4 +1,5 @@
-"""Shared fixtures: a fresh broker per test, and one real-model node per module."""
+"""Shared fixtures: a fresh broker per test or per module, and one real-model node per
+module."""
 
 from __future__ import annotations
 
@@ -30,15 +31,29 @@ def models_dir() -> Path:
     return path
 
 
-@pytest.fixture
-def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A running broker (fast heartbeats: 200 ms x 3) and nothing else yet."""
-    c = Cluster(tmp_path)
+def running_broker(path: Path, node: pytest.Item | pytest.Module) -> Iterator[Cluster]:
+    c = Cluster(path)
     try:
         c.broker()
         yield c
     finally:
-        close_and_report(c, request.node)
+        close_and_report(c, node)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A running broker (fast heartbeats: 200 ms x 3) and nothing else yet."""
+    yield from running_broker(tmp_path, request.node)
+
+
+@pytest.fixture(scope="module")
+def module_cluster(tmp_path_factory: pytest.TempPathFactory,
+                   request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    """A running broker that a module's tests share: for tests that leave what they
+    share as they found it (no worker killed or stopped). Starting the nodes once per
+    module, not per test, takes minutes off the suite."""
+    yield from running_broker(tmp_path_factory.mktemp(request.module.__name__),
+                              request.node)
 
 
 @pytest.fixture(scope="module")

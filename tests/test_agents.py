@@ -35,8 +35,10 @@ OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:
 """A client that reaches for the internet meets a closed loopback port, at once."""
 
 
-@pytest.fixture
-def url(cluster: Cluster) -> str:
+@pytest.fixture(scope="module")
+def url(module_cluster: Cluster) -> str:
+    """One tooly node for the module's agents: no test here kills or stops a worker."""
+    cluster = module_cluster
     cluster.worker("--engine", "synthetic", "--model", "tooly", "--rate", "400",
                    "--tool-parser", "json_tools")
     return cluster.gateway("--log-level", "info")

@@ -39,8 +39,10 @@ def scripted(cluster: Cluster, rate: float = 400.0) -> Any:
                           "--tool-parser", "json_tools", "--context-length", "200000")
 
 
-@pytest.fixture
-def url(cluster: Cluster) -> str:
+@pytest.fixture(scope="module")
+def url(module_cluster: Cluster) -> str:
+    """One node for the module's tests that kill nothing and change no setting."""
+    cluster = module_cluster
     scripted(cluster, rate=0)  # no delay: an agent's long prompt may be said back
     cluster.worker("--engine", "synthetic", "--model", "plain")
     return cluster.gateway(env={"MLX_STACK_MODEL_NAMES": NAMES})

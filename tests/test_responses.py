@@ -69,8 +69,10 @@ CALL_EVENTS = ["response.output_item.added", "response.function_call_arguments.d
 START = ["response.created", "response.in_progress"]
 
 
-@pytest.fixture
-def url(cluster: Cluster) -> str:
+@pytest.fixture(scope="module")
+def url(module_cluster: Cluster) -> str:
+    """One tooly node for the module: no test here kills or stops a worker."""
+    cluster = module_cluster
     cluster.worker("--engine", "synthetic", "--model", "tooly", "--tool-parser", "json_tools")
     return cluster.gateway()
 

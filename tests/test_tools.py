@@ -45,8 +45,7 @@ class Tooly:
     """The ``tooly`` workers' processes by worker id."""
 
 
-@pytest.fixture
-def tooly(cluster: Cluster) -> Tooly:
+def start_tooly(cluster: Cluster) -> Tooly:
     """Two synthetic workers of model ``tooly`` that write json_tools calls, and one
     ``plain`` worker without a tool format."""
     procs = {}
@@ -58,6 +57,18 @@ def tooly(cluster: Cluster) -> Tooly:
         procs[worker_id] = proc
     cluster.worker("--engine", "synthetic", "--model", "plain")
     return Tooly(cluster, client_for(cluster.gateway()), procs)
+
+
+@pytest.fixture(scope="module")
+def tooly(module_cluster: Cluster) -> Tooly:
+    """The module's tooly node, for the tests that kill nothing."""
+    return start_tooly(module_cluster)
+
+
+@pytest.fixture
+def tooly_alone(cluster: Cluster) -> Tooly:
+    """A tooly node of the test's own, for a test that kills a worker."""
+    return start_tooly(cluster)
 
 
 def test_a_tool_call_is_parsed_into_tool_calls(tooly) -> None:
@@ -88,14 +99,15 @@ def test_streamed_tool_calls_arrive_as_deltas_in_order(tooly) -> None:
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
-def test_each_tool_call_arrives_once_when_the_worker_dies_between_them(tooly) -> None:
-    client = tooly.client
+def test_each_tool_call_arrives_once_when_the_worker_dies_between_them(
+        tooly_alone: Tooly) -> None:
+    client = tooly_alone.client
     script = ("First ", call("get_weather", city="Rome"), " then ", "x" * 40,
               call("get_weather", city="Kyiv"), " done.")
     deltas, content = [], []
     with client.chat.completions.with_streaming_response.create(
             model="tooly", tools=WEATHER, stream=True, messages=say(*script)) as response:
-        victim = tooly.procs[response.headers["x-mlx-stack-worker"]]
+        victim = tooly_alone.procs[response.headers["x-mlx-stack-worker"]]
         for chunk in response.parse():
             delta = chunk.choices[0].delta if chunk.choices else None
             if delta and delta.tool_calls:
@@ -108,7 +120,7 @@ def test_each_tool_call_arrives_once_when_the_worker_dies_between_them(tooly) ->
         (0, "Rome"), (1, "Kyiv")]
     assert "".join(content) == "First  then " + "x" * 40 + " done."
     assert not victim.alive()
-    assert any(r.outcome == "worker_lost" for r in tooly.cluster.control("routes", last=3))
+    assert any(r.outcome == "worker_lost" for r in tooly_alone.cluster.control("routes", last=3))
 
 
 def test_without_parallel_tool_calls_the_answer_ends_at_its_first_call(tooly) -> None:
@@ -162,7 +174,7 @@ def test_langchain_binds_a_tool_calls_it_and_answers_with_its_result(tooly,
         """The weather in a city now."""
         return f"[[say]]It is sunny in {city}."
 
-    model = ChatOpenAI(model="tooly", base_url=f"{tooly.cluster.gateway()}/v1", api_key="x",
+    model = ChatOpenAI(model="tooly", base_url=str(tooly.client.base_url), api_key="x",
                        max_retries=0, timeout=60, streaming=stream)
     bound = model.bind_tools([get_weather])
     messages = [HumanMessage(say("Let me look. ", call("get_weather", city="Oslo"))[0]["content"])]
