@@ -6,8 +6,9 @@ BIN    := $(VENV)/bin
 CLIENTS := tests/clients
 AIDER  := .venv-aider
 # What a target needs is installed side by side (pip, apt, npm each wait on the network or
-# the disk more than on a core): minutes off a fresh machine's `make test`.
-MAKEFLAGS += --jobs=4 --output-sync=target
+# the disk more than on a core): minutes off a fresh machine's `make test`. (Not
+# --output-sync: it would hold back the output of the server and of pytest until they end.)
+MAKEFLAGS += --jobs=4
 
 .PHONY: run test lint bench run-packages test-packages
 
