@@ -45,6 +45,10 @@ SEED = 20261207
 """The test's seed, and the benchmark's first."""
 PAUSE_S = 2.0
 """How long a SIGSTOPped worker stays stopped: past the liveness (3 x 0.5 s)."""
+RATE = 25
+"""Each synthetic worker's tokens per second per stream (a stream of 40 tokens: 1.6 s)."""
+SLOTS = 64
+"""Each worker's slots (120 streams at a time over 8 workers, 6 of them current)."""
 LOSS_PERCENT = 5
 """Packets dropped at random on node-b's link, both ways, for the whole run."""
 
@@ -191,8 +195,8 @@ def start_hosts(mesh: HostMesh) -> tuple[dict[str, Proc], list[str]]:
         env = older if node == "node-c" else {}
         for k in range(3 if node != "node-c" else 2):
             workers[f"{node}/{k}"] = mesh.start(
-                "worker", "--engine", "synthetic", "--model", "syn", "--slots", "64",
-                "--rate", "25", node=node, env=env)
+                "worker", "--engine", "synthetic", "--model", "syn", "--slots", str(SLOTS),
+                "--rate", str(RATE), node=node, env=env)
         mesh.start("gateway", "--host", mesh.hosts.addr[node], "--port",
                    str(netns.GATEWAY_PORT), node=node, env=env)
     wait_for("node-a coordinating 6 workers, node-c shown incompatible",
