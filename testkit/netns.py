@@ -1,5 +1,6 @@
 """Hosts for tests and benchmarks: network namespaces on a bridge, created and always
-removed, and :class:`HostMesh`, a mesh with one node on each.
+removed; packet loss on a host's link (:func:`drop`, nftables inside its namespace: the
+kernel here has no netem); and :class:`HostMesh`, a mesh with one node on each.
 
 Layout: a bridge in a namespace of its own; one namespace per node, joined to the bridge
 by a veth pair (10.<net>.0.<i>/24); and one veth from the test's own namespace to the
@@ -10,6 +11,7 @@ touches the machine's real interfaces.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,30 @@ class Hosts:
         for ns in [*self.ns.values(), self.bridge_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+
+
+def nft(hosts: Hosts, node: str, script: str) -> None:
+    """Run an nftables ``script`` inside ``node``'s namespace."""
+    subprocess.run(hosts.exec_argv(node, ["nft", "-f", "-"]), input=script, text=True,
+                   check=True, capture_output=True, timeout=10)
+
+
+def drop(hosts: Hosts, node: str, percent: int) -> int:
+    """Drop ``percent`` % of the packets ``node`` receives and sends (100: all of them);
+    0 removes the rules. Returns how many packets the rules it replaced dropped (the
+    proof that a fault struck)."""
+    listed = subprocess.run(hosts.exec_argv(node, ["nft", "list", "table", "inet", "links"]),
+                            capture_output=True, text=True, timeout=10).stdout
+    dropped = sum(int(n) for n in re.findall(r"counter packets (\d+)", listed))
+    nft(hosts, node, "table inet links\ndelete table inet links\n")
+    if percent:
+        verdict = "counter drop" if percent >= 100 else (
+            f"numgen random mod 100 < {percent} counter drop")
+        nft(hosts, node, f"""table inet links {{
+            chain input {{ type filter hook input priority 0; policy accept; {verdict}; }}
+            chain output {{ type filter hook output priority 0; policy accept; {verdict}; }}
+        }}""")
+    return dropped
 
 
 PORT = 4100

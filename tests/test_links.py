@@ -23,7 +23,7 @@ import pytest
 
 from testkit import netns
 from testkit.harness import close_and_report, wait_for
-from testkit.netns import HostMesh
+from testkit.netns import HostMesh, drop
 from testkit.scenarios import expected_text, failover_body, start_nodes
 from testkit.sse import read_chat
 
@@ -33,29 +33,6 @@ pytestmark = pytest.mark.skipif(
 STREAMS = 100
 TOKENS = 120
 """6 s of output per stream at the workers' 20 tokens/s: every fault lands mid-stream."""
-
-
-def nft(hosts: netns.Hosts, node: str, script: str) -> None:
-    subprocess.run(hosts.exec_argv(node, ["nft", "-f", "-"]), input=script, text=True,
-                   check=True, capture_output=True, timeout=10)
-
-
-def drop(hosts: netns.Hosts, node: str, percent: int) -> int:
-    """Drop ``percent`` % of the packets ``node`` receives and sends (100: all of them);
-    0 removes the rules. Returns how many packets the rules it replaced dropped (the
-    proof that a fault struck)."""
-    listed = subprocess.run(hosts.exec_argv(node, ["nft", "list", "table", "inet", "links"]),
-                            capture_output=True, text=True, timeout=10).stdout
-    dropped = sum(int(n) for n in re.findall(r"counter packets (\d+)", listed))
-    nft(hosts, node, "table inet links\ndelete table inet links\n")
-    if percent:
-        verdict = "counter drop" if percent >= 100 else (
-            f"numgen random mod 100 < {percent} counter drop")
-        nft(hosts, node, f"""table inet links {{
-            chain input {{ type filter hook input priority 0; policy accept; {verdict}; }}
-            chain output {{ type filter hook output priority 0; policy accept; {verdict}; }}
-        }}""")
-    return dropped
 
 
 def squeeze(hosts: netns.Hosts, node: str, rate: str) -> None:
