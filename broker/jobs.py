@@ -112,7 +112,7 @@ class JobTable:
             case msgs.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    job.released(worker, msg)
+                    job.cache_served(worker, msg)
                     if job.gateway is not None:
                         self.released[msg.job_id] = Released(
                             identity, job.gateway, now + 2 * self.settings.peer_timeout)

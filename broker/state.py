@@ -24,6 +24,10 @@ class WorkerState:
     last_seen: float = 0.0
     prefixes: PrefixMirror = field(default_factory=PrefixMirror)
     """What its prompt cache probably holds, from the jobs it finished."""
+    released_since_beat: set[str] = field(default_factory=set)
+    """Jobs whose RELEASE came since its last heartbeat: that heartbeat's count of cache
+    entries may predate theirs (a job ended by a stop sequence is released before its
+    sequence leaves the engine, which stores its cache then)."""
 
     @property
     def names(self) -> frozenset[str]:
@@ -38,7 +42,8 @@ class WorkerState:
         what the broker thinks that cache holds."""
         if load.cache_epoch != self.load.cache_epoch:
             self.prefixes.clear()
-        self.prefixes.trim(load.cache_entries, self.running)
+        self.prefixes.trim(load.cache_entries, self.running | self.released_since_beat)
+        self.released_since_beat.clear()
         self.load = load
 
     def status(self, now: float) -> WorkerStatus:
@@ -73,10 +78,11 @@ class JobState:
     route: Route | None = None
     """Its entry in the route log, made at its first dispatch."""
 
-    def released(self, worker: WorkerState, release: Release) -> None:
+    def cache_served(self, worker: WorkerState, release: Release) -> None:
         """``worker``'s RELEASE ended the job: the route log records what its prompt
         cache served, and a match the route counted on that the cache did not serve
         corrects the worker's mirror (:meth:`PrefixMirror.missed`)."""
+        worker.released_since_beat.add(self.submit.job_id)
         route = self.route
         if route is None:
             return
