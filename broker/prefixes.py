@@ -20,7 +20,7 @@ cache served: a job routed for a match that the cache served (nearly) nothing of
 that the chains which made the match were evicted there (by bytes, or by an LRU that
 ordered otherwise), and they are dropped (:meth:`PrefixMirror.missed`). Each heartbeat
 says how many entries the cache holds, and the mirror keeps no more ended chains than
-that (:meth:`PrefixMirror.trim`), and its cache epoch, whose change (the cache emptied or
+that (:meth:`PrefixMirror.trim`), and its cache session, whose change (the cache emptied or
 made anew in the same process) empties the mirror.
 
 Soft state: a worker that restarts registers anew with an empty mirror, and a new

@@ -38,9 +38,9 @@ class WorkerState:
         return self.info.slots - len(self.running)
 
     def report(self, load: WorkerLoad) -> None:
-        """Its HEARTBEAT's load: kept, and its prompt cache's size and epoch applied to
+        """Its HEARTBEAT's load: kept, and its prompt cache's size and session applied to
         what the broker thinks that cache holds."""
-        if load.cache_epoch != self.load.cache_epoch:
+        if load.cache_session != self.load.cache_session:
             self.prefixes.clear()
         self.prefixes.trim(load.cache_entries, self.running | self.released_since_beat)
         self.released_since_beat.clear()

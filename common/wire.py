@@ -60,7 +60,7 @@ context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: 
 :class:`~common.messages.WorkerLoad`; one way out for each job: the worker's ACCEPTED
 opens it, FINAL takes it too, RELEASE frees the slot. 6: RELEASE says the prompt tokens
 the worker's cache served and those it computed, the load its prompt cache's entries and
-epoch: a node of 5 would drop such a frame as having unknown fields, the worker's every
+session: a node of 5 would drop such a frame as having unknown fields, the worker's every
 heartbeat with them.) ``MLX_STACK_TEST_PROTOCOL`` is a
 switch for tests only: it makes this code speak another version, as a build of another
 release would, for the version-skew tests; never set it on a Mac that serves."""

@@ -1,6 +1,6 @@
 """The worker corrects the broker's mirror of its prompt cache (broker/prefixes.py), with
 no sockets: a RELEASE that says the cache served nothing of a match drops the chains that
-made it, a heartbeat's entry count trims the mirror and a new cache epoch empties it.
+made it, a heartbeat's entry count trims the mirror and a new cache session empties it.
 
 Prompts are chains of 256-character blocks: forty blocks of a system prompt every agent
 shares (10,240 characters, far above the minimum match routing weighs), then each
@@ -119,23 +119,23 @@ def test_a_short_prompt_served_little_is_no_miss() -> None:
     assert predicted(t, "w", [1, 2]) == 2 * 256
 
 
-def test_heartbeats_trim_the_mirror_to_the_cache_and_a_new_epoch_empties_it() -> None:
+def test_heartbeats_trim_the_mirror_to_the_cache_and_a_new_cache_session_empties_it() -> None:
     """Three turns ended on w. The first heartbeat after their RELEASEs may have counted
     the cache before their entries were in it (a stop sequence's job is released before
     its sequence leaves the engine): its count of two trims nothing. The next one's
-    does: the oldest turn's chain goes. A heartbeat with another cache epoch (the cache
+    does: the oldest turn's chain goes. A heartbeat with another cache session (the cache
     made anew) leaves nothing, whatever the count."""
     t = table()
-    ready(t, "w", msgs.WorkerLoad(cache_epoch=7))
+    ready(t, "w", msgs.WorkerLoad(cache_session="s1"))
     for agent in range(3):
         run(t, f"a{agent}", own(agent), reused=40 * 64)  # the system prompt, served
     whole = (len(SYSTEM) + 2) * 256
 
-    def beat(entries: int, epoch: int) -> list[int]:
+    def beat(entries: int, session: str) -> list[int]:
         t.worker_message(b"w", msgs.Heartbeat(load=msgs.WorkerLoad(
-            cache_entries=entries, cache_epoch=epoch)), 1.0)
+            cache_entries=entries, cache_session=session)), 1.0)
         return [predicted(t, "w", own(a)) for a in range(3)]
 
-    assert beat(2, 7) == [whole] * 3
-    assert beat(2, 7) == [len(SYSTEM) * 256, whole, whole]
-    assert beat(64, 8) == [0, 0, 0]
+    assert beat(2, "s1") == [whole] * 3
+    assert beat(2, "s1") == [len(SYSTEM) * 256, whole, whole]
+    assert beat(64, "s2") == [0, 0, 0]

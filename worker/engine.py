@@ -67,9 +67,9 @@ class Engine(Protocol):
     """How the model writes a tool call; None when its chat template has no tools."""
     context_length: int
     """Tokens the model attends to, prompt and answer together: no answer runs past it."""
-    cache_epoch: int
-    """Changes whenever the prompt cache is emptied or made anew (a number drawn when it
-    is made): the broker then forgets what it thought the cache held."""
+    cache_session: str
+    """The prompt cache's id, drawn when it is made (a new one whenever it is emptied or
+    made anew): the broker then forgets what it thought the cache held."""
 
     @property
     def cache_entries(self) -> int:
