@@ -97,7 +97,7 @@ class JobTable:
         worker.last_seen = now
         match msg:
             case msgs.Heartbeat():
-                worker.load = msg.load
+                worker.report(msg.load)
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
@@ -112,6 +112,7 @@ class JobTable:
             case msgs.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
+                    job.cache_served(worker, msg)
                     if job.gateway is not None:
                         self.released[msg.job_id] = Released(
                             identity, job.gateway, now + 2 * self.settings.peer_timeout)
@@ -357,9 +358,8 @@ class JobTable:
         job.worker = worker.identity
         job.dispatch_id = f"{submit.job_id}/{job.retries}"
         worker.running.add(submit.job_id)
-        # Its prompt cache will hold the job's prompt once the job ends. Recorded now, not
-        # at the RELEASE: the client may send the next turn before the RELEASE reaches the
-        # broker (the gateway has the FINAL straight from the worker).
+        # Its prompt cache will hold the job's prompt once the job ends; recorded now, as the
+        # next turn may come before the RELEASE (the gateway has the FINAL from the worker).
         worker.prefixes.add(submit.prefix_hashes, submit.job_id)
         first = job.route is None
         route = job.route_to(worker, scored, now, now + self.wall_offset)

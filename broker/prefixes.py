@@ -15,6 +15,14 @@ says the turn ended. Another prompt that shares only its start (every agent's sy
 prompt) finds nothing there until it ends; counted at once, it drew a burst of such
 prompts onto one worker, which prefilled each of them in full anyway.
 
+The worker corrects the guess from its side. Each RELEASE says how many prompt tokens its
+cache served: a job routed for a match that the cache served (nearly) nothing of shows
+that the chains which made the match were evicted there (by bytes, or by an LRU that
+ordered otherwise), and they are dropped (:meth:`PrefixMirror.missed`). Each heartbeat
+says how many entries the cache holds, and the mirror keeps no more ended chains than
+that (:meth:`PrefixMirror.trim`), and its cache session, whose change (the cache emptied or
+made anew in the same process) empties the mirror.
+
 Soft state: a worker that restarts registers anew with an empty mirror, and a new
 coordinator starts with empty ones (load-only routing until the mirrors fill again).
 """
@@ -26,6 +34,9 @@ from collections.abc import Collection
 
 CACHE_ENTRIES = 64
 """Entries a worker's prompt cache keeps (worker/mlx_engine.py ``PROMPT_CACHE_ENTRIES``)."""
+MISS_TOKENS = 64
+"""A job whose prompt the worker's cache served fewer tokens of than about one block of
+gateway/prefix.py (256 characters) found none of the chains that matched it there."""
 
 
 class PrefixMirror:
@@ -72,6 +83,29 @@ class PrefixMirror:
             n += 1
         extended = [len(c) for c in pending if tuple(hashes[:len(c)]) == c]
         return max([n, *extended])
+
+    def missed(self, hashes: list[int], running: Collection[str]) -> int:
+        """The worker's cache served (nearly) nothing of a prompt with chain ``hashes``
+        that :meth:`match` credited: drop the chains of ended jobs that share its first
+        block, which the cache evidently no longer holds (those of jobs still
+        ``running``, the job's own among them, are not in it yet). Returns how many."""
+        gone = [c for c, job in self._chains.items()
+                if job not in running and c[:1] == tuple(hashes[:1])]
+        for chain in gone:
+            self._drop(chain)
+        return len(gone)
+
+    def trim(self, entries: int, running: Collection[str]) -> None:
+        """The worker's cache holds ``entries`` entries: keep at most as many chains of
+        ended jobs, the most recent (the cache evicts the least recently used first)."""
+        ended = [c for c, job in self._chains.items() if job not in running]
+        for chain in ended[:max(len(ended) - entries, 0)]:
+            self._drop(chain)
+
+    def clear(self) -> None:
+        """The worker's cache was emptied: nothing is held any more."""
+        self._chains.clear()
+        self._blocks.clear()
 
     def _drop(self, chain: tuple[int, ...]) -> None:
         del self._chains[chain]

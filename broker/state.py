@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from mlx_stack.broker.prefixes import PrefixMirror
-from mlx_stack.common.messages import Ready, Submit, WorkerLoad
+from mlx_stack.broker.prefixes import MISS_TOKENS, PrefixMirror
+from mlx_stack.common.messages import Ready, Release, Submit, WorkerLoad
 from mlx_stack.common.status import Candidate, Route, WorkerStatus
 
 
@@ -24,6 +24,10 @@ class WorkerState:
     last_seen: float = 0.0
     prefixes: PrefixMirror = field(default_factory=PrefixMirror)
     """What its prompt cache probably holds, from the jobs it finished."""
+    released_since_beat: set[str] = field(default_factory=set)
+    """Jobs whose RELEASE came since its last heartbeat: that heartbeat's count of cache
+    entries may predate theirs (a job ended by a stop sequence is released before its
+    sequence leaves the engine, which stores its cache then)."""
 
     @property
     def names(self) -> frozenset[str]:
@@ -32,6 +36,15 @@ class WorkerState:
     @property
     def free_slots(self) -> int:
         return self.info.slots - len(self.running)
+
+    def report(self, load: WorkerLoad) -> None:
+        """Its HEARTBEAT's load: kept, and its prompt cache's size and session applied to
+        what the broker thinks that cache holds."""
+        if load.cache_session != self.load.cache_session:
+            self.prefixes.clear()
+        self.prefixes.trim(load.cache_entries, self.running | self.released_since_beat)
+        self.released_since_beat.clear()
+        self.load = load
 
     def status(self, now: float) -> WorkerStatus:
         """The worker as CONTROL ``status`` shows it."""
@@ -64,6 +77,21 @@ class JobState:
     retries: int = 0
     route: Route | None = None
     """Its entry in the route log, made at its first dispatch."""
+
+    def cache_served(self, worker: WorkerState, release: Release) -> None:
+        """``worker``'s RELEASE ended the job: the route log records what its prompt
+        cache served, and a match the route counted on that the cache did not serve
+        corrects the worker's mirror (:meth:`PrefixMirror.missed`)."""
+        worker.released_since_beat.add(self.submit.job_id)
+        route = self.route
+        if route is None:
+            return
+        route.reused = release.prompt_tokens_reused
+        route.computed = release.prompt_tokens_computed
+        predicted = next((c.cached for c in route.candidates
+                          if c.worker_id == worker.info.worker_id), 0)
+        if predicted and release.prompt_tokens_reused < MISS_TOKENS:
+            worker.prefixes.missed(self.submit.prefix_hashes, worker.running)
 
     def route_to(self, worker: WorkerState, scored: list[tuple[WorkerState, float, int]],
                  now: float, wall: float) -> Route:

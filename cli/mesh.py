@@ -231,7 +231,8 @@ def nodes(json_: Json = False, broker: BrokerAt = None, home: Home = None) -> No
 def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many decisions.")
                            ] = 20,
            json_: Json = False, broker: BrokerAt = None, home: Home = None) -> None:
-    """The most recent routing decisions: candidates with scores, choice, outcome."""
+    """The most recent routing decisions: candidates (score, prompt characters cached),
+    choice, prompt tokens the chosen one's cache served (of all), outcome."""
     asker = Asker(settings(home=home), broker)
     try:
         history = asker.ask("routes", at=asker.coordinator().endpoint, last=last)
@@ -242,7 +243,7 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
         return
     table = Table(title=f"Last {len(history)} routing decisions")
     for column in ("Time", "Request", "Model", "Chosen", "Candidates (score, cached chars)",
-                   "Wait ms", "Retries", "Outcome"):
+                   "Reused tokens", "Wait ms", "Retries", "Outcome"):
         table.add_column(column)
     for r in history:
         when = datetime.datetime.fromtimestamp(r.time).strftime("%H:%M:%S")
@@ -250,8 +251,9 @@ def routes(last: Annotated[int, typer.Option(min=1, max=1000, help="How many dec
                                + (f" cached {c.cached:,}" if c.cached else "")
                                for c in r.candidates)
         request = r.request_id[:16] or r.job_id[:16]
+        reused = f"{r.reused:,} of {r.reused + r.computed:,}" if r.outcome == "ok" else "-"
         table.add_row(*map(escape, (when, request, r.model, r.worker_id or "-",
-                                    candidates or "-", str(r.queue_wait_ms),
+                                    candidates or "-", reused, str(r.queue_wait_ms),
                                     str(r.retries), r.outcome)))
     out.print(table)
 

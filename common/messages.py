@@ -69,6 +69,13 @@ class WorkerLoad:
     """KV cache memory the worker's engine holds (running requests and prompt cache)."""
     counters: dict[str, int] = field(default_factory=dict)
     """Its counters since it started: jobs, frames, prompt cache hits..."""
+    cache_entries: int = 0
+    """Entries its engine's prompt cache holds now: the broker's mirror of that cache
+    (broker/prefixes.py) never claims more."""
+    cache_session: str = ""
+    """Its engine's prompt cache's id for the cache's lifetime, as a broker's session: a
+    new one (the cache emptied or made anew: an engine started again in the same process,
+    a model reloaded) means whatever it held is gone, and the broker empties its mirror."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -147,6 +154,8 @@ class Final(Message):
     job_id: str
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
+    """``prompt_tokens``, ``completion_tokens``, ``total_tokens``, and ``cached_tokens``:
+    those of the prompt tokens that the worker's prompt cache served."""
     parts: int = 0
     stop_sequence: str = ""
     """The request's stop sequence that ended the answer (finish_reason ``stop``), or ""
@@ -156,10 +165,17 @@ class Final(Message):
 @dataclass(kw_only=True, slots=True)
 class Release(Message):
     """worker -> broker, after a job's FINAL went its way: the job ended, its slot is
-    free. ``job_id`` is the dispatch id. (A FAIL frees the slot too.)"""
+    free. ``job_id`` is the dispatch id. (A FAIL frees the slot too.) It says what the
+    prompt cache did for the job, which corrects the broker's guess of what that cache
+    holds (broker/prefixes.py)."""
 
     COMMAND: ClassVar[Command] = Command.RELEASE
     job_id: str
+    prompt_tokens_reused: int = 0
+    """Tokens of the request's prompt that the worker's prompt cache served (FINAL's
+    ``usage["cached_tokens"]``)."""
+    prompt_tokens_computed: int = 0
+    """Tokens of the request's prompt that it prefilled."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -150,6 +150,11 @@ class Route:
     node_id: str = ""
     queue_wait_ms: float = 0.0
     candidates: list[Candidate] = field(default_factory=list)
+    reused: int = 0
+    """Prompt tokens the chosen worker's prompt cache served (its RELEASE says, once the
+    job went well): what the candidate's ``cached`` predicted."""
+    computed: int = 0
+    """Prompt tokens the chosen worker prefilled."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -52,13 +52,16 @@ from mlx_stack.common.messages import (
 )
 from mlx_stack.common.plain import ProtocolError, from_dict
 
-PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 5)
+PROTOCOL = int(os.environ.get("MLX_STACK_TEST_PROTOCOL") or 6)
 """This release's protocol version, the number in every tag. (3: workers stream to
 gateways directly; worker messages name their dispatch all the way. 4: READY's tiers and
 context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: a node of
 3 and one of 4 do not talk. 5: READY and HEARTBEAT carry the worker's load as one record,
 :class:`~common.messages.WorkerLoad`; one way out for each job: the worker's ACCEPTED
-opens it, FINAL takes it too, RELEASE frees the slot.) ``MLX_STACK_TEST_PROTOCOL`` is a
+opens it, FINAL takes it too, RELEASE frees the slot. 6: RELEASE says the prompt tokens
+the worker's cache served and those it computed, the load its prompt cache's entries and
+session: a node of 5 would drop such a frame as having unknown fields, the worker's every
+heartbeat with them.) ``MLX_STACK_TEST_PROTOCOL`` is a
 switch for tests only: it makes this code speak another version, as a build of another
 release would, for the version-skew tests; never set it on a Mac that serves."""
 GATEWAY = b"MLXS-G%d" % PROTOCOL

@@ -266,6 +266,7 @@ PROMPT_CACHE_COUNTERS = {
     "worker had kept (only the rest was prefilled).",
     "prompt_cache_misses": "Requests prefilled from their first token.",
     "prompt_tokens_reused": "Prompt tokens not prefilled thanks to the prompt cache.",
+    "prompt_tokens_computed": "Prompt tokens prefilled (not served by the prompt cache).",
 }
 
 
@@ -279,9 +280,26 @@ def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
             family.add_metric([model], sum(w.load.counters.get(key, 0) for w in workers
                                            if w.model_id == model))
         yield family
+    yield hit_ratio(workers, models)
     kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
                            "(running requests and prompt cache), by model.", labels=["model"])
     for model in models:
         kv.add_metric([model], sum(w.load.kv_bytes for w in workers if w.model_id == model))
     yield kv
 
+
+def hit_ratio(workers: list[WorkerStatus], models: list[str]) -> Metric:
+    """The share of prompt tokens the live workers' prompt caches served, by model, since
+    they started (for a recent window, divide the rates of the reused and computed
+    counters instead); a model whose workers have computed no prompt yet has none."""
+    ratio = GaugeMetricFamily(
+        "mlx_stack_prompt_cache_hit_ratio", "Prompt tokens the prompt caches served over "
+        "all prompt tokens (reused / (reused + computed)), summed over the live workers of "
+        "each model since they started.", labels=["model"])
+    for model in models:
+        counters = [w.load.counters for w in workers if w.model_id == model]
+        reused = sum(c.get("prompt_tokens_reused", 0) for c in counters)
+        total = reused + sum(c.get("prompt_tokens_computed", 0) for c in counters)
+        if total:
+            ratio.add_metric([model], reused / total)
+    return ratio

@@ -53,7 +53,8 @@ class Shape:
         usage = None
         if done is not None:
             usage = {"input_tokens": done.usage.get("prompt_tokens", 0),
-                     "input_tokens_details": {"cached_tokens": 0},
+                     "input_tokens_details": {
+                         "cached_tokens": done.usage.get("cached_tokens", 0)},
                      "output_tokens": done.usage.get("completion_tokens", 0),
                      "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": done.usage.get("total_tokens", 0)}

@@ -98,7 +98,7 @@ class Completion:
         return {**self._envelope(chunk=True), "choices": [choice], **usage}
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        return {**self._envelope(chunk=True), "choices": [], "usage": usage}
+        return {**self._envelope(chunk=True), "choices": [], "usage": openai_usage(usage)}
 
     def stream(self, job: AsyncIterator[JobEvent]) -> AsyncIterator[bytes]:
         return sse(job, self)
@@ -119,7 +119,17 @@ class Completion:
             choice = {"index": 0, "text": answer.text,
                       "logprobs": self._logprobs(answer.logprobs),
                       "finish_reason": done.finish_reason}
-        return {**self._envelope(chunk=False), "choices": [choice], "usage": done.usage}
+        return {**self._envelope(chunk=False), "choices": [choice],
+                "usage": openai_usage(done.usage)}
+
+
+def openai_usage(usage: dict[str, int]) -> dict[str, Any]:
+    """OpenAI's usage of the worker's counts: the prompt tokens its prompt cache served
+    as ``prompt_tokens_details.cached_tokens``, as OpenAI reports its own cache."""
+    return {"prompt_tokens": usage.get("prompt_tokens", 0),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "total_tokens": usage.get("total_tokens", 0),
+            "prompt_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)}}
 
 
 def function_call(call: dict[str, Any]) -> dict[str, Any]:

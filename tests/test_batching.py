@@ -200,6 +200,8 @@ def test_second_turn_reuses_the_prompt_cache_and_answers_the_same(pair: Pair) ->
     reused = after["prompt_tokens_reused"] - counters["prompt_tokens_reused"]
     computed = after["prompt_tokens_computed"] - counters["prompt_tokens_computed"]
     assert reused >= first.usage.prompt_tokens and computed < 40, (reused, computed)
+    # The client reads the same count, as OpenAI reports its own prompt cache.
+    assert second.usage.prompt_tokens_details.cached_tokens == reused
     assert second.ttft < first.ttft  # ~800 prompt tokens less to prefill
     assert stream(pair.client, "uncached", history, 16).text == second.text
     metrics = httpx.get(f"{pair.url}/metrics", timeout=10).text

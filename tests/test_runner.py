@@ -62,7 +62,8 @@ def test_uninterrupted_run(engine: SyntheticEngine) -> None:
     assert text == "".join(word(t) for t in tokens)
     final = sent[-1]
     assert isinstance(final, msgs.Final) and final.finish_reason == "length"
-    assert final.usage == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    assert final.usage == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15,
+                           "cached_tokens": 0}
 
 
 @pytest.mark.parametrize("engine", [SyntheticEngine("s", rate=0),

@@ -67,6 +67,19 @@ class Engine(Protocol):
     """How the model writes a tool call; None when its chat template has no tools."""
     context_length: int
     """Tokens the model attends to, prompt and answer together: no answer runs past it."""
+    cache_session: str
+    """The prompt cache's id, drawn when it is made (a new one whenever it is emptied or
+    made anew): the broker then forgets what it thought the cache held."""
+
+    @property
+    def cache_entries(self) -> int:
+        """Entries the prompt cache holds now (read by the I/O thread for heartbeats)."""
+        ...
+
+    def prompt_reused(self, seq: int) -> int:
+        """Tokens of running sequence ``seq``'s prompt that the prompt cache served (the
+        rest were prefilled), as counted in ``prompt_tokens_reused`` when it joined."""
+        ...
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for chat requests)."""

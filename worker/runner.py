@@ -75,6 +75,9 @@ class JobRun:
         """Tokens the engine may still generate: what the request asked, within the
         model's context."""
         self.new_tokens = 0
+        self.cached = 0
+        """Tokens of :attr:`prompt` that the engine's prompt cache served, once it took
+        the job."""
         self._tools = None
         if request.tools:
             if engine.tool_format is None:
@@ -166,4 +169,7 @@ class JobRun:
             "prompt_tokens": len(self._prompt),
             "completion_tokens": completion,
             "total_tokens": len(self._prompt) + completion,
+            # of the request's own prompt: a resumed job's cache may serve its resume
+            # tokens too, which the usage counts as completion tokens
+            "cached_tokens": min(self.cached, len(self._prompt)),
         }))

@@ -18,6 +18,7 @@ machine (``bench/agents.py``): the prefill is simulated, it costs no CPU.
 from __future__ import annotations
 
 import itertools
+import secrets
 import threading
 import time
 from array import array
@@ -91,6 +92,8 @@ class _Sequence:
     fault: str = ""
     """:data:`STEP_ERROR` or :data:`STEP_HANG` when the prompt asks for one and this
     sequence has yet to pass :data:`FAULT_AT`."""
+    reused: int = 0
+    """Prompt tokens its prompt cache served."""
 
 
 def common_prefix(a: bytes, b: bytes) -> int:
@@ -125,6 +128,9 @@ class PromptCache:
         self.entries = entries
         self._kept: list[bytes] = []
         """Each sequence packed, :data:`TOKEN_BYTES` a token."""
+
+    def __len__(self) -> int:
+        return len(self._kept)
 
     def match(self, tokens: list[int]) -> int:
         """How many leading ``tokens`` some kept sequence holds."""
@@ -176,6 +182,7 @@ class SyntheticEngine:
                          "prompt_tokens_reused": 0, "prompt_tokens_computed": 0}
         """As the real engine counts them (worker/mlx_engine.py)."""
         self._cache = PromptCache(prompt_cache)
+        self.cache_session = secrets.token_hex(8)
         self._prefill_free = 0.0
         """When the prompts inserted so far are computed: the next one's prefill starts
         then (a sequence removed before its prefill ends keeps its time taken)."""
@@ -200,16 +207,17 @@ class SyntheticEngine:
         seq = next(self._ids)
         own = bytes(t for t in prompt[:prompt_len] if t < BYTE_TOKENS)
         fault = next((f for f in (STEP_ERROR, STEP_HANG) if f.encode() in own), "")
-        prefilled = self._prefill(prompt)
+        reused, prefilled = self._prefill(prompt)
         self._running[seq] = _Sequence(
             list(prompt), max_tokens, prefilled + self.ttft,
             _script(prompt, prompt_len), request.logprobs, prompt_len, prefilled,
-            fault if len(prompt) - prompt_len < FAULT_AT else "")
+            fault if len(prompt) - prompt_len < FAULT_AT else "", reused)
         return seq
 
-    def _prefill(self, prompt: list[int]) -> float:
-        """Count what the cache serves of ``prompt``; return when the rest is computed.
-        The last prompt token is always computed: its logits give the first new token."""
+    def _prefill(self, prompt: list[int]) -> tuple[int, float]:
+        """Count what the cache serves of ``prompt``; return that and when the rest is
+        computed. The last prompt token is always computed: its logits give the first new
+        token."""
         reused = max(0, min(self._cache.match(prompt), len(prompt) - 1))
         computed = len(prompt) - reused
         self.counters["prompt_cache_hits" if reused else "prompt_cache_misses"] += 1
@@ -217,9 +225,17 @@ class SyntheticEngine:
         self.counters["prompt_tokens_computed"] += computed
         now = time.monotonic()
         if self.prefill_rate <= 0:
-            return now
+            return reused, now
         self._prefill_free = max(now, self._prefill_free) + computed / self.prefill_rate
-        return self._prefill_free
+        return reused, self._prefill_free
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._cache)
+
+    def prompt_reused(self, seq: int) -> int:
+        s = self._running.get(seq)
+        return s.reused if s is not None else 0
 
     def remove(self, seq: int) -> None:
         s = self._running.pop(seq, None)

@@ -149,8 +149,7 @@ class Ways:
                 self.ended[msg.job_id] = (way.endpoint, now + self.settings.peer_timeout)
             # A broken job's output did not all arrive: a FINAL would end its stream
             # short. A retryable FAIL has the gateway resume it from what it has.
-            self.outbox.put(msgs.Release(job_id=msg.job_id, epoch=msg.epoch)
-                            if way.endpoint != BROKEN else msgs.Fail(
+            self.outbox.put(released(msg) if way.endpoint != BROKEN else msgs.Fail(
                 job_id=msg.job_id, epoch=msg.epoch, error="the stream to the gateway was lost",
                 code=msgs.ErrorCode.CANCELLED, retryable=True))
 
@@ -230,3 +229,11 @@ class Ways:
         sock, monitor = self.sockets.pop(endpoint)
         del self.used[endpoint]
         close_watched(sock, monitor)
+
+
+def released(final: msgs.Final) -> msgs.Release:
+    """The RELEASE after ``final``: what the prompt cache served of the job's prompt and
+    what was prefilled, for the broker's guess of what the cache holds."""
+    reused = final.usage.get("cached_tokens", 0)
+    return msgs.Release(job_id=final.job_id, epoch=final.epoch, prompt_tokens_reused=reused,
+                        prompt_tokens_computed=final.usage.get("prompt_tokens", 0) - reused)
