@@ -331,9 +331,14 @@ def stop_reason(done: Done) -> str:
 
 
 def usage(done: Done | None) -> dict[str, int]:
-    """Anthropic's usage (nothing cached: the mesh does not bill cache reads)."""
+    """Anthropic's usage. As Anthropic counts, ``input_tokens`` are the prompt tokens not
+    read from the cache and ``cache_read_input_tokens`` those the worker's prompt cache
+    served; nothing is written to a cache on request (the worker keeps every ended
+    sequence's), so ``cache_creation_input_tokens`` is 0."""
     counts = done.usage if done else {}
-    return {"input_tokens": counts.get("prompt_tokens", 0),
+    prompt = counts.get("prompt_tokens", 0)
+    cached = min(counts.get("cached_tokens", 0), prompt)
+    return {"input_tokens": prompt - cached,
             "output_tokens": counts.get("completion_tokens", 0),
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 

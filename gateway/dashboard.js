@@ -73,11 +73,16 @@ function routeRow(r) {
   }
   const choice = r.worker_id ? `${r.node_id} / ${r.worker_id}` : "—";
   const wait = r.queue_wait_ms === undefined ? "—" : `${r.queue_wait_ms} ms`;
+  // What the worker's prompt cache served, by its RELEASE (known once the job went well):
+  // set beside the candidates' predicted "cached" characters, it shows a miss.
+  const prompt = (r.reused || 0) + (r.computed || 0);
+  const fromCache = prompt ? `${r.reused} of ${prompt}` : "—";
   const job = el("td");
   job.append(el("code", String(r.job_id).slice(0, 8)));
   job.title = r.job_id;
   tr.append(el("td", clock(r.time), "num"), job, el("td", r.model), candidates,
-            el("td", choice), el("td", wait, "num"), el("td", r.retries, "num"),
+            el("td", choice), el("td", wait, "num"), el("td", fromCache, "num"),
+            el("td", r.retries, "num"),
             el("td", r.outcome, r.outcome));
   return tr;
 }
@@ -107,7 +112,7 @@ function render(view) {
   drawTopology(document.getElementById("topology"), view, false);
   fill(document.querySelector("#nodes tbody"), view.nodes.map(nodeRow), 7, "no live nodes");
   fill(document.querySelector("#tiers tbody"), view.tiers.map(tierRow), 4, "no tiers served");
-  fill(document.querySelector("#routes tbody"), view.routes.map(routeRow), 8,
+  fill(document.querySelector("#routes tbody"), view.routes.map(routeRow), 9,
        "no requests routed yet");
 }
 

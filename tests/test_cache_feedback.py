@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -23,9 +24,10 @@ def test_a_second_turn_reports_the_tokens_its_cache_served(
         tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """An agent's first turn finds nothing in the cache: 0 cached tokens in its usage and
     in its route. Its second turn, routed for the history the worker holds, reuses it:
-    the usage of the chat completion, the Responses API and the streamed usage chunk say
-    how many tokens, the route log (filled only by the worker's RELEASE) says the same
-    beside the match the broker predicted, and /metrics has a hit ratio above 0."""
+    the usage of the chat completion, the Responses API, the streamed usage chunk and
+    Anthropic's Messages API say how many tokens, the route log (filled only by the
+    worker's RELEASE) says the same beside the match the broker predicted, and /metrics
+    has a hit ratio above 0."""
     cluster = Cluster(tmp_path)
     try:
         cluster.broker()
@@ -71,6 +73,11 @@ def test_a_second_turn_reports_the_tokens_its_cache_served(
         assert usage.prompt_tokens_details.cached_tokens > cached
         answer = client.responses.create(model="syn", input=history, max_output_tokens=4)
         assert answer.usage and answer.usage.input_tokens_details.cached_tokens > cached
+        message = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0).messages.create(
+            model="syn", system=SYSTEM, messages=history[1:], max_tokens=4)
+        # Anthropic's accounting: input_tokens are those not read from the cache.
+        assert message.usage.cache_read_input_tokens > cached
+        assert 0 < message.usage.input_tokens < message.usage.cache_read_input_tokens
 
         def hit_ratio() -> float | None:
             text = httpx.get(f"{url}/metrics", timeout=10).text

@@ -58,6 +58,10 @@ def test_dashboard_shows_nodes_routes_and_a_killed_worker(cluster: Cluster, page
     # syn's two workers, never the other model's, took every request.
     chosen = page.locator("#routes tr[data-job] td:nth-child(5)").all_text_contents()
     assert all(c.startswith(("node-a", "node-b")) for c in chosen), chosen
+    # What each worker's prompt cache served, by its RELEASE: of "hello N" (7 tokens to
+    # the synthetic engine), nothing for the first, "hello " for a later one there.
+    served = page.locator("#routes tr[data-job] td:nth-child(7)").all_text_contents()
+    assert all(s in ("0 of 7", "6 of 7") for s in served) and "0 of 7" in served, served
     ambiguous = page.locator('#tiers tr[data-tier="syn"]')
     assert ambiguous.get_attribute("data-ambiguous") == f"{HOSTILE},syn"
     assert f"also served by {HOSTILE}" in ambiguous.locator(".ambiguous").text_content()
