@@ -50,6 +50,9 @@ WORDS = ("read", "the", "file", "function", "returns", "None", "when", "test", "
          "await", "config", "router", "worker", "cache", "token", "stream", "retry")
 COUNTERS = ("prompt_cache_hits", "prompt_cache_misses", "prompt_tokens_reused",
             "prompt_tokens_computed")
+BROKER_COUNTERS = ("prefix_chains_missed", "prefix_chains_trimmed")
+"""Chains the coordinator dropped from its guess of a worker's cache: a predicted match
+the cache did not serve, or more chains than the cache's entries (broker/prefixes.py)."""
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ class MeshRun:
 
     def counters(self) -> Counter[str]:
         """The workers' prompt cache counters, summed, once they count every prompt sent
-        (they come with heartbeats)."""
+        (they come with heartbeats), and the coordinator's corrections of its guess of
+        their caches."""
         def settled() -> Counter[str] | None:
             total: Counter[str] = Counter()
             for worker in self.cluster.workers():
@@ -142,7 +146,10 @@ class MeshRun:
             counted = total["prompt_cache_hits"] + total["prompt_cache_misses"]
             return total if counted == self.sent else None
 
-        return wait_for(f"the workers to count {self.sent} prompts", settled, timeout=30)
+        total = wait_for(f"the workers to count {self.sent} prompts", settled, timeout=30)
+        broker = self.cluster.control("status").counters
+        total.update({k: broker.get(k, 0) for k in BROKER_COUNTERS})
+        return total
 
     def load(self, histories: list[list[dict[str, str]]], agents: list[Script],
              which: range, answer_tokens: int) -> tuple[list[tuple[int, int, Streamed]],
@@ -212,6 +219,8 @@ def run_agents(mesh: MeshRun, workload: Workload) -> dict[str, Any]:
             "ttft_ms": ms([s.ttft for *_, s in rest]),
             "prompt_tokens_reused": reused, "prompt_tokens_computed": computed,
             "served_from_cache": round(reused / (reused + computed), 4),
+            "mirror_chains_dropped": {k.removeprefix("prefix_chains_"): after[k] - between[k]
+                                      for k in BROKER_COUNTERS},
             "stayed_on_the_previous_turns_node": round(sum(
                 node_of[a, t] == node_of[a, t - 1] for a, t, _ in rest) / len(rest), 4)},
     }

@@ -97,7 +97,7 @@ class JobTable:
         worker.last_seen = now
         match msg:
             case msgs.Heartbeat():
-                worker.report(msg.load)
+                self.counters["prefix_chains_trimmed"] += worker.report(msg.load)
                 for dispatch_id in msg.streamed:
                     if (job := self._job_of(worker, dispatch_id)) is not None:
                         job.streamed = True
@@ -112,7 +112,7 @@ class JobTable:
             case msgs.Release():
                 job = self._job_of(worker, msg.job_id)
                 if job is not None:
-                    job.cache_served(worker, msg)
+                    self.counters["prefix_chains_missed"] += job.cache_served(worker, msg)
                     if job.gateway is not None:
                         self.released[msg.job_id] = Released(
                             identity, job.gateway, now + 2 * self.settings.peer_timeout)

@@ -95,17 +95,23 @@ class PrefixMirror:
             self._drop(chain)
         return len(gone)
 
-    def trim(self, entries: int, running: Collection[str]) -> None:
+    def trim(self, entries: int, running: Collection[str]) -> int:
         """The worker's cache holds ``entries`` entries: keep at most as many chains of
-        ended jobs, the most recent (the cache evicts the least recently used first)."""
+        ended jobs, the most recent (the cache evicts the least recently used first).
+        Returns how many dropped."""
         ended = [c for c, job in self._chains.items() if job not in running]
-        for chain in ended[:max(len(ended) - entries, 0)]:
+        gone = ended[:max(len(ended) - entries, 0)]
+        for chain in gone:
             self._drop(chain)
+        return len(gone)
 
-    def clear(self) -> None:
-        """The worker's cache was emptied: nothing is held any more."""
+    def clear(self) -> int:
+        """The worker's cache was emptied: nothing is held any more. Returns how many
+        chains dropped."""
+        dropped = len(self._chains)
         self._chains.clear()
         self._blocks.clear()
+        return dropped
 
     def _drop(self, chain: tuple[int, ...]) -> None:
         del self._chains[chain]

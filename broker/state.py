@@ -37,14 +37,17 @@ class WorkerState:
     def free_slots(self) -> int:
         return self.info.slots - len(self.running)
 
-    def report(self, load: WorkerLoad) -> None:
+    def report(self, load: WorkerLoad) -> int:
         """Its HEARTBEAT's load: kept, and its prompt cache's size and session applied to
-        what the broker thinks that cache holds."""
+        what the broker thinks that cache holds. Returns the chains that dropped."""
+        dropped = 0
         if load.cache_session != self.load.cache_session:
-            self.prefixes.clear()
-        self.prefixes.trim(load.cache_entries, self.running | self.released_since_beat)
+            dropped = self.prefixes.clear()
+        dropped += self.prefixes.trim(load.cache_entries,
+                                      self.running | self.released_since_beat)
         self.released_since_beat.clear()
         self.load = load
+        return dropped
 
     def status(self, now: float) -> WorkerStatus:
         """The worker as CONTROL ``status`` shows it."""
@@ -78,20 +81,22 @@ class JobState:
     route: Route | None = None
     """Its entry in the route log, made at its first dispatch."""
 
-    def cache_served(self, worker: WorkerState, release: Release) -> None:
+    def cache_served(self, worker: WorkerState, release: Release) -> int:
         """``worker``'s RELEASE ended the job: the route log records what its prompt
         cache served, and a match the route counted on that the cache did not serve
-        corrects the worker's mirror (:meth:`PrefixMirror.missed`)."""
+        corrects the worker's mirror (:meth:`PrefixMirror.missed`). Returns the chains
+        that dropped."""
         worker.released_since_beat.add(self.submit.job_id)
         route = self.route
         if route is None:
-            return
+            return 0
         route.reused = release.prompt_tokens_reused
         route.computed = release.prompt_tokens_computed
         predicted = next((c.cached for c in route.candidates
                           if c.worker_id == worker.info.worker_id), 0)
         if predicted and release.prompt_tokens_reused < MISS_TOKENS:
-            worker.prefixes.missed(self.submit.prefix_hashes, worker.running)
+            return worker.prefixes.missed(self.submit.prefix_hashes, worker.running)
+        return 0
 
     def route_to(self, worker: WorkerState, scored: list[tuple[WorkerState, float, int]],
                  now: float, wall: float) -> Route:

@@ -106,6 +106,7 @@ def test_a_release_that_served_nothing_of_a_predicted_match_corrects_the_mirror(
     assert (t.routes[-1].reused, t.routes[-1].computed) == (served, 500)
     kept = predicted(t, "w", own(0, blocks=3))
     assert kept == (len(SYSTEM) if served < MISS_TOKENS else len(SYSTEM) + 2) * 256
+    assert t.counters["prefix_chains_missed"] == (1 if served < MISS_TOKENS else 0)
 
 
 def test_a_short_prompt_served_little_is_no_miss() -> None:
@@ -138,4 +139,6 @@ def test_heartbeats_trim_the_mirror_to_the_cache_and_a_new_cache_session_empties
 
     assert beat(2, "s1") == [whole] * 3
     assert beat(2, "s1") == [len(SYSTEM) * 256, whole, whole]
+    assert t.counters["prefix_chains_trimmed"] == 1
     assert beat(64, "s2") == [0, 0, 0]
+    assert t.counters["prefix_chains_trimmed"] == 3  # and the two the new session emptied
