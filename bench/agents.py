@@ -90,6 +90,11 @@ class Workers:
     prefill_rate: float = 20_000.0
     """Prompt bytes per second not served from its cache (a 30 KB history: 1.5 s)."""
 
+    def args(self) -> list[str]:
+        """The ``mlx-stack worker`` arguments of such a worker."""
+        return ["--engine", "synthetic", "--model", "syn", "--slots", str(self.slots),
+                "--rate", str(self.rate), "--prefill-rate", str(self.prefill_rate)]
+
 
 def words(rng: random.Random, size: int) -> str:
     out: list[str] = []
@@ -173,7 +178,8 @@ async def turns(url: str, histories: list[list[dict[str, str]]], agents: list[Sc
                 await asyncio.sleep(agents[a].pauses[turn])
                 histories[a].append({"role": "user", "content": agents[a].users[turn]})
                 prompt = "\n".join(m["content"] for m in histories[a])
-                got = await stream_once(client, url, prompt, answer_tokens, histories[a])
+                got = await stream_once(client, url, prompt, answer_tokens, histories[a],
+                                        temperature=0)  # a real model's answers repeat
                 histories[a].append({"role": "assistant", "content": got.text})
                 done.append((a, turn, got))
 
@@ -191,8 +197,13 @@ def by_node(streams: list[Streamed]) -> dict[str, int]:
     return dict(sorted(Counter(s.node for s in streams).items()))
 
 
-def run_agents(mesh: MeshRun, workload: Workload) -> dict[str, Any]:
-    """The workload's first turns (all agents at once), then its follow-ups."""
+def run_agents(mesh: MeshRun, workload: Workload,
+               answers: dict[str, str] | None = None) -> dict[str, Any]:
+    """The workload's first turns (all agents at once), then its follow-ups. Each answer
+    is checked against what the synthetic engine generates for its prompt or, with
+    ``answers`` (a real model's), against the answer the same prompt got in an earlier
+    run (recorded there when none did yet); tokens are then counted as the events that
+    carried text."""
     agents = scripts(workload)
     histories = [[{"role": "system", "content": a.system}] for a in agents]
     mesh.counters()  # every earlier prompt counted: the next reads are this run's
@@ -205,12 +216,17 @@ def run_agents(mesh: MeshRun, workload: Workload) -> dict[str, Any]:
     computed = after["prompt_tokens_computed"] - between["prompt_tokens_computed"]
     node_of = {(a, t): s.node for a, t, s in first + rest}
     every = [s for _, _, s in first + rest]
-    tokens = sum(len(WORD.findall(s.text)) for s in every)
+    if answers is None:
+        tokens = sum(len(WORD.findall(s.text)) for s in every)
+        inexact = sum(s.text != expected_text(s.content, workload.answer_tokens)
+                      for s in every)
+    else:
+        tokens = sum(s.events for s in every)
+        inexact = sum(s.text != answers.setdefault(s.content, s.text) for s in every)
     return {
         "requests": len(every), "seconds": round(first_s + rest_s, 2),
         "tokens_received": tokens, "tokens_per_s": round(tokens / (first_s + rest_s), 1),
-        "inexact_streams": sum(s.text != expected_text(s.content, workload.answer_tokens)
-                               for s in every),
+        "inexact_streams": inexact,
         "turns_per_node": by_node(every),
         "first_turns": {"seconds": round(first_s, 2), "ttft_ms": ms([s.ttft for *_, s in first]),
                         "agents_per_node": by_node([s for *_, s in first])},
@@ -247,18 +263,17 @@ def fresh_burst(mesh: MeshRun, streams: int, workload: Workload) -> dict[str, An
                                    for s in results)}
 
 
-def start_mesh(tmp: Path, nodes: tuple[str, ...], workers: Workers, cache_routing: bool
-               ) -> MeshRun:
-    """A broker, one synthetic worker on each node, the gateway on the first; the broker
-    routes with or without its cache term. A few short requests warm every process."""
+def start_mesh(tmp: Path, nodes: tuple[str, ...], worker_args: list[str], cache_routing: bool,
+               env: dict[str, str] | None = None) -> MeshRun:
+    """A broker, one worker (``mlx-stack worker`` + ``worker_args``, serving ``syn``) on
+    each node, the gateway on the first; the broker routes with or without its cache
+    term. A few short requests warm every process."""
     cluster = Cluster(tmp, env={"MLX_STACK_CACHE_ROUTING": str(cache_routing).lower(),
-                                "MLX_STACK_QUEUE_SIZE": "1000"})
+                                "MLX_STACK_QUEUE_SIZE": "1000", **(env or {})})
     try:
         cluster.broker()
         for node in nodes:
-            cluster.worker("--engine", "synthetic", "--model", "syn", "--slots",
-                           str(workers.slots), "--rate", str(workers.rate),
-                           "--prefill-rate", str(workers.prefill_rate), node=node)
+            cluster.worker(*worker_args, node=node)
         mesh = MeshRun(cluster, cluster.gateway(node=nodes[0]))
         with httpx.Client(timeout=60) as client:
             for i in range(2 * len(nodes)):
@@ -328,7 +343,7 @@ def main() -> None:
     for name, nodes, cache_routing in (("one_node", NODES[:1], True),
                                        ("cache_routing", NODES, True),
                                        ("load_only", NODES, False)):
-        mesh = start_mesh(tmp / name, nodes, workers, cache_routing)
+        mesh = start_mesh(tmp / name, nodes, workers.args(), cache_routing)
         try:
             runs[name] = run_agents(mesh, workload)
             if name == "cache_routing":

@@ -115,13 +115,14 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def stream_once(client: httpx.AsyncClient, url: str, content: str,
-                      max_tokens: int, messages: list[dict[str, str]] | None = None
-                      ) -> Streamed:
+                      max_tokens: int, messages: list[dict[str, str]] | None = None,
+                      **more: Any) -> Streamed:
     """One streamed request; the text is kept, to be counted and checked after the load.
     ``messages``: a whole conversation instead of one user message ``content`` (then
-    ``content`` is its messages joined by newlines, the synthetic engine's prompt). A
-    refusal or an error event raises :class:`testkit.sse.StreamFailed`."""
-    body = chat_body(content, max_tokens)
+    ``content`` is its messages joined by newlines, the synthetic engine's prompt);
+    ``more``: other fields of the body. A refusal or an error event raises
+    :class:`testkit.sse.StreamFailed`."""
+    body = chat_body(content, max_tokens, **more)
     if messages:
         body["messages"] = messages
     stream = (await read_chat(client, url, body)).check()
