@@ -20,8 +20,7 @@ cache served: a job routed for a match that the cache served (nearly) nothing of
 that the chains which made the match were evicted there (by bytes, or by an LRU that
 ordered otherwise), and they are dropped (:meth:`PrefixMirror.missed`). Each heartbeat
 says how many entries the cache holds, and the mirror keeps no more ended chains than
-that (:meth:`PrefixMirror.trim`), and its cache session, whose change (the cache emptied or
-made anew in the same process) empties the mirror.
+that (:meth:`PrefixMirror.trim`).
 
 Soft state: a worker that restarts registers anew with an empty mirror, and a new
 coordinator starts with empty ones (load-only routing until the mirrors fill again).
@@ -84,16 +83,32 @@ class PrefixMirror:
         extended = [len(c) for c in pending if tuple(hashes[:len(c)]) == c]
         return max([n, *extended])
 
-    def missed(self, hashes: list[int], running: Collection[str]) -> int:
-        """The worker's cache served (nearly) nothing of a prompt with chain ``hashes``
-        that :meth:`match` credited: drop the chains of ended jobs that share its first
-        block, which the cache evidently no longer holds (those of jobs still
-        ``running``, the job's own among them, are not in it yet). Returns how many."""
-        gone = [c for c, job in self._chains.items()
+    def missed(self, hashes: list[int], job_id: str, running: Collection[str]) -> int:
+        """The worker's cache served (nearly) nothing of job ``job_id``'s prompt, chain
+        ``hashes``, that :meth:`match` credited: drop the chains that share its first
+        block of jobs that had ended when it was looked up, which the cache evidently no
+        longer holds. Those of jobs still ``running`` are not in it yet, and a job that
+        ended after this one was given out (its chain now stands after this one's: see
+        :meth:`ended`) may have been stored after the lookup. Without this job's own
+        chain (its conversation's next turn replaced it) nothing says which ended
+        before: nothing drops. Returns how many dropped."""
+        chains = list(self._chains.items())
+        at = next((i for i, (_, job) in enumerate(chains) if job == job_id), None)
+        if at is None:
+            return 0
+        gone = [c for c, job in chains[:at]
                 if job not in running and c[:1] == tuple(hashes[:1])]
         for chain in gone:
             self._drop(chain)
         return len(gone)
+
+    def ended(self, job_id: str) -> None:
+        """Job ``job_id`` ended: the worker's cache stores its sequence now, as its newest
+        entry (mlx-lm's LRU orders entries by when they were stored; a lookup does not
+        refresh them), so its chain moves to the end, where :meth:`trim` drops last."""
+        chain = next((c for c, job in self._chains.items() if job == job_id), None)
+        if chain is not None:
+            self._chains.move_to_end(chain)
 
     def trim(self, entries: int, running: Collection[str]) -> int:
         """The worker's cache holds ``entries`` entries: keep at most as many chains of
@@ -104,14 +119,6 @@ class PrefixMirror:
         for chain in gone:
             self._drop(chain)
         return len(gone)
-
-    def clear(self) -> int:
-        """The worker's cache was emptied: nothing is held any more. Returns how many
-        chains dropped."""
-        dropped = len(self._chains)
-        self._chains.clear()
-        self._blocks.clear()
-        return dropped
 
     def _drop(self, chain: tuple[int, ...]) -> None:
         del self._chains[chain]

@@ -38,13 +38,10 @@ class WorkerState:
         return self.info.slots - len(self.running)
 
     def report(self, load: WorkerLoad) -> int:
-        """Its HEARTBEAT's load: kept, and its prompt cache's size and session applied to
-        what the broker thinks that cache holds. Returns the chains that dropped."""
-        dropped = 0
-        if load.cache_session != self.load.cache_session:
-            dropped = self.prefixes.clear()
-        dropped += self.prefixes.trim(load.cache_entries,
-                                      self.running | self.released_since_beat)
+        """Its HEARTBEAT's load: kept, and its prompt cache's size applied to what the
+        broker thinks that cache holds. Returns the chains that dropped."""
+        dropped = self.prefixes.trim(load.cache_entries,
+                                     self.running | self.released_since_beat)
         self.released_since_beat.clear()
         self.load = load
         return dropped
@@ -87,6 +84,7 @@ class JobState:
         corrects the worker's mirror (:meth:`PrefixMirror.missed`). Returns the chains
         that dropped."""
         worker.released_since_beat.add(self.submit.job_id)
+        worker.prefixes.ended(self.submit.job_id)
         route = self.route
         if route is None:
             return 0
@@ -95,7 +93,8 @@ class JobState:
         predicted = next((c.cached for c in route.candidates
                           if c.worker_id == worker.info.worker_id), 0)
         if predicted and release.prompt_tokens_reused < MISS_TOKENS:
-            return worker.prefixes.missed(self.submit.prefix_hashes, worker.running)
+            return worker.prefixes.missed(self.submit.prefix_hashes, self.submit.job_id,
+                                          worker.running)
         return 0
 
     def route_to(self, worker: WorkerState, scored: list[tuple[WorkerState, float, int]],

@@ -72,10 +72,6 @@ class WorkerLoad:
     cache_entries: int = 0
     """Entries its engine's prompt cache holds now: the broker's mirror of that cache
     (broker/prefixes.py) never claims more."""
-    cache_session: str = ""
-    """Its engine's prompt cache's id for the cache's lifetime, as a broker's session: a
-    new one (the cache emptied or made anew: an engine started again in the same process,
-    a model reloaded) means whatever it held is gone, and the broker empties its mirror."""
 
 
 @dataclass(kw_only=True, slots=True)

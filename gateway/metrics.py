@@ -280,7 +280,7 @@ def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
             family.add_metric([model], sum(w.load.counters.get(key, 0) for w in workers
                                            if w.model_id == model))
         yield family
-    yield hit_ratio(workers, models)
+    yield reused_ratio(workers, models)
     kv = GaugeMetricFamily("mlx_stack_kv_cache_bytes", "KV cache memory the workers hold "
                            "(running requests and prompt cache), by model.", labels=["model"])
     for model in models:
@@ -288,12 +288,12 @@ def engine_families(workers: list[WorkerStatus]) -> Iterator[Metric]:
     yield kv
 
 
-def hit_ratio(workers: list[WorkerStatus], models: list[str]) -> Metric:
+def reused_ratio(workers: list[WorkerStatus], models: list[str]) -> Metric:
     """The share of prompt tokens the live workers' prompt caches served, by model, since
     they started (for a recent window, divide the rates of the reused and computed
     counters instead); a model whose workers have computed no prompt yet has none."""
     ratio = GaugeMetricFamily(
-        "mlx_stack_prompt_cache_hit_ratio", "Prompt tokens the prompt caches served over "
+        "mlx_stack_prompt_tokens_reused_ratio", "Prompt tokens the prompt caches served over "
         "all prompt tokens (reused / (reused + computed)), summed over the live workers of "
         "each model since they started.", labels=["model"])
     for model in models:

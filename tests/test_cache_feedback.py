@@ -1,6 +1,6 @@
 """What the prompt cache served, end to end (real processes, a synthetic worker with its
 prompt cache): the worker's RELEASE tells the broker, which records it in the route log
-(``mesh routes``); the client reads it in OpenAI's usage; ``/metrics`` has the hit ratio."""
+(``mesh routes``); the client reads it in OpenAI's usage; ``/metrics`` has the share reused."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def test_a_second_turn_reports_the_tokens_its_cache_served(
     the usage of the chat completion, the Responses API, the streamed usage chunk and
     Anthropic's Messages API say how many tokens, the route log (filled only by the
     worker's RELEASE) says the same beside the match the broker predicted, and /metrics
-    has a hit ratio above 0."""
+    has a share of reused prompt tokens above 0."""
     cluster = Cluster(tmp_path)
     try:
         cluster.broker()
@@ -79,12 +79,12 @@ def test_a_second_turn_reports_the_tokens_its_cache_served(
         assert message.usage.cache_read_input_tokens > cached
         assert 0 < message.usage.input_tokens < message.usage.cache_read_input_tokens
 
-        def hit_ratio() -> float | None:
+        def reused_ratio() -> float | None:
             text = httpx.get(f"{url}/metrics", timeout=10).text
-            found = re.search(r'^mlx_stack_prompt_cache_hit_ratio\{model="syn"\} (\S+)$',
+            found = re.search(r'^mlx_stack_prompt_tokens_reused_ratio\{model="syn"\} (\S+)$',
                               text, re.M)
             return float(found[1]) if found and float(found[1]) > 0 else None
 
-        assert 0 < wait_for("a hit ratio in /metrics", hit_ratio) < 1
+        assert 0 < wait_for("a reused ratio in /metrics", reused_ratio) < 1
     finally:
         close_and_report(cluster, request.node)

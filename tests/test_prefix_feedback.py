@@ -1,6 +1,6 @@
 """The worker corrects the broker's mirror of its prompt cache (broker/prefixes.py), with
 no sockets: a RELEASE that says the cache served nothing of a match drops the chains that
-made it, a heartbeat's entry count trims the mirror and a new cache session empties it.
+made it, and a heartbeat's entry count trims the mirror, oldest stored entry first.
 
 Prompts are chains of 256-character blocks: forty blocks of a system prompt every agent
 shares (10,240 characters, far above the minimum match routing weighs), then each
@@ -35,13 +35,41 @@ def test_a_miss_drops_the_ended_chains_that_matched_and_nothing_else() -> None:
     mirror.add(own(0), "a0")
     mirror.add(own(1), "a1")
     mirror.add([5, 6, 7], "other")
-    running = {"a1"}
+    running = {"a1", "a2"}
     prompt = own(2)
     assert mirror.match(prompt, running) == len(SYSTEM)
-    assert mirror.missed(prompt, running) == 1
-    assert mirror.match(prompt, running) == 0
+    mirror.add(prompt, "a2")
+    assert mirror.missed(prompt, "a2", running) == 1
+    assert mirror.match(own(3), running) == 0
     assert mirror.match(own(1, blocks=3), running) == len(SYSTEM) + 2
     assert mirror.match([5, 6, 7, 8], running) == 3
+
+
+def test_a_miss_keeps_a_chain_that_ended_after_the_lookup() -> None:
+    """Agent 1's turn went out for agent 0's chain and the cache served nothing of it;
+    meanwhile agent 2's turn, given out after it, ended (its entry stored after agent
+    1's lookup): agent 0's chain goes, agent 2's stays."""
+    mirror = PrefixMirror()
+    mirror.add(own(0), "a0")
+    mirror.add(own(1), "a1")
+    mirror.add(own(2), "a2")
+    mirror.ended("a2")
+    assert mirror.missed(own(1), "a1", {"a1"}) == 1
+    assert mirror.match(own(0, blocks=3), {"a1"}) == len(SYSTEM)
+    assert mirror.match(own(2, blocks=3), {"a1"}) == len(SYSTEM) + 2
+
+
+def test_the_trim_keeps_the_entries_stored_last() -> None:
+    """Agent 0's long turn went out first and ended last: the cache stored its entry
+    last, and with room for two entries it holds agents 2's and 0's, not 1's."""
+    mirror = PrefixMirror()
+    for agent in range(3):
+        mirror.add(own(agent), f"a{agent}")
+    for agent in (1, 2, 0):
+        mirror.ended(f"a{agent}")
+    assert mirror.trim(2, ()) == 1
+    assert [mirror.match(own(a, blocks=3), ()) for a in range(3)] == [
+        len(SYSTEM) + 2, len(SYSTEM), len(SYSTEM) + 2]
 
 
 def test_the_mirror_keeps_no_more_ended_chains_than_the_cache_has_entries() -> None:
@@ -120,25 +148,22 @@ def test_a_short_prompt_served_little_is_no_miss() -> None:
     assert predicted(t, "w", [1, 2]) == 2 * 256
 
 
-def test_heartbeats_trim_the_mirror_to_the_cache_and_a_new_cache_session_empties_it() -> None:
+def test_heartbeats_trim_the_mirror_to_the_cache() -> None:
     """Three turns ended on w. The first heartbeat after their RELEASEs may have counted
     the cache before their entries were in it (a stop sequence's job is released before
     its sequence leaves the engine): its count of two trims nothing. The next one's
-    does: the oldest turn's chain goes. A heartbeat with another cache session (the cache
-    made anew) leaves nothing, whatever the count."""
+    does: the oldest turn's chain goes."""
     t = table()
-    ready(t, "w", msgs.WorkerLoad(cache_session="s1"))
+    ready(t, "w")
     for agent in range(3):
         run(t, f"a{agent}", own(agent), reused=40 * 64)  # the system prompt, served
     whole = (len(SYSTEM) + 2) * 256
 
-    def beat(entries: int, session: str) -> list[int]:
+    def beat(entries: int) -> list[int]:
         t.worker_message(b"w", msgs.Heartbeat(load=msgs.WorkerLoad(
-            cache_entries=entries, cache_session=session)), 1.0)
+            cache_entries=entries)), 1.0)
         return [predicted(t, "w", own(a)) for a in range(3)]
 
-    assert beat(2, "s1") == [whole] * 3
-    assert beat(2, "s1") == [len(SYSTEM) * 256, whole, whole]
+    assert beat(2) == [whole] * 3
+    assert beat(2) == [len(SYSTEM) * 256, whole, whole]
     assert t.counters["prefix_chains_trimmed"] == 1
-    assert beat(64, "s2") == [0, 0, 0]
-    assert t.counters["prefix_chains_trimmed"] == 3  # and the two the new session emptied

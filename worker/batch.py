@@ -111,7 +111,7 @@ class BatchLoop:
                 with self._engine_call():
                     seq = self.engine.insert(run.prompt, run.request, run.budget,
                                              run.prompt_len)
-                    run.cached = self.engine.prompt_reused(seq)
+                    run.reused = self.engine.prompt_reused(seq)
             self._open(job)  # taken: it will not be refused any more
             if run.open():
                 self._runs[seq] = run

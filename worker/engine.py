@@ -67,9 +67,6 @@ class Engine(Protocol):
     """How the model writes a tool call; None when its chat template has no tools."""
     context_length: int
     """Tokens the model attends to, prompt and answer together: no answer runs past it."""
-    cache_session: str
-    """The prompt cache's id, drawn when it is made (a new one whenever it is emptied or
-    made anew): the broker then forgets what it thought the cache held."""
 
     @property
     def cache_entries(self) -> int:

@@ -125,7 +125,6 @@ class MlxEngine:
         """Sequences that asked for log-probabilities, with how many alternatives."""
         self._reused: dict[int, int] = {}
         """Each running sequence's prompt tokens the prompt cache served."""
-        self.cache_session = secrets.token_hex(8)
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":

@@ -75,7 +75,7 @@ class JobRun:
         """Tokens the engine may still generate: what the request asked, within the
         model's context."""
         self.new_tokens = 0
-        self.cached = 0
+        self.reused = 0
         """Tokens of :attr:`prompt` that the engine's prompt cache served, once it took
         the job."""
         self._tools = None
@@ -171,5 +171,5 @@ class JobRun:
             "total_tokens": len(self._prompt) + completion,
             # of the request's own prompt: a resumed job's cache may serve its resume
             # tokens too, which the usage counts as completion tokens
-            "cached_tokens": min(self.cached, len(self._prompt)),
+            "cached_tokens": min(self.reused, len(self._prompt)),
         }))

@@ -99,7 +99,7 @@ class Worker:
             running=len(self.running), mem_free=self.memory()[1], tokens_per_s=tokens_per_s,
             kv_bytes=self.engine.kv_bytes,
             counters={**counters, **self.link.counters, **self.engine.counters},
-            cache_entries=self.engine.cache_entries, cache_session=self.engine.cache_session)
+            cache_entries=self.engine.cache_entries)
 
     def _connect(self, reason: str = "", to: str = "") -> None:
         """Open the link (first call), or move it to another broker; the poller follows."""

@@ -18,7 +18,6 @@ machine (``bench/agents.py``): the prefill is simulated, it costs no CPU.
 from __future__ import annotations
 
 import itertools
-import secrets
 import threading
 import time
 from array import array
@@ -182,7 +181,6 @@ class SyntheticEngine:
                          "prompt_tokens_reused": 0, "prompt_tokens_computed": 0}
         """As the real engine counts them (worker/mlx_engine.py)."""
         self._cache = PromptCache(prompt_cache)
-        self.cache_session = secrets.token_hex(8)
         self._prefill_free = 0.0
         """When the prompts inserted so far are computed: the next one's prefill starts
         then (a sequence removed before its prefill ends keeps its time taken)."""
