@@ -111,14 +111,12 @@ class Broker:
                                    priority=settings.priority, started=self.started),
                                    settings.mdns_interfaces)
                                if settings.mdns_interfaces else None)
-        self.coordinator = ""
-        """Endpoint of the coordinator this standby follows ("" while it knows none)."""
+        self.coordinator = ""  # the coordinator this standby follows ("": none known)
         self.followers: dict[bytes, bytes] = {}
         """Workers and gateways heard while standby (identity -> protocol tag)."""
         self.mesh_models: list[str] = []
         """The models the coordinator last announced: known here if this one takes over."""
-        self.skew = Skew(settings.node_id, settings.peer_timeout)
-        """Brokers of other protocol versions (broker/skew.py): shown, never followed."""
+        self.skew = Skew(settings.node_id, settings.peer_timeout)  # broker/skew.py
         self._seq = itertools.count(1)
         self._stopping = False
         self._saved_epoch = -1
@@ -238,6 +236,8 @@ class Broker:
                 self._send(identity, wire.PEER, self._announcement())
                 return
             self.table.reject(exc.reason, exc)
+            if (advice := self.skew.local(frames[1])) is not None:
+                log_event(log, "incompatible_peer", logging.WARNING, fix=advice)
             if (job_id := wire.submitted_job(frames[1:])) is not None:
                 self._send(identity, wire.GATEWAY, msgs.Fail(
                     job_id=job_id, code=msgs.ErrorCode.INVALID_REQUEST,

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 from mlx_stack.common.messages import VERSION
 from mlx_stack.common.status import PeerStatus
-from mlx_stack.common.versions import Hello
+from mlx_stack.common.versions import Hello, tag_role
 from mlx_stack.common.wire import PROTOCOL
+
+ROLES = {"G": "gateway", "W": "worker"}
 
 MAX_STRANGERS = 64
 """Most brokers of other versions remembered: a flood of made-up ones evicts the stalest."""
@@ -58,6 +60,8 @@ class Skew:
         """By endpoint."""
         self.warned: set[tuple[str, int]] = set()
         """(endpoint, protocol) already warned of: once, not every announcement."""
+        self.warned_local: set[tuple[str, int]] = set()
+        """(role, protocol) of workers and gateways already warned of."""
 
     def heard(self, hello: Hello, now: float) -> str | None:
         """Record ``hello``; the warning to log when this broker or its version is new."""
@@ -72,6 +76,22 @@ class Skew:
             self.warned.clear()
         self.warned.add(key)
         return advice(self.me, hello)
+
+    def local(self, tag: bytes) -> str | None:
+        """A message of a worker or gateway (on this node, often: its services restarted
+        one by one after an upgrade) tagged ``tag``, of another protocol version, cannot
+        be read: the warning to log, once per role and version (None: not such a tag, or
+        warned of already). Unlike a broker's, such a message says nothing of its node."""
+        role = tag_role(tag)
+        if role is None or role[0] not in ROLES or role[1] == PROTOCOL:
+            return None
+        if role in self.warned_local:
+            return None
+        self.warned_local.add(role)
+        return (f"a {ROLES[role[0]]} of mesh protocol {role[1]} reaches this broker "
+                f"(protocol {PROTOCOL}, mlx-stack {VERSION}): its messages are dropped "
+                f"until it runs the same release: upgrade its Mac and restart it "
+                f"(mlx-stack up, or mlx-stack install's services)")
 
     def live(self, now: float) -> list[Stranger]:
         """Those heard within the timeout, by node id."""

@@ -30,6 +30,13 @@ def tag_version(tag: bytes) -> int | None:
     return int(match.group(2)) if match else None
 
 
+def tag_role(tag: bytes) -> tuple[str, int] | None:
+    """The role (``G``, ``W`` or ``B``) and protocol number of a tag of any version (None
+    for anything else)."""
+    match = TAG.fullmatch(tag)
+    return (match.group(1).decode(), int(match.group(2))) if match else None
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     """What a broker of another protocol version says of itself in its ANNOUNCE, read

@@ -19,8 +19,8 @@ import pytest
 from mlx_stack.broker.skew import Skew, advice
 from mlx_stack.common import messages as msgs
 from mlx_stack.common import wire
-from mlx_stack.common.versions import Hello, hello, tag_version
-from testkit.harness import Mesh, close_and_report, free_port, healthy, run_cli, wait_for
+from mlx_stack.common.versions import Hello, hello, tag_role, tag_version
+from testkit.harness import Cluster, Mesh, close_and_report, free_port, healthy, run_cli, wait_for
 from testkit.scenarios import expected_text
 
 
@@ -55,6 +55,51 @@ def test_skew_warns_once_per_broker_and_version_and_yields_the_alias_to_a_newer_
     assert [s.hello.node_id for s in skew.live(1.0)] == ["mini-2", "mini-3"]
     assert not skew.yields_alias(3.0) and skew.live(3.0) == []  # gone silent
     assert "upgrade mini-1" in advice("mini-1", new)
+
+
+def test_a_worker_or_gateway_of_another_version_is_warned_of_once_per_role_and_version(
+        ) -> None:
+    skew = Skew("mini-1", timeout=1.5)
+    older = b"MLXS-W%d" % (wire.PROTOCOL - 1)
+    warning = skew.local(older)
+    assert warning is not None and f"a worker of mesh protocol {wire.PROTOCOL - 1}" in warning
+    assert f"mlx-stack {msgs.VERSION}" in warning and "restart it" in warning
+    assert skew.local(older) is None  # once, not every heartbeat
+    assert "a gateway of" in (skew.local(b"MLXS-G%d" % (wire.PROTOCOL + 1)) or "")
+    assert skew.local(b"MLXS-W%d" % wire.PROTOCOL) is None  # our own: a bad frame, no skew
+    assert skew.local(b"MLXS-B%d" % (wire.PROTOCOL - 1)) is None  # brokers: their hello
+    assert skew.local(b"HTTP/1.1") is None
+    assert tag_role(b"MLXS-G12") == ("G", 12) and tag_role(b"MLXS-X1") is None
+
+
+def test_an_older_worker_and_gateway_on_the_node_are_named_in_one_warning_each(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """After an upgrade, a node's services restarted one by one: its worker and gateway
+    still speak the previous protocol. The broker cannot read them; it says so at
+    warning, once each, with what to do, however many of their frames it drops."""
+    cluster = Cluster(tmp_path)
+    older = {"MLX_STACK_TEST_PROTOCOL": str(wire.PROTOCOL - 1)}
+    try:
+        broker = cluster.broker()
+        cluster.start("worker", "--engine", "synthetic", "--model", "syn", env=older)
+        cluster.start("gateway", "--port", str(free_port()), env=older)
+
+        def warnings() -> list[str]:
+            return [line for line in broker.output().splitlines()
+                    if "incompatible_peer" in line]
+
+        def dropped() -> int:
+            return cluster.control("status").rejected.get("unknown_protocol", 0)
+
+        wait_for("a warning of each", lambda: len(warnings()) >= 2, timeout=30)
+        then = dropped()
+        wait_for("more of their frames dropped", lambda: dropped() >= then + 6, timeout=30)
+        assert len(warnings()) == 2, warnings()
+        assert any(f"a worker of mesh protocol {wire.PROTOCOL - 1}" in w for w in warnings())
+        assert any(f"a gateway of mesh protocol {wire.PROTOCOL - 1}" in w for w in warnings())
+        assert cluster.workers() == []  # never taken for one of this version's workers
+    finally:
+        close_and_report(cluster, request.node)
 
 
 def chat(url: str, content: str) -> httpx.Response:
