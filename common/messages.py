@@ -151,7 +151,9 @@ class Final(Message):
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
     """``prompt_tokens``, ``completion_tokens``, ``total_tokens``, and ``cached_tokens``:
-    those of the prompt tokens that the worker's prompt cache served."""
+    those of the prompt tokens that the worker's prompt cache served; and, for the
+    RELEASE (no client sees it), ``prompt_tokens_computed``: the tokens the engine
+    prefilled, a resumed job's resume tokens among them."""
     parts: int = 0
     stop_sequence: str = ""
     """The request's stop sequence that ended the answer (finish_reason ``stop``), or ""

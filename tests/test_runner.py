@@ -63,7 +63,7 @@ def test_uninterrupted_run(engine: SyntheticEngine) -> None:
     final = sent[-1]
     assert isinstance(final, msgs.Final) and final.finish_reason == "length"
     assert final.usage == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15,
-                           "cached_tokens": 0}
+                           "cached_tokens": 0, "prompt_tokens_computed": 3}
 
 
 @pytest.mark.parametrize("engine", [SyntheticEngine("s", rate=0),
@@ -77,10 +77,14 @@ def test_resume_continues_exactly(engine: SyntheticEngine, cut: int) -> None:
     seen_tokens = [t for m in sent if isinstance(m, msgs.Partial) for t in m.token_ids]
     seen_text = "".join(m.text for m in sent if isinstance(m, msgs.Partial))
     assert isinstance(sent[-1], msgs.Fail) and sent[-1].code == msgs.ErrorCode.CANCELLED
+    computed = engine.counters["prompt_tokens_computed"]
     resumed, more_tokens, more_text = run(engine, resume=seen_tokens, resume_text=seen_text)
     assert seen_tokens + more_tokens == all_tokens
     assert seen_text + more_text == all_text
     assert resumed[-1].usage["completion_tokens"] == 12  # every token counted once
+    # What the engine prefilled for it, its resume tokens among them (the RELEASE's).
+    assert resumed[-1].usage["prompt_tokens_computed"] == (
+        engine.counters["prompt_tokens_computed"] - computed)
 
 
 def test_stop_sequence_spanning_tokens_is_cut_and_never_leaked() -> None:

@@ -172,4 +172,5 @@ class JobRun:
             # of the request's own prompt: a resumed job's cache may serve its resume
             # tokens too, which the usage counts as completion tokens
             "cached_tokens": min(self.reused, len(self._prompt)),
+            "prompt_tokens_computed": len(self.prompt) - self.reused,
         }))

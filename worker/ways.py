@@ -233,7 +233,7 @@ class Ways:
 
 def released(final: msgs.Final) -> msgs.Release:
     """The RELEASE after ``final``: what the prompt cache served of the job's prompt and
-    what was prefilled, for the broker's guess of what the cache holds."""
-    reused = final.usage.get("cached_tokens", 0)
-    return msgs.Release(job_id=final.job_id, epoch=final.epoch, prompt_tokens_reused=reused,
-                        prompt_tokens_computed=final.usage.get("prompt_tokens", 0) - reused)
+    what the engine prefilled, for the broker's guess of what the cache holds."""
+    return msgs.Release(job_id=final.job_id, epoch=final.epoch,
+                        prompt_tokens_reused=final.usage.get("cached_tokens", 0),
+                        prompt_tokens_computed=final.usage.get("prompt_tokens_computed", 0))
