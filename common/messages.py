@@ -173,7 +173,8 @@ class Release(Message):
     """Tokens of the request's prompt that the worker's prompt cache served (FINAL's
     ``usage["cached_tokens"]``)."""
     prompt_tokens_computed: int = 0
-    """Tokens of the request's prompt that it prefilled."""
+    """Tokens the worker's engine prefilled for the job (a resumed job's resume tokens
+    among them: FINAL's ``usage["prompt_tokens_computed"]``)."""
 
 
 @dataclass(kw_only=True, slots=True)

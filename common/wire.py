@@ -59,8 +59,8 @@ context length, FINAL's stop sequence, the status of tiers, ANNOUNCE's version: 
 3 and one of 4 do not talk. 5: READY and HEARTBEAT carry the worker's load as one record,
 :class:`~common.messages.WorkerLoad`; one way out for each job: the worker's ACCEPTED
 opens it, FINAL takes it too, RELEASE frees the slot. 6: RELEASE says the prompt tokens
-the worker's cache served and those it computed, the load its prompt cache's entries and
-session: a node of 5 would drop such a frame as having unknown fields, the worker's every
+the worker's cache served and those it computed, the load its prompt cache's entries: a
+node of 5 would drop such a frame as having unknown fields, the worker's every
 heartbeat with them.) ``MLX_STACK_TEST_PROTOCOL`` is a
 switch for tests only: it makes this code speak another version, as a build of another
 release would, for the version-skew tests; never set it on a Mac that serves."""

@@ -109,9 +109,12 @@ class BatchLoop:
             run = JobRun(self.engine, job, send)
             if run.budget > 0:
                 with self._engine_call():
+                    # What its prompt cache served: the engine's own count, taken as the
+                    # job joins (only insert moves it, and only this thread inserts).
+                    before = self.engine.counters["prompt_tokens_reused"]
                     seq = self.engine.insert(run.prompt, run.request, run.budget,
                                              run.prompt_len)
-                    run.reused = self.engine.prompt_reused(seq)
+                    run.reused = self.engine.counters["prompt_tokens_reused"] - before
             self._open(job)  # taken: it will not be refused any more
             if run.open():
                 self._runs[seq] = run

@@ -73,11 +73,6 @@ class Engine(Protocol):
         """Entries the prompt cache holds now (read by the I/O thread for heartbeats)."""
         ...
 
-    def prompt_reused(self, seq: int) -> int:
-        """Tokens of running sequence ``seq``'s prompt that the prompt cache served (the
-        rest were prefilled), as counted in ``prompt_tokens_reused`` when it joined."""
-        ...
-
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt's token ids (chat template applied for chat requests)."""
         ...

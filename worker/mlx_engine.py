@@ -123,8 +123,6 @@ class MlxEngine:
         self._running: set[int] = set()
         self._logprobs: dict[int, int] = {}
         """Sequences that asked for log-probabilities, with how many alternatives."""
-        self._reused: dict[int, int] = {}
-        """Each running sequence's prompt tokens the prompt cache served."""
 
     def encode_prompt(self, request: GenerationRequest) -> list[int]:
         if request.kind == "chat":
@@ -175,7 +173,6 @@ class MlxEngine:
             all_tokens=[prompt[:len(prompt) - len(rest)]], samplers=[make_sampler(request)],
             logits_processors=[processors], stop_sequences=[self._eos])
         self._running.add(seq)
-        self._reused[seq] = len(prompt) - len(rest)
         if request.logprobs:
             self._logprobs[seq] = request.top_logprobs
         return seq
@@ -207,7 +204,6 @@ class MlxEngine:
             return
         self._running.discard(seq)
         self._logprobs.pop(seq, None)
-        self._reused.pop(seq, None)
         for cache, tokens in self._batch.remove([seq], return_prompt_caches=True).values():
             self._keep(tokens, cache)
 
@@ -227,7 +223,6 @@ class MlxEngine:
                 continue
             self._running.discard(r.uid)
             self._logprobs.pop(r.uid, None)
-            self._reused.pop(r.uid, None)
             self._keep(r.all_tokens, r.prompt_cache)
             eos = r.finish_reason == "stop"  # the only stop sequences given are EOS tokens
             steps.append(Step(r.uid, None if eos else r.token, done=True, logprob=logprob))
@@ -240,9 +235,6 @@ class MlxEngine:
     @property
     def cache_entries(self) -> int:
         return len(self._prompt_cache)
-
-    def prompt_reused(self, seq: int) -> int:
-        return self._reused.get(seq, 0)
 
     def _logprob(self, seq: int, token: int, logprobs: mx.array) -> dict[str, Any] | None:
         """``token``'s entry in OpenAI's shape, if ``seq`` asked for log-probabilities:

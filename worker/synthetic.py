@@ -91,8 +91,6 @@ class _Sequence:
     fault: str = ""
     """:data:`STEP_ERROR` or :data:`STEP_HANG` when the prompt asks for one and this
     sequence has yet to pass :data:`FAULT_AT`."""
-    reused: int = 0
-    """Prompt tokens its prompt cache served."""
 
 
 def common_prefix(a: bytes, b: bytes) -> int:
@@ -205,17 +203,16 @@ class SyntheticEngine:
         seq = next(self._ids)
         own = bytes(t for t in prompt[:prompt_len] if t < BYTE_TOKENS)
         fault = next((f for f in (STEP_ERROR, STEP_HANG) if f.encode() in own), "")
-        reused, prefilled = self._prefill(prompt)
+        prefilled = self._prefill(prompt)
         self._running[seq] = _Sequence(
             list(prompt), max_tokens, prefilled + self.ttft,
             _script(prompt, prompt_len), request.logprobs, prompt_len, prefilled,
-            fault if len(prompt) - prompt_len < FAULT_AT else "", reused)
+            fault if len(prompt) - prompt_len < FAULT_AT else "")
         return seq
 
-    def _prefill(self, prompt: list[int]) -> tuple[int, float]:
-        """Count what the cache serves of ``prompt``; return that and when the rest is
-        computed. The last prompt token is always computed: its logits give the first new
-        token."""
+    def _prefill(self, prompt: list[int]) -> float:
+        """Count what the cache serves of ``prompt``; return when the rest is computed.
+        The last prompt token is always computed: its logits give the first new token."""
         reused = max(0, min(self._cache.match(prompt), len(prompt) - 1))
         computed = len(prompt) - reused
         self.counters["prompt_cache_hits" if reused else "prompt_cache_misses"] += 1
@@ -223,17 +220,13 @@ class SyntheticEngine:
         self.counters["prompt_tokens_computed"] += computed
         now = time.monotonic()
         if self.prefill_rate <= 0:
-            return reused, now
+            return now
         self._prefill_free = max(now, self._prefill_free) + computed / self.prefill_rate
-        return reused, self._prefill_free
+        return self._prefill_free
 
     @property
     def cache_entries(self) -> int:
         return len(self._cache)
-
-    def prompt_reused(self, seq: int) -> int:
-        s = self._running.get(seq)
-        return s.reused if s is not None else 0
 
     def remove(self, seq: int) -> None:
         s = self._running.pop(seq, None)
