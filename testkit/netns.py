@@ -40,12 +40,12 @@ class Hosts:
     """``names`` as hosts on one bridge; use as a context manager."""
 
     def __init__(self, names: Iterable[str]) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.prefix = f"mx{tag}"
-        self.net = 200 + os.getpid() % 50
+        self.prefix = f"mx{os.getpid()}"
+        self.net = 0
+        """The second byte of the hosts' 10.<net>.0.0/24, chosen when they are created."""
         self.names = list(names)
         self.ns = {name: f"{self.prefix}-{i}" for i, name in enumerate(self.names)}
-        self.addr = {name: f"10.{self.net}.0.{i + 1}" for i, name in enumerate(self.names)}
+        self.addr: dict[str, str] = {}
         self.bridge_ns = f"{self.prefix}-br"
         self.host_if = f"{self.prefix}h"
 
@@ -61,6 +61,9 @@ class Hosts:
         self.remove()
 
     def _create(self) -> None:
+        remove_stale()
+        self.net = free_net(os.getpid())
+        self.addr = {name: f"10.{self.net}.0.{i + 1}" for i, name in enumerate(self.names)}
         br = self.bridge_ns
         ip("netns", "add", br)
         ip("-n", br, "link", "add", "br0", "type", "bridge")
@@ -94,6 +97,35 @@ class Hosts:
         for ns in [*self.ns.values(), self.bridge_ns]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
         subprocess.run(["ip", "link", "del", self.host_if], capture_output=True, timeout=10)
+
+
+def free_net(start: int) -> int:
+    """The first of 10.200-249.0.0/24, from ``start`` on, that no route here uses: another
+    run's hosts (pytest-xdist runs two modules at once) keep theirs."""
+    routes = subprocess.run(["ip", "-4", "route", "show"], capture_output=True, text=True,
+                            timeout=10).stdout
+    for k in range(50):
+        net = 200 + (start + k) % 50
+        if f"10.{net}.0.0/24" not in routes:
+            return net
+    raise RuntimeError("every 10.200-249.0.0/24 is routed already: remove stale test "
+                       "namespaces (`ip netns list`, `ip netns del mx...`)")
+
+
+def remove_stale() -> None:
+    """Remove the namespaces and host links of test runs whose process is gone (killed
+    before it could clean up): their routes would shadow a new run's addresses."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=10).stdout + subprocess.run(
+        ["ip", "-br", "link"], capture_output=True, text=True, timeout=10).stdout
+    for name, pid in set(re.findall(r"^(mx(\d+)(?:-\w+|h))\b", listed, re.MULTILINE)):
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            kind = ["link", "del"] if name.endswith("h") else ["netns", "del"]
+            subprocess.run(["ip", *kind, name], capture_output=True, timeout=10)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def nft(hosts: Hosts, node: str, script: str) -> None:

@@ -23,9 +23,9 @@ import pytest
 
 from testkit import netns
 from testkit.harness import close_and_report, wait_for
-from testkit.netns import HostMesh, drop
+from testkit.netns import PORT, HostMesh, drop, nft
 from testkit.scenarios import expected_text, failover_body, start_nodes
-from testkit.sse import read_chat
+from testkit.sse import ChatStream, chat_body, read_chat
 
 pytestmark = pytest.mark.skipif(
     netns.available() is not None or shutil.which("nft") is None or shutil.which("tc") is None,
@@ -83,15 +83,29 @@ def streams_through(mesh: HostMesh, url: str, fault: Callable[[], None]) -> list
         limits = httpx.Limits(max_connections=STREAMS + 10)
         async with httpx.AsyncClient(timeout=120, limits=limits, headers=mesh.auth) as client:
             flowing = [asyncio.Event() for _ in range(STREAMS)]
+            streams = [ChatStream() for _ in range(STREAMS)]
             tasks = [asyncio.create_task(read_chat(client, url, failover_body(i, TOKENS),
-                                                   flowing=flowing[i]))
+                                                   into=streams[i], flowing=flowing[i]))
                      for i in range(STREAMS)]
             await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flowing)), 60)
             await asyncio.to_thread(fault)
-            streams = await asyncio.wait_for(asyncio.gather(*tasks), timeout=120)
+            _, pending = await asyncio.wait(tasks, timeout=120)
+            for task in pending:
+                task.cancel()
+            assert not pending, "streams not ended after 120 s: " + "; ".join(
+                unfinished(i, s) for i, s in enumerate(streams) if s.ended is None)
             return [s.check().text for s in streams]
 
     return asyncio.run(main())
+
+
+def unfinished(i: int, stream: ChatStream) -> str:
+    """What a stream that did not end had received: which node served it, how many
+    chunks, and how long ago the last one came."""
+    last = time.perf_counter() - stream.arrivals[-1] if stream.arrivals else None
+    return (f"stream {i} from {stream.node or '?'}: {len(stream.chunks)} chunks, "
+            f"{len(stream.text.split())} words, last "
+            f"{'never' if last is None else f'{last:.1f} s ago'}")
 
 
 def run(links: Links, fault: Callable[[], None]) -> tuple[int, int, int]:
@@ -147,3 +161,61 @@ def test_one_link_squeezed_to_a_low_rate(links: Links) -> None:
     before, after, _ = run(links, lambda: squeeze(hosts, "node-b", "400kbit"))
     assert throttled(hosts, "node-b") > 100
     assert after <= before + 1
+
+
+def test_output_lost_with_its_connection_after_its_job_ended(links: Links) -> None:
+    """A worker's output stuck behind a link that stopped carrying it, the job already
+    over at the worker (released at the broker), and the connection then dropped by the
+    gateway's heartbeat: the worker will never send on it again to find out, so the
+    gateway must. The stream resumes with its exact text instead of waiting for its
+    deadline (before the gateway watched its stream connections, 17 streams of a
+    squeezed node hung so, once in five runs of the squeeze above)."""
+    mesh, hosts = links.mesh, links.mesh.hosts
+    # A worker of its own model, so the stream runs there: its first token comes 1 s
+    # after its ACCEPTED, then the whole answer within milliseconds.
+    worker = mesh.start("worker", "--engine", "synthetic", "--model", "quick", "--slots", "2",
+                        "--rate", "2000", "--ttft", "1", node="node-b")
+    try:
+        wait_for("the quick worker", lambda: (s := mesh.coordinator(peers=2)) and any(
+            w.model_id == "quick" for w in s.workers), timeout=30)
+        before = failovers(links, "mid_stream")
+        stream, dropped = asyncio.run(lost_after_its_job_ended(links))
+    finally:
+        nft(hosts, "node-b", "table inet streams\ndelete table inet streams\n")
+        worker.kill()
+    assert dropped > 0  # the block struck the stream's connection
+    assert stream.check().text == expected_text("lost with its connection", 60)
+    assert failovers(links, "mid_stream") == before + 1
+
+
+async def lost_after_its_job_ended(links: Links) -> tuple[ChatStream, int]:
+    """The stream to the quick worker; once its ACCEPTED came (the response's headers),
+    node-b stops sending anything to node-a but broker traffic: the answer is made and
+    queued behind the block, and the gateway's heartbeat drops the connection 1.5 s
+    later. The block stays: the resumed job goes through the broker."""
+    mesh, hosts = links.mesh, links.mesh.hosts
+    started = asyncio.Event()
+    async with httpx.AsyncClient(timeout=30, headers=mesh.auth) as client:
+        body = chat_body("lost with its connection", 60, model="quick", usage=False)
+        read = asyncio.create_task(read_chat(client, links.urls["node-a"], body,
+                                             started=started))
+        await asyncio.wait_for(started.wait(), 10)
+        a = hosts.addr["node-a"]
+        await asyncio.to_thread(nft, hosts, "node-b", f"""table inet streams {{
+            chain output {{ type filter hook output priority 0; policy accept;
+                tcp dport {PORT} accept; tcp sport {PORT} accept;
+                ip daddr {a} meta l4proto tcp counter drop; }}
+        }}""")
+        stream = await asyncio.wait_for(read, 30)
+    listed = await asyncio.to_thread(subprocess.run, hosts.exec_argv(
+        "node-b", ["nft", "list", "table", "inet", "streams"]), capture_output=True,
+        text=True, timeout=10)
+    return stream, int(re.search(r"counter packets (\d+)", listed.stdout).group(1))
+
+
+def failovers(links: Links, kind: str) -> int:
+    """node-a's gateway's failovers of ``kind`` so far (its /metrics)."""
+    text = httpx.get(f"{links.urls['node-a']}/metrics", headers=links.mesh.auth,
+                     timeout=10).text
+    found = re.search(rf'mlx_stack_failovers_total{{kind="{kind}"}} (\S+)', text)
+    return int(float(found.group(1))) if found else 0
