@@ -115,7 +115,7 @@ class JobTable:
                     self.counters["prefix_chains_missed"] += job.cache_served(worker, msg)
                     if job.gateway is not None:
                         self.released[msg.job_id] = Released(
-                            identity, job.gateway, now + 2 * self.settings.peer_timeout)
+                            identity, job.gateway, now + msgs.RELEASED_WATCH_S)
                     self._end(job, "ok")
             case msgs.Fail() if (done := self.released.pop(msg.job_id, None)) is not None:
                 self._send(done.gateway, wire.GATEWAY, lost(msg.job_id, msg.error))

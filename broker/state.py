@@ -165,13 +165,12 @@ class Gateways:
 
 @dataclass(slots=True)
 class Released:
-    """A job its worker's RELEASE ended, remembered for two peer timeouts (the worker's
-    purge may come a peer timeout after its last heartbeat, which may follow the RELEASE):
-    its FINAL went
-    straight to the gateway (the job's way), and may still be lost with the connection it
-    took, or with the worker killed before its last frames left. A FAIL of the worker
-    (the stream to the gateway dropped) or the worker's purge within that time reaches
-    the gateway, which resumes the job unless its FINAL did arrive."""
+    """A job its worker's RELEASE ended, remembered for
+    :data:`~common.messages.RELEASED_WATCH_S`: its FINAL went straight to the gateway (the
+    job's way), and may still be lost with the connection it took (queued there behind a
+    slow link), or with the worker killed before its last frames left. A FAIL of the
+    worker (the stream to the gateway dropped) or the worker's purge within that time
+    reaches the gateway, which resumes the job unless its FINAL did arrive."""
 
     worker: bytes
     gateway: bytes

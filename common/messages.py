@@ -160,6 +160,13 @@ class Final(Message):
     (an end-of-sequence token, a tool call, the length); Anthropic's API names it."""
 
 
+RELEASED_WATCH_S = 60.0
+"""How long a direct job's output may still be lost after its RELEASE: queued behind a
+slow link on the connection to its gateway, it dies with that connection. For that long
+its worker keeps watching the connection (and FAILs the jobs it lost) and the broker
+remembers which gateway to tell (broker/state.py ``Released``)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class Release(Message):
     """worker -> broker, after a job's FINAL went its way: the job ended, its slot is

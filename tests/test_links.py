@@ -163,23 +163,28 @@ def test_one_link_squeezed_to_a_low_rate(links: Links) -> None:
     assert after <= before + 1
 
 
-def test_output_lost_with_its_connection_after_its_job_ended(links: Links) -> None:
+@pytest.mark.parametrize("accepted", [True, False], ids=["accepted", "all_queued"])
+def test_output_lost_with_its_connection_after_its_job_ended(links: Links,
+                                                             accepted: bool) -> None:
     """A worker's output stuck behind a link that stopped carrying it, the job already
     over at the worker (released at the broker), and the connection then dropped by the
-    gateway's heartbeat: the worker will never send on it again to find out, so the
-    gateway must. The stream resumes with its exact text instead of waiting for its
-    deadline (before the gateway watched its stream connections, 17 streams of a
-    squeezed node hung so, once in five runs of the squeeze above)."""
+    gateway's heartbeat: no send on it will tell the worker. The stream resumes with its
+    exact text instead of waiting for its deadline (before, 17 streams of a squeezed node
+    hung so, once in five runs of the squeeze above). With its ACCEPTED arrived, the
+    gateway finds the drop; with nothing arrived (``all_queued``), only the worker can,
+    by looking at its connections at every heartbeat and remembering the jobs that ended
+    on them (and the broker, whose gateway to tell)."""
     mesh, hosts = links.mesh, links.mesh.hosts
-    # A worker of its own model, so the stream runs there: its first token comes 1 s
-    # after its ACCEPTED, then the whole answer within milliseconds.
+    # A worker of its own model, so the stream runs there: the whole answer within
+    # milliseconds of its first token, which comes 1 s after its ACCEPTED (time to block
+    # the link between the two) or at once.
     worker = mesh.start("worker", "--engine", "synthetic", "--model", "quick", "--slots", "2",
-                        "--rate", "2000", "--ttft", "1", node="node-b")
+                        "--rate", "2000", "--ttft", "1" if accepted else "0", node="node-b")
     try:
         wait_for("the quick worker", lambda: (s := mesh.coordinator(peers=2)) and any(
             w.model_id == "quick" for w in s.workers), timeout=30)
         before = failovers(links, "mid_stream")
-        stream, dropped = asyncio.run(lost_after_its_job_ended(links))
+        stream, dropped = asyncio.run(lost_after_its_job_ended(links, accepted))
     finally:
         nft(hosts, "node-b", "table inet streams\ndelete table inet streams\n")
         worker.kill()
@@ -188,29 +193,39 @@ def test_output_lost_with_its_connection_after_its_job_ended(links: Links) -> No
     assert failovers(links, "mid_stream") == before + 1
 
 
-async def lost_after_its_job_ended(links: Links) -> tuple[ChatStream, int]:
-    """The stream to the quick worker; once its ACCEPTED came (the response's headers),
-    node-b stops sending anything to node-a but broker traffic: the answer is made and
-    queued behind the block, and the gateway's heartbeat drops the connection 1.5 s
-    later. The block stays: the resumed job goes through the broker."""
+async def lost_after_its_job_ended(links: Links, accepted: bool) -> tuple[ChatStream, int]:
+    """The stream to the quick worker, and node-b sending nothing to node-a but broker
+    traffic from the moment its ACCEPTED came (the response's headers), or from before it
+    started (on a connection a first stream opened): the answer is made and queued behind
+    the block, and the gateway's heartbeat drops the connection 1.5 s later. The block
+    stays: the resumed job goes through the broker."""
     mesh, hosts = links.mesh, links.mesh.hosts
+    url = links.urls["node-a"]
     started = asyncio.Event()
     async with httpx.AsyncClient(timeout=30, headers=mesh.auth) as client:
+        if not accepted:
+            (await read_chat(client, url, chat_body("open the connection", 5, model="quick"))
+             ).check()
+            await asyncio.to_thread(block_streams, hosts)
         body = chat_body("lost with its connection", 60, model="quick", usage=False)
-        read = asyncio.create_task(read_chat(client, links.urls["node-a"], body,
-                                             started=started))
-        await asyncio.wait_for(started.wait(), 10)
-        a = hosts.addr["node-a"]
-        await asyncio.to_thread(nft, hosts, "node-b", f"""table inet streams {{
-            chain output {{ type filter hook output priority 0; policy accept;
-                tcp dport {PORT} accept; tcp sport {PORT} accept;
-                ip daddr {a} meta l4proto tcp counter drop; }}
-        }}""")
+        read = asyncio.create_task(read_chat(client, url, body, started=started))
+        if accepted:
+            await asyncio.wait_for(started.wait(), 10)
+            await asyncio.to_thread(block_streams, hosts)
         stream = await asyncio.wait_for(read, 30)
     listed = await asyncio.to_thread(subprocess.run, hosts.exec_argv(
         "node-b", ["nft", "list", "table", "inet", "streams"]), capture_output=True,
         text=True, timeout=10)
     return stream, int(re.search(r"counter packets (\d+)", listed.stdout).group(1))
+
+
+def block_streams(hosts: netns.Hosts) -> None:
+    """node-b sends nothing to node-a but its brokers' traffic (heartbeats, RELEASEs)."""
+    nft(hosts, "node-b", f"""table inet streams {{
+        chain output {{ type filter hook output priority 0; policy accept;
+            tcp dport {PORT} accept; tcp sport {PORT} accept;
+            ip daddr {hosts.addr["node-a"]} meta l4proto tcp counter drop; }}
+    }}""")
 
 
 def failovers(links: Links, kind: str) -> int:

@@ -29,19 +29,30 @@ from mlx_stack.worker.runner import JobRun
 log = logging.getLogger("worker")
 
 
+class Tick:
+    """The heartbeat, handed to the batch loop: time for ``watch``."""
+
+
+TICK = Tick()
+Inbound = msgs.Job | msgs.Cancel | Tick | None
+
+
 class BatchLoop:
     """Runs ``engine`` for the worker's jobs; :meth:`run` is the loop thread's body.
-    ``open`` opens a job's way out once the engine took it (none: a loop without one,
-    as in tests and benchmarks of the engine alone)."""
+    ``open`` opens a job's way out once the engine took it, ``watch`` runs at every
+    :data:`TICK` (the ways' look at their connections); without them, a loop as in tests
+    and benchmarks of the engine alone."""
 
     def __init__(self, engine: Engine, send: Callable[[msgs.Message], None],
                  count: Callable[[str], None],
-                 open: Callable[[msgs.Job], None] | None = None) -> None:
+                 open: Callable[[msgs.Job], None] | None = None,
+                 watch: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self._send = send
         self._open = open or (lambda job: None)
+        self._watch = watch or (lambda: None)
         self._count = count
-        self._inbox: queue.SimpleQueue[msgs.Job | msgs.Cancel | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self._runs: dict[int, JobRun] = {}
         """Running jobs by engine sequence id."""
         self._seqs: dict[str, int] = {}
@@ -64,8 +75,9 @@ class BatchLoop:
         finally:
             self._busy_since = None
 
-    def put(self, msg: msgs.Job | msgs.Cancel | None) -> None:
-        """From the I/O thread: a JOB to start, a CANCEL to apply, None to stop the loop."""
+    def put(self, msg: Inbound) -> None:
+        """From the I/O thread: a JOB to start, a CANCEL to apply, a :data:`TICK` (the
+        heartbeat), None to stop the loop."""
         self._inbox.put(msg)
 
     def run(self) -> None:
@@ -78,13 +90,15 @@ class BatchLoop:
                     return
                 if isinstance(msg, msgs.Job):
                     self._start(msg)
+                elif isinstance(msg, Tick):
+                    self._watch()
                 elif msg.job_id in self._seqs:
                     self._count("jobs_cancelled")
                     self._drop(self._seqs[msg.job_id]).cancel()
             if self.engine.wait() == 0:
                 self._step()
 
-    def _messages(self) -> list[msgs.Job | msgs.Cancel | None]:
+    def _messages(self) -> list[Inbound]:
         """Everything in the inbox; waits for the first only while the engine has no
         token due, so new jobs join the batch between two steps."""
         wait = self.engine.wait()

@@ -31,7 +31,7 @@ from mlx_stack.common.brokerlink import BrokerLink
 from mlx_stack.common.config import Settings
 from mlx_stack.common.logs import log_event
 from mlx_stack.common.meshkeys import load_keys
-from mlx_stack.worker.batch import BatchLoop
+from mlx_stack.worker.batch import TICK, BatchLoop
 from mlx_stack.worker.engine import Engine
 from mlx_stack.worker.outbox import Outbox
 from mlx_stack.worker.ways import Ways
@@ -75,7 +75,8 @@ class Worker:
         self.ways = Ways(settings, keys, self.link.ctx, self.outbox, msgs.Accepted(
             job_id="", node_id=settings.node_id, worker_id=self.worker_id,
             model_id=engine.model_id), self._cancel, self._count)
-        self.batch = BatchLoop(engine, self._emit, self._count, open=self.ways.open)
+        self.batch = BatchLoop(engine, self._emit, self._count, open=self.ways.open,
+                               watch=self.ways.watch)
 
     def _count(self, key: str, n: int = 1) -> None:
         with self._counters_lock:
@@ -148,6 +149,7 @@ class Worker:
                 rate = round((tokens - last_tokens) / max(now - last_beat, 1e-3), 2)
                 self.link.send(msgs.Heartbeat(load=self._load(rate),
                                               streamed=self.outbox.take_streamed()))
+                self.batch.put(TICK)  # the batch thread's look at its gateway connections
                 last_tokens, last_beat, next_beat = tokens, now, now + interval
         # Before the cancelled FAILs: the broker runs every job of ours again or has its
         # gateway resume it.

@@ -22,8 +22,10 @@ the gateway).
 An endpoint whose connection did not come up in time is taken for unreachable (a
 firewall, a wrong address) for :data:`UNREACHABLE_S`: its jobs are relayed meanwhile,
 without waiting. A direct job whose connection dropped (its monitor says so before each
-send) has lost whatever was in flight: it is cancelled, and its gateway resumes it from
-what the client has seen, as for a lost worker.
+send, and at every heartbeat: :meth:`Ways.watch`) has lost whatever was in flight: it is
+cancelled, and its gateway resumes it from what the client has seen, as for a lost
+worker. So is a job that ended lately on it (:data:`common.messages.RELEASED_WATCH_S`):
+behind a slow link its last frames, even its first, may still have been queued there.
 
 The broker still hears which direct jobs streamed output (in the I/O thread's next
 heartbeat: from then on a job cannot be run again unseen).
@@ -107,7 +109,11 @@ class Ways:
         """Running job (dispatch id) -> its way."""
         self.ended: dict[str, tuple[str, float]] = {}
         """A direct job released lately (dispatch id) -> (its endpoint, until when it is
-        remembered): its last frames may be lost with its connection (see :meth:`_break`)."""
+        remembered): its last frames may be lost with its connection (see :meth:`_break`).
+        In the order they ended."""
+        self.last_ended: dict[str, float] = {}
+        """Gateway endpoint -> until when the last job that ended there is remembered: the
+        connections :meth:`watch` looks at beside those of running jobs."""
 
     def open(self, job: msgs.Job) -> None:
         """Choose ``job``'s way and send its ACCEPTED by it: the engine took the job."""
@@ -144,14 +150,29 @@ class Ways:
         if isinstance(msg, msgs.Final):
             del self.jobs[msg.job_id]
             if way.endpoint not in (RELAYED, BROKEN):
-                now = time.monotonic()
-                self.ended = {j: e for j, e in self.ended.items() if e[1] > now}
-                self.ended[msg.job_id] = (way.endpoint, now + self.settings.peer_timeout)
+                until = time.monotonic() + msgs.RELEASED_WATCH_S
+                self.ended[msg.job_id] = (way.endpoint, until)
+                self.last_ended[way.endpoint] = until
             # A broken job's output did not all arrive: a FINAL would end its stream
             # short. A retryable FAIL has the gateway resume it from what it has.
             self.outbox.put(released(msg) if way.endpoint != BROKEN else msgs.Fail(
                 job_id=msg.job_id, epoch=msg.epoch, error="the stream to the gateway was lost",
                 code=msgs.ErrorCode.CANCELLED, retryable=True))
+
+    def watch(self) -> None:
+        """Look at the connections that jobs stream over or ended on lately (at every
+        heartbeat): a drop is found without waiting for a send on it, which may never
+        come (every job there ended, its output still queued behind a slow link)."""
+        now = time.monotonic()
+        while self.ended:  # in the order they ended, so the expired ones come first
+            job, (_, until) = next(iter(self.ended.items()))
+            if until > now:
+                break
+            del self.ended[job]
+        self.last_ended = {e: until for e, until in self.last_ended.items() if until > now}
+        watched = {way.endpoint for way in self.jobs.values()} | self.last_ended.keys()
+        for endpoint in watched & self.sockets.keys():
+            self._check(endpoint)
 
     def close(self) -> None:
         for endpoint in list(self.sockets):
@@ -195,7 +216,8 @@ class Ways:
         """Mark every job streaming to ``endpoint`` broken, and cancel it. A job released
         lately on that connection may have lost its last frames with it: its FAIL has the
         broker (which remembers released jobs as long) tell the gateway, which resumes the
-        job unless its FINAL did arrive."""
+        job unless its FINAL did arrive (or it resumed it already: it watches the
+        connection too)."""
         broken = [job for job, way in self.jobs.items() if way.endpoint == endpoint]
         for job in broken:
             self.jobs[job].endpoint = BROKEN
