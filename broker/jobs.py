@@ -189,8 +189,8 @@ class JobTable:
             self._purge_gateway(gateway, silent=True)
         for worker in [w for w in self.workers.values() if w.expires < now]:
             self._purge_worker(worker, "heartbeat timeout")
-        for dispatch_id in [d for d, done in self.released.items() if done.until < now]:
-            del self.released[dispatch_id]
+        while self.released and self.released[oldest := next(iter(self.released))].until < now:
+            del self.released[oldest]  # in the order released: the expired come first
         for job in [j for j in self.jobs.values() if j.worker and j.gateway and now > j.deadline]:
             gateway = job.gateway
             self._cancel(job)  # the worker confirms, freeing the slot

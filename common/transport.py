@@ -21,7 +21,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -38,11 +37,6 @@ HWM = 100_000
 DRAIN = 1000
 """Messages read per wake-up, so that a role's timers and other work still run under load."""
 _EVENTS, _POLLIN = zmq.EVENTS, int(zmq.POLLIN)
-T = TypeVar("T")
-
-
-def _frames(sock: zmq.Socket) -> list[bytes]:
-    return sock.recv_multipart(zmq.NOBLOCK)
 
 
 def waiting(sock: zmq.Socket) -> bool:
@@ -79,15 +73,14 @@ def configure(sock: zmq.Socket, settings: Settings, keys: MeshKeys | None) -> zm
     return sock
 
 
-def drain(sock: zmq.Socket, read: Callable[[zmq.Socket], T] = _frames) -> Iterator[T]:
-    """Each message waiting on ``sock`` as ``read`` takes it off (by default: its
-    frames), up to :data:`DRAIN`, without blocking: bounded, so a role's timers and
-    other work still run under load."""
+def drain(sock: zmq.Socket) -> Iterator[list[bytes]]:
+    """The frames of each message waiting on ``sock``, up to :data:`DRAIN`, without
+    blocking: bounded, so a role's timers and other work still run under load."""
     for _ in range(DRAIN):
         if not waiting(sock):  # asking is cheaper than the exception of a read that fails
             return
         try:
-            yield read(sock)
+            yield sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:  # not expected after POLLIN; a drain must never raise for it
             return
 
@@ -104,29 +97,6 @@ def receive(sock: zmq.Socket, allowed: Allowed, refused: Callable[[ProtocolError
         except ProtocolError as exc:
             refused(exc)
     return out
-
-
-def receive_by_connection(sock: zmq.Socket, allowed: Allowed,
-                          refused: Callable[[ProtocolError], None]
-                          ) -> list[tuple[Message, int]]:
-    """:func:`receive` on a ROUTER (one routing frame), each message with the descriptor
-    of the connection it came over: what :func:`disconnections` names when that
-    connection drops. (libzmq's ``ZMQ_SRCFD``: deprecated there for ``ZMQ_ROUTER_NOTIFY``,
-    a draft API that pyzmq's wheels do not build.)"""
-    out: list[tuple[Message, int]] = []
-    for envelope, frames in drain(sock, _routed):
-        try:
-            out.append((decode(frames, allowed)[1], envelope.get(zmq.SRCFD)))
-        except ProtocolError as exc:
-            refused(exc)
-    return out
-
-
-def _routed(sock: zmq.Socket) -> tuple[zmq.Frame, list[bytes]]:
-    """One message off a ROUTER: its routing frame as a :class:`zmq.Frame` (which knows
-    its connection), the rest as bytes. Only the one frame uncopied: a Frame per frame
-    cost 8 us more per message than bytes (2-vCPU VM)."""
-    return sock.recv(zmq.NOBLOCK, copy=False), sock.recv_multipart(zmq.NOBLOCK)
 
 
 class _Members:
@@ -180,13 +150,7 @@ def disconnected(monitor: zmq.Socket) -> bool:
     """Drain a :func:`watch_disconnects` socket; whether a disconnection (or a refused
     connection, if watched) was reported. Callers look on every token or wake-up, and
     nearly always find nothing: asking first spares them a failed read's exception."""
-    return bool(disconnections(monitor))
-
-
-def disconnections(monitor: zmq.Socket) -> list[int]:
-    """Drain a :func:`watch_disconnects` socket; the descriptor of each connection it
-    reports dropped (for a refused connection, if watched: the retry interval)."""
-    seen: list[int] = []
+    seen = False
     while waiting(monitor):
         try:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
@@ -196,8 +160,7 @@ def disconnections(monitor: zmq.Socket) -> list[int]:
             _explain_refusal(event["endpoint"])
         elif event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             _handshake_succeeded()
-        elif event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED):
-            seen.append(int(event["value"]))
+        seen = seen or event["event"] in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED)
     return seen
 
 

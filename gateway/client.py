@@ -80,7 +80,6 @@ class BrokerClient:
     async def start(self) -> None:
         self.stream_socket = StreamSocket(self.settings, self.keys, self.link.ctx)
         self.fds.watch(self.stream_socket.sock, self._read_streams)
-        self.fds.watch(self.stream_socket.monitor, self._read_streams)
         self._connect()
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._beat())]
 
@@ -96,7 +95,6 @@ class BrokerClient:
             self.link.close()
         if self.stream_socket is not None:
             self.fds.unwatch(self.stream_socket.sock.FD)
-            self.fds.unwatch(self.stream_socket.monitor.FD)
             self.stream_socket.close()
 
     def _connect(self, reason: str = "", to: str = "") -> None:
@@ -168,24 +166,14 @@ class BrokerClient:
         self.fds.poke(self.link.sock)
 
     def _read_streams(self) -> None:
-        """Deliver what workers sent straight here, then lose the attempts whose
-        connection dropped (the stream socket's and its monitor's descriptor callback): a
-        token wakes this alone, not the link's checks too. Frames that arrived before a
-        drop are delivered before it; a drop is told after frames of a newer connection
-        that took its descriptor only if both came within one read (that attempt then
-        resumes elsewhere for nothing: never a lost one)."""
+        """Deliver what workers sent straight here (the stream socket's descriptor
+        callback): a token wakes this alone, not the link's checks too."""
         assert self.stream_socket is not None
-        for msg, via in self.stream_socket.receive():
-            self._on_message(msg, via)
+        for msg in self.stream_socket.receive():
+            self._on_message(msg)
         self.fds.poke(self.stream_socket.sock)
-        for connection in self.stream_socket.dropped():
-            log_event(log, "stream_connection_lost", logging.INFO, open_jobs=len(self.streams))
-            for inbox in self.streams.values():
-                inbox.dropped(connection, 2 * self.settings.peer_timeout)
 
-    def _on_message(self, msg: msgs.Message, via: int | None = None) -> None:
-        """Deliver ``msg``; ``via``: the stream connection it came over (None: the
-        broker's link)."""
+    def _on_message(self, msg: msgs.Message) -> None:
         match msg:
             case msgs.ControlReply():
                 future = self.controls.pop(msg.request_id, None)
@@ -203,7 +191,7 @@ class BrokerClient:
                 # A worker's messages name the dispatch, <job id>/<n>.
                 inbox = self.streams.get(msg.job_id.partition("/")[0])
                 if inbox is not None:
-                    inbox.put(msg, via)
+                    inbox.put(msg)
 
     async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval

@@ -14,10 +14,7 @@ FAILs and a lost broker (:class:`Lost`). The inbox checks what one way cannot pr
   has seen;
 - PARTIALs come in sequence and a FINAL after as many as it counts (``parts``): a frame
   the broker could not pass on is a gap, a lost frame (resubmit). PARTIALs that arrived
-  together are merged into one, so that one SSE event carries them;
-- a dispatch whose frames came straight from its worker is lost when that connection
-  drops (:meth:`Inbox.dropped`): what the worker had queued on it is gone, and the worker
-  may have ended the job and never send on it again to find out.
+  together are merged into one, so that one SSE event carries them.
 """
 
 from __future__ import annotations
@@ -63,39 +60,11 @@ class Inbox:
         """The next PARTIAL expected of it."""
         self.output = False
         """Whether output of this attempt was taken (went to the client)."""
-        self._via: dict[int, int | None] = {}
-        """Dispatch -> the stream connection its ACCEPTED came over (None: relayed by the
-        broker). One way per dispatch: all its frames came that way."""
-        self._watch: asyncio.TimerHandle | None = None
-        """Loses the attempt unless the broker spoke first (:meth:`dropped`)."""
 
-    def put(self, msg: Message | Lost, via: int | None = None) -> None:
-        """Take ``msg``; ``via``: the stream connection it came over (None: the broker's
-        link)."""
-        if isinstance(msg, msgs.Accepted):
-            self._via[dispatch_of(msg.job_id) or 0] = via
+    def put(self, msg: Message | Lost) -> None:
         self._arrived.append(msg)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def dropped(self, connection: int, wait: float) -> None:
-        """The stream connection ``connection`` dropped. If the attempt's latest dispatch
-        (an earlier one's frames are dropped) came over it and still does ``wait``
-        seconds later, the attempt is lost after what arrived by then. The wait leaves
-        the broker the first word, as before this watch: a worker that died is its to
-        judge (it runs the job again before any output, or fails it), within its
-        heartbeat liveness; what it cannot know is a live worker's output lost with the
-        connection after the job ended."""
-        if self._via and self._via[max(self._via)] == connection and self._watch is None:
-            self._watch = asyncio.get_running_loop().call_later(
-                wait, self._lost_with, connection)
-
-    def _lost_with(self, connection: int) -> None:
-        self._watch = None
-        if self._via[max(self._via)] == connection:  # no later dispatch since
-            # As the broker's loss of a worker under the attempt: it counts against
-            # max_retries (a request that kills its workers is not run for ever).
-            self.put(Lost("the connection its worker streamed over dropped", "mid_stream"))
 
     async def next(self) -> Message | Lost:
         """The next message (see the module docstring); raises TimeoutError at the
@@ -144,10 +113,9 @@ class Inbox:
     def close(self) -> None:
         """The attempt is over: a timer left set would hold the inbox until the request's
         deadline."""
-        for timer in (self._alarm, self._watch):
-            if timer is not None:
-                timer.cancel()
-        self._alarm = self._watch = None
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
 
     def _partial(self, msg: msgs.Partial) -> msgs.Partial | Lost:
         """Check ``msg``'s place in the sequence and merge the PARTIALs queued behind it."""

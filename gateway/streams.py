@@ -11,12 +11,6 @@ advertised host.
 Nothing received is trusted: frames are decoded against :data:`common.wire.TO_GATEWAY`
 and whatever fails is dropped (and logged at debug level). Which frames belong to which
 job attempt is the inbox's business (gateway/inbox.py).
-
-Each message comes with the connection it came over, and :meth:`StreamSocket.dropped`
-names the connections that dropped: frames a worker had queued on a connection that
-drops are lost with it, and the worker may never send on it again to find out (its jobs
-had all ended, their output still queued behind a slow link). The gateway does not
-wait for them: the attempts whose output came over that connection resume elsewhere.
 """
 
 from __future__ import annotations
@@ -32,14 +26,7 @@ from mlx_stack.common.config import Settings, is_loopback
 from mlx_stack.common.logs import log_event
 from mlx_stack.common.meshkeys import MeshKeys
 from mlx_stack.common.plain import ProtocolError
-from mlx_stack.common.transport import (
-    admit_members,
-    close_watched,
-    configure,
-    disconnections,
-    receive_by_connection,
-    watch_disconnects,
-)
+from mlx_stack.common.transport import admit_members, configure, receive
 
 log = logging.getLogger("gateway")
 
@@ -54,7 +41,6 @@ class StreamSocket:
         host = "*" if host in ("0.0.0.0", "") else host
         self.auth: ThreadAuthenticator | None = admit_members(ctx, keys) if keys else None
         self.sock = configure(ctx.socket(zmq.ROUTER), settings, keys)
-        self.monitor = watch_disconnects(self.sock)
         port = settings.stream_port or "*"
         try:
             self.sock.bind(f"tcp://{host}:{port}")
@@ -68,23 +54,15 @@ class StreamSocket:
         self.endpoint = f"{advertised.rpartition(':')[0]}:{bound}"
         """What SUBMITs name as ``reply_to``."""
 
-    def receive(self) -> list[tuple[msgs.Message, int]]:
-        """The messages waiting (ACCEPTEDs, PARTIALs, FINALs), decoded, without blocking,
-        each with the connection it came over."""
-        return receive_by_connection(self.sock, wire.TO_GATEWAY, self._refused)
-
-    def dropped(self) -> list[int]:
-        """The connections that dropped since the last call (as :meth:`receive` names
-        them)."""
-        return disconnections(self.monitor)
+    def receive(self) -> list[msgs.Message]:
+        """The messages waiting (ACCEPTEDs, PARTIALs, FINALs), decoded, without blocking."""
+        return receive(self.sock, wire.TO_GATEWAY, self._refused, envelope=1)
 
     @staticmethod
     def _refused(exc: ProtocolError) -> None:
         log_event(log, "frame_dropped", logging.DEBUG, reason=exc.reason)
 
     def close(self) -> None:
-        """Close the socket (again: nothing)."""
-        if not self.sock.closed:
-            close_watched(self.sock, self.monitor, linger=0)
+        self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()

@@ -1,14 +1,12 @@
 """The gateway's inbox checks a job attempt's messages: each dispatch's frames come one way
 (in order), but an earlier dispatch's may come late, a later dispatch may follow output
-the broker did not know of, a frame the broker could not pass on leaves a gap, and the
-connection a worker streamed over may drop with frames on it. No sockets here: messages
-are put in the orders the ways can produce.
+the broker did not know of, and a frame the broker could not pass on leaves a gap. No
+sockets here: messages are put in the orders the ways can produce.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
 
@@ -29,25 +27,13 @@ def final(parts: int, dispatch: int = 0) -> msgs.Final:
     return msgs.Final(job_id=f"j/{dispatch}", finish_reason="stop", parts=parts)
 
 
-@dataclass
-class Dropped:
-    """Stands, among the messages put, for the stream connection ``connection`` dropping."""
-
-    connection: int
-
-
 def take(messages: list, count: int, deadline_s: float = 5.0) -> list:
-    """Put ``messages`` (a ``(message, connection)`` pair: it came straight from its
-    worker over that stream connection; :class:`Dropped`: that connection dropped), then
-    take ``count`` one at a time (as the request's task does, so that PARTIALs put
-    together are merged)."""
+    """Put ``messages``, then take ``count`` one at a time (as the request's task does,
+    so that PARTIALs put together are merged)."""
     async def run() -> list:
         box = Inbox(asyncio.get_running_loop().time() + deadline_s)
         for msg in messages:
-            if isinstance(msg, Dropped):
-                box.dropped(msg.connection, wait=0.01)
-            else:
-                box.put(*msg) if isinstance(msg, tuple) else box.put(msg)
+            box.put(msg)
         return [await box.next() for _ in range(count)]
 
     async def bounded() -> list:  # a late timer must fail, not just slow the test
@@ -112,36 +98,3 @@ def test_a_new_dispatch_after_output_reached_the_client_is_a_loss() -> None:
 def test_the_deadline_still_holds() -> None:
     with pytest.raises(TimeoutError):
         take([accepted()], 2, deadline_s=0.05)
-
-
-def test_a_dispatch_whose_stream_connection_dropped_is_lost_after_what_came() -> None:
-    # Its worker may have ended the job, its last frames queued on the connection, and
-    # never send on it again to find out: nothing else would come.
-    got = take([(accepted(), 7), (partial(0, "a"), 7), Dropped(7)], 3, deadline_s=60)
-    assert shown(got) == [("accepted", "j/0"), ("partial", "a"), ("lost", "mid_stream")]
-
-
-def test_another_connection_dropping_leaves_a_dispatch_alone() -> None:
-    got = take([(accepted(), 7), (partial(0, "a"), 7), Dropped(8), (final(1), 7)], 3)
-    assert shown(got) == [("accepted", "j/0"), ("partial", "a"), ("final", "j/0")]
-
-
-def test_only_the_latest_dispatchs_connection_counts() -> None:
-    # Dispatch 0 came straight over connection 7, dispatch 1 through the broker: 7 dropping
-    # costs nothing (dispatch 0's frames are dropped anyway); dispatch 1's over 8 would.
-    relayed = take([(accepted(0), 7), accepted(1), Dropped(7), partial(0, "new", 1),
-                    final(1, 1)], 4)
-    assert shown(relayed) == [("accepted", "j/0"), ("accepted", "j/1"), ("partial", "new"),
-                              ("final", "j/1")]
-    direct = take([(accepted(0), 7), (accepted(1), 8), Dropped(8)], 3, deadline_s=60)
-    assert shown(direct) == [("accepted", "j/0"), ("accepted", "j/1"), ("lost", "mid_stream")]
-
-
-def test_a_re_dispatch_within_the_wait_is_the_brokers_word() -> None:
-    # The worker died: the broker ran the job again elsewhere before any output (its
-    # pre-token failover), so the dropped connection costs the attempt nothing.
-    messages = [(accepted(0), 7), Dropped(7), (accepted(1), 8), (partial(0, "new", 1), 8)]
-    assert shown(take(messages, 3)) == [("accepted", "j/0"), ("accepted", "j/1"),
-                                        ("partial", "new")]
-    with pytest.raises(TimeoutError):  # nothing more: no loss
-        take(messages, 4, deadline_s=0.2)

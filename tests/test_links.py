@@ -170,16 +170,16 @@ def test_output_lost_with_its_connection_after_its_job_ended(links: Links,
     over at the worker (released at the broker), and the connection then dropped by the
     gateway's heartbeat: no send on it will tell the worker. The stream resumes with its
     exact text instead of waiting for its deadline (before, 17 streams of a squeezed node
-    hung so, once in five runs of the squeeze above). With its ACCEPTED arrived, the
-    gateway finds the drop; with nothing arrived (``all_queued``), only the worker can,
-    by looking at its connections at every heartbeat and remembering the jobs that ended
-    on them (and the broker, whose gateway to tell)."""
+    hung so, once in five runs of the squeeze above). The worker finds the drop by
+    looking at its connections at every heartbeat, and remembers the jobs that ended on
+    them (the broker, whose gateway to tell), whether their output had begun to arrive
+    or nothing of them had (``all_queued``)."""
     mesh, hosts = links.mesh, links.mesh.hosts
     # A worker of its own model, so the stream runs there: the whole answer within
-    # milliseconds of its first token, which comes 1 s after its ACCEPTED (time to block
-    # the link between the two) or at once.
+    # milliseconds of its first token, which comes 1.5 s after its ACCEPTED (time to
+    # block the link between the two) or at once.
     worker = mesh.start("worker", "--engine", "synthetic", "--model", "quick", "--slots", "2",
-                        "--rate", "2000", "--ttft", "1" if accepted else "0", node="node-b")
+                        "--rate", "2000", "--ttft", "1.5" if accepted else "0", node="node-b")
     try:
         wait_for("the quick worker", lambda: (s := mesh.coordinator(peers=2)) and any(
             w.model_id == "quick" for w in s.workers), timeout=30)

@@ -76,7 +76,7 @@ def shown(messages: list[msgs.Message]) -> list[tuple[str, str]]:
 def received(gateway: StreamSocket, count: int) -> list[msgs.Message]:
     got: list[msgs.Message] = []
     while len(got) < count and gateway.sock.poll(5000):
-        got += [msg for msg, _ in gateway.receive()]
+        got += gateway.receive()
     assert not gateway.sock.poll(100), "more frames than expected came direct"
     return got
 
@@ -171,6 +171,50 @@ def test_a_dropped_direct_connection_cancels_its_jobs(
     assert isinstance(fail, msgs.Fail) and fail.retryable and fail.job_id == "b/0"
 
 
+def test_a_connection_that_drops_after_its_jobs_ended_is_found_at_the_heartbeat(
+        setup: Setup) -> None:
+    # Every job on it ended (their output may still have been queued behind a slow link)
+    # and no send will come: the heartbeat's look finds the drop and FAILs them all, so
+    # the broker has their gateway resume those whose FINAL did not arrive.
+    gateway = StreamSocket(SETTINGS, None, setup.ctx)
+    try:
+        setup.run("a/0", gateway.endpoint)
+        setup.run("b/0", gateway.endpoint)
+        received(gateway, 8)
+        assert setup.to_broker() == [("Release", "a/0"), ("Release", "b/0")]
+        setup.ways.watch()  # nothing dropped yet
+        assert setup.to_broker() == []
+        gateway.close()
+        monitor = setup.ways.sockets[gateway.endpoint][1]
+        assert monitor.poll(5000)  # the drop is known to the worker's side
+        setup.ways.watch()
+        assert setup.to_broker() == [("Fail", "a/0"), ("Fail", "b/0")]
+        setup.ways.watch()  # told once
+        assert setup.to_broker() == []
+    finally:
+        gateway.close()
+
+
+def test_an_ended_job_is_watched_for_released_watch_s(
+        setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    # After RELEASED_WATCH_S the broker has forgotten the job: nothing to tell.
+    gateway = StreamSocket(SETTINGS, None, setup.ctx)
+    try:
+        setup.run("a/0", gateway.endpoint)
+        received(gateway, 4)
+        setup.to_broker()
+        later = time.monotonic() + msgs.RELEASED_WATCH_S + 1
+        monkeypatch.setattr(ways_module.time, "monotonic", lambda: later)
+        setup.ways.watch()
+        assert setup.ways.ended == {} and setup.ways.last_ended == {}
+        gateway.close()
+        assert setup.ways.sockets[gateway.endpoint][1].poll(5000)
+        setup.ways.watch()  # no job there any more: not looked at, nothing sent
+        assert setup.to_broker() == []
+    finally:
+        gateway.close()
+
+
 def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
     keys = MeshKeys.from_secret(new_secret())
     ctx = zmq.Context()
@@ -193,7 +237,7 @@ def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
         strangers = [client(False, own_pair=False), client(False, own_pair=True)]
         member = client(True, own_pair=False)
         assert gateway.sock.poll(5000)
-        got = [msg for msg, _ in gateway.receive()]
+        got = gateway.receive()
         assert not gateway.sock.poll(300)  # the strangers' frames never come
         assert [m.text for m in got] == ["t0"]
         for sock in [*strangers, member]:
@@ -206,17 +250,22 @@ def test_with_a_mesh_secret_only_members_reach_the_stream_socket() -> None:
 def test_connections_no_job_uses_any_more_are_closed(
         setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
     # A gateway that restarted listens on another port: the old connection would retry
-    # for ever. Busy connections stay.
+    # for ever. Busy connections stay, and those a job ended on within RELEASED_WATCH_S
+    # (its output may still be queued there).
     monkeypatch.setattr(ways_module, "IDLE_S", 0.0)
-    old, busy, new = (StreamSocket(SETTINGS, None, setup.ctx) for _ in range(3))
+    old, busy, ended, new = (StreamSocket(SETTINGS, None, setup.ctx) for _ in range(4))
     try:
-        for name, gateway in (("a/0", old), ("b/0", busy), ("c/0", new)):
-            setup.ways.open(job(name, gateway.endpoint))
-            if name == "a/0":
-                setup.ways.send(final("a/0"))
-        assert list(setup.ways.sockets) == [busy.endpoint, new.endpoint]
+        setup.ways.open(job("a/0", old.endpoint))
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(msgs, "RELEASED_WATCH_S", 0.0)  # a/0's output is past watching
+            setup.ways.send(final("a/0"))
+        setup.ways.open(job("b/0", busy.endpoint))
+        setup.ways.open(job("d/0", ended.endpoint))
+        setup.ways.send(final("d/0"))
+        setup.ways.open(job("c/0", new.endpoint))
+        assert list(setup.ways.sockets) == [busy.endpoint, ended.endpoint, new.endpoint]
     finally:
-        for gateway in (old, busy, new):
+        for gateway in (old, busy, new, ended):
             gateway.close()
 
 

@@ -241,7 +241,9 @@ class Ways:
     def _evict(self, now: float) -> None:
         """Close idle connections: those unused for :data:`IDLE_S`, and the least recently
         used while there are :data:`MAX_GATEWAYS`."""
-        busy = {way.endpoint for way in self.jobs.values()}
+        # A connection that jobs ended on lately may still carry their output.
+        busy = {way.endpoint for way in self.jobs.values()} | {
+            endpoint for endpoint, until in self.last_ended.items() if until > now}
         for endpoint in list(self.sockets):
             if endpoint not in busy and (len(self.sockets) >= MAX_GATEWAYS
                                          or now - self.used[endpoint] > IDLE_S):
