@@ -97,12 +97,13 @@ def kill_coordinator_under_streams(mesh: Mesh, urls: list[str], streams: int,
             "max_s": round(max(gaps), 3)}
 
 
-async def chaos_stream(client: httpx.AsyncClient, url: str, i: int, tokens: int
-                       ) -> ChatStream:
+async def chaos_stream(client: httpx.AsyncClient, url: str, i: int, tokens: int,
+                       into: ChatStream | None = None) -> ChatStream:
     """Stream ``i`` of a storm of faults, read to its end and asserted exactly as an
     unbroken run: its text, one ``[DONE]``, a "length" finish and the usage of
-    ``tokens``."""
-    stream = (await read_chat(client, url, chat_body(f"chaos stream {i}", tokens))).check()
+    ``tokens``. ``into``: where it is read (a test may look at it meanwhile)."""
+    stream = (await read_chat(client, url, chat_body(f"chaos stream {i}", tokens),
+                              into=into)).check()
     assert stream.text == expected_text(f"chaos stream {i}", tokens), i
     assert stream.dones == 1, (i, stream.dones)
     assert stream.finish_reasons == ["length"], (i, stream.finish_reasons)
